@@ -1,0 +1,29 @@
+"""Rotary position embedding (rotate-half / NeoX style, as Llama), applied in place to q and k."""
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import resolve_impl
+
+
+def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           cos_sin_cache: torch.Tensor) -> None:
+    # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
+    # cos_sin_cache: [max_position, head_dim]: cos in the first half, sin in the second.
+    half = cos_sin_cache.shape[-1] // 2
+    cos_sin = cos_sin_cache.index_select(0, positions.long())
+    cos = cos_sin[:, None, :half]
+    sin = cos_sin[:, None, half:]
+    for x in (q, k):
+        x1 = x[..., :half].float()
+        x2 = x[..., half:].float()
+        x[..., :half] = (x1 * cos - x2 * sin).to(x.dtype)
+        x[..., half:] = (x2 * cos + x1 * sin).to(x.dtype)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, impl: str | None = None) -> None:
+    if resolve_impl(impl, q) == "triton":
+        from kernels.triton.rotary import rotary_embedding_triton
+        return rotary_embedding_triton(positions, q, k, cos_sin_cache)
+    return rotary_embedding_torch(positions, q, k, cos_sin_cache)

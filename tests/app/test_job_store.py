@@ -1,0 +1,203 @@
+"""The data layer on SQLite and PostgreSQL: migration, job transitions, pagination, ownership."""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from app import jobs
+from app.db import get_engine, utcnow
+from app.jobs import CancelOutcome, JobResult
+from app.migrate import current_revision, downgrade, head_revision, upgrade
+from app.models import Base, Job, JobStatus, new_job_id
+
+INPUT = {"prompt": "hello", "max_tokens": 8}
+
+
+def make_job(sessions, **kwargs) -> str:
+    with sessions.begin() as s:
+        return jobs.create_job(s, model="tiny", input=INPUT, **kwargs).id
+
+
+def test_migration_matches_models(db_url):
+    assert current_revision(db_url) == head_revision()
+    with get_engine(db_url).connect() as connection:
+        diffs = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                 Base.metadata)
+    assert diffs == []
+
+
+def test_migration_downgrades_and_upgrades(tmp_path):
+    url = f"sqlite:///{tmp_path / 'roundtrip.db'}"
+    upgrade(url)
+    assert "jobs" in inspect(get_engine(url)).get_table_names()
+    downgrade(url)
+    assert "jobs" not in inspect(get_engine(url)).get_table_names()
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+
+
+def test_ids_are_url_safe_and_time_ordered():
+    ids = [new_job_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 26 and i.isalnum() and i == i.lower() for i in ids)
+
+
+def test_create_and_get_round_trips_every_field(sessions):
+    job_id = make_job(sessions, owner=None, priority=3, metadata={"k": [1, "x"]})
+    with sessions() as s:
+        job = jobs.get_job(s, job_id, owner=None)
+        assert job.status == "queued" and job.priority == 3 and job.attempts == 0
+        assert job.input == INPUT and job.meta == {"k": [1, "x"]}
+        assert job.created_at.tzinfo is not None
+        assert abs((utcnow() - job.created_at).total_seconds()) < 60
+
+
+def test_lookup_is_scoped_to_the_owner(sessions):
+    mine = make_job(sessions, owner="key-a")
+    anonymous = make_job(sessions)
+    with sessions() as s:
+        assert jobs.get_job(s, mine, owner="key-a").id == mine
+        assert jobs.get_job(s, mine, owner="key-b") is None
+        assert jobs.get_job(s, mine, owner=None) is None
+        assert jobs.get_job(s, anonymous, owner="key-a") is None
+        assert [j.id for j in jobs.list_jobs(s, "key-b")] == []
+    with sessions.begin() as s:
+        assert jobs.cancel_job(s, mine, owner="key-b") is CancelOutcome.NOT_FOUND
+
+
+def test_list_is_newest_first_with_cursor_and_status_filter(sessions):
+    ids = [make_job(sessions) for _ in range(7)]
+    with sessions.begin() as s:
+        jobs.cancel_job(s, ids[2], owner=None)
+    with sessions() as s:
+        seen, before = [], None
+        while True:
+            page = jobs.list_jobs(s, None, limit=3, before=before)
+            if not page:
+                break
+            seen += [j.id for j in page]
+            before = page[-1].id
+        assert seen == list(reversed(ids))
+        assert [j.id for j in jobs.list_jobs(s, None, status=JobStatus.CANCELED)] == [ids[2]]
+        assert len(jobs.list_jobs(s, None, status=JobStatus.QUEUED)) == 6
+
+
+def test_claim_is_exclusive_and_counts_attempts(sessions):
+    job_id = make_job(sessions)
+    with sessions.begin() as s:
+        job = jobs.claim_job(s, job_id, "w1", lease_seconds=30)
+        assert job.status == "running" and job.worker_id == "w1" and job.attempts == 1
+        assert job.started_at is not None and job.lease_expires_at > job.started_at
+    with sessions.begin() as s:
+        assert jobs.claim_job(s, job_id, "w2", lease_seconds=30) is None  # leased by a live worker
+
+
+def test_concurrent_claims_have_one_winner(sessions):
+    job_id = make_job(sessions)
+    winners, barrier = [], threading.Barrier(8)
+
+    def claim(worker):
+        barrier.wait()
+        with sessions.begin() as s:
+            if jobs.claim_job(s, job_id, worker, lease_seconds=30) is not None:
+                winners.append(worker)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    with sessions() as s:
+        assert jobs.get_job(s, job_id, None).attempts == 1
+
+
+def test_expired_lease_is_reclaimed_and_stale_worker_cannot_finish(sessions):
+    job_id = make_job(sessions)
+    past = utcnow() - timedelta(minutes=5)
+    with sessions.begin() as s:
+        jobs.claim_job(s, job_id, "dead", lease_seconds=1, now=past)
+    with sessions.begin() as s:
+        job = jobs.claim_job(s, job_id, "alive", lease_seconds=30)
+        assert job.worker_id == "alive" and job.attempts == 2
+    done = JobResult(JobStatus.SUCCEEDED, output_text="x", finish_reason="length", completion_tokens=1)
+    with sessions.begin() as s:
+        assert not jobs.finish_job(s, job_id, "dead", 1, done)
+        assert not jobs.finish_job(s, job_id, "alive", 1, done)   # an older attempt of the same worker
+        assert jobs.finish_job(s, job_id, "alive", 2, done)
+    with sessions.begin() as s:
+        assert not jobs.finish_job(s, job_id, "alive", 2, done)   # exactly one final result
+
+
+def test_heartbeat_renews_only_own_running_jobs(sessions):
+    a, b, c = make_job(sessions), make_job(sessions), make_job(sessions)
+    with sessions.begin() as s:
+        jobs.claim_job(s, a, "w1", lease_seconds=5)
+        jobs.claim_job(s, b, "w2", lease_seconds=5)
+    with sessions.begin() as s:
+        assert jobs.renew_leases(s, "w1", [a, b, c], lease_seconds=600) == 1
+    with sessions() as s:
+        assert jobs.get_job(s, a, None).lease_expires_at > utcnow() + timedelta(seconds=300)
+        assert jobs.get_job(s, b, None).lease_expires_at < utcnow() + timedelta(seconds=300)
+
+
+def test_finish_writes_output_metrics_and_error(sessions):
+    ok, bad = make_job(sessions), make_job(sessions)
+    first = utcnow()
+    with sessions.begin() as s:
+        jobs.claim_job(s, ok, "w", 30)
+        jobs.claim_job(s, bad, "w", 30)
+        assert jobs.finish_job(s, ok, "w", 1, JobResult(
+            JobStatus.SUCCEEDED, output_text="héllo 🙂", finish_reason="stop", prompt_tokens=3,
+            completion_tokens=4, cached_tokens=0, first_token_at=first))
+        assert jobs.finish_job(s, bad, "w", 1, JobResult(
+            JobStatus.FAILED, error_type="invalid_request", error_message="prompt too long"))
+    with sessions() as s:
+        job = jobs.get_job(s, ok, None)
+        assert (job.status, job.output_text, job.finish_reason) == ("succeeded", "héllo 🙂", "stop")
+        assert (job.prompt_tokens, job.completion_tokens) == (3, 4)
+        assert job.first_token_at == first and job.completed_at >= job.started_at
+        assert job.lease_expires_at is None
+        failed = jobs.get_job(s, bad, None)
+        assert (failed.status, failed.error_type, failed.error_message) == ("failed", "invalid_request",
+                                                                           "prompt too long")
+    with pytest.raises(ValueError):
+        JobResult(JobStatus.RUNNING)
+    with pytest.raises(ValueError):
+        JobResult(JobStatus.FAILED)
+
+
+def test_cancel_queued_running_and_final(sessions):
+    queued, running = make_job(sessions), make_job(sessions)
+    with sessions.begin() as s:
+        jobs.claim_job(s, running, "w", 30)
+    with sessions.begin() as s:
+        assert jobs.cancel_job(s, queued, None) is CancelOutcome.CANCELED
+        assert jobs.cancel_job(s, running, None) is CancelOutcome.REQUESTED
+        assert jobs.cancel_job(s, queued, None) is CancelOutcome.ALREADY_FINAL
+        assert jobs.cancel_job(s, "nope", None) is CancelOutcome.NOT_FOUND
+        assert jobs.claim_job(s, queued, "w", 30) is None            # a canceled job never runs
+        assert jobs.cancel_requested(s, running)
+    with sessions() as s:
+        job = jobs.get_job(s, queued, None)
+        assert job.status == "canceled" and job.completed_at is not None
+    with sessions.begin() as s:
+        assert jobs.finish_job(s, running, "w", 1, JobResult(JobStatus.CANCELED, output_text="par",
+                                                                finish_reason="abort"))
+    with sessions.begin() as s:
+        assert jobs.cancel_job(s, running, None) is CancelOutcome.ALREADY_FINAL
+        assert jobs.count_by_status(s) == {"canceled": 2}
+
+
+def test_status_check_constraint(sessions):
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        with sessions.begin() as s:
+            s.add(Job(id=new_job_id(), status="bogus", priority=0, model="m", input={}, attempts=0,
+                      created_at=utcnow()))

@@ -128,6 +128,16 @@ def finish_job(session: Session, job_id: str, worker_id: str, attempt: int, resu
     return written.rowcount == 1
 
 
+def release_job(session: Session, job_id: str, worker_id: str, attempt: int) -> bool:
+    """Hand a running job back to the queue (its worker is shutting down before it finished)."""
+    released = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                          Job.worker_id == worker_id, Job.attempts == attempt)
+        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False))
+    return released.rowcount == 1
+
+
 def cancel_job(session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> CancelOutcome:
     """Cancel a queued job at once, or flag a running one for its worker to stop."""
     now = now or utcnow()

@@ -58,3 +58,17 @@ def job_to_dict(job: Job, base_url: str) -> dict[str, Any]:
         "attempts": job.attempts,
         "urls": job_urls(job.id, base_url),
     }
+
+
+def done_event_data(result) -> dict[str, Any]:
+    """The `done` event's data, from a `JobResult` or a final `Job` row (same attribute names)."""
+    status = getattr(result.status, "value", result.status)
+    error = None
+    if result.error_type:
+        error = {"type": result.error_type, "message": result.error_message}
+    return {
+        "status": status,
+        "output": {"text": result.output_text or "", "finish_reason": result.finish_reason},
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        "error": error,
+    }

@@ -1,0 +1,30 @@
+"""The Flask application: `create_app()` wires settings, connections, blueprints and errors."""
+from __future__ import annotations
+
+from flask import Flask
+
+from app.settings import Settings
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    from app.api import health, jobs, workers
+    from app.api.metrics import Metrics
+    from app.api.problems import register_error_handlers
+    from app.api.services import genq, services
+
+    settings = settings or Settings.from_env()
+    app = Flask("genq")
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+    app.json.compact = True
+    genq.init_app(app, settings)
+    metrics = Metrics()
+    metrics.init_app(app, services)
+    app.extensions["genq_metrics"] = metrics
+    register_error_handlers(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(workers.bp)
+    return app

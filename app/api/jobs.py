@@ -1,0 +1,180 @@
+"""/v1/jobs: submit, poll, list, cancel, and stream a job's events."""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from app import hooks
+from app import jobs as store
+from app.api.auth import current_owner
+from app.api.events_stream import stream_job_events
+from app.api.problems import Problem
+from app.api.requests import decode_cursor, encode_cursor, int_arg, json_object_body, last_event_id, preferred_wait
+from app.api.services import services
+from app.events import EventId, JobEvent
+from app.jobs import CancelOutcome, JobResult
+from app.models import ALL_STATUSES, Job, JobStatus
+from app.schemas import JobCreate
+from app.serialization import done_event_data, job_to_dict
+from worker.celery_app import send_run_job
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+CANCEL_WAIT_SECONDS = 10.0
+
+
+def _base_url() -> str:
+    return request.host_url
+
+
+def _job_response(job: Job, status: int, **headers: str) -> Response:
+    response = jsonify(job_to_dict(job, _base_url()))
+    response.status_code = status
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def _find(job_id: str) -> Job:
+    with services().sessions() as session:
+        job = store.get_job(session, job_id, current_owner())
+    if job is None:
+        raise Problem(404, f"no job with id {job_id!r}", title="Job not found", type="job-not-found")
+    return job
+
+
+def _wait_for_done(pubsub, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 1.0))
+        if message is not None and JobEvent.from_message(message["data"]).is_done:
+            return True
+    return False
+
+
+@bp.post("")
+def create_job():
+    spec = JobCreate.model_validate(json_object_body())
+    svc = services()
+    model = spec.model or svc.settings.model_name
+    if model != svc.settings.model_name:
+        raise Problem(422, f"unknown model {model!r}: this service serves {svc.settings.model_name!r}",
+                      title="Unknown model", type="unknown-model")
+    with svc.sessions.begin() as session:
+        job = store.create_job(session, owner=current_owner(), model=model, priority=spec.priority,
+                               input=spec.generation_input().stored(), metadata=spec.metadata)
+    wait = preferred_wait()
+    pubsub = None
+    if wait:
+        pubsub = svc.redis.pubsub()
+        pubsub.subscribe(svc.channels.job_live(job.id))   # before the task exists: no event can be missed
+    try:
+        try:
+            send_run_job(svc.celery, svc.settings, job.id, spec.priority)
+        except Exception as exc:
+            log.exception("could not enqueue job %s", job.id)
+            _fail_unqueued(job.id, exc)
+            raise Problem(503, "the job could not be queued (the broker is unreachable); it was marked failed",
+                          title="Queue unavailable", type="queue-unavailable", job_id=job.id) from None
+        hooks.emit("created", job.id)
+        headers = {"Location": url_for("jobs.get_job", job_id=job.id, _external=True)}
+        if wait is None:
+            return _job_response(job, 202, **headers)
+        headers["Preference-Applied"] = f"wait={wait}"
+        if _wait_for_done(pubsub, wait):
+            job = _find(job.id)
+        return _job_response(job, 201 if JobStatus(job.status).is_final else 202, **headers)
+    finally:
+        if pubsub is not None:
+            pubsub.close()
+
+
+def _fail_unqueued(job_id: str, exc: Exception) -> None:
+    from sqlalchemy import update
+
+    from app.db import utcnow
+
+    with services().sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            status="failed", error_type="enqueue_failed", error_message=f"{type(exc).__name__}: {exc}",
+            completed_at=utcnow()))
+
+
+@bp.get("")
+def list_jobs():
+    status = request.args.get("status") or None
+    if status is not None and status not in ALL_STATUSES:
+        raise Problem(400, f"status must be one of {', '.join(ALL_STATUSES)}; got {status!r}",
+                      title="Invalid status filter")
+    limit = int_arg("limit", 20, 1, 100)
+    cursor = request.args.get("cursor") or None
+    before = decode_cursor(cursor) if cursor else None
+    with services().sessions() as session:
+        page = store.list_jobs(session, current_owner(), status=status, limit=limit + 1, before=before)
+    more = len(page) > limit
+    page = page[:limit]
+    next_cursor = encode_cursor(page[-1].id) if more else None
+    next_url = None
+    if next_cursor:
+        args = {"limit": limit, "cursor": next_cursor, **({"status": status} if status else {})}
+        next_url = url_for("jobs.list_jobs", _external=True, **args)
+    return jsonify({"data": [job_to_dict(job, _base_url()) for job in page],
+                    "next_cursor": next_cursor, "next": next_url})
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str):
+    return _job_response(_find(job_id), 200)
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str):
+    svc = services()
+    pubsub = svc.redis.pubsub()
+    pubsub.subscribe(svc.channels.job_live(job_id))
+    try:
+        with svc.sessions.begin() as session:
+            outcome = store.cancel_job(session, job_id, current_owner())
+        if outcome is CancelOutcome.NOT_FOUND:
+            raise Problem(404, f"no job with id {job_id!r}", title="Job not found", type="job-not-found")
+        if outcome is CancelOutcome.ALREADY_FINAL:
+            job = _find(job_id)
+            raise Problem(409, f"job {job_id} already finished with status {job.status!r}; only queued or "
+                          "running jobs can be canceled", title="Job already finished", type="job-finished",
+                          job_status=job.status)
+        if outcome is CancelOutcome.CANCELED:
+            job = _find(job_id)
+            _announce_canceled_while_queued(job)
+            return _job_response(job, 200)
+        svc.redis.publish(svc.channels.control, f'{{"type":"cancel","job_id":"{job_id}"}}')
+        stopped = _wait_for_done(pubsub, CANCEL_WAIT_SECONDS)
+        job = _find(job_id)
+        return _job_response(job, 200 if stopped or JobStatus(job.status).is_final else 202)
+    finally:
+        pubsub.close()
+
+
+def _announce_canceled_while_queued(job: Job) -> None:
+    """No worker saw this job: the API writes its event log (attempt 0) itself."""
+    svc = services()
+    result = JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
+    events = [JobEvent(EventId(0, 1), "status", {"status": "canceled"}),
+              JobEvent(EventId(0, 2), "done", done_event_data(result))]
+    try:
+        svc.events.publish(job.id, events)
+    except Exception:
+        log.exception("could not publish the cancel events of job %s", job.id)
+    hooks.emit("completed", job.id, status="canceled")
+
+
+@bp.get("/<job_id>/events")
+def job_events(job_id: str):
+    job = _find(job_id)
+    after = last_event_id()
+    return Response(stream_job_events(services(), job.id, current_owner(), after),
+                    mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,75 @@
+"""RFC 9457 problem details: every error the API returns is `application/problem+json`."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, json, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MIME = "application/problem+json"
+PROBLEM_BASE = "urn:genq:problem:"
+
+
+class Problem(Exception):
+    """Raise anywhere in a request to answer with a problem document."""
+
+    def __init__(self, status: int, detail: str, *, title: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None, **extensions: Any):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title
+        self.type = type
+        self.headers = headers or {}
+        self.extensions = extensions
+
+
+def problem_response(status: int, detail: str, *, title: str | None = None, type: str | None = None,
+                     headers: dict[str, str] | None = None, **extensions: Any) -> Response:
+    from http import HTTPStatus
+
+    body = {
+        "type": PROBLEM_BASE + type if type else "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.path if request else None,
+        **extensions,
+    }
+    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_MIME)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def validation_problem(exc: ValidationError) -> Problem:
+    errors = [{"field": ".".join(str(part) for part in err["loc"]) or None, "message": err["msg"],
+               "type": err["type"]} for err in exc.errors(include_url=False, include_context=False,
+                                                          include_input=False)]
+    detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
+    return Problem(422, detail, title="Invalid request body", type="validation-error", errors=errors)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(Problem)
+    def _problem(exc: Problem):
+        return problem_response(exc.status, exc.detail, title=exc.title, type=exc.type, headers=exc.headers,
+                                **exc.extensions)
+
+    @app.errorhandler(ValidationError)
+    def _validation(exc: ValidationError):
+        return _problem(validation_problem(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")}
+        return problem_response(exc.code or 500, exc.description or exc.name, title=exc.name, headers=headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem_response(500, "the server failed to handle this request; it has been logged")

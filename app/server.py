@@ -1,0 +1,40 @@
+"""Serve the API with gunicorn (threaded workers: SSE streams and `Prefer: wait` hold a thread)."""
+from __future__ import annotations
+
+from gunicorn.app.base import BaseApplication
+
+from app.settings import Settings
+
+
+class GunicornServer(BaseApplication):
+    def __init__(self, settings: Settings, **options):
+        self.settings = settings
+        self.options = {
+            "bind": f"{settings.api_host}:{settings.api_port}",
+            "workers": settings.api_workers,
+            "threads": settings.api_threads,
+            "worker_class": "gthread",
+            "timeout": 120,
+            "graceful_timeout": 10,
+            "keepalive": 5,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": "info",
+            "control_socket_disable": True,   # several servers on one machine would share its path
+            **options,
+        }
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            if key in self.cfg.settings and value is not None:
+                self.cfg.set(key, value)
+
+    def load(self):
+        from app.api import create_app
+
+        return create_app(self.settings)
+
+
+def serve(settings: Settings, **options) -> None:
+    GunicornServer(settings, **options).run()

@@ -1,0 +1,270 @@
+"""The engine service: one `LLMEngine` per worker process, owned by one loop thread.
+
+Task threads hand work to the loop through a queue (`submit`, `abort`) and wait on a `Generation`
+handle. Each engine step, one Redis pipeline appends every running job's new tokens to its event
+log and publishes them on its channel; then the handles of finished requests are resolved, so a
+job's last token event always precedes its final database write and `done` event.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from app import hooks
+from app.db import utcnow
+from app.events import EventId, EventLog, JobEvent
+from worker.engine import LLMEngine, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    params: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None   # chat: templated by the loop thread
+    priority: int = 0                               # lower = more urgent
+    attempt: int = 1                                # token event ids are `<attempt>-<seq>`
+    first_seq: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a generation request takes exactly one of prompt or messages")
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None          # "stop" | "length" | "abort"; None when it failed
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    first_token_at: datetime | None = None
+    next_seq: int = 1                  # the first event seq after this generation's token events
+    error_type: str | None = None
+    error_message: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error_type is not None
+
+
+class Generation:
+    """A request inside the engine, as its submitting thread sees it."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.next_seq = request.first_seq
+        self.first_token_at: datetime | None = None
+        self.last: RequestOutput | None = None
+        self.result: GenerationResult | None = None
+        self._done = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult | None:
+        self._done.wait(timeout)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def resolve(self, result: GenerationResult) -> None:
+        self.result = result
+        self._done.set()
+
+    def fail(self, error_type: str, message: str) -> None:
+        completion = self.last.outputs[0] if self.last is not None else None
+        self.resolve(GenerationResult(
+            text=completion.text if completion else "", token_ids=list(completion.token_ids) if completion else [],
+            finish_reason=None, prompt_tokens=len(self.last.prompt_token_ids) if self.last else 0,
+            first_token_at=self.first_token_at, next_seq=self.next_seq, error_type=error_type,
+            error_message=message))
+
+
+class EngineService:
+    def __init__(self, engine: LLMEngine, events: EventLog | None = None, *, stats_interval: float = 0.5,
+                 on_stats: Callable[[dict[str, Any]], None] | None = None):
+        self.engine = engine
+        self.events = events
+        self.stats_interval = stats_interval
+        self.on_stats = on_stats
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._generations: dict[str, Generation] = {}   # loop thread only
+        self._stats: dict[str, Any] = {}
+        self._last_report = 0.0
+        self._thread = threading.Thread(target=self._run, name="genq-engine-loop", daemon=True)
+        self._started = False
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def start(self) -> "EngineService":
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._started and self._thread.is_alive():
+            self._inbox.put((_STOP, None))
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        generation = Generation(request)
+        if not self._thread.is_alive():
+            generation.fail("worker_shutdown", "the engine loop is not running")
+            return generation
+        self._inbox.put(("add", generation))
+        return generation
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: the engine frees its blocks before its next step, and the request's
+        handle resolves with finish_reason "abort" and the text generated so far."""
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._drain(block=not self.engine.has_unfinished_requests()):
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._maybe_report()
+        except Exception:
+            log.exception("engine loop crashed")
+        finally:
+            for generation in self._generations.values():
+                generation.fail("worker_shutdown", "the worker stopped before the job finished")
+            self._generations.clear()
+            self._drain_rejecting()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop. Blocks (briefly) only when idle."""
+        try:
+            command = self._inbox.get(timeout=self.stats_interval) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, arg = command
+            if kind is _STOP:
+                return False
+            if kind == "add":
+                self._add(arg)
+            elif kind == "abort":
+                if arg in self._generations:
+                    self.engine.abort_request(arg)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _drain_rejecting(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                arg.fail("worker_shutdown", "the worker stopped before the job started")
+
+    def _add(self, generation: Generation) -> None:
+        request = generation.request
+        try:
+            prompt = request.prompt if request.messages is None else self.engine.apply_chat_template(request.messages)
+            self.engine.add_request(request.request_id, prompt, request.params, request.priority)
+        except ValueError as exc:
+            generation.fail("invalid_request", str(exc))
+            return
+        except Exception as exc:
+            log.exception("engine rejected request %s", request.request_id)
+            generation.fail("engine_error", f"{type(exc).__name__}: {exc}")
+            return
+        self._generations[request.request_id] = generation
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step raised; failing its %d request(s)", len(self._generations))
+            for request_id, generation in list(self._generations.items()):
+                self._abort_quietly(request_id)
+                generation.fail("engine_error", f"{type(exc).__name__}: {exc}")
+            self._generations.clear()
+            return
+        now = utcnow()
+        pipe = self.events.redis.pipeline(transaction=False) if self.events is not None else None
+        finished: list[Generation] = []
+        for output in outputs:
+            generation = self._generations.get(output.request_id)
+            if generation is None:
+                continue
+            completion = output.outputs[0]
+            if completion.new_token_ids or completion.new_text:
+                if generation.first_token_at is None:
+                    generation.first_token_at = now
+                if pipe is not None:
+                    event = JobEvent(EventId(generation.request.attempt, generation.next_seq), "token",
+                                     {"text": completion.new_text, "token_ids": list(completion.new_token_ids)})
+                    self.events.append(pipe, output.request_id, event)
+                generation.next_seq += 1
+                if hooks.has_hooks():
+                    hooks.emit("output", output.request_id, text=completion.text)
+            generation.last = output
+            if output.finished:
+                finished.append(generation)
+        if pipe is not None and len(pipe):
+            try:
+                for result in pipe.execute(raise_on_error=False):
+                    if isinstance(result, Exception):
+                        log.error("publishing token events failed: %s", result)
+                        break
+            except Exception:
+                log.exception("publishing token events failed (the final text still reaches the database)")
+        for generation in finished:
+            del self._generations[generation.request.request_id]
+            generation.resolve(self._result(generation))
+
+    def _abort_quietly(self, request_id: str) -> None:
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            log.exception("could not abort %s", request_id)
+
+    @staticmethod
+    def _result(generation: Generation) -> GenerationResult:
+        output = generation.last
+        completion = output.outputs[0]
+        result = GenerationResult(
+            text=completion.text, token_ids=list(completion.token_ids), finish_reason=completion.finish_reason,
+            prompt_tokens=len(output.prompt_token_ids), cached_tokens=output.num_cached_tokens,
+            first_token_at=generation.first_token_at, next_seq=generation.next_seq)
+        if output.error is not None:
+            result.finish_reason = None
+            result.error_type, result.error_message = "engine_error", output.error
+        return result
+
+    def _maybe_report(self) -> None:
+        now = time.monotonic()
+        if now - self._last_report < self.stats_interval:
+            return
+        self._last_report = now
+        self._stats = {**self.engine.stats(), "jobs_in_flight": len(self._generations)}
+        if self.on_stats is not None:
+            try:
+                self.on_stats(dict(self._stats))
+            except Exception:
+                log.exception("reporting engine stats failed")

@@ -1,0 +1,106 @@
+"""One job, start to end, inside a Celery task thread: claim, generate, record, announce.
+
+Idempotent: a redelivered task for a job that is final, or leased by a live worker, finds nothing
+to claim and returns. Only the attempt that holds the claim writes the final result.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import Reject
+
+from app import hooks
+from app import jobs as store
+from app.events import EventId, JobEvent
+from app.jobs import JobResult
+from app.models import JobStatus
+from app.schemas import GenerationInput
+from app.serialization import done_event_data
+from worker.engine import SamplingParams
+from worker.engine_service import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+def run_job(rt, job_id: str) -> str:
+    with rt.sessions.begin() as session:
+        job = store.claim_job(session, job_id, rt.worker_id, rt.settings.lease_seconds)
+    if job is None:
+        log.info("job %s: nothing to claim (final, missing, or leased by a live worker)", job_id)
+        return "skipped"
+    rt.track(job_id, job.attempts)
+    try:
+        return _run_claimed(rt, job)
+    finally:
+        rt.untrack(job_id)
+
+
+def _run_claimed(rt, job) -> str:
+    attempt = job.attempts
+    if attempt > 1:
+        _quietly(rt.events.reset, job.id)   # a retry regenerates from the start
+    _publish(rt, job.id, [JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})])
+    hooks.emit("started", job.id, attempt=attempt)
+
+    if job.cancel_requested_at is not None or job.id in rt.cancels:
+        result = JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
+        return _finish(rt, job.id, attempt, result, next_seq=2)
+    try:
+        spec = GenerationInput.model_validate(job.input)
+        params = SamplingParams(**spec.sampling_kwargs())
+    except Exception as exc:
+        result = JobResult(JobStatus.FAILED, error_type="invalid_input", error_message=str(exc))
+        return _finish(rt, job.id, attempt, result, next_seq=2)
+
+    messages = [m.model_dump() for m in spec.messages] if spec.messages is not None else None
+    generation = rt.service.submit(GenerationRequest(
+        request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=job.priority,
+        attempt=attempt, first_seq=2))
+    if job.id in rt.cancels:   # the cancel arrived between the claim and the submission
+        rt.service.abort(job.id)
+    outcome = generation.wait()
+
+    if outcome.error_type == "worker_shutdown":
+        with rt.sessions.begin() as session:
+            released = store.release_job(session, job.id, rt.worker_id, attempt)
+        log.warning("job %s: worker stopping mid-generation; %s", job.id,
+                    "requeued" if released else "no longer ours")
+        raise Reject("worker shutting down", requeue=released)
+    return _finish(rt, job.id, attempt, _job_result(outcome), next_seq=outcome.next_seq)
+
+
+def _job_result(outcome: GenerationResult) -> JobResult:
+    usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": len(outcome.token_ids),
+             "cached_tokens": outcome.cached_tokens, "first_token_at": outcome.first_token_at}
+    if outcome.failed:
+        return JobResult(JobStatus.FAILED, output_text=outcome.text, error_type=outcome.error_type,
+                         error_message=outcome.error_message, **usage)
+    status = JobStatus.CANCELED if outcome.finish_reason == "abort" else JobStatus.SUCCEEDED
+    return JobResult(status, output_text=outcome.text, finish_reason=outcome.finish_reason, **usage)
+
+
+def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> str:
+    with rt.sessions.begin() as session:
+        written = store.finish_job(session, job_id, rt.worker_id, attempt, result)
+    if not written:
+        log.warning("job %s: attempt %d no longer owns the job; its result is dropped", job_id, attempt)
+        return "superseded"
+    events = [JobEvent(EventId(attempt, next_seq), "status", {"status": result.status.value})]
+    if result.error_type:
+        events.append(JobEvent(events[-1].id.next, "error",
+                               {"type": result.error_type, "message": result.error_message}))
+    events.append(JobEvent(events[-1].id.next, "done", done_event_data(result)))
+    _publish(rt, job_id, events)
+    hooks.emit("completed", job_id, status=result.status.value)
+    return result.status.value
+
+
+def _publish(rt, job_id: str, events: list[JobEvent]) -> None:
+    _quietly(rt.events.publish, job_id, events)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("job event publishing failed (the database stays the record)")

@@ -1,0 +1,184 @@
+"""Everything one worker process holds: its engine service, connections, and two helper threads
+(the lease heartbeat and the control-channel listener). Celery tasks reach it with `get_runtime()`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+
+from app import jobs as store
+from app.channels import Channels
+from app.db import session_factory
+from app.events import EventLog
+from app.redis_client import redis_client, resolve_redis_url
+from app.settings import Settings
+from app.worker_stats import remove_report, write_report
+from worker.engine_service import EngineService
+
+log = logging.getLogger(__name__)
+
+RECENT_CANCEL_SECONDS = 600.0
+
+_runtime: "WorkerRuntime | None" = None
+_runtime_lock = threading.Lock()
+
+
+def build_engine(settings: Settings):
+    import torch
+
+    from worker.engine import LLMEngine
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LLMEngine(model=settings.model, dtype=settings.dtype, device=device, block_size=settings.block_size,
+                     num_kv_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
+                     max_num_batched_tokens=settings.max_num_batched_tokens,
+                     max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
+                     seed=settings.seed)
+
+
+class RecentCancels:
+    """Job ids whose cancel arrived on the control channel, remembered for a while: a cancel can
+    land between a job's claim and its submission to the engine."""
+
+    def __init__(self, keep_seconds: float = RECENT_CANCEL_SECONDS):
+        self.keep_seconds = keep_seconds
+        self._ids: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job_id: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._ids[job_id] = now
+            for stale in [k for k, t in self._ids.items() if now - t > self.keep_seconds]:
+                del self._ids[stale]
+
+    def __contains__(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._ids
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, engine=None):
+        self.settings = settings
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.redis_url = resolve_redis_url(settings)
+        self.redis = redis_client(self.redis_url)
+        self.channels = Channels(settings.key_prefix)
+        self.events = EventLog(self.redis, self.channels, settings.event_ttl_seconds)
+        self.sessions = session_factory(settings.database_url)
+        self.engine = engine if engine is not None else build_engine(settings)
+        self.service = EngineService(self.engine, self.events, stats_interval=settings.stats_interval_seconds,
+                                     on_stats=self._report)
+        self.cancels = RecentCancels()
+        self._active: dict[str, int] = {}          # job id -> attempt, for the heartbeat
+        self._active_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._heartbeat, name="genq-heartbeat", daemon=True),
+                         threading.Thread(target=self._listen_control, name="genq-control", daemon=True)]
+        self._control_ready = threading.Event()
+
+    def start(self) -> "WorkerRuntime":
+        self.service.start()
+        for thread in self._threads:
+            thread.start()
+        self._control_ready.wait(10)
+        log.info("worker %s ready: model %s", self.worker_id, getattr(self.engine, "model_name", "?"))
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.service.stop()
+        for thread in self._threads:
+            thread.join(5)
+        try:
+            remove_report(self.redis, self.channels, self.worker_id)
+        except Exception:
+            log.warning("could not remove the worker report of %s", self.worker_id)
+
+    def run_job(self, job_id: str) -> str:
+        from worker.job_runner import run_job
+
+        return run_job(self, job_id)
+
+    # -- bookkeeping for the heartbeat ------------------------------------------------------------
+
+    def track(self, job_id: str, attempt: int) -> None:
+        with self._active_lock:
+            self._active[job_id] = attempt
+
+    def untrack(self, job_id: str) -> None:
+        with self._active_lock:
+            self._active.pop(job_id, None)
+
+    def active_jobs(self) -> list[str]:
+        with self._active_lock:
+            return list(self._active)
+
+    # -- helper threads ---------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        interval = max(self.settings.lease_seconds / 3, 0.2)
+        while not self._stopping.wait(interval):
+            job_ids = self.active_jobs()
+            if not job_ids:
+                continue
+            try:
+                with self.sessions.begin() as session:
+                    store.renew_leases(session, self.worker_id, job_ids, self.settings.lease_seconds)
+            except Exception:
+                log.exception("lease heartbeat failed")
+
+    def _listen_control(self) -> None:
+        while not self._stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channels.control)
+                self._control_ready.set()
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._on_control(message["data"])
+            except Exception:
+                log.exception("control channel failed; resubscribing")
+                self._stopping.wait(1.0)
+            finally:
+                pubsub.close()
+
+    def _on_control(self, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            log.warning("ignoring malformed control message %r", raw)
+            return
+        if message.get("type") == "cancel" and isinstance(message.get("job_id"), str):
+            self.cancels.add(message["job_id"])
+            self.service.abort(message["job_id"])
+
+    def _report(self, stats: dict) -> None:
+        write_report(self.redis, self.channels, self.worker_id, {
+            "model": getattr(self.engine, "model_name", None), "pid": os.getpid(),
+            "concurrency": self.settings.worker_concurrency, "engine": stats,
+            "max_num_seqs": self.settings.max_num_seqs})
+
+
+def get_runtime(settings: Settings | None = None) -> WorkerRuntime:
+    """The process's runtime, created (model loaded, threads started) on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(settings or Settings.from_env()).start()
+        return _runtime
+
+
+def stop_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None:
+            _runtime.stop()
+            _runtime = None

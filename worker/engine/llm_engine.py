@@ -147,7 +147,7 @@ class LLMEngine:
             if self.step_hook is not None:
                 self.step_hook(batch)
             logits, row_of = self.runner.run(batch)
-            sampled = self.sampler(logits, batch.samples, row_of)
+            sampled = self.sampler(logits, batch.samples, row_of) if batch.samples else []
         except Exception as exc:  # a faulty step fails its requests, not the engine
             log.exception("engine step failed; failing %d request(s)", len({s.seq.request.request_id for s in batch.scheduled}))
             return outputs + self._fail(batch, exc)

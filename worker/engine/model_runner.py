@@ -16,8 +16,10 @@ class ModelRunner:
         self.kernel_impl = kernel_impl
         args = model.args
         shape = (num_blocks, block_size, args.num_key_value_heads, args.head_dim)
-        # one (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        # One (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]. Zeroed, not
+        # empty: batched attention reads padding slots past a sequence's end and weights them 0,
+        # and 0 * NaN from uninitialised memory would still be NaN.
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(args.num_hidden_layers)]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

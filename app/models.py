@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import datetime
 from enum import Enum
@@ -45,12 +46,23 @@ ALL_STATUSES = tuple(s.value for s in JobStatus)
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+_id_lock = threading.Lock()
+_last_id = [0, 0]   # [milliseconds, random part] of the last id made by this process
+
+
 def new_job_id() -> str:
     """26 URL-safe characters: 48 bits of milliseconds then 80 random bits (a lowercase ULID).
 
     Ids sort by creation time, so "newest first" and the list cursor are both plain id order.
+    Within one millisecond a process counts up from its last id (ULID's monotonic mode), so its
+    own jobs keep their submission order.
     """
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    millis, rand = int(time.time() * 1000), int.from_bytes(os.urandom(10), "big")
+    with _id_lock:
+        if millis <= _last_id[0] and _last_id[1] < (1 << 80) - 1:
+            millis, rand = _last_id[0], _last_id[1] + 1
+        _last_id[:] = [millis, rand]
+    value = (millis << 80) | rand
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])

@@ -119,3 +119,71 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def service_settings(tmp_dir: Path, **overrides):
+    """Settings for a whole service under test: the primary database (fresh), Redis under a fresh
+    key prefix, a Celery queue of its own."""
+    from app.settings import Settings
+
+    with database_for_tests(primary_database_kind(), tmp_dir) as db_url, \
+            redis_for_tests(tmp_dir) as (redis_url, prefix):
+        values = dict(home=str(tmp_dir / "home"), database_url=db_url, redis_url=redis_url, key_prefix=prefix,
+                      queue=f"{prefix}-jobs", stats_interval_seconds=0.2)
+        values.update(overrides)
+        yield Settings(**values)
+
+
+def build_tiny(tmp_dir: Path) -> Path:
+    from worker.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_dir / "tiny-llama")
+
+
+class WorkerProcess:
+    """`genq worker` as a real subprocess (Celery, threads pool, one engine)."""
+
+    def __init__(self, settings, log_path: Path):
+        self.settings = settings
+        self.log_path = log_path
+        self.process = None
+
+    def __enter__(self) -> "WorkerProcess":
+        import subprocess
+        import sys
+        import time
+
+        from app.channels import Channels
+        from app.redis_client import redis_client
+        from app.worker_stats import live_workers
+
+        env = {**os.environ, **self.settings.to_env()}
+        self.log = open(self.log_path, "wb")
+        root = Path(__file__).resolve().parents[2]
+        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
+                                        env=env, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
+        redis = redis_client(self.settings.redis_url)
+        deadline = time.monotonic() + 180
+        while not live_workers(redis, Channels(self.settings.key_prefix)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the worker did not start:\n{self.output()}")
+            time.sleep(0.2)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()

@@ -45,6 +45,7 @@ def test_ids_are_url_safe_and_time_ordered():
     ids = [new_job_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(len(i) == 26 and i.isalnum() and i == i.lower() for i in ids)
+    assert ids == sorted(ids)
 
 
 def test_create_and_get_round_trips_every_field(sessions):

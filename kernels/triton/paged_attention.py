@@ -142,10 +142,12 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
         # Partials: m, l [NUM_SPLITS, num_tokens, num_heads]; acc [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM]
-        idx = (split * num_tokens + token) * num_heads + head
-        tl.store(m_ptr + idx, m_i, mask=row_valid)
-        tl.store(l_ptr + idx, l_i, mask=row_valid)
-        tl.store(acc_ptr + idx[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask)
+        # A 64-bit scalar base for this tile's first row, 32-bit offsets within the tile.
+        base = (split * num_tokens + q_start + tile_in_seq * BLOCK_Q).to(tl.int64) * num_heads
+        local = (rows // GROUP) * num_heads + head                     # [BLOCK_M] int32
+        tl.store(m_ptr + base + local, m_i, mask=row_valid)
+        tl.store(l_ptr + base + local, l_i, mask=row_valid)
+        tl.store(acc_ptr + base * HEAD_DIM + local[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask)
 
 
 @triton.jit
@@ -242,13 +244,14 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def _launch_config(decode_only: bool, group: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile shapes per case, chosen from ptxas register/shared-memory reports for sm_90
-    (tests/kernels/gpu_compile.py): all use cp.async pipelining and none spill.
+    (tests/kernels/gpu_compile.py): all pipeline their loads with cp.async and none spills more
+    than a few bytes.
     Decode rows carry one query token, so a 16-row tile (the tensor-core minimum) holds its GQA
     group; prefill tiles take 64 rows. float32 dots run on FMA units and need smaller tiles."""
     min_rows = 16 if decode_only else (64 if dtype != torch.float32 else 32)
     rows = max(min_rows, _utils.next_pow2(group))
     if dtype == torch.float32:
-        return {"BLOCK_M": rows, "TILE_N": 32, "num_warps": 4 if decode_only else 8,
+        return {"BLOCK_M": rows, "TILE_N": 32 if decode_only else 16, "num_warps": 8,
                 "num_stages": 3 if decode_only else 2}
     return {"BLOCK_M": rows, "TILE_N": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3}
 

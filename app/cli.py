@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = commands.add_parser("worker", help="run a Celery worker hosting one engine")
     worker.add_argument("--concurrency", type=int, help="task threads (default: the engine's max_num_seqs)")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", help="log level (default: GENQ_LOG_LEVEL or INFO)")
     worker.set_defaults(func=cmd_worker)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
@@ -82,12 +82,13 @@ def cmd_api(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    import logging
-
+    from app.logging_setup import configure_logging
     from worker.main import run_worker
 
-    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(_settings(args), loglevel=args.loglevel)
+    settings = _settings(args)
+    level = (args.loglevel or settings.log_level).upper()
+    configure_logging(settings, "worker", level)
+    run_worker(settings, loglevel=level)
     return 0
 
 

@@ -9,7 +9,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy import DateTime, Text, create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -41,6 +41,35 @@ class UTCDateTime(TypeDecorator):
         if value is None:
             return None
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+NUL_ESCAPE = "\uffff"   # a Unicode noncharacter: text practically never contains it
+
+
+class NulSafeText(TypeDecorator):
+    """Text that may contain NUL characters (models can generate them), which PostgreSQL text
+    refuses. On PostgreSQL a NUL is stored as U+FFFF "0" and a literal U+FFFF as two of them; the
+    mapping is undone on read, and other text is stored unchanged."""
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None or dialect.name != "postgresql" or ("\x00" not in value and NUL_ESCAPE not in value):
+            return value
+        return value.replace(NUL_ESCAPE, NUL_ESCAPE * 2).replace("\x00", NUL_ESCAPE + "0")
+
+    def process_result_value(self, value, dialect):
+        if value is None or dialect.name != "postgresql" or NUL_ESCAPE not in value:
+            return value
+        out, i = [], 0
+        while i < len(value):
+            if value[i] == NUL_ESCAPE and i + 1 < len(value):
+                out.append("\x00" if value[i + 1] == "0" else NUL_ESCAPE)
+                i += 2
+            else:
+                out.append(value[i])
+                i += 1
+        return "".join(out)
 
 
 def create_db_engine(url: str, **kwargs) -> Engine:

@@ -7,11 +7,11 @@ import time
 from datetime import datetime
 from enum import Enum
 
-from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.db import UTCDateTime, utcnow
+from app.db import NulSafeText, UTCDateTime, utcnow
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -80,13 +80,13 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(255))
     input: Mapped[dict] = mapped_column(JSONType)               # prompt | messages + sampling params
     meta: Mapped[dict | None] = mapped_column("metadata", JSONType)  # the client's own metadata
-    output_text: Mapped[str | None] = mapped_column(Text)
+    output_text: Mapped[str | None] = mapped_column(NulSafeText())
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     cached_tokens: Mapped[int | None] = mapped_column(Integer)  # prompt tokens from the prefix cache
     error_type: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(NulSafeText())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

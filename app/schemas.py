@@ -14,6 +14,16 @@ MAX_STOP_STRINGS = 16
 Number = StrictFloat  # strict floats accept integers, never strings or booleans
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -46,6 +56,9 @@ class GenerationInput(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _stop_string_as_list(cls, data: Any) -> Any:
+        if _has_nul(data):
+            # Stored as JSON; PostgreSQL's jsonb cannot hold a NUL character.
+            raise ValueError("strings must not contain NUL (\\u0000) characters")
         if isinstance(data, dict) and isinstance(data.get("stop"), str):
             data = {**data, "stop": [data["stop"]]}
         return data

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from gunicorn.app.base import BaseApplication
 
+from app.logging_setup import logging_config
 from app.settings import Settings
 
 
@@ -19,7 +20,8 @@ class GunicornServer(BaseApplication):
             "keepalive": 5,
             "accesslog": None,
             "errorlog": "-",
-            "loglevel": "info",
+            "loglevel": settings.log_level.lower(),
+            "logconfig_dict": logging_config(settings, "api"),   # gunicorn's lines in genq's format
             "control_socket_disable": True,   # several servers on one machine would share its path
             **options,
         }

@@ -14,6 +14,8 @@ from typing import Mapping
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_WAIT_SECONDS = 60
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(slots=True)
@@ -43,6 +45,13 @@ class Settings:
     api_workers: int = 1                     # gunicorn processes
     api_threads: int = 64                    # gunicorn threads per process (SSE and Prefer: wait hold one)
     api_url: str | None = None               # where CLI clients reach the API; None: http://api_host:api_port
+    kv_cache_bytes: int | None = None        # KV cache budget on CPU when num_kv_blocks is unset; None: 1 GiB
+    cache_dir: str | None = None             # where GGUF models are converted once; None: ~/.cache/genq
+    metrics_host: str = "127.0.0.1"          # the worker's Prometheus endpoint binds here
+    metrics_port: int | None = None          # ... on this port (0: any free port); None: not served
+    log_level: str = "INFO"
+    log_format: str = "text"                 # "text" (readable) | "json" (one object per line, production)
+    celery_events: bool = False              # send Celery task events (for Flower)
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "event_ttl_seconds",
@@ -52,6 +61,13 @@ class Settings:
                 raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.api_port < 65536:
             raise ValueError(f"setting api_port must be a TCP port, got {self.api_port!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"setting metrics_port must be a TCP port or 0, got {self.metrics_port!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        self.log_level = self.log_level.upper()
         if self.worker_concurrency is not None and self.worker_concurrency <= 0:
             raise ValueError("setting worker_concurrency must be > 0")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.key_prefix):
@@ -94,6 +110,13 @@ class Settings:
             "api_workers": _int(env, "GENQ_API_WORKERS", 1),
             "api_threads": _int(env, "GENQ_API_THREADS", 64),
             "api_url": env.get("GENQ_API_URL") or None,
+            "kv_cache_bytes": _int(env, "GENQ_KV_CACHE_BYTES", None),
+            "cache_dir": env.get("GENQ_CACHE_DIR") or None,
+            "metrics_host": env.get("GENQ_METRICS_HOST") or "127.0.0.1",
+            "metrics_port": _int(env, "GENQ_METRICS_PORT", None),
+            "log_level": env.get("GENQ_LOG_LEVEL") or "INFO",
+            "log_format": env.get("GENQ_LOG_FORMAT") or "text",
+            "celery_events": _bool(env, "GENQ_CELERY_EVENTS", False),
         }
         values.update(overrides)
         return cls(**values)
@@ -117,9 +140,31 @@ class Settings:
             "GENQ_STATS_INTERVAL_SECONDS": self.stats_interval_seconds,
             "GENQ_API_HOST": self.api_host, "GENQ_API_PORT": self.api_port,
             "GENQ_API_WORKERS": self.api_workers, "GENQ_API_THREADS": self.api_threads,
-            "GENQ_API_URL": self.api_url,
+            "GENQ_API_URL": self.api_url, "GENQ_KV_CACHE_BYTES": self.kv_cache_bytes,
+            "GENQ_CACHE_DIR": self.cache_dir, "GENQ_METRICS_HOST": self.metrics_host,
+            "GENQ_METRICS_PORT": self.metrics_port, "GENQ_LOG_LEVEL": self.log_level,
+            "GENQ_LOG_FORMAT": self.log_format, "GENQ_CELERY_EVENTS": "1" if self.celery_events else "0",
         }
         return {k: str(v) for k, v in env.items() if v is not None}
+
+
+def env_var_names() -> list[str]:
+    """Every environment variable `Settings.from_env()` reads (what .env.example documents)."""
+    seen = _ReadRecorder()
+    Settings.from_env(seen)
+    return sorted(seen.names)
+
+
+class _ReadRecorder(dict):
+    """An empty environment that remembers which names were looked up."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def get(self, name, default=None):
+        self.names.add(name)
+        return default
 
 
 def derive_model_name(model: str | None) -> str:

@@ -40,7 +40,8 @@ def _run_claimed(rt, job) -> str:
     if attempt > 1:
         _quietly(rt.events.reset, job.id)   # a retry regenerates from the start
     _publish(rt, job.id, [JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})])
-    hooks.emit("started", job.id, attempt=attempt)
+    hooks.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
+               worker_id=rt.worker_id)
 
     if job.cancel_requested_at is not None or job.id in rt.cancels:
         result = JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
@@ -80,8 +81,16 @@ def _job_result(outcome: GenerationResult) -> JobResult:
 
 
 def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> str:
-    with rt.sessions.begin() as session:
-        written = store.finish_job(session, job_id, rt.worker_id, attempt, result)
+    try:
+        written = _write_result(rt, job_id, attempt, result)
+    except Exception as exc:
+        # The result itself could not be stored: record the failure rather than leave the job
+        # running. (If the database is down this raises too; the lease then lets a retry run it.)
+        log.exception("job %s: storing the result failed", job_id)
+        result = JobResult(JobStatus.FAILED, error_type="internal_error",
+                           error_message=f"the result could not be stored ({type(exc).__name__})",
+                           prompt_tokens=result.prompt_tokens, first_token_at=result.first_token_at)
+        written = _write_result(rt, job_id, attempt, result)
     if not written:
         log.warning("job %s: attempt %d no longer owns the job; its result is dropped", job_id, attempt)
         return "superseded"
@@ -91,8 +100,15 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
                                {"type": result.error_type, "message": result.error_message}))
     events.append(JobEvent(events[-1].id.next, "done", done_event_data(result)))
     _publish(rt, job_id, events)
-    hooks.emit("completed", job_id, status=result.status.value)
+    hooks.emit("completed", job_id, status=result.status.value, finish_reason=result.finish_reason,
+               prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+               cached_tokens=result.cached_tokens, error_type=result.error_type)
     return result.status.value
+
+
+def _write_result(rt, job_id: str, attempt: int, result: JobResult) -> bool:
+    with rt.sessions.begin() as session:
+        return store.finish_job(session, job_id, rt.worker_id, attempt, result)
 
 
 def _publish(rt, job_id: str, events: list[JobEvent]) -> None:

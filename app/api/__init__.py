@@ -9,10 +9,12 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    from app import hooks
     from app.api import health, jobs, workers
     from app.api.metrics import Metrics
     from app.api.problems import register_error_handlers
     from app.api.services import genq, services
+    from app.logging_setup import log_job_transition
 
     settings = settings or Settings.from_env()
     app = Flask("genq")
@@ -24,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.init_app(app, services)
     app.extensions["genq_metrics"] = metrics
     register_error_handlers(app)
+    hooks.register(log_job_transition)   # one log line per job transition (idempotent)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(workers.bp)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily
 
 from app import jobs as store
+from app.metrics import queue_depth
 from app.models import ALL_STATUSES
 from app.worker_stats import live_workers
 
@@ -65,6 +66,8 @@ class _StateCollector:
         engine = {name: GaugeMetricFamily(f"genq_engine_{name}", f"Worker engine stat {name}",
                                           labels=["worker", "model"]) for name in ENGINE_GAUGES}
         workers = GaugeMetricFamily("genq_workers", "Workers that reported recently")
+        depth = GaugeMetricFamily("genq_queue_depth", "Jobs in the broker queue that no worker has taken yet",
+                                  labels=["queue"])
         with self.app.app_context():
             svc = self.services_getter()
             try:
@@ -75,6 +78,7 @@ class _StateCollector:
             except Exception:
                 log.exception("metrics: could not count jobs")
             try:
+                depth.add_metric([svc.settings.queue], queue_depth(svc.redis, svc.channels, svc.settings.queue))
                 reports = live_workers(svc.redis, svc.channels)
                 workers.add_metric([], len(reports))
                 for report in reports:
@@ -87,4 +91,5 @@ class _StateCollector:
                 log.exception("metrics: could not read worker stats")
         yield jobs
         yield workers
+        yield depth
         yield from engine.values()

@@ -142,6 +142,7 @@ def test_prefer_wait_is_capped_at_60(api):
     ('{"prompt": "x", "model": "gpt-17"}', 422, "unknown model"),
     ('{"prompt": "x", "metadata": "not-an-object"}', 422, "metadata"),
     ('{"prompt": "x", "min_tokens": 9, "max_tokens": 3}', 422, "min_tokens"),
+    ('{"prompt": "a\\u0000b"}', 422, "NUL"),
 ])
 def test_bad_submissions_are_problem_json(api, body, status, hint):
     response = requests.post(f"{api}/v1/jobs", data=body, headers={"Content-Type": "application/json"}, timeout=10)

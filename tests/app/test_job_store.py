@@ -195,6 +195,21 @@ def test_cancel_queued_running_and_final(sessions):
         assert jobs.count_by_status(s) == {"canceled": 2}
 
 
+def test_output_text_with_nul_characters_round_trips(sessions):
+    # Models can emit NUL; PostgreSQL text cannot hold it, so it is escaped there, reversibly.
+    texts = ["a\x00b", "\uffff", "\uffff0", "\x00\uffff\x00", "plain \\ text 🙂"]
+    ids = [make_job(sessions) for _ in texts]
+    with sessions.begin() as s:
+        for job_id, text in zip(ids, texts):
+            jobs.claim_job(s, job_id, "w", 30)
+            assert jobs.finish_job(s, job_id, "w", 1, JobResult(JobStatus.FAILED, output_text=text,
+                                                                error_type="x", error_message=text))
+    with sessions() as s:
+        for job_id, text in zip(ids, texts):
+            job = jobs.get_job(s, job_id, None)
+            assert (job.output_text, job.error_message) == (text, text)
+
+
 def test_status_check_constraint(sessions):
     from sqlalchemy.exc import IntegrityError
 

@@ -1,0 +1,124 @@
+"""The engine service: a real engine (tiny model) on its own loop thread, real Redis for events."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.channels import Channels
+from app.events import EventLog
+from app.redis_client import redis_client
+from worker.engine import LLMEngine, SamplingParams
+from worker.engine_service import EngineService, GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def events(settings):
+    return EventLog(redis_client(settings.redis_url), Channels(settings.key_prefix), ttl_seconds=600)
+
+
+@pytest.fixture(scope="module")
+def service(engine, events):
+    service = EngineService(engine, events, stats_interval=0.05).start()
+    yield service
+    service.stop()
+
+
+def offline(model_dir, prompts, params) -> list:
+    reference = LLMEngine(model_dir, num_kv_blocks=512)
+    for i, prompt in enumerate(prompts):
+        reference.add_request(f"ref-{i}", prompt, params)
+    done = {}
+    while reference.has_unfinished_requests():
+        for out in reference.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    return [done[f"ref-{i}"] for i in range(len(prompts))]
+
+
+def test_concurrent_requests_share_steps_and_match_offline(service, events, engine, tiny_model_dir):
+    prompts = [f"Request {i}: the quick brown fox" for i in range(12)]
+    params = SamplingParams(temperature=0, max_tokens=10)
+    steps_before = engine.stats()["steps"]
+    generations, barrier = [None] * len(prompts), threading.Barrier(len(prompts))
+
+    def submit(i):
+        barrier.wait()
+        generations[i] = service.submit(GenerationRequest(f"svc-batch-{i}", params, prompt=prompts[i], attempt=1,
+                                                          first_seq=2))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = [g.wait(120) for g in generations]
+    expected = offline(tiny_model_dir, prompts, params)
+    for i, (result, reference) in enumerate(zip(results, expected)):
+        assert result.error_type is None
+        assert (result.text, result.token_ids, result.finish_reason) == (reference.text, reference.token_ids,
+                                                                         reference.finish_reason)
+        assert result.first_token_at is not None and result.prompt_tokens > 0
+        logged = events.read(f"svc-batch-{i}")
+        assert [str(e.id) for e in logged] == [f"1-{n}" for n in range(2, result.next_seq)]
+        assert "".join(e.data["text"] for e in logged) == result.text
+        assert [t for e in logged for t in e.data["token_ids"]] == result.token_ids
+    assert engine.stats()["steps"] - steps_before < sum(len(r.token_ids) for r in results)
+    assert engine.stats()["max_batch_size"] > 1
+
+
+def test_abort_stops_a_request_and_frees_its_blocks(service, engine):
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    generation = service.submit(GenerationRequest("svc-abort", params, prompt="Tell me everything", first_seq=2))
+    while generation.next_seq < 4 and not generation.done:   # at least two token events went out
+        generation._done.wait(0.01)
+    service.abort("svc-abort")
+    result = generation.wait(60)
+    assert result.finish_reason == "abort" and result.error_type is None
+    assert 0 < len(result.token_ids) < 1000 and result.text
+    service.submit(GenerationRequest("svc-after-abort", SamplingParams(max_tokens=1), prompt="x")).wait(60)
+    assert engine.stats()["kv_blocks_used"] == 0   # the aborted request holds no blocks
+
+
+def test_chat_messages_use_the_chat_template(service, engine, tiny_model_dir):
+    messages = [{"role": "user", "content": "Hello there"}]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    result = service.submit(GenerationRequest("svc-chat", params, messages=messages)).wait(60)
+    reference = offline(tiny_model_dir, [engine.apply_chat_template(messages)], params)[0]
+    assert result.token_ids == reference.token_ids
+    assert result.prompt_tokens == len(engine.apply_chat_template(messages))
+
+
+def test_request_that_cannot_fit_fails_with_the_engines_reason(service, engine):
+    params = SamplingParams(max_tokens=engine.max_model_len + 1)
+    result = service.submit(GenerationRequest("svc-too-long", params, prompt="hi")).wait(60)
+    assert result.error_type == "invalid_request" and "max_model_len" in result.error_message
+
+
+def test_stats_are_reported(engine, events):
+    reports = []
+    service = EngineService(engine, events, stats_interval=0.01, on_stats=reports.append).start()
+    try:
+        service.submit(GenerationRequest("svc-stats", SamplingParams(max_tokens=3), prompt="x")).wait(60)
+        deadline = threading.Event()
+        while not reports:
+            deadline.wait(0.01)
+    finally:
+        service.stop()
+    assert {"running", "waiting", "kv_blocks_used", "max_batch_size", "jobs_in_flight"} <= set(reports[-1])
+
+
+def test_stopped_service_fails_pending_and_new_requests(engine):
+    service = EngineService(engine, None, stats_interval=0.01).start()
+    long = service.submit(GenerationRequest("svc-stop", SamplingParams(max_tokens=1000, ignore_eos=True),
+                                            prompt="x"))
+    while long.next_seq == 1 and not long.done:
+        long._done.wait(0.01)
+    service.stop()
+    assert long.wait(10).error_type == "worker_shutdown"
+    assert service.submit(GenerationRequest("svc-late", SamplingParams(), prompt="x")).wait(1).error_type == \
+        "worker_shutdown"
+    # the engine is left clean for whoever owns it next
+    engine.abort_request("svc-stop")
+    while engine.has_unfinished_requests():
+        engine.step()

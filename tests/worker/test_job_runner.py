@@ -1,0 +1,131 @@
+"""A job from claim to final write, on a real worker runtime (engine, Redis, database), without
+Celery around it: results, events, cancels, bad inputs, and idempotent redelivery."""
+from __future__ import annotations
+
+import pytest
+
+from app import hooks
+from app import jobs as store
+from app.models import JobStatus
+from app.schemas import JobCreate
+from worker.runtime import WorkerRuntime
+
+
+@pytest.fixture(scope="module")
+def runtime(settings, engine):
+    runtime = WorkerRuntime(settings, engine=engine).start()
+    yield runtime
+    runtime.stop()
+
+
+@pytest.fixture
+def transitions():
+    seen = []
+
+    def hook(event, job_id, details):
+        if event != "output":
+            seen.append((event, job_id, details.get("status")))
+
+    hooks.register(hook)
+    yield seen
+    hooks.unregister(hook)
+
+
+def create(runtime, **body) -> str:
+    spec = JobCreate.model_validate({"max_tokens": 6, "temperature": 0, **body})
+    with runtime.sessions.begin() as session:
+        return store.create_job(session, model="tiny", input=spec.generation_input().stored()).id
+
+
+def load(runtime, job_id):
+    with runtime.sessions() as session:
+        return store.get_job(session, job_id, None)
+
+
+def test_job_runs_once_and_redelivery_does_nothing(runtime, transitions):
+    job_id = create(runtime, prompt="Once upon a time")
+    assert runtime.run_job(job_id) == "succeeded"
+    job = load(runtime, job_id)
+    assert job.status == "succeeded" and job.finish_reason in ("stop", "length")
+    assert job.completion_tokens >= 1 and job.prompt_tokens >= 1 and job.attempts == 1
+    assert job.started_at <= job.first_token_at <= job.completed_at
+    events = runtime.events.read(job_id)
+    assert [e.type for e in events][:2] == ["status", "token"]
+    assert [e.type for e in events][-2:] == ["status", "done"]
+    assert "".join(e.data["text"] for e in events if e.type == "token") == job.output_text
+    assert events[-1].data["output"] == {"text": job.output_text, "finish_reason": job.finish_reason}
+    assert transitions == [("started", job_id, None), ("completed", job_id, "succeeded")]
+
+    assert runtime.run_job(job_id) == "skipped"     # a redelivered task
+    again = load(runtime, job_id)
+    assert (again.attempts, again.completed_at, again.output_text) == (1, job.completed_at, job.output_text)
+    assert len(runtime.events.read(job_id)) == len(events)
+
+
+def test_cancel_requested_before_the_worker_starts(runtime):
+    job_id = create(runtime, prompt="x")
+    with runtime.sessions.begin() as session:
+        store.claim_job(session, job_id, "someone-dead", lease_seconds=-1)   # lease already expired
+        assert store.cancel_job(session, job_id, None) is store.CancelOutcome.REQUESTED
+    assert runtime.run_job(job_id) == "canceled"
+    job = load(runtime, job_id)
+    assert job.status == "canceled" and job.attempts == 2 and job.output_text == ""
+    assert [str(e.id) for e in runtime.events.read(job_id)] == ["2-1", "2-2", "2-3"]
+
+
+def test_cancel_on_the_control_channel_stops_a_running_job(runtime):
+    import threading
+
+    job_id = create(runtime, prompt="Go on and on", max_tokens=1000, ignore_eos=True)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(runtime.run_job(job_id)))
+    thread.start()
+    pubsub = runtime.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(runtime.channels.job_live(job_id))
+    while not any(e.type == "token" for e in runtime.events.read(job_id)):
+        pubsub.get_message(timeout=0.05)
+    pubsub.close()
+    with runtime.sessions.begin() as session:
+        assert store.cancel_job(session, job_id, None) is store.CancelOutcome.REQUESTED
+    runtime.redis.publish(runtime.channels.control, f'{{"type": "cancel", "job_id": "{job_id}"}}')
+    thread.join(120)
+    assert outcome == ["canceled"]
+    job = load(runtime, job_id)
+    assert job.status == "canceled" and job.finish_reason == "abort"
+    assert 0 < job.completion_tokens < 1000 and job.output_text
+    tokens = "".join(e.data["text"] for e in runtime.events.read(job_id) if e.type == "token")
+    assert tokens == job.output_text
+
+
+def test_a_job_that_cannot_fit_fails_with_a_clear_error(runtime):
+    job_id = create(runtime, prompt="x", max_tokens=10**6)
+    assert runtime.run_job(job_id) == "failed"
+    job = load(runtime, job_id)
+    assert job.error_type == "invalid_request" and "max_model_len" in job.error_message
+    types = [e.type for e in runtime.events.read(job_id)]
+    assert types == ["status", "status", "error", "done"]
+
+
+def test_stored_input_the_worker_cannot_read_fails_the_job(runtime):
+    with runtime.sessions.begin() as session:
+        job_id = store.create_job(session, model="tiny", input={"prompt": "x", "max_tokens": "many"}).id
+    assert runtime.run_job(job_id) == "failed"
+    assert load(runtime, job_id).error_type == "invalid_input"
+
+
+def test_missing_job_is_skipped(runtime):
+    assert runtime.run_job("01nosuchjob00000000000000a") == "skipped"
+
+
+def test_worker_reports_its_engine_stats(runtime):
+    from app.worker_stats import live_workers
+
+    import time
+
+    reports = []
+    for _ in range(600):
+        reports = [r for r in live_workers(runtime.redis, runtime.channels) if r["worker_id"] == runtime.worker_id]
+        if reports:
+            break
+        time.sleep(0.05)
+    assert reports[0]["engine"]["kv_blocks_total"] > 0 and reports[0]["model"]

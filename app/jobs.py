@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -55,10 +55,13 @@ def _owned_by(owner: str | None):
 
 def create_job(session: Session, *, model: str, input: dict, owner: str | None = None, priority: int = 0,
                metadata: dict | None = None, now: datetime | None = None) -> Job:
+    """Insert a queued job; returns it as a detached object (the insert skips the ORM unit of
+    work: submission is the API's hottest path)."""
     job = Job(id=new_job_id(), owner=owner, status=JobStatus.QUEUED.value, priority=priority, model=model,
               input=input, meta=metadata, attempts=0, created_at=now or utcnow())
-    session.add(job)
-    session.flush()
+    session.connection().execute(insert(Job.__table__), {
+        "id": job.id, "owner": owner, "status": job.status, "priority": priority, "model": model,
+        "input": input, "metadata": metadata, "attempts": 0, "created_at": job.created_at})
     return job
 
 
@@ -88,14 +91,11 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     now = now or utcnow()
     claimable = or_(Job.status == JobStatus.QUEUED.value,
                     and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now))
-    result = session.execute(
+    return session.scalars(
         update(Job).where(Job.id == job_id, claimable).values(
             status=JobStatus.RUNNING.value, worker_id=worker_id, attempts=Job.attempts + 1,
             lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, first_token_at=None,
-        ).execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        return None
-    return session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
+        ).returning(Job).execution_options(synchronize_session=False, populate_existing=True)).one_or_none()
 
 
 def renew_leases(session: Session, worker_id: str, job_ids: list[str], lease_seconds: float,

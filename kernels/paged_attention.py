@@ -6,6 +6,13 @@ import torch
 from kernels._dispatch import resolve_impl
 
 
+# Decode rows are batched in groups of similar context length, so padding stays small.
+DECODE_GROUP = 16
+# Up to this many KV heads, decode scores come from one batched matmul against a block-diagonal
+# query (wasting kv_heads x the FLOPs, which are cheap here, to read the cache once, unpermuted).
+BLOCK_DIAGONAL_MAX_KV_HEADS = 4
+
+
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
     # cache: [num_blocks, block_size, num_kv_heads, head_dim] -> [num_tokens, num_kv_heads, head_dim]
     block_size = cache.shape[1]
@@ -13,40 +20,73 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: 
     return cache.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:num_tokens]
 
 
-def _attend(q, k, v, scale, causal_from: int | None):
-    # q: [q_len, num_heads, head_dim]; k, v: [ctx, num_kv_heads, head_dim] (the sequence's cache).
-    # Query i may see keys 0..causal_from + i (None: all keys, the decode case).
+def _prefill_chunk(q, k, v, scale, context_before: int):
+    # q: [q_len, num_heads, head_dim], the chunk's queries at positions context_before + i;
+    # k, v: [ctx, num_kv_heads, head_dim], the sequence's whole cache (the chunk included).
     q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    ctx, num_kv_heads = k.shape[0], k.shape[1]
     group = num_heads // num_kv_heads
-    qg = q.reshape(q_len, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("qkgd,lkd->kgql", qg, k.float()) * scale   # [kv, group, q_len, ctx]
-    if causal_from is not None:
-        ctx = k.shape[0]
-        q_pos = torch.arange(causal_from, causal_from + q_len, device=q.device)
-        hidden = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]   # [q_len, ctx]
-        scores.masked_fill_(hidden, float("-inf"))
+    qh = q.reshape(q_len, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(num_kv_heads, q_len * group, head_dim)
+    scores = torch.bmm(qh.float(), k.permute(1, 2, 0).float()) * scale      # [kv, q_len * group, ctx]
+    hidden = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).triu_(context_before + 1)
+    scores.view(num_kv_heads, q_len, group, ctx).masked_fill_(hidden[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("kgql,lkd->qkgd", probs, v.float())
-    return out.reshape(q_len, num_heads, head_dim).to(q.dtype)
+    out = torch.bmm(probs, v.permute(1, 0, 2).float())                       # [kv, q_len * group, head_dim]
+    return out.view(num_kv_heads, q_len, group, head_dim).permute(1, 0, 2, 3).reshape(q_len, num_heads, head_dim)
+
+
+def _decode_group(q, k_cache, v_cache, tables, lens: torch.Tensor, scale):
+    # q: [m, num_heads, head_dim], one new token per sequence, attending to its whole context;
+    # tables: [m, num_blocks] int64 covering the longest context; lens: [m].
+    m, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    width = tables.shape[1] * block_size
+    # table entries past a sequence's own blocks are padding (any value): read block 0 instead
+    unused = torch.arange(tables.shape[1], device=q.device)[None, :] * block_size >= lens[:, None]
+    flat = tables.masked_fill(unused, 0).reshape(-1)
+    k = k_cache.index_select(0, flat).view(m, width, num_kv_heads * head_dim).float()   # [m, ctx, kv*head_dim]
+    v = v_cache.index_select(0, flat).view(m, width, num_kv_heads * head_dim).float()
+    qg = q.view(m, num_kv_heads, group, head_dim).float()
+    pad = torch.arange(width, device=q.device)[None, :] >= lens[:, None]                  # [m, ctx]
+    if num_kv_heads <= BLOCK_DIAGONAL_MAX_KV_HEADS:
+        eye = torch.eye(num_kv_heads, dtype=qg.dtype, device=q.device)
+        # [m, kv*group, kv*head_dim]: head h's queries in columns h*head_dim.., zeros elsewhere
+        qbd = torch.einsum("mhgd,hj->mhgjd", qg, eye).reshape(m, num_kv_heads * group, num_kv_heads * head_dim)
+        scores = torch.bmm(qbd, k.transpose(1, 2)) * scale                                # [m, kv*group, ctx]
+        scores.masked_fill_(pad[:, None, :], float("-inf"))
+        full = torch.bmm(torch.softmax(scores, dim=-1), v)                                # [m, kv*group, kv*head_dim]
+        out = full.view(m, num_kv_heads, group, num_kv_heads, head_dim).diagonal(dim1=1, dim2=3)
+        return out.permute(0, 3, 1, 2).reshape(m, num_heads, head_dim)
+    kh = k.view(m, width, num_kv_heads, head_dim).permute(0, 2, 3, 1)                     # [m, kv, head_dim, ctx]
+    scores = torch.matmul(qg, kh) * scale                                                 # [m, kv, group, ctx]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.view(m, width, num_kv_heads, head_dim).transpose(1, 2))
+    return out.reshape(m, num_heads, head_dim)
 
 
 def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
-    """The reference (and CPU) path, one sequence at a time over exactly its own cached tokens:
-    on a CPU, gathering padded batches costs more memory traffic than the per-sequence loop costs
-    in dispatch."""
+    """The reference (and CPU) path. Decode rows go in batched groups of similar length;
+    each prefill chunk attends over exactly its own sequence's cache."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     tables = block_tables.long()
+    block_size = k_cache.shape[1]
+    decode = sorted((i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1), key=lens.__getitem__)
+    for g in range(0, len(decode), DECODE_GROUP):
+        rows = decode[g:g + DECODE_GROUP]
+        num_blocks = -(-lens[rows[-1]] // block_size)
+        idx = torch.tensor(rows, device=q.device)
+        token_rows = torch.tensor([starts[i] for i in rows], device=q.device)
+        out[token_rows] = _decode_group(q[token_rows], k_cache, v_cache, tables[idx, :num_blocks],
+                                        seq_lens[idx], scale).to(q.dtype)
     for i, seq_len in enumerate(lens):
         a, b = starts[i], starts[i + 1]
-        if a == b:
-            continue
-        k = _gather_context(k_cache, tables[i], seq_len)
-        v = _gather_context(v_cache, tables[i], seq_len)
-        q_len = b - a
-        out[a:b] = _attend(q[a:b], k, v, scale, None if q_len == 1 else seq_len - q_len)
+        if b - a > 1:
+            k = _gather_context(k_cache, tables[i], seq_len)
+            v = _gather_context(v_cache, tables[i], seq_len)
+            out[a:b] = _prefill_chunk(q[a:b], k, v, scale, seq_len - (b - a)).to(q.dtype)
     return out
 
 

@@ -99,7 +99,8 @@ def logging_config(settings: Settings, service: str, level: str | None = None) -
         "loggers": {
             # gunicorn's loggers hand their lines to the root handler instead of their own.
             "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
-            "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+            # Access lines only at DEBUG (HTTP traffic is in the metrics), as with gunicorn's accesslog off.
+            "gunicorn.access": {"level": "INFO" if level == "DEBUG" else "WARNING", "handlers": [], "propagate": True},
             **{name: {"level": "WARNING" if level != "DEBUG" else level} for name in _NOISY},
         },
     }
@@ -128,7 +129,8 @@ _FIELDS = {
 
 def log_job_transition(event: str, job_id: str, details: dict[str, Any]) -> None:
     """A job hook: one log line per job transition (token output is not a transition)."""
-    if event not in _FIELDS or not _job_log.isEnabledFor(logging.INFO):
+    level = logging.WARNING if event == "completed" and details.get("status") == "failed" else logging.INFO
+    if event not in _FIELDS or not _job_log.isEnabledFor(level):
         return
     fields: dict[str, Any] = {"event": f"job.{event}", "job_id": job_id}
     fields.update({k: details[k] for k in _FIELDS[event] if details.get(k) is not None})
@@ -136,5 +138,4 @@ def log_job_transition(event: str, job_id: str, details: dict[str, Any]) -> None
         queue_seconds = _seconds_between(details.get("created_at"), details.get("started_at"))
         if queue_seconds is not None:
             fields["queue_seconds"] = queue_seconds
-    level = logging.WARNING if event == "completed" and details.get("status") == "failed" else logging.INFO
     _job_log.log(level, "job %s", event, extra=fields)

@@ -39,7 +39,8 @@ def make_celery(settings: Settings, redis_url: str, *, set_as_current: bool = Fa
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         worker_enable_remote_control=False,   # no pidbox: nothing shared between deployments
-        worker_send_task_events=False,
+        worker_send_task_events=settings.celery_events,   # Flower reads these
+        task_send_sent_event=settings.celery_events,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )

@@ -11,10 +11,20 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
+    from app import hooks
+    from app.logging_setup import log_job_transition
     from worker.celery_app import make_celery
+    from worker.metrics import MetricsServer, WorkerMetrics
     from worker.runtime import get_runtime, stop_runtime
 
+    metrics = WorkerMetrics(settings.model_name)
+    server = None
+    if settings.metrics_port is not None:      # bound before the model loads: a port clash fails fast
+        server = MetricsServer(metrics, settings.metrics_host, settings.metrics_port).start()
+    hooks.register(log_job_transition)
+    hooks.register(metrics.on_job_event)
     runtime = get_runtime(settings)            # load the model before taking any task
+    metrics.attach(runtime.service.stats, lambda: runtime.service.running)
     celery = make_celery(settings, runtime.redis_url, set_as_current=True)
     celery.conf.include = ["worker.tasks"]
     import worker.tasks  # noqa: F401  (registers the shared task on this app)
@@ -22,9 +32,12 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     @worker_shutdown.connect(weak=False)
     def _stop(**_):
         stop_runtime()
+        if server is not None:
+            server.stop()
 
+    quiet = ["--quiet"] if settings.log_format == "json" else []   # no banner among JSON lines
     celery.worker_main([
-        "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
+        *quiet, "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
         f"--queues={settings.queue}", f"--hostname=genq-{runtime.worker_id}@%h", f"--loglevel={loglevel}",
-        "--without-mingle", "--without-gossip", "--without-heartbeat",
+        "--without-mingle", "--without-gossip", *([] if settings.celery_events else ["--without-heartbeat"]),
     ])

@@ -28,18 +28,17 @@ _runtime_lock = threading.Lock()
 
 
 def build_engine(settings: Settings):
-    import torch
-
+    from worker.devices import select_device
     from worker.engine import LLMEngine
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.cache_dir:   # the loader reads it from the environment; one engine per process
+        os.environ["GENQ_CACHE_DIR"] = settings.cache_dir
+    device = select_device(settings)
     return LLMEngine(model=settings.model, dtype=settings.dtype, device=device, block_size=settings.block_size,
                      num_kv_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
                      max_num_batched_tokens=settings.max_num_batched_tokens,
                      max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                     seed=settings.seed)
+                     seed=settings.seed, kv_cache_bytes=settings.kv_cache_bytes)
 
 
 class RecentCancels:

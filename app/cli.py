@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     api.add_argument("--port", type=int, help="port (default: GENQ_API_PORT or 8000)")
     api.add_argument("--host", help="bind address (default: GENQ_API_HOST or 127.0.0.1)")
     api.add_argument("--workers", type=int, help="gunicorn processes (default: GENQ_API_WORKERS or 1)")
-    api.add_argument("--threads", type=int, help="threads per process (default: GENQ_API_THREADS or 64)")
+    api.add_argument("--threads", type=int, help="threads per process (default: GENQ_API_THREADS or 128)")
     api.set_defaults(func=cmd_api)
 
     worker = commands.add_parser("worker", help="run a Celery worker hosting one engine")

@@ -44,7 +44,7 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = 1                     # gunicorn processes
-    api_threads: int = 64                    # gunicorn threads per process (SSE and Prefer: wait hold one)
+    api_threads: int = 128                   # gunicorn threads per process (SSE and Prefer: wait hold one)
     api_url: str | None = None               # where CLI clients reach the API; None: http://api_host:api_port
     kv_cache_bytes: int | None = None        # KV cache budget on CPU when num_kv_blocks is unset; None: 1 GiB
     cache_dir: str | None = None             # where GGUF models are converted once; None: ~/.cache/genq
@@ -53,6 +53,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"                 # "text" (readable) | "json" (one object per line, production)
     celery_events: bool = False              # send Celery task events (for Flower)
+    torch_threads: int | None = None         # the worker's torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "event_ttl_seconds",
@@ -69,6 +70,8 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         self.log_level = self.log_level.upper()
+        if self.torch_threads is not None and self.torch_threads <= 0:
+            raise ValueError(f"setting torch_threads must be > 0, got {self.torch_threads!r}")
         if self.worker_concurrency is not None and self.worker_concurrency <= 0:
             raise ValueError("setting worker_concurrency must be > 0")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.key_prefix):
@@ -110,7 +113,7 @@ class Settings:
             "api_host": env.get("GENQ_API_HOST", "127.0.0.1"),
             "api_port": _int(env, "GENQ_API_PORT", 8000),
             "api_workers": _int(env, "GENQ_API_WORKERS", 1),
-            "api_threads": _int(env, "GENQ_API_THREADS", 64),
+            "api_threads": _int(env, "GENQ_API_THREADS", 128),
             "api_url": env.get("GENQ_API_URL") or None,
             "kv_cache_bytes": _int(env, "GENQ_KV_CACHE_BYTES", None),
             "cache_dir": env.get("GENQ_CACHE_DIR") or None,
@@ -119,6 +122,7 @@ class Settings:
             "log_level": env.get("GENQ_LOG_LEVEL") or "INFO",
             "log_format": env.get("GENQ_LOG_FORMAT") or "text",
             "celery_events": _bool(env, "GENQ_CELERY_EVENTS", False),
+            "torch_threads": _int(env, "GENQ_TORCH_THREADS", None),
         }
         values.update(overrides)
         return cls(**values)
@@ -147,6 +151,7 @@ class Settings:
             "GENQ_CACHE_DIR": self.cache_dir, "GENQ_METRICS_HOST": self.metrics_host,
             "GENQ_METRICS_PORT": self.metrics_port, "GENQ_LOG_LEVEL": self.log_level,
             "GENQ_LOG_FORMAT": self.log_format, "GENQ_CELERY_EVENTS": "1" if self.celery_events else "0",
+            "GENQ_TORCH_THREADS": self.torch_threads,
         }
         return {k: str(v) for k, v in env.items() if v is not None}
 

@@ -21,6 +21,7 @@ Prints a table and writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -59,7 +60,7 @@ PROMPTS = [
 class Stack:
     """API (gunicorn) + one worker as subprocesses, on their own Redis key prefix and database."""
 
-    def __init__(self, home: Path, model: str | None, api_workers: int, max_num_seqs: int):
+    def __init__(self, home: Path, model: str | None, api_workers: int, max_num_seqs: int, torch_threads: int):
         from app.migrate import upgrade
         from app.redis_client import resolve_redis_url
         from app.settings import Settings
@@ -70,7 +71,8 @@ class Stack:
         self.settings = base.with_(home=str(home), database_url=database_url, model=model,
                                    model_name=None, key_prefix=prefix, queue=f"{prefix}-jobs",
                                    api_port=_free_port(), api_host="127.0.0.1", api_url=None,
-                                   api_workers=api_workers, max_num_seqs=max_num_seqs, worker_concurrency=None)
+                                   api_workers=api_workers, max_num_seqs=max_num_seqs, worker_concurrency=None,
+                                   torch_threads=torch_threads)
         self.settings = self.settings.with_(redis_url=resolve_redis_url(self.settings))
         upgrade(self.settings.database_url)
         self.url = self.settings.api_url
@@ -93,6 +95,10 @@ class Stack:
                 pass
             time.sleep(0.3)
         raise RuntimeError("the stack did not become ready")
+
+    @property
+    def worker(self) -> subprocess.Popen:
+        return self.processes[0]
 
     def engine_stats(self) -> dict:
         return requests.get(f"{self.url}/v1/workers", timeout=10).json()["data"][0]["engine"]
@@ -138,34 +144,38 @@ def ms(value) -> str:
 
 # -- part 1: the queue path with a model that costs nothing ---------------------------------------
 
-def engine_alone_latency(model: str, samples: int) -> dict:
-    """add_request -> first output (= the only token, max_tokens=1), one request at a time."""
-    from worker.engine import LLMEngine, SamplingParams
+class EngineAlone:
+    """The baseline: an engine in this process; add_request -> first output (the only token, as
+    max_tokens=1), one request at a time."""
 
-    engine = LLMEngine(model, num_kv_blocks=1024)
-    params = SamplingParams(temperature=0, max_tokens=1)
-    latencies = []
-    for i in range(samples + 5):
+    def __init__(self, model: str):
+        from worker.engine import LLMEngine, SamplingParams
+
+        self.engine = LLMEngine(model, num_kv_blocks=1024)
+        self.params = SamplingParams(temperature=0, max_tokens=1)
+        self.count = 0
+
+    def sample(self, prompt: str) -> float:
+        self.count += 1
         start = time.perf_counter()
-        engine.add_request(f"b{i}", PROMPTS[i % len(PROMPTS)], params)
-        while True:
-            outputs = engine.step()
-            if any(o.outputs[0].new_token_ids for o in outputs):
-                break
-        while engine.has_unfinished_requests():
-            engine.step()
-        if i >= 5:   # warm-up
-            latencies.append(time.perf_counter() - start)
-    return summary(latencies)
+        self.engine.add_request(f"b{self.count}", prompt, self.params)
+        while not any(o.outputs[0].new_token_ids for o in self.engine.step()):
+            pass
+        elapsed = time.perf_counter() - start
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return elapsed
 
 
-def service_latency(stack: Stack, samples: int) -> dict:
-    """One job at a time: POST -> first `token` event on SSE, and POST (Prefer: wait) -> done."""
+def latency_overhead(stack: Stack, baseline: EngineAlone, samples: int) -> dict:
+    """Interleaved, one job at a time (the machine's load drifts; interleaving shares the drift):
+    the engine alone; POST -> first `token` event on SSE; POST with `Prefer: wait` -> done."""
     http = requests.Session()
-    ttft, e2e = [], []
+    engine, ttft, e2e = [], [], []
     body = {"max_tokens": 1, "temperature": 0}
     for i in range(samples + 5):
         prompt = PROMPTS[i % len(PROMPTS)]
+        alone = baseline.sample(prompt)
         start = time.perf_counter()
         job = http.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, **body}, timeout=60).json()
         first = None
@@ -178,15 +188,21 @@ def service_latency(stack: Stack, samples: int) -> dict:
         start_wait = time.perf_counter()
         done = http.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, **body}, headers={"Prefer": "wait=60"},
                          timeout=120)
-        if i >= 5:
+        waited = time.perf_counter() - start_wait
+        assert done.status_code == 201, done.text
+        if i >= 5:   # warm-up
+            engine.append(alone)
             ttft.append(first)
-            assert done.status_code == 201, done.text
-            e2e.append(time.perf_counter() - start_wait)
-    return {"ttft": summary(ttft), "e2e": summary(e2e)}
+            e2e.append(waited)
+    return {"engine_alone": summary(engine), "ttft": summary(ttft), "e2e": summary(e2e)}
 
 
-def acceptance(stack: Stack, jobs: int, clients: int) -> dict:
-    """Jobs accepted per second: `clients` threads POST `jobs` jobs in total as fast as they can."""
+def acceptance(stack: Stack, jobs: int, clients: int, worker_paused: bool = False) -> dict:
+    """Jobs accepted per second: `clients` threads POST `jobs` jobs in total as fast as they can.
+
+    With `worker_paused` the worker process is stopped (SIGSTOP) during the burst, so the API has
+    the machine to itself and the queue fills; it resumes (SIGCONT) to drain it afterwards.
+    """
     per_client = [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
     latencies: list[float] = []
     failures = []
@@ -194,27 +210,40 @@ def acceptance(stack: Stack, jobs: int, clients: int) -> dict:
     barrier = threading.Barrier(clients + 1)
 
     def client(n: int):
-        http = requests.Session()
+        # http.client on a kept-alive connection: the client's own CPU cost stays small next to
+        # the server's (requests costs about a millisecond per call on this kind of machine).
+        from urllib.parse import urlsplit
+
+        address = urlsplit(stack.url)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        bodies = [json.dumps({"prompt": p, "max_tokens": 1, "temperature": 0}).encode() for p in PROMPTS]
+        headers = {"Content-Type": "application/json"}
         mine = []
         barrier.wait()
         for i in range(n):
             start = time.perf_counter()
-            response = http.post(f"{stack.url}/v1/jobs", json={"prompt": PROMPTS[i % len(PROMPTS)],
-                                                               "max_tokens": 1, "temperature": 0}, timeout=60)
+            connection.request("POST", "/v1/jobs", body=bodies[i % len(bodies)], headers=headers)
+            response = connection.getresponse()
+            response.read()
             mine.append(time.perf_counter() - start)
-            if response.status_code != 202:
-                failures.append(response.status_code)
+            if response.status != 202:
+                failures.append(response.status)
+        connection.close()
         with lock:
             latencies.extend(mine)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in per_client]
     for t in threads:
         t.start()
+    if worker_paused:
+        stack.worker.send_signal(signal.SIGSTOP)
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    if worker_paused:
+        stack.worker.send_signal(signal.SIGCONT)
     # every accepted job must also finish
     client_api = JobsClient(stack.url)
     deadline = time.monotonic() + 600
@@ -225,7 +254,7 @@ def acceptance(stack: Stack, jobs: int, clients: int) -> dict:
         time.sleep(0.5)
     drained = time.perf_counter() - start
     failed = client_api.list(status="failed", limit=100)["data"]
-    return {"jobs": jobs, "clients": clients, "seconds": elapsed, "jobs_per_second": jobs / elapsed,
+    return {"jobs": jobs, "clients": clients, "worker_paused": worker_paused, "seconds": elapsed, "jobs_per_second": jobs / elapsed,
             "post_latency": summary(latencies), "rejected": len(failures), "failed_jobs": len(failed),
             "all_done_seconds": drained, "completed_per_second": jobs / drained}
 
@@ -234,12 +263,15 @@ def run_queue_part(args, home: Path) -> dict:
     from worker.engine.tiny import build_tiny_model
 
     model = str(build_tiny_model(home / "tiny"))
-    engine = engine_alone_latency(model, args.samples)
-    with Stack(home / "queue", model, args.api_workers, max_num_seqs=256) as stack:
-        service = service_latency(stack, args.samples)
+    baseline = EngineAlone(model)
+    with Stack(home / "queue", model, args.api_workers, 256, args.torch_threads) as stack:
+        service = latency_overhead(stack, baseline, args.samples)
+        engine = service.pop("engine_alone")
+        accepted_alone = acceptance(stack, args.jobs, args.clients, worker_paused=True)
         accepted = acceptance(stack, args.jobs, args.clients)
         stats = stack.engine_stats()
-    return {"engine_alone_ttft": engine, "service": service, "acceptance": accepted,
+    return {"engine_alone_ttft": engine, "service": service, "acceptance_api_alone": accepted_alone,
+            "acceptance": accepted,
             "ttft_overhead_median_seconds": service["ttft"]["median"] - engine["median"],
             "e2e_overhead_median_seconds": service["e2e"]["median"] - engine["median"],
             "worker_engine_stats": stats}
@@ -340,7 +372,7 @@ def run_serve_part(args, home: Path) -> dict:
                                                                   args.max_num_seqs)),
                       ("service", None)):
         if run is None:
-            with Stack(home / "serve", model, args.api_workers, args.max_num_seqs) as stack:
+            with Stack(home / "serve", model, args.api_workers, args.max_num_seqs, args.torch_threads) as stack:
                 start = time.perf_counter()
                 results = serve_via_service(stack, schedule, prompts, args.max_tokens)
                 wall = time.perf_counter() - start
@@ -359,14 +391,15 @@ def run_serve_part(args, home: Path) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 
 def print_queue(result: dict) -> None:
-    a, s, e = result["acceptance"], result["service"], result["engine_alone_ttft"]
+    s, e = result["service"], result["engine_alone_ttft"]
     print("\n== queue path (tiny model, max_tokens=1) ==")
     print(f"{'metric':44s} {'value':>12s}")
-    print(f"{'accepted jobs/s (POST /v1/jobs)':44s} {a['jobs_per_second']:12.1f}")
-    print(f"{'  POST latency median / p99 (ms)':44s} {ms(a['post_latency']['median']):>6s} / "
-          f"{ms(a['post_latency']['p99'])}")
-    print(f"{'  jobs completed/s (submit -> all done)':44s} {a['completed_per_second']:12.1f}")
-    print(f"{'  rejected / failed jobs':44s} {a['rejected']:>6d} / {a['failed_jobs']}")
+    for label, a in (("worker paused", result["acceptance_api_alone"]), ("worker draining", result["acceptance"])):
+        print(f"{'accepted jobs/s, ' + label:44s} {a['jobs_per_second']:12.1f}")
+        print(f"{'  POST latency median / p99 (ms)':44s} {ms(a['post_latency']['median']):>12s} / "
+              f"{ms(a['post_latency']['p99'])}")
+        print(f"{'  jobs completed/s (first POST -> all done)':44s} {a['completed_per_second']:12.1f}")
+        print(f"{'  rejected POSTs / failed jobs':44s} {a['rejected']:>12d} / {a['failed_jobs']}")
     print(f"{'engine alone: add_request -> token, median ms':44s} {ms(e['median']):>12s}")
     print(f"{'service: POST -> first SSE token, median ms':44s} {ms(s['ttft']['median']):>12s}")
     print(f"{'service: POST (Prefer: wait) -> done, median':44s} {ms(s['e2e']['median']):>12s}")
@@ -401,7 +434,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of the engine alone and of the worker (GENQ_TORCH_THREADS); the same "
+                             "for both, so the comparison is fair")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
 
     results = {"args": vars(args), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "database": "postgresql" if os.environ.get("DATABASE_URL", "").startswith("postgresql") else "sqlite",

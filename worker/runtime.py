@@ -34,6 +34,12 @@ def build_engine(settings: Settings):
     if settings.cache_dir:   # the loader reads it from the environment; one engine per process
         os.environ["GENQ_CACHE_DIR"] = settings.cache_dir
     device = select_device(settings)
+    if settings.torch_threads is not None:
+        # On a CPU shared with the API, fewer OpenMP threads than cores avoids their spinning
+        # against each other (a tiny model's step gets many times slower when oversubscribed).
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     return LLMEngine(model=settings.model, dtype=settings.dtype, device=device, block_size=settings.block_size,
                      num_kv_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
                      max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -54,10 +54,16 @@ def run_genq(model, workload, dtype: str, tp: int) -> dict:
     elapsed = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outs] == [n for _, n in workload]
     stats = llm.engine.stats()
-    params_count = sum(p.numel() for p in llm.engine.model.parameters())
+    result = {"seconds": elapsed, "max_batch_size": stats["max_batch_size"], "steps": stats["steps"]}
+    if llm.engine.tp is None:
+        result["params"] = sum(p.numel() for p in llm.engine.model.parameters())
+    else:   # rank 0 holds a shard: count the whole model, and report what each rank holds
+        result["params"] = llm.engine.tp.sharder.whole_param_count
+        result["rank_param_bytes"] = [r["param_bytes"] for r in llm.engine.tp.rank_stats()]
+        print(f"  per-rank parameter bytes: {result['rank_param_bytes']}", flush=True)
+    llm.engine.shutdown()
     del llm
-    return {"seconds": elapsed, "params": params_count, "max_batch_size": stats["max_batch_size"],
-            "steps": stats["steps"]}
+    return result
 
 
 def run_hf(model_dir, workload, batch_size: int, limit: int | None = None) -> dict:
@@ -118,7 +124,8 @@ def main(argv=None) -> int:
         n_params = r["params"]
         rows.append({"run": f"genq {dtype}" + (f" tp={args.tp}" if args.tp > 1 else ""), "dtype": dtype,
                      "requests": args.requests, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-                     "seconds": r["seconds"], "max_batch_size": r["max_batch_size"]})
+                     "seconds": r["seconds"], "max_batch_size": r["max_batch_size"],
+                     **({"rank_param_bytes": r["rank_param_bytes"]} if "rank_param_bytes" in r else {})})
         print(f"  {rows[-1]['run']}: {r['seconds']:.1f}s", flush=True)
     if not args.no_hf:
         if args.single_limit:

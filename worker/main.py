@@ -24,7 +24,9 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     hooks.register(log_job_transition)
     hooks.register(metrics.on_job_event)
     runtime = get_runtime(settings)            # load the model before taking any task
-    metrics.attach(runtime.service.stats, lambda: runtime.service.running)
+    # unhealthy too once a tensor-parallel engine has lost a rank (its stats say healthy: false)
+    metrics.attach(runtime.service.stats,
+                   lambda: runtime.service.running and runtime.service.stats().get("healthy", True))
     celery = make_celery(settings, runtime.redis_url, set_as_current=True)
     celery.conf.include = ["worker.tasks"]
     import worker.tasks  # noqa: F401  (registers the shared task on this app)

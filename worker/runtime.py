@@ -44,7 +44,8 @@ def build_engine(settings: Settings):
                      num_kv_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
                      max_num_batched_tokens=settings.max_num_batched_tokens,
                      max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                     seed=settings.seed, kv_cache_bytes=settings.kv_cache_bytes)
+                     seed=settings.seed, kv_cache_bytes=settings.kv_cache_bytes,
+                     tensor_parallel_size=settings.tensor_parallel_size)
 
 
 class RecentCancels:
@@ -101,6 +102,9 @@ class WorkerRuntime:
         self.service.stop()
         for thread in self._threads:
             thread.join(5)
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()   # stops the engine's tensor-parallel rank processes, if any
         try:
             remove_report(self.redis, self.channels, self.worker_id)
         except Exception:

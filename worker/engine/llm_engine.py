@@ -13,6 +13,7 @@ from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.loader import eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import CompletionOutput, RequestOutput
+from worker.engine.parallel import TensorParallelError, TensorParallelExecutor
 from worker.engine.request import Request, Sequence
 from worker.engine.sampler import Sampler, seed_generator
 from worker.engine.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ class LLMEngine:
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[dtype]
         self.tokenizer = load_tokenizer(hf_dir)
+        self.tp: TensorParallelExecutor | None = None   # ranks 1..N-1 when tensor_parallel_size > 1
         self.model, hf_config = self._load_model(hf_dir)
         args = self.model.args
         num_blocks = self.config.num_kv_blocks or self._kv_blocks_for_budget(args)
@@ -49,7 +51,8 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or model_limit, model_limit)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv, self._new_sequence)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, kernel_impl)
+        runner_args = (self.model, num_blocks, block_size, self.dtype, self.device, kernel_impl)
+        self.runner = self.tp.make_runner(*runner_args) if self.tp else ModelRunner(*runner_args)
         self.eos_token_ids = eos_token_ids(hf_dir, hf_config, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, seed, self.device)
         self.requests: dict[str, Request] = {}
@@ -62,7 +65,15 @@ class LLMEngine:
         max_positions = self.config.max_model_len or 1 << 30
         from transformers import AutoConfig
         limit = AutoConfig.from_pretrained(hf_dir).max_position_embeddings
-        return load_model(hf_dir, self.dtype, self.device, min(max_positions, limit))
+        max_positions = min(max_positions, limit)
+        if self.config.tensor_parallel_size == 1:
+            return load_model(hf_dir, self.dtype, self.device, max_positions)
+        self.tp = TensorParallelExecutor(self.config, hf_dir, max_positions)
+        try:
+            return load_model(hf_dir, self.dtype, self.device, max_positions, apply_sharding=self.tp.sharder)
+        except BaseException:
+            self.tp.shutdown()
+            raise
 
     def _kv_blocks_for_budget(self, args) -> int:
         per_block = (2 * args.num_hidden_layers * self.config.block_size * args.num_key_value_heads
@@ -148,6 +159,8 @@ class LLMEngine:
                 self.step_hook(batch)
             logits, row_of = self.runner.run(batch)
             sampled = self.sampler(logits, batch.samples, row_of) if batch.samples else []
+        except TensorParallelError:
+            raise   # a lost rank takes the whole engine down, not just this step's requests
         except Exception as exc:  # a faulty step fails its requests, not the engine
             log.exception("engine step failed; failing %d request(s)", len({s.seq.request.request_id for s in batch.scheduled}))
             return outputs + self._fail(batch, exc)
@@ -225,4 +238,10 @@ class LLMEngine:
         pool = self.kv.pool
         return {**self.scheduler.stats(), "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.num_blocks,
                 "prefix_cache_hits": pool.hits, "prefix_cache_queries": pool.queries,
-                "preemptions": self.scheduler.num_preemptions, **self.counters}
+                "preemptions": self.scheduler.num_preemptions, **self.counters,
+                **(self.tp.stats() if self.tp else {})}
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any. The engine cannot step afterwards."""
+        if self.tp is not None:
+            self.tp.shutdown()

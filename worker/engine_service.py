@@ -34,6 +34,7 @@ class GenerationRequest:
     priority: int = 0                               # lower = more urgent
     attempt: int = 1                                # token event ids are `<attempt>-<seq>`
     first_seq: int = 1
+    announce: tuple[JobEvent, ...] = ()             # published with the first step's tokens, before them
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -98,6 +99,7 @@ class EngineService:
         self.on_stats = on_stats
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._generations: dict[str, Generation] = {}   # loop thread only
+        self._announcements: list[tuple[str, tuple[JobEvent, ...]]] = []   # loop thread only
         self._stats: dict[str, Any] = {}
         self._last_report = 0.0
         self._thread = threading.Thread(target=self._run, name="genq-engine-loop", daemon=True)
@@ -187,19 +189,34 @@ class EngineService:
             prompt = request.prompt if request.messages is None else self.engine.apply_chat_template(request.messages)
             self.engine.add_request(request.request_id, prompt, request.params, request.priority)
         except ValueError as exc:
+            self._announce_now(request)
             generation.fail("invalid_request", str(exc))
             return
         except Exception as exc:
             log.exception("engine rejected request %s", request.request_id)
+            self._announce_now(request)
             generation.fail("engine_error", f"{type(exc).__name__}: {exc}")
             return
         self._generations[request.request_id] = generation
+        if request.announce:
+            self._announcements.append((request.request_id, request.announce))
+
+    def _announce_now(self, request: GenerationRequest) -> None:
+        if request.announce and self.events is not None:
+            try:
+                self.events.publish(request.request_id, request.announce)
+            except Exception:
+                log.exception("publishing the events of %s failed", request.request_id)
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as exc:
             log.exception("engine step raised; failing its %d request(s)", len(self._generations))
+            for _, generation in list(self._generations.items()):
+                if any(request_id == generation.request.request_id for request_id, _ in self._announcements):
+                    self._announce_now(generation.request)
+            self._announcements.clear()
             for request_id, generation in list(self._generations.items()):
                 self._abort_quietly(request_id)
                 generation.fail("engine_error", f"{type(exc).__name__}: {exc}")
@@ -207,6 +224,11 @@ class EngineService:
             return
         now = utcnow()
         pipe = self.events.redis.pipeline(transaction=False) if self.events is not None else None
+        if pipe is not None:
+            for request_id, events in self._announcements:
+                for event in events:
+                    self.events.append(pipe, request_id, event)
+        self._announcements.clear()
         finished: list[Generation] = []
         for output in outputs:
             generation = self._generations.get(output.request_id)

@@ -39,24 +39,28 @@ def _run_claimed(rt, job) -> str:
     attempt = job.attempts
     if attempt > 1:
         _quietly(rt.events.reset, job.id)   # a retry regenerates from the start
-    _publish(rt, job.id, [JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})])
+    running = JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})
     hooks.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
                worker_id=rt.worker_id)
 
     if job.cancel_requested_at is not None or job.id in rt.cancels:
+        _publish(rt, job.id, [running])
         result = JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
         return _finish(rt, job.id, attempt, result, next_seq=2)
     try:
         spec = GenerationInput.model_validate(job.input)
         params = SamplingParams(**spec.sampling_kwargs())
     except Exception as exc:
+        _publish(rt, job.id, [running])
         result = JobResult(JobStatus.FAILED, error_type="invalid_input", error_message=str(exc))
         return _finish(rt, job.id, attempt, result, next_seq=2)
 
+    # The `running` event rides in the engine loop's next pipeline, ahead of the first tokens:
+    # one Redis round trip fewer before the first token.
     messages = [m.model_dump() for m in spec.messages] if spec.messages is not None else None
     generation = rt.service.submit(GenerationRequest(
         request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=job.priority,
-        attempt=attempt, first_seq=2))
+        attempt=attempt, first_seq=2, announce=(running,)))
     if job.id in rt.cancels:   # the cancel arrived between the claim and the submission
         rt.service.abort(job.id)
     outcome = generation.wait()

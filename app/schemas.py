@@ -109,3 +109,7 @@ class JobCreate(GenerationInput):
     def generation_input(self) -> GenerationInput:
         return GenerationInput.model_validate(self.model_dump(exclude={"model", "priority", "metadata"},
                                                               exclude_none=True))
+
+    def stored_input(self) -> dict[str, Any]:
+        """The job's `input` column (what `generation_input().stored()` gives, without revalidating)."""
+        return self.model_dump(mode="json", exclude={"model", "priority", "metadata"}, exclude_none=True)

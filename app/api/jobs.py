@@ -66,7 +66,7 @@ def create_job():
                       title="Unknown model", type="unknown-model")
     with svc.sessions.begin() as session:
         job = store.create_job(session, owner=current_owner(), model=model, priority=spec.priority,
-                               input=spec.generation_input().stored(), metadata=spec.metadata)
+                               input=spec.stored_input(), metadata=spec.metadata)
     wait = preferred_wait()
     pubsub = None
     if wait:

@@ -217,3 +217,12 @@ def test_status_check_constraint(sessions):
         with sessions.begin() as s:
             s.add(Job(id=new_job_id(), status="bogus", priority=0, model="m", input={}, attempts=0,
                       created_at=utcnow()))
+
+
+def test_stored_input_equals_the_revalidated_generation_input():
+    from app.schemas import JobCreate
+
+    for body in ({"prompt": "x", "stop": "a", "metadata": {"k": 1}, "priority": 3, "model": "m", "top_k": 5},
+                 {"messages": [{"role": "user", "content": "hi"}], "seed": 4, "temperature": 0}):
+        spec = JobCreate.model_validate(body)
+        assert spec.stored_input() == spec.generation_input().stored()

@@ -1,10 +1,13 @@
 """/v1/jobs: submit, poll, list, cancel, and stream a job's events."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 from flask import Blueprint, Response, jsonify, request, url_for
+from redis.exceptions import RedisError
+from sqlalchemy import update
 
 from app import hooks
 from app import jobs as store
@@ -13,6 +16,7 @@ from app.api.events_stream import stream_job_events
 from app.api.problems import Problem
 from app.api.requests import decode_cursor, encode_cursor, int_arg, json_object_body, last_event_id, preferred_wait
 from app.api.services import services
+from app.db import utcnow
 from app.events import EventId, JobEvent
 from app.jobs import CancelOutcome, JobResult
 from app.models import ALL_STATUSES, Job, JobStatus
@@ -48,11 +52,16 @@ def _find(job_id: str) -> Job:
 
 
 def _wait_for_done(pubsub, seconds: float) -> bool:
+    """True once the job's `done` event arrives within `seconds`; False on timeout or if Redis
+    fails meanwhile (the caller then answers with the job as the database has it)."""
     deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 1.0))
-        if message is not None and JobEvent.from_message(message["data"]).is_done:
-            return True
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 1.0))
+            if message is not None and JobEvent.from_message(message["data"]).is_done:
+                return True
+    except RedisError:
+        log.warning("lost the event channel while waiting for a job", exc_info=True)
     return False
 
 
@@ -69,11 +78,11 @@ def create_job():
                                input=spec.stored_input(), metadata=spec.metadata)
     wait = preferred_wait()
     pubsub = None
-    if wait:
-        pubsub = svc.redis.pubsub()
-        pubsub.subscribe(svc.channels.job_live(job.id))   # before the task exists: no event can be missed
     try:
         try:
+            if wait:
+                pubsub = svc.redis.pubsub()
+                pubsub.subscribe(svc.channels.job_live(job.id))   # before the task exists: nothing is missed
             send_run_job(svc.celery, svc.settings, job.id, spec.priority)
         except Exception as exc:
             log.exception("could not enqueue job %s", job.id)
@@ -94,10 +103,6 @@ def create_job():
 
 
 def _fail_unqueued(job_id: str, exc: Exception) -> None:
-    from sqlalchemy import update
-
-    from app.db import utcnow
-
     with services().sessions.begin() as session:
         session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
             status="failed", error_type="enqueue_failed", error_message=f"{type(exc).__name__}: {exc}",
@@ -150,7 +155,7 @@ def cancel_job(job_id: str):
             job = _find(job_id)
             _announce_canceled_while_queued(job)
             return _job_response(job, 200)
-        svc.redis.publish(svc.channels.control, f'{{"type":"cancel","job_id":"{job_id}"}}')
+        svc.redis.publish(svc.channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
         stopped = _wait_for_done(pubsub, CANCEL_WAIT_SECONDS)
         job = _find(job_id)
         return _job_response(job, 200 if stopped or JobStatus(job.status).is_final else 202)

@@ -5,6 +5,7 @@ production database. Every timestamp is stored and returned as an aware UTC date
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,10 +79,12 @@ def create_db_engine(url: str, **kwargs) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                                           "factory": _writer_queue_connection(parsed.database or ":memory:")})
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
+        event.listen(engine, "before_cursor_execute", _sqlite_before_write)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
@@ -104,6 +107,65 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
 
 def _sqlite_on_begin(connection) -> None:
     connection.exec_driver_sql("BEGIN")
+
+
+# SQLite has one writer at a time. A thread that finds the database locked waits in SQLite's busy
+# handler, which sleeps 1, 2, 5, 10, ... 100 ms between retries: with a few threads writing at
+# once (the API under load) most of the time goes to those sleeps. Threads of one process instead
+# queue on a lock per database file, taken at a transaction's first write and released once its
+# COMMIT or ROLLBACK is done, so the next writer starts the moment the last one finished.
+_write_locks: dict[str, threading.Lock] = {}
+_write_locks_lock = threading.Lock()
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _writer_queue_connection(database: str) -> type[sqlite3.Connection]:
+    with _write_locks_lock:
+        lock = _write_locks.setdefault(str(Path(database).resolve()) if database != ":memory:" else database,
+                                       threading.Lock())
+
+    class WriterQueueConnection(sqlite3.Connection):
+        holds_write_lock = False
+
+        def acquire_write_lock(self) -> None:
+            if not self.holds_write_lock:
+                # Bounded like SQLite's own wait: a writer nested inside another's transaction
+                # fails as "database is locked" instead of hanging.
+                if not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+                    raise sqlite3.OperationalError("database is locked (another writer of this process)")
+                self.holds_write_lock = True
+
+        def _release_write_lock(self) -> None:
+            if self.holds_write_lock:
+                self.holds_write_lock = False
+                lock.release()
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self._release_write_lock()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self._release_write_lock()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self._release_write_lock()
+
+    return WriterQueueConnection
+
+
+def _sqlite_before_write(connection, cursor, statement, parameters, context, executemany) -> None:
+    if statement.lstrip()[:7].upper().startswith(_WRITES):
+        dbapi = connection.connection.dbapi_connection
+        if hasattr(dbapi, "acquire_write_lock"):
+            dbapi.acquire_write_lock()
 
 
 def get_engine(url: str) -> Engine:

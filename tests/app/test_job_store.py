@@ -226,3 +226,31 @@ def test_stored_input_equals_the_revalidated_generation_input():
                  {"messages": [{"role": "user", "content": "hi"}], "seed": 4, "temperature": 0}):
         spec = JobCreate.model_validate(body)
         assert spec.stored_input() == spec.generation_input().stored()
+
+
+def test_many_threads_write_sqlite_at_once(tmp_path):
+    from app.db import session_factory
+
+    url = f"sqlite:///{tmp_path / 'writers.db'}"
+    upgrade(url)
+    sessions = session_factory(url)
+    errors = []
+
+    def write(n):
+        try:
+            for _ in range(n):
+                with sessions.begin() as s:
+                    job = jobs.create_job(s, model="m", input=INPUT)
+                with sessions.begin() as s:
+                    jobs.claim_job(s, job.id, "w", 30)
+        except Exception as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(25,)) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with sessions() as s:
+        assert jobs.count_by_status(s) == {"running": 300}

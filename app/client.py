@@ -45,10 +45,13 @@ def iter_sse(response: requests.Response) -> Iterator[SSEEvent]:
 
 
 class JobsClient:
-    def __init__(self, base_url: str, session: requests.Session | None = None, timeout: float = 30.0):
+    def __init__(self, base_url: str, session: requests.Session | None = None, timeout: float = 30.0,
+                 api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.http = session or requests.Session()
         self.timeout = timeout
+        if api_key:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"
 
     def submit(self, body: dict, wait: int | None = None) -> requests.Response:
         headers = {"Prefer": f"wait={wait}"} if wait else {}

@@ -54,10 +54,17 @@ class Settings:
     log_format: str = "text"                 # "text" (readable) | "json" (one object per line, production)
     celery_events: bool = False              # send Celery task events (for Flower)
     torch_threads: int | None = None         # the worker's torch intra-op threads; None: torch's default
+    api_key: str | None = None               # the key CLI clients (`genq submit`, `genq jobs`) send
+    rate_limit_per_minute: int = 6000        # per key, for keys created without their own (docs/security.md)
+    max_active_jobs: int = 1000              # per key: queued + running jobs, for keys without their own
+    max_tokens_limit: int | None = None      # per key: the largest max_tokens; None: only the model's context
+    max_queue_depth: int = 10000             # broker queue depth beyond which new jobs get 503; 0: no limit
+    idempotency_ttl_seconds: int = 24 * 3600 # how long an Idempotency-Key is remembered
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "event_ttl_seconds",
-                    "lease_seconds", "stats_interval_seconds", "api_workers", "api_threads")
+                    "lease_seconds", "stats_interval_seconds", "api_workers", "api_threads", "rate_limit_per_minute",
+                    "max_active_jobs", "idempotency_ttl_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)!r}")
@@ -70,6 +77,10 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         self.log_level = self.log_level.upper()
+        if self.max_queue_depth < 0:
+            raise ValueError(f"setting max_queue_depth must be >= 0, got {self.max_queue_depth!r}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit <= 0:
+            raise ValueError(f"setting max_tokens_limit must be > 0, got {self.max_tokens_limit!r}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ValueError(f"setting torch_threads must be > 0, got {self.torch_threads!r}")
         if self.worker_concurrency is not None and self.worker_concurrency <= 0:
@@ -123,6 +134,12 @@ class Settings:
             "log_format": env.get("GENQ_LOG_FORMAT") or "text",
             "celery_events": _bool(env, "GENQ_CELERY_EVENTS", False),
             "torch_threads": _int(env, "GENQ_TORCH_THREADS", None),
+            "api_key": env.get("GENQ_API_KEY") or None,
+            "rate_limit_per_minute": _int(env, "GENQ_RATE_LIMIT_PER_MINUTE", 6000),
+            "max_active_jobs": _int(env, "GENQ_MAX_ACTIVE_JOBS", 1000),
+            "max_tokens_limit": _int(env, "GENQ_MAX_TOKENS_LIMIT", None),
+            "max_queue_depth": _int(env, "GENQ_MAX_QUEUE_DEPTH", 10000),
+            "idempotency_ttl_seconds": _int(env, "GENQ_IDEMPOTENCY_TTL_SECONDS", 24 * 3600),
         }
         values.update(overrides)
         return cls(**values)
@@ -152,6 +169,10 @@ class Settings:
             "GENQ_METRICS_PORT": self.metrics_port, "GENQ_LOG_LEVEL": self.log_level,
             "GENQ_LOG_FORMAT": self.log_format, "GENQ_CELERY_EVENTS": "1" if self.celery_events else "0",
             "GENQ_TORCH_THREADS": self.torch_threads,
+            "GENQ_API_KEY": self.api_key,
+            "GENQ_RATE_LIMIT_PER_MINUTE": self.rate_limit_per_minute, "GENQ_MAX_ACTIVE_JOBS": self.max_active_jobs,
+            "GENQ_MAX_TOKENS_LIMIT": self.max_tokens_limit, "GENQ_MAX_QUEUE_DEPTH": self.max_queue_depth,
+            "GENQ_IDEMPOTENCY_TTL_SECONDS": self.idempotency_ttl_seconds,
         }
         return {k: str(v) for k, v in env.items() if v is not None}
 

@@ -10,7 +10,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 def create_app(settings: Settings | None = None) -> Flask:
     from app import hooks
-    from app.api import health, jobs, workers
+    from app.api import admission, auth, health, jobs, workers
     from app.api.metrics import Metrics
     from app.api.problems import register_error_handlers
     from app.api.services import genq, services
@@ -26,6 +26,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.init_app(app, services)
     app.extensions["genq_metrics"] = metrics
     register_error_handlers(app)
+    auth.install(app)                    # every /v1 request needs an API key (app/api/auth.py)
+    admission.install(app)               # quotas, load shedding, idempotency keys of submissions
     hooks.register(log_job_transition)   # one log line per job transition (idempotent)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)

@@ -1,7 +1,98 @@
-"""Who is calling. Until API keys arrive (security issue) every caller is the anonymous owner;
-every job lookup already goes through `app.jobs.get_job(session, id, owner=current_owner())`."""
+"""Who is calling. Every `/v1` request must carry `Authorization: Bearer <key>` (keys: `genq keys
+create`, app/keys.py); anything else is 401 problem+json. The health endpoints (/healthz, /readyz,
+/metrics) and /openapi.json are open.
+
+For authors of new endpoints:
+
+- Register the blueprint under `/v1`: `install(app)` checks the key (and the key's request rate)
+  in a `before_request` hook for every path under `/v1/`, so the view runs only for a live key.
+  A view outside `/v1` that needs a key is decorated with `@require_api_key`.
+- Scope every read and write to `current_owner()` (the key's id): filter queries with it and
+  store it as the owner of what you create. Another owner's object must be indistinguishable from
+  a missing one: answer 404, never 403. `current_key()` gives the key's quotas and webhook secret.
+"""
 from __future__ import annotations
 
+import functools
+import logging
 
-def current_owner() -> str | None:
-    return None
+from flask import Flask, g, request
+from redis.exceptions import RedisError
+
+from app import keys
+from app.api.problems import Problem
+from app.api.services import services
+from app.keys import KeyIdentity
+from app.quotas import RateLimiter
+
+log = logging.getLogger(__name__)
+
+PROTECTED_PREFIX = "/v1/"
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="genq"'}
+
+
+def install(app: Flask) -> None:
+    svc = app.extensions["genq"]
+    app.extensions["genq_rate_limiter"] = RateLimiter(svc.redis, svc.settings.key_prefix)
+
+    @app.before_request
+    def _authenticate_v1():
+        if request.path.startswith(PROTECTED_PREFIX) or request.path == PROTECTED_PREFIX.rstrip("/"):
+            _authenticate()
+
+
+def _authenticate() -> KeyIdentity:
+    if "genq_key" in g:
+        return g.genq_key
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Problem(401, "send an API key: 'Authorization: Bearer <key>' (create one with `genq keys create`)",
+                      title="Missing API key", type="unauthorized", headers=_CHALLENGE)
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Problem(401, "the Authorization header must be 'Bearer <key>'", title="Invalid API key",
+                      type="unauthorized", headers=_CHALLENGE)
+    svc = services()
+    with svc.sessions() as session:
+        key = keys.authenticate(session, token.strip())
+    if key is None:
+        raise Problem(401, "the API key is unknown or revoked", title="Invalid API key", type="unauthorized",
+                      headers=_CHALLENGE)
+    g.genq_key = key
+    _check_rate(key)
+    return key
+
+
+def _check_rate(key: KeyIdentity) -> None:
+    from flask import current_app
+
+    limit = key.rate_limit_per_minute or services().settings.rate_limit_per_minute
+    try:
+        decision = current_app.extensions["genq_rate_limiter"].hit(key.id, limit)
+    except RedisError:
+        # Fail open: with Redis down the API still answers what it can (polls from the database).
+        log.warning("rate limiter unavailable (Redis); request allowed", exc_info=True)
+        return
+    if not decision.allowed:
+        raise Problem(429, f"this key may make {limit} requests per minute; retry in {decision.retry_after_seconds} s",
+                      title="Too many requests", type="rate-limited",
+                      headers={"Retry-After": str(decision.retry_after_seconds)})
+
+
+def require_api_key(view):
+    """For views outside /v1: authenticate (and rate-limit) before the view runs."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        _authenticate()
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def current_key() -> KeyIdentity:
+    """The calling key (its quotas, its webhook secret); 401 if the request has none."""
+    return _authenticate()
+
+
+def current_owner() -> str:
+    """The owner every lookup and every new object of this request is scoped to: the key's id."""
+    return current_key().id

@@ -11,6 +11,7 @@ from sqlalchemy import update
 
 from app import hooks
 from app import jobs as store
+from app.api.admission import admit, claim_idempotency, complete_idempotency
 from app.api.auth import current_owner
 from app.api.events_stream import stream_job_events
 from app.api.problems import Problem
@@ -18,6 +19,7 @@ from app.api.requests import decode_cursor, encode_cursor, int_arg, json_object_
 from app.api.services import services
 from app.db import utcnow
 from app.events import EventId, JobEvent
+from app.idempotency import ClaimState
 from app.jobs import CancelOutcome, JobResult
 from app.models import ALL_STATUSES, Job, JobStatus
 from app.schemas import JobCreate
@@ -67,15 +69,22 @@ def _wait_for_done(pubsub, seconds: float) -> bool:
 
 @bp.post("")
 def create_job():
-    spec = JobCreate.model_validate(json_object_body())
+    body = json_object_body()
+    spec = JobCreate.model_validate(body)
     svc = services()
     model = spec.model or svc.settings.model_name
     if model != svc.settings.model_name:
         raise Problem(422, f"unknown model {model!r}: this service serves {svc.settings.model_name!r}",
                       title="Unknown model", type="unknown-model")
+    claim = claim_idempotency(body)
+    if claim is not None and claim.state is ClaimState.REPLAY:
+        return _job_response(_find(claim.job_id), 202, Idempotent_Replayed="true",
+                             Location=url_for("jobs.get_job", job_id=claim.job_id, _external=True))
+    admit(spec)
     with svc.sessions.begin() as session:
         job = store.create_job(session, owner=current_owner(), model=model, priority=spec.priority,
                                input=spec.stored_input(), metadata=spec.metadata)
+    complete_idempotency(job.id)
     wait = preferred_wait()
     pubsub = None
     try:

@@ -101,8 +101,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def create_test_key(app, name: str = "tests", **quotas) -> str:
+    """A new API key in the app's database; returns its plaintext."""
+    from app.keys import create_key
+
+    with app.extensions["genq"].sessions.begin() as session:
+        return create_key(session, name, **quotas)[1]
+
+
+# Every /v1 request needs an API key. Tests talk to a ServerThread with plain `requests` calls, so
+# each server gets a key of its own and requests to its URL carry it unless they set an
+# Authorization header themselves (`headers={"Authorization": None}` sends none at all).
+_default_keys: dict[str, str] = {}
+
+
+def _install_default_auth() -> None:
+    import requests
+
+    original = requests.Session.request
+    if getattr(original, "genq_default_auth", False):
+        return
+
+    def request(self, method, url, *args, **kwargs):
+        headers = kwargs.get("headers") or {}
+        if "authorization" not in {name.lower() for name in headers} and "Authorization" not in self.headers:
+            key = next((key for base, key in _default_keys.items() if str(url).startswith(base + "/")), None)
+            if key is not None:
+                kwargs["headers"] = {**headers, "Authorization": f"Bearer {key}"}
+        return original(self, method, url, *args, **kwargs)
+
+    request.genq_default_auth = True
+    requests.Session.request = request
+
+
 class ServerThread:
-    """A real HTTP server (werkzeug) for a WSGI app, in a daemon thread on a free port."""
+    """A real HTTP server (werkzeug) for a WSGI app, in a daemon thread on a free port, with an API
+    key (`api_key`) that `requests` calls to `url` send by default."""
 
     def __init__(self, app):
         from werkzeug.serving import make_server
@@ -111,12 +145,17 @@ class ServerThread:
         self.server = make_server("127.0.0.1", self.port, app, threaded=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="test-http", daemon=True)
+        self.api_key = create_test_key(app) if "genq" in app.extensions else None
 
     def __enter__(self) -> "ServerThread":
+        if self.api_key is not None:
+            _install_default_auth()
+            _default_keys[self.url] = self.api_key
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        _default_keys.pop(self.url, None)
         self.server.shutdown()
         self.thread.join(timeout=10)
 

@@ -1,0 +1,258 @@
+"""API keys, tenant isolation, quotas, load shedding and idempotency keys, over real HTTP with a
+real database and Redis (no worker: jobs stay queued unless canceled)."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from app.api import create_app
+from app.idempotency import ClaimState, IdempotencyStore, fingerprint
+from app.redis_client import redis_client
+from tests.app.support import ServerThread, build_tiny, create_test_key, service_settings
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("security")
+    with service_settings(tmp, model=str(build_tiny(tmp / "model")), model_name="tiny") as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def app(settings):
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def api(app):
+    with ServerThread(app) as server:
+        yield server.url
+
+
+def auth(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}" if key is not None else None}
+
+
+def call(method: str, url: str, key: str | None, **kwargs) -> requests.Response:
+    headers = {**auth(key), **kwargs.pop("headers", {})}
+    return requests.request(method, url, headers=headers, timeout=30, **kwargs)
+
+
+def submit(api: str, key: str, headers: dict | None = None, **body) -> requests.Response:
+    return call("POST", f"{api}/v1/jobs", key, headers=headers or {},
+                json={"prompt": "hello", "max_tokens": 4, **body})
+
+
+def assert_problem(response, status):
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
+V1_REQUESTS = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/01m8aaaaaaaaaaaaaaaaaaaaaa"),
+               ("POST", "/v1/jobs/01m8aaaaaaaaaaaaaaaaaaaaaa/cancel"),
+               ("GET", "/v1/jobs/01m8aaaaaaaaaaaaaaaaaaaaaa/events"),
+               ("GET", "/v1/jobs/01m8aaaaaaaaaaaaaaaaaaaaaa/webhooks"), ("GET", "/v1/workers"),
+               ("GET", "/v1/no-such-endpoint")]
+
+
+@pytest.mark.parametrize("method, path", V1_REQUESTS)
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic dXNlcjpwYXNz", "Bearer gq_not-a-key", "Bearer nope"])
+def test_every_v1_endpoint_needs_a_valid_key(api, method, path, header):
+    response = requests.request(method, f"{api}{path}", headers={"Authorization": header}, json={"prompt": "x"},
+                                timeout=30)
+    problem = assert_problem(response, 401)
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert problem["type"].endswith("unauthorized")
+
+
+def test_health_endpoints_and_openapi_need_no_key(api):
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert requests.get(f"{api}{path}", headers=auth(None), timeout=30).status_code == 200, path
+
+
+def test_another_keys_job_is_404_everywhere(api, app):
+    alice, bob = create_test_key(app, "alice"), create_test_key(app, "bob")
+    job = submit(api, alice, metadata={"who": "alice"}).json()
+    job_id = job["id"]
+    for method, path in [("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel"),
+                         ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/webhooks")]:
+        problem = assert_problem(call(method, f"{api}{path}", bob), 404)
+        assert job_id in problem["detail"] or "not found" in problem["title"].lower()
+    assert job_id not in [j["id"] for j in call("GET", f"{api}/v1/jobs?limit=100", bob).json()["data"]]
+    assert call("GET", f"{api}/v1/jobs/{job_id}", alice).json()["status"] == "queued"   # bob's cancel did nothing
+    assert [j["id"] for j in call("GET", f"{api}/v1/jobs", alice).json()["data"]] == [job_id]
+    assert call("POST", f"{api}/v1/jobs/{job_id}/cancel", alice).json()["status"] == "canceled"
+
+
+def test_revoked_key_is_401(api, app):
+    from app.keys import revoke_key
+
+    key = create_test_key(app, "short-lived")
+    assert call("GET", f"{api}/v1/jobs", key).status_code == 200
+    with app.extensions["genq"].sessions.begin() as session:
+        assert len(revoke_key(session, key)) == 1
+    assert_problem(call("GET", f"{api}/v1/jobs", key), 401)
+
+
+def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
+    import json
+
+    from app.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["keys", "create", "--name", "cli-key", "--rate-limit", "100", "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert created["key"].startswith("gq_") and len(created["key"]) >= 40
+    assert created["webhook_secret"].startswith("whsec_")
+    import base64
+    assert len(base64.b64decode(created["webhook_secret"][len("whsec_"):])) >= 24
+    assert call("GET", f"{api}/v1/jobs", created["key"]).status_code == 200
+    assert main(["keys", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    mine = [k for k in listed if k["id"] == created["id"]]
+    assert mine and mine[0]["rate_limit_per_minute"] == 100
+    assert created["key"] not in json.dumps(listed)     # only a prefix is shown
+    assert main(["keys", "revoke", created["id"]]) == 0
+    assert_problem(call("GET", f"{api}/v1/jobs", created["key"]), 401)
+
+
+def test_only_a_hash_of_the_key_is_stored(app):
+    from sqlalchemy import select
+
+    from app.keys import ApiKey, hash_key
+
+    key = create_test_key(app, "hashed")
+    with app.extensions["genq"].sessions() as session:
+        row = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).one()
+        assert key not in [getattr(row, c.key) for c in ApiKey.__table__.columns]
+
+
+def test_rate_limit_429_with_retry_after_then_recovers(api, app):
+    key = create_test_key(app, "limited", rate_limit_per_minute=10)
+    statuses = []
+    for _ in range(40):
+        response = call("GET", f"{api}/v1/jobs?limit=1", key)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+    assert statuses[-1] == 429 and statuses.count(200) >= 9, statuses
+    assert_problem(response, 429)
+    retry_after = int(response.headers["Retry-After"])
+    assert 1 <= retry_after <= 6
+    time.sleep(retry_after)
+    assert call("GET", f"{api}/v1/jobs?limit=1", key).status_code == 200
+    other = create_test_key(app, "unaffected", rate_limit_per_minute=10)
+    assert call("GET", f"{api}/v1/jobs?limit=1", other).status_code == 200
+
+
+def test_rate_limit_is_shared_between_api_processes(api, settings):
+    """Two apps (as two gunicorn processes would be) draw on one budget in Redis."""
+    second = create_app(settings)
+    key = create_test_key(second, "shared", rate_limit_per_minute=6)
+    with ServerThread(second) as other:
+        codes = [call("GET", f"{url}/v1/jobs?limit=1", key).status_code for url in [api, other.url] * 5]
+    assert codes[:6] == [200] * 6 and 429 in codes[6:], codes
+
+
+def test_active_jobs_quota_then_room_after_cancel(api, app):
+    key = create_test_key(app, "two-at-a-time", max_active_jobs=2)
+    ids = [submit(api, key).json()["id"] for _ in range(2)]
+    response = submit(api, key)
+    assert_problem(response, 429)
+    assert int(response.headers["Retry-After"]) >= 1
+    call("POST", f"{api}/v1/jobs/{ids[0]}/cancel", key)
+    assert submit(api, key).status_code == 202
+
+
+def test_max_tokens_quota_is_422_on_the_field(api, app):
+    key = create_test_key(app, "short-answers", max_tokens=8)
+    assert submit(api, key, max_tokens=8).status_code == 202
+    problem = assert_problem(submit(api, key, max_tokens=9), 422)
+    assert [e["field"] for e in problem["errors"]] == ["max_tokens"]
+
+
+def test_prompt_longer_than_the_context_is_422_with_token_counts(api, app):
+    key = create_test_key(app, "long-prompts")
+    prompt = " ".join(f"word{i} says something" for i in range(1500))
+    problem = assert_problem(submit(api, key, prompt=prompt, max_tokens=16), 422)
+    assert problem["max_model_len"] == 2048 and problem["prompt_tokens"] + 16 > 2048
+    assert str(problem["prompt_tokens"]) in problem["detail"] and "2048" in problem["detail"]
+    chat = [{"role": "user", "content": prompt}]
+    assert_problem(submit(api, key, prompt=None, messages=chat), 422)
+    assert submit(api, key, prompt="short enough", max_tokens=16).status_code == 202
+
+
+def test_a_deep_queue_sheds_new_jobs_with_503(settings, tmp_path):
+    shedding = settings.with_(max_queue_depth=2, queue=f"{settings.key_prefix}-shed")
+    app = create_app(shedding)
+    key = create_test_key(app, "shed")
+    with ServerThread(app) as server:
+        assert [submit(server.url, key).status_code for _ in range(2)] == [202, 202]
+        response = submit(server.url, key)
+        problem = assert_problem(response, 503)
+        assert problem["type"].endswith("overloaded") and int(response.headers["Retry-After"]) >= 1
+        assert call("GET", f"{server.url}/v1/jobs", key).status_code == 200   # reads still work
+
+
+def test_idempotency_key_replays_the_same_job(api, app):
+    key, other = create_test_key(app, "idem"), create_test_key(app, "idem-other")
+    headers = {"Idempotency-Key": "order-1"}
+    first = submit(api, key, headers, metadata={"n": 1})
+    again = submit(api, key, headers, metadata={"n": 1})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    problem = assert_problem(submit(api, key, headers, metadata={"n": 2}), 422)
+    assert "different request body" in problem["detail"]
+    assert submit(api, other, headers, metadata={"n": 1}).json()["id"] != first.json()["id"]   # scoped per key
+    assert len(call("GET", f"{api}/v1/jobs", key).json()["data"]) == 1
+    assert_problem(submit(api, key, {"Idempotency-Key": "x" * 256}), 400)
+
+
+def test_failed_request_releases_its_idempotency_key(api, app):
+    key = create_test_key(app, "idem-quota", max_active_jobs=1)
+    assert submit(api, key).status_code == 202
+    headers = {"Idempotency-Key": "retry-me"}
+    assert submit(api, key, headers).status_code == 429          # refused: nothing was created
+    job_id = call("GET", f"{api}/v1/jobs", key).json()["data"][0]["id"]
+    call("POST", f"{api}/v1/jobs/{job_id}/cancel", key)
+    assert submit(api, key, headers).status_code == 202          # the retry is processed
+
+
+def test_twenty_concurrent_identical_submissions_create_one_job(api, app):
+    key = create_test_key(app, "idem-concurrent")
+    headers = {"Idempotency-Key": "concurrent-1"}
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: submit(api, key, headers, metadata={"c": True}), range(20)))
+    assert {r.status_code for r in responses} <= {202, 409}, [r.text for r in responses]
+    ids = {r.json()["id"] for r in responses if r.status_code == 202}
+    assert len(ids) == 1
+    jobs = call("GET", f"{api}/v1/jobs?limit=100", key).json()["data"]
+    assert [j["id"] for j in jobs] == list(ids)
+    for response in responses:
+        if response.status_code == 409:
+            assert response.headers["Retry-After"] == "1"
+            assert response.headers["Content-Type"] == PROBLEM
+
+
+def test_idempotency_store_states(settings):
+    store = IdempotencyStore(redis_client(settings.redis_url), settings.key_prefix, ttl_seconds=60)
+    fp = fingerprint({"b": 1, "a": [1, 2]})
+    assert fp == fingerprint({"a": [1, 2], "b": 1})
+    assert store.claim("owner", "k", fp).state is ClaimState.NEW
+    assert store.claim("owner", "k", fp).state is ClaimState.IN_PROGRESS
+    assert store.claim("owner", "k", "other").state is ClaimState.MISMATCH
+    assert store.claim("someone-else", "k", fp).state is ClaimState.NEW
+    store.complete("owner", "k", fp, "job-1")
+    assert store.claim("owner", "k", fp).job_id == "job-1"
+    ttl = redis_client(settings.redis_url).ttl(store._name("owner", "k"))
+    assert 0 < ttl <= 60
+    store.release("owner", "k")
+    assert store.claim("owner", "k", fp).state is ClaimState.NEW

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TASK_RUN_JOB = "genq.run_job"
+TASK_START_BATCH = "genq.start_batch"
 
 
 @dataclass(frozen=True, slots=True)

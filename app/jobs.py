@@ -33,6 +33,7 @@ class JobResult:
     first_token_at: datetime | None = None
     error_type: str | None = None
     error_message: str | None = None
+    choices: list | None = None          # per-sample outputs (n > 1 or logprobs), see `Job.choices`
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)
@@ -70,7 +71,7 @@ _FINISH = (update(_jobs)
                   _jobs.c.worker_id == bindparam("b_worker_id"), _jobs.c.attempts == bindparam("b_attempt"))
            .values({**{name: bindparam(f"v_{name}") for name in (
                "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-               "first_token_at", "error_type", "error_message", "completed_at")}, "lease_expires_at": None}))
+               "first_token_at", "error_type", "error_message", "completed_at", "choices")}, "lease_expires_at": None}))
 
 
 def _detached_job(row) -> Job:
@@ -142,7 +143,8 @@ def finish_job(session: Session, job_id: str, worker_id: str, attempt: int, resu
         "v_output_text": result.output_text, "v_finish_reason": result.finish_reason,
         "v_prompt_tokens": result.prompt_tokens, "v_completion_tokens": result.completion_tokens,
         "v_cached_tokens": result.cached_tokens, "v_first_token_at": result.first_token_at,
-        "v_error_type": result.error_type, "v_error_message": result.error_message, "v_completed_at": now})
+        "v_error_type": result.error_type, "v_error_message": result.error_message, "v_completed_at": now,
+        "v_choices": result.choices})
     return written.rowcount == 1
 
 

@@ -7,7 +7,7 @@ import time
 from datetime import datetime
 from enum import Enum
 
-from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String
+from sqlalchemy import JSON, CheckConstraint, Index, Integer, LargeBinary, MetaData, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -95,6 +95,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     first_token_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # per-sample outputs, only when a job asks for n > 1 or logprobs:
+    # [{index, text, finish_reason, completion_tokens, logprobs?: [{token, logprob, top: [[token, logprob]]}]}]
+    choices: Mapped[list | None] = mapped_column(JSONType)
+    batch_id: Mapped[str | None] = mapped_column(String(40))    # the OpenAI-style batch this job is a line of
+    custom_id: Mapped[str | None] = mapped_column(String(512))  # that line's custom_id
 
     __table_args__ = (
         CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')",
@@ -103,6 +108,7 @@ class Job(Base):
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_owner_status_id", "owner", "status", "id"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_batch_id_status", "batch_id", "status"),
     )
 
     @property
@@ -117,3 +123,51 @@ class Job(Base):
 # API keys live in app/keys.py; importing it here puts their table on Base.metadata for every
 # process that knows the jobs table (Alembic's autogenerate and the schema check compare the two).
 from app import keys as _keys  # noqa: E402,F401
+
+
+BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                  "cancelled")
+
+
+class File(Base):
+    """An uploaded or generated file (OpenAI's Files API: batch inputs, outputs and error files)."""
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)     # "file-<ulid>"
+    owner: Mapped[str | None] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(32))                   # batch | batch_output
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_files_owner_id", "owner", "id"),)
+
+
+class Batch(Base):
+    """A batch of requests from a JSONL file; each valid line runs as a low-priority job."""
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)     # "batch_<ulid>"
+    owner: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="validating")
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    meta: Mapped[dict | None] = mapped_column("metadata", JSONType)
+    errors: Mapped[dict | None] = mapped_column(JSONType)               # batch-level errors (the file was unusable)
+    line_errors: Mapped[list | None] = mapped_column(JSONType)          # [{line, custom_id, code, message}]
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_batches_owner_id", "owner", "id"),)

@@ -52,6 +52,8 @@ class GenerationInput(BaseModel):
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
     stop: list[Annotated[StrictStr, Field(min_length=1, max_length=256)]] | None = None
     ignore_eos: StrictBool = False
+    n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None           # samples per job (None: 1)
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None    # top-k log-probabilities per token
 
     @model_validator(mode="before")
     @classmethod
@@ -81,7 +83,8 @@ class GenerationInput(BaseModel):
             "min_p": float(self.min_p), "presence_penalty": float(self.presence_penalty),
             "frequency_penalty": float(self.frequency_penalty),
             "repetition_penalty": float(self.repetition_penalty), "seed": self.seed,
-            "stop": list(self.stop or []), "ignore_eos": self.ignore_eos,
+            "stop": list(self.stop or []), "ignore_eos": self.ignore_eos, "n": self.n or 1,
+            "logprobs": self.logprobs,
         }
 
     def stored(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class GenerationResult:
     next_seq: int = 1                  # the first event seq after this generation's token events
     error_type: str | None = None
     error_message: str | None = None
+    choices: list[dict[str, Any]] | None = None   # every sample, when n > 1 or logprobs were asked for
 
     @property
     def failed(self) -> bool:
@@ -234,16 +235,20 @@ class EngineService:
             generation = self._generations.get(output.request_id)
             if generation is None:
                 continue
-            completion = output.outputs[0]
-            if completion.new_token_ids or completion.new_text:
+            several = generation.request.params.n > 1
+            for completion in output.outputs:
+                if not (completion.new_token_ids or completion.new_text):
+                    continue
                 if generation.first_token_at is None:
                     generation.first_token_at = now
                 if pipe is not None:
-                    event = JobEvent(EventId(generation.request.attempt, generation.next_seq), "token",
-                                     {"text": completion.new_text, "token_ids": list(completion.new_token_ids)})
+                    data = {"text": completion.new_text, "token_ids": list(completion.new_token_ids)}
+                    if several:
+                        data["index"] = completion.index   # n > 1: each sample's deltas are tagged
+                    event = JobEvent(EventId(generation.request.attempt, generation.next_seq), "token", data)
                     self.events.append(pipe, output.request_id, event)
                 generation.next_seq += 1
-                if hooks.has_hooks():
+                if completion.index == 0 and hooks.has_hooks():
                     hooks.emit("output", output.request_id, text=completion.text)
             generation.last = output
             if output.finished:
@@ -266,18 +271,37 @@ class EngineService:
         except Exception:
             log.exception("could not abort %s", request_id)
 
-    @staticmethod
-    def _result(generation: Generation) -> GenerationResult:
+    def _result(self, generation: Generation) -> GenerationResult:
         output = generation.last
         completion = output.outputs[0]
+        params = generation.request.params
+        choices = None
+        if params.n > 1 or params.logprobs is not None:
+            choices = [self._choice(c, params.logprobs) for c in sorted(output.outputs, key=lambda c: c.index)]
         result = GenerationResult(
             text=completion.text, token_ids=list(completion.token_ids), finish_reason=completion.finish_reason,
             prompt_tokens=len(output.prompt_token_ids), cached_tokens=output.num_cached_tokens,
-            first_token_at=generation.first_token_at, next_seq=generation.next_seq)
+            first_token_at=generation.first_token_at, next_seq=generation.next_seq, choices=choices)
         if output.error is not None:
             result.finish_reason = None
             result.error_type, result.error_message = "engine_error", output.error
         return result
+
+    def _choice(self, completion, top_k: int | None) -> dict[str, Any]:
+        """One sample as a job stores it; log-probabilities carry token strings (the API has no
+        tokenizer): [{token, logprob, top: [[token, logprob], ...] (best first, top_k of them)}]."""
+        choice = {"index": completion.index, "text": completion.text, "finish_reason": completion.finish_reason,
+                  "completion_tokens": len(completion.token_ids)}
+        if top_k is not None and completion.logprobs is not None:
+            decode = self._token_text
+            choice["logprobs"] = [
+                {"token": decode(token), "logprob": _finite(step.get(token, -9999.0)),
+                 "top": [[decode(t), _finite(lp)] for t, lp in sorted(step.items(), key=lambda kv: -kv[1])[:top_k]]}
+                for token, step in zip(completion.token_ids, completion.logprobs)]
+        return choice
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
 
     def _maybe_report(self) -> None:
         now = time.monotonic()
@@ -290,3 +314,8 @@ class EngineService:
                 self.on_stats(dict(self._stats))
             except Exception:
                 log.exception("reporting engine stats failed")
+
+
+def _finite(logprob: float) -> float:
+    """JSON (and PostgreSQL's jsonb) has no -inf: a masked-out token's logprob is floored, as OpenAI does."""
+    return max(float(logprob), -9999.0) if logprob == logprob else -9999.0

@@ -81,7 +81,10 @@ def _job_result(outcome: GenerationResult) -> JobResult:
         return JobResult(JobStatus.FAILED, output_text=outcome.text, error_type=outcome.error_type,
                          error_message=outcome.error_message, **usage)
     status = JobStatus.CANCELED if outcome.finish_reason == "abort" else JobStatus.SUCCEEDED
-    return JobResult(status, output_text=outcome.text, finish_reason=outcome.finish_reason, **usage)
+    if outcome.choices:   # n > 1: usage counts every sample's tokens
+        usage["completion_tokens"] = sum(choice["completion_tokens"] for choice in outcome.choices)
+    return JobResult(status, output_text=outcome.text, finish_reason=outcome.finish_reason,
+                     choices=outcome.choices, **usage)
 
 
 def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> str:

@@ -28,8 +28,11 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     metrics.attach(runtime.service.stats,
                    lambda: runtime.service.running and runtime.service.stats().get("healthy", True))
     celery = make_celery(settings, runtime.redis_url, set_as_current=True)
-    celery.conf.include = ["worker.tasks"]
+    celery.conf.include = ["worker.tasks", "worker.batches"]
     import worker.tasks  # noqa: F401  (registers the shared task on this app)
+    from worker.batches import finalize_on_completion
+
+    hooks.register(finalize_on_completion(runtime.sessions))   # a batch's last job finalizes it
 
     @worker_shutdown.connect(weak=False)
     def _stop(**_):

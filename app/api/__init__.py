@@ -32,4 +32,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(workers.bp)
+    from app.api import batches, files, openai   # OpenAI-compatible API (docs/openai.md)
+
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(files.bp)
+    app.register_blueprint(batches.bp)
     return app

@@ -1,0 +1,103 @@
+"""/v1/batches (OpenAI's Batch API): create, get, list and cancel batches of requests."""
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, jsonify, request
+
+from app import batches as store
+from app.api.auth import current_owner
+from app.api.openai import openai_error_response
+from app.api.services import services
+from app.channels import TASK_START_BATCH
+from app.openai_format import ENDPOINTS, OpenAIError
+from app.schemas import MAX_METADATA_BYTES
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
+
+
+@bp.errorhandler(OpenAIError)
+def _openai_error(exc: OpenAIError):
+    return openai_error_response(exc)
+
+
+def _batch_response(session, batch):
+    return jsonify(store.batch_to_dict(batch, store.job_counts(session, batch.id)))
+
+
+@bp.post("")
+def create_batch():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    file_id, endpoint = body.get("input_file_id"), body.get("endpoint")
+    window, metadata = body.get("completion_window"), body.get("metadata")
+    if unknown := set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}:
+        raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(sorted(unknown))}")
+    if endpoint not in ENDPOINTS:
+        raise OpenAIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+    if window not in store.COMPLETION_WINDOWS:
+        raise OpenAIError(400, f"completion_window must be one of {', '.join(store.COMPLETION_WINDOWS)}",
+                          param="completion_window")
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or any(
+            not isinstance(v, str) for v in metadata.values()) or len(json.dumps(metadata)) > MAX_METADATA_BYTES):
+        raise OpenAIError(400, "metadata must be an object of at most 16 string values", param="metadata")
+    svc, owner = services(), current_owner()
+    with svc.sessions.begin() as session:
+        file = store.get_file(session, file_id, owner) if isinstance(file_id, str) else None
+        if file is None or file.purpose != store.BATCH_PURPOSE:
+            raise OpenAIError(400 if file is not None else 404, f"no batch input file {file_id!r}",
+                              param="input_file_id", code="file_not_found")
+        batch = store.create_batch(session, owner=owner, input_file_id=file.id, endpoint=endpoint,
+                                   completion_window=window, metadata=metadata)
+        batch_id = batch.id
+    try:
+        svc.celery.send_task(TASK_START_BATCH, args=[batch_id], queue=svc.settings.queue, priority=0)
+    except Exception:
+        log.exception("could not queue batch %s", batch_id)
+        raise OpenAIError(503, "the batch could not be queued (the broker is unreachable)", type="server_error",
+                          code="queue_unavailable") from None
+    with svc.sessions() as session:
+        return _batch_response(session, store.get_batch(session, batch_id, owner))
+
+
+@bp.get("")
+def list_batches():
+    try:
+        limit = int(request.args.get("limit", 20))
+    except ValueError:
+        raise OpenAIError(400, "limit must be an integer", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise OpenAIError(400, "limit must be between 1 and 100", param="limit")
+    with services().sessions() as session:
+        page = store.list_batches(session, current_owner(), limit=limit + 1, after=request.args.get("after"))
+        more, page = len(page) > limit, page[:limit]
+        data = [store.batch_to_dict(b, store.job_counts(session, b.id)) for b in page]
+    return jsonify({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None, "has_more": more})
+
+
+@bp.get("/<batch_id>")
+def get_batch(batch_id: str):
+    with services().sessions() as session:
+        batch = store.get_batch(session, batch_id, current_owner())
+        if batch is None:
+            raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
+        return _batch_response(session, batch)
+
+
+@bp.post("/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    svc, owner = services(), current_owner()
+    with svc.sessions.begin() as session:
+        batch, running = store.cancel_batch(session, batch_id, owner)
+    if batch is None:
+        raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
+    for job_id in running:   # their workers stop them; each one's end may finalize the batch
+        svc.redis.publish(svc.channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
+    store.maybe_finalize(svc.sessions, batch_id)   # nothing was running: cancelled now
+    with svc.sessions() as session:
+        return _batch_response(session, store.get_batch(session, batch_id, owner))

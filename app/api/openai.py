@@ -1,0 +1,184 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions.
+
+Every request is a genq job (visible in `GET /v1/jobs`) at interactive priority. A plain request
+waits for the job's `done` event and answers with the finished completion; `stream: true` follows
+the job's event log and turns its token events into OpenAI chunks (`data: {...}` ... `data: [DONE]`).
+Errors here are in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Iterator
+
+from flask import Blueprint, Response, jsonify, request
+from redis.exceptions import RedisError
+from sqlalchemy import update
+
+from app import hooks
+from app import jobs as store
+from app import openai_format as fmt
+from app.api.auth import current_owner
+from app.api.events_stream import stream_job_events
+from app.api.services import Services, services
+from app.db import utcnow
+from app.events import JobEvent
+from app.models import Job, JobStatus
+from worker.celery_app import send_run_job
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+REQUEST_TIMEOUT_SECONDS = 600.0   # a non-streamed request waits this long for its job
+_STARTED = int(time.time())
+
+
+@bp.errorhandler(fmt.OpenAIError)
+def _openai_error(exc: fmt.OpenAIError):
+    response = jsonify(exc.body())
+    response.status_code = exc.status
+    return response
+
+
+def openai_error_response(exc: fmt.OpenAIError) -> Response:
+    return _openai_error(exc)
+
+
+@bp.get("/models")
+def list_models():
+    return jsonify({"object": "list", "data": [_model_object(services().settings.model_name)]})
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str):
+    name = services().settings.model_name
+    if model_id != name:
+        raise fmt.OpenAIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return jsonify(_model_object(name))
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "genq"}
+
+
+@bp.post("/completions")
+def completions():
+    return _generate(fmt.COMPLETIONS_ENDPOINT)
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    return _generate(fmt.CHAT_ENDPOINT)
+
+
+def _generate(endpoint: str):
+    body = request.get_json(silent=True)
+    if body is None:
+        raise fmt.OpenAIError(400, "the request body must be JSON (Content-Type: application/json)")
+    spec = fmt.parse_request(endpoint, body)
+    svc = services()
+    if spec.model != svc.settings.model_name:
+        raise fmt.OpenAIError(404, f"The model '{spec.model}' does not exist (this service serves "
+                              f"'{svc.settings.model_name}')", param="model", code="model_not_found")
+    job_input = spec.job_input()
+    owner = current_owner()
+    with svc.sessions.begin() as session:
+        job = store.create_job(session, owner=owner, model=spec.model, priority=fmt.INTERACTIVE_PRIORITY,
+                               input=job_input, metadata={"user": spec.user} if spec.user else None)
+    if spec.stream:
+        _enqueue(svc, job)
+        stream = _stream(svc, endpoint, job, owner, spec.n, spec.include_usage)
+        return Response(stream, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    pubsub = svc.redis.pubsub()
+    try:
+        pubsub.subscribe(svc.channels.job_live(job.id))   # before the task exists: nothing is missed
+        _enqueue(svc, job)
+        job = _wait_final(svc, pubsub, job.id, owner)
+    finally:
+        pubsub.close()
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise fmt.job_error(job)
+    return jsonify(fmt.response_body(endpoint, job))
+
+
+def _enqueue(svc: Services, job: Job) -> None:
+    try:
+        send_run_job(svc.celery, svc.settings, job.id, job.priority)
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job.id)
+        with svc.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
+                status="failed", error_type="enqueue_failed", error_message=f"{type(exc).__name__}: {exc}",
+                completed_at=utcnow()))
+        raise fmt.OpenAIError(503, "the request could not be queued (the broker is unreachable)",
+                              type="server_error", code="queue_unavailable") from None
+    hooks.emit("created", job.id)
+
+
+def _wait_final(svc: Services, pubsub, job_id: str, owner: str | None) -> Job:
+    """The job once final: its `done` event ends the wait; the database is asked every second too,
+    so a lost event or a Redis failure only costs a second."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        except RedisError:
+            message = None
+            time.sleep(1.0)
+        if message is not None and not JobEvent.from_message(message["data"]).is_done:
+            continue   # a token or status event: keep waiting
+        with svc.sessions() as session:
+            job = store.get_job(session, job_id, owner)
+        if job is not None and JobStatus(job.status).is_final:
+            return job
+    raise fmt.OpenAIError(504, f"the request did not finish within {REQUEST_TIMEOUT_SECONDS:.0f} s; it continues "
+                          f"as job {job_id}", type="server_error", code="timeout")
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _job_events(svc: Services, job_id: str, owner: str | None) -> Iterator[tuple[str, dict]]:
+    """(type, data) of the job's events, from the same replay-then-follow stream SSE clients get."""
+    for frame in stream_job_events(svc, job_id, owner, None):
+        kind = data = None
+        for line in frame.splitlines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+        if kind is not None:
+            yield kind, data
+
+
+def _stream(svc: Services, endpoint: str, job: Job, owner: str | None, n: int, include_usage: bool):
+    def frames() -> Iterator[str]:
+        if endpoint == fmt.CHAT_ENDPOINT:   # OpenAI opens every choice with the assistant role
+            for index in range(n):
+                yield _sse(fmt.chunk(endpoint, job, [fmt.delta_choice(endpoint, index, "", role=True)],
+                                     with_usage_field=include_usage))
+        for kind, data in _job_events(svc, job.id, owner):
+            if kind == "token" and data.get("text"):
+                choice = fmt.delta_choice(endpoint, data.get("index", 0), data["text"])
+                yield _sse(fmt.chunk(endpoint, job, [choice], with_usage_field=include_usage))
+            elif kind == "done":
+                break
+        with svc.sessions() as session:
+            final = store.get_job(session, job.id, owner)
+        if final is None or final.status != JobStatus.SUCCEEDED.value:
+            error = fmt.job_error(final) if final is not None else fmt.OpenAIError(404, "the job vanished")
+            yield _sse(error.body())
+            yield _sse("[DONE]")
+            return
+        for sample in fmt.response_body(endpoint, final)["choices"]:
+            closing = fmt.delta_choice(endpoint, sample["index"], None, finish_reason=sample["finish_reason"])
+            yield _sse(fmt.chunk(endpoint, final, [closing], with_usage_field=include_usage))
+        if include_usage:
+            yield _sse(fmt.chunk(endpoint, final, [], fmt.usage(final), with_usage_field=True))
+        yield _sse("[DONE]")
+
+    return frames()

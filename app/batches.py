@@ -1,0 +1,291 @@
+"""Files and batches (OpenAI's Files and Batch APIs) on top of the job store.
+
+A batch is a JSONL file of requests. Starting it (a worker task) validates every line, inserts one
+low-priority job per valid line and records the invalid ones; the batch is then `in_progress`.
+When its last job ends, `maybe_finalize` writes the output file (results) and the error file
+(invalid lines, failed and canceled requests), matched to the input by `custom_id`. Every step is a
+conditional UPDATE on the batch's status, so running any of them twice changes nothing.
+
+    validating -> in_progress -> finalizing -> completed
+    validating -> failed (the file is unusable)        validating -> cancelled
+    in_progress -> cancelling -> finalizing -> cancelled
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from app import openai_format as fmt
+from app.db import utcnow
+from app.models import Batch, File, Job, JobStatus, new_job_id
+
+BATCH_PURPOSE = "batch"
+OUTPUT_PURPOSE = "batch_output"
+COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
+MAX_LINES = 50_000
+FINAL_BATCH_STATUSES = ("failed", "completed", "expired", "cancelled")
+
+
+def _owned_by(column, owner: str | None):
+    return column.is_(None) if owner is None else column == owner
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + new_job_id()
+
+
+def timestamp(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def create_file(session: Session, *, owner: str | None, purpose: str, filename: str, content: bytes) -> File:
+    file = File(id=_new_id("file-"), owner=owner, purpose=purpose, filename=filename, bytes=len(content),
+                content=content, created_at=utcnow())
+    session.add(file)
+    return file
+
+
+def get_file(session: Session, file_id: str, owner: str | None) -> File | None:
+    return session.scalars(select(File).where(File.id == file_id, _owned_by(File.owner, owner))).one_or_none()
+
+
+def list_files(session: Session, owner: str | None, limit: int = 100) -> list[File]:
+    return list(session.scalars(select(File).where(_owned_by(File.owner, owner)).order_by(File.id.desc())
+                                .limit(limit)))
+
+
+def file_to_dict(file: File) -> dict[str, Any]:
+    return {"id": file.id, "object": "file", "bytes": file.bytes, "created_at": timestamp(file.created_at),
+            "filename": file.filename, "purpose": file.purpose, "status": "processed", "status_details": None,
+            "expires_at": None}
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+def create_batch(session: Session, *, owner: str | None, input_file_id: str, endpoint: str, completion_window: str,
+                 metadata: dict | None) -> Batch:
+    now = utcnow()
+    batch = Batch(id=_new_id("batch_"), owner=owner, status="validating", endpoint=endpoint,
+                  input_file_id=input_file_id, completion_window=completion_window, meta=metadata, total=0,
+                  created_at=now, expires_at=now + COMPLETION_WINDOWS[completion_window])
+    session.add(batch)
+    return batch
+
+
+def get_batch(session: Session, batch_id: str, owner: str | None) -> Batch | None:
+    return session.scalars(select(Batch).where(Batch.id == batch_id, _owned_by(Batch.owner, owner))).one_or_none()
+
+
+def list_batches(session: Session, owner: str | None, *, limit: int, after: str | None) -> list[Batch]:
+    query = select(Batch).where(_owned_by(Batch.owner, owner))
+    if after:
+        query = query.where(Batch.id < after)
+    return list(session.scalars(query.order_by(Batch.id.desc()).limit(limit)))
+
+
+def job_counts(session: Session, batch_id: str) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status))
+    return {status: count for status, count in rows}
+
+
+def request_counts(batch: Batch, counts: dict[str, int]) -> dict[str, int]:
+    invalid = len(batch.line_errors or [])
+    return {"total": batch.total, "completed": counts.get(JobStatus.SUCCEEDED.value, 0),
+            "failed": counts.get(JobStatus.FAILED.value, 0) + invalid}
+
+
+def batch_to_dict(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": batch.errors,
+        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window, "status": batch.status,
+        "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+        "created_at": timestamp(batch.created_at), "in_progress_at": timestamp(batch.in_progress_at),
+        "expires_at": timestamp(batch.expires_at), "finalizing_at": timestamp(batch.finalizing_at),
+        "completed_at": timestamp(batch.completed_at), "failed_at": timestamp(batch.failed_at),
+        "expired_at": timestamp(batch.expired_at), "cancelling_at": timestamp(batch.cancelling_at),
+        "cancelled_at": timestamp(batch.cancelled_at), "request_counts": request_counts(batch, counts),
+        "metadata": batch.meta,
+    }
+
+
+# -- starting: validate the lines, one job per valid line ------------------------------------------
+
+@dataclass(slots=True)
+class ParsedLines:
+    jobs: list[tuple[str, dict]]            # (custom_id, job input)
+    errors: list[dict[str, Any]]            # {line, custom_id, code, message}
+    total: int
+
+
+def parse_lines(content: bytes, endpoint: str, model_name: str) -> ParsedLines:
+    """Every non-blank line of a batch file, validated as OpenAI does; a bad line is an error entry,
+    never an exception."""
+    jobs: list[tuple[str, dict]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    lines = [line for line in content.decode("utf-8", errors="replace").splitlines()]
+    total = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        total += 1
+        custom_id = None
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict):
+                raise fmt.OpenAIError(400, "each line must be a JSON object", code="invalid_json_line")
+            custom_id = item.get("custom_id") if isinstance(item.get("custom_id"), str) else None
+            if not custom_id:
+                raise fmt.OpenAIError(400, "custom_id must be a non-empty string", param="custom_id",
+                                      code="missing_required_parameter")
+            if custom_id in seen:
+                raise fmt.OpenAIError(400, f"duplicate custom_id {custom_id!r}", param="custom_id",
+                                      code="duplicate_custom_id")
+            seen.add(custom_id)
+            if item.get("method", "POST") != "POST":
+                raise fmt.OpenAIError(400, "method must be POST", param="method", code="invalid_method")
+            if item.get("url") != endpoint:
+                raise fmt.OpenAIError(400, f"url must be the batch's endpoint {endpoint!r}, got {item.get('url')!r}",
+                                      param="url", code="mismatched_url")
+            spec = fmt.parse_request(endpoint, item.get("body"))
+            if spec.stream:
+                raise fmt.OpenAIError(400, "stream is not supported in batches", param="body.stream")
+            if spec.model != model_name:
+                raise fmt.OpenAIError(400, f"model {spec.model!r} is not served here (serving {model_name!r})",
+                                      param="body.model", code="model_not_found")
+            jobs.append((custom_id, spec.job_input()))
+        except ValueError:
+            errors.append({"line": number, "custom_id": custom_id, "code": "invalid_json_line",
+                           "message": "the line is not valid JSON"})
+        except fmt.OpenAIError as exc:
+            errors.append({"line": number, "custom_id": custom_id, "code": exc.code or "invalid_request",
+                           "message": exc.message})
+    return ParsedLines(jobs, errors, total)
+
+
+def start_batch(session: Session, batch_id: str, model_name: str) -> list[str]:
+    """validating -> in_progress, inserting the batch's jobs in the same transaction. Returns the ids
+    of the batch's queued jobs (all of them when called again later: re-sending their tasks is
+    harmless, a claim is conditional). An unusable file fails the batch."""
+    now = utcnow()
+    # The write comes first (SQLite: a write transaction starts with its write; PostgreSQL: the row
+    # stays locked, so a second start of the same batch waits and then finds it in progress).
+    claimed = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "validating")
+                              .values(in_progress_at=now))
+    if claimed.rowcount != 1:
+        if session.scalar(select(Batch.status).where(Batch.id == batch_id)) not in ("in_progress", "cancelling"):
+            return []
+        return list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
+                                                         Job.status == JobStatus.QUEUED.value).order_by(Job.id)))
+    batch = session.get(Batch, batch_id)
+    file = session.get(File, batch.input_file_id)
+    parsed = parse_lines(file.content, batch.endpoint, model_name) if file is not None else None
+    if parsed is None or parsed.total == 0 or parsed.total > MAX_LINES:
+        message = ("the input file is gone" if parsed is None else "the input file has no requests"
+                   if parsed.total == 0 else f"the input file has more than {MAX_LINES} requests")
+        session.execute(update(Batch).where(Batch.id == batch_id).values(
+            status="failed", failed_at=now, in_progress_at=None, errors={"object": "list", "data": [
+                {"code": "invalid_file", "message": message, "param": "input_file_id", "line": None}]}))
+        return []
+    session.execute(update(Batch).where(Batch.id == batch_id).values(
+        status="in_progress", total=parsed.total, line_errors=parsed.errors))
+    rows = [{"id": new_job_id(), "owner": batch.owner, "status": JobStatus.QUEUED.value,
+             "priority": fmt.BATCH_PRIORITY, "model": model_name, "input": job_input, "metadata": None,
+             "attempts": 0, "created_at": now, "batch_id": batch_id, "custom_id": custom_id}
+            for custom_id, job_input in parsed.jobs]
+    if rows:
+        session.execute(insert(Job.__table__), rows)
+    return [row["id"] for row in rows]
+
+
+# -- cancelling -----------------------------------------------------------------------------------
+
+def cancel_batch(session: Session, batch_id: str, owner: str | None) -> tuple[Batch | None, list[str]]:
+    """Cancel a batch: queued jobs now, running ones by their workers (their ids are returned, to be
+    told on the control channel). A batch still validating is cancelled at once."""
+    now = utcnow()
+    mine = (Batch.id == batch_id, _owned_by(Batch.owner, owner))
+    session.execute(update(Batch).where(*mine, Batch.status == "validating").values(
+        status="cancelled", cancelling_at=now, cancelled_at=now))
+    moved = session.execute(update(Batch).where(*mine, Batch.status == "in_progress").values(
+        status="cancelling", cancelling_at=now))
+    running: list[str] = []
+    if moved.rowcount == 1:
+        session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value).values(
+            status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
+            completion_tokens=0).execution_options(synchronize_session=False))
+        running = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
+                                                            Job.status == JobStatus.RUNNING.value)))
+        if running:
+            session.execute(update(Job).where(Job.id.in_(running), Job.status == JobStatus.RUNNING.value)
+                            .values(cancel_requested_at=now).execution_options(synchronize_session=False))
+    return get_batch(session, batch_id, owner), running
+
+
+# -- finalizing -----------------------------------------------------------------------------------
+
+def batch_of_job(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.batch_id).where(Job.id == job_id))
+
+
+def maybe_finalize(sessions, batch_id: str) -> str | None:
+    """Finish the batch if none of its jobs is left to run; returns its final status, or None when
+    there is nothing to do (yet). Safe to call from any number of places at once: each step is one
+    conditional UPDATE, written first in its transaction."""
+    unfinished = exists().where(Job.batch_id == batch_id,
+                                Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
+    with sessions.begin() as session:
+        session.execute(update(Batch).where(Batch.id == batch_id, Batch.status.in_(("in_progress", "cancelling")),
+                                            ~unfinished).values(status="finalizing", finalizing_at=utcnow())
+                        .execution_options(synchronize_session=False))
+    with sessions.begin() as session:
+        # Holding the row (PostgreSQL) makes a concurrent finalizer wait, then find nothing to do.
+        held = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "finalizing")
+                               .values(status="finalizing").execution_options(synchronize_session=False))
+        if held.rowcount != 1:
+            return None
+        batch = session.get(Batch, batch_id)
+        final = "cancelled" if batch.cancelling_at is not None else "completed"
+        output, errors = _result_lines(session, batch)
+        values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
+        if output:
+            values["output_file_id"] = create_file(session, owner=batch.owner, purpose=OUTPUT_PURPOSE,
+                                                   filename=f"{batch.id}_output.jsonl", content=_jsonl(output)).id
+        if errors:
+            values["error_file_id"] = create_file(session, owner=batch.owner, purpose=OUTPUT_PURPOSE,
+                                                  filename=f"{batch.id}_error.jsonl", content=_jsonl(errors)).id
+        session.flush()
+        session.execute(update(Batch).where(Batch.id == batch_id).values(**values)
+                        .execution_options(synchronize_session=False))
+        return final
+
+
+def _result_lines(session: Session, batch: Batch) -> tuple[list[dict], list[dict]]:
+    output: list[dict] = []
+    errors: list[dict] = [{"id": f"batch_req_line{e['line']}", "custom_id": e["custom_id"], "response": None,
+                           "error": {"code": e["code"], "message": f"line {e['line']}: {e['message']}"}}
+                          for e in batch.line_errors or []]
+    for job in session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.id)):
+        line = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
+        if job.status == JobStatus.SUCCEEDED.value:
+            output.append({**line, "response": {"status_code": 200, "request_id": job.id,
+                                                "body": fmt.response_body(batch.endpoint, job)}, "error": None})
+        elif job.status == JobStatus.CANCELED.value:
+            errors.append({**line, "response": None,
+                           "error": {"code": "batch_cancelled", "message": "the batch was cancelled first"}})
+        else:
+            error = fmt.job_error(job)
+            errors.append({**line, "response": {"status_code": error.status, "request_id": job.id,
+                                                "body": error.body()}, "error": None})
+    return output, errors
+
+
+def _jsonl(items: list[dict]) -> bytes:
+    return "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in items).encode()

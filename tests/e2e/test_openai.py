@@ -1,0 +1,234 @@
+"""The OpenAI-compatible API end to end, with the official `openai` client: chat and completions
+(streamed and not), the Batch API (files, batches, cancel) and interactive latency under a batch.
+API over real HTTP + a real `genq worker` process (tiny model) + Redis + the database."""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.app.support import ServerThread, WorkerProcess, service_settings
+
+pytestmark = pytest.mark.timeout(300)
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="module")
+def genq(tmp_path_factory, tiny_model_dir):
+    """(settings, base URL, openai client) for a whole service with the tiny model."""
+    from app.api import create_app
+
+    tmp = tmp_path_factory.mktemp("openai")
+    with service_settings(tmp, model=str(tiny_model_dir), max_num_seqs=64, lease_seconds=30) as settings, \
+            WorkerProcess(settings, tmp / "worker.log"), ServerThread(create_app(settings)) as server:
+        key = getattr(server, "api_key", None) or "no-key-needed"
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, timeout=120, max_retries=0)
+        yield settings, server.url, client
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir):
+    from worker.engine import LLMEngine
+
+    return LLMEngine(str(tiny_model_dir), num_kv_blocks=256, max_num_seqs=4)
+
+
+def test_models(genq):
+    settings, _, client = genq
+    assert [m.id for m in client.models.list().data] == [settings.model_name]
+
+
+def test_chat_stream_joins_to_the_plain_answer_and_usage_is_right(genq, offline):
+    settings, url, client = genq
+    kwargs = dict(model=settings.model_name, messages=CHAT, max_tokens=12, temperature=0)
+    plain = client.chat.completions.create(**kwargs)
+    choice = plain.choices[0]
+    assert plain.object == "chat.completion" and plain.model == settings.model_name
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    prompt_tokens = len(offline.apply_chat_template(CHAT))
+    assert plain.usage.prompt_tokens == prompt_tokens
+    assert 1 <= plain.usage.completion_tokens <= 12
+    assert plain.usage.total_tokens == prompt_tokens + plain.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [choice.finish_reason]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == \
+        (plain.usage.prompt_tokens, plain.usage.completion_tokens, plain.usage.total_tokens)
+    assert usage.prompt_tokens_details.cached_tokens > 0   # the second request reused the prompt's blocks
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
+
+    # every request is a job
+    job_id = plain.id.removeprefix("chatcmpl-")
+    job = requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+    assert job["status"] == "succeeded" and job["priority"] == 0 and job["output"]["text"] == choice.message.content
+
+
+def test_completion_stream_and_plain_agree(genq, offline):
+    settings, _, client = genq
+    kwargs = dict(model=settings.model_name, prompt="The capital of France is", max_tokens=10, temperature=0,
+                  extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs)
+    assert plain.object == "text_completion" and plain.choices[0].finish_reason == "length"
+    assert plain.usage.completion_tokens == 10
+    assert plain.usage.prompt_tokens == len(offline.encode("The capital of France is"))
+    streamed = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
+
+
+def test_n_stop_seed_penalties_logprobs(genq):
+    settings, _, client = genq
+    two = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=8, n=2, seed=7,
+                                         temperature=1.0, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
+                                         user="u-1", extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    assert two.usage.completion_tokens == 16
+    again = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=8, n=2, seed=7,
+                                           temperature=1.0, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
+                                           extra_body={"ignore_eos": True})
+    assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
+
+    streamed = list(client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=6, n=2,
+                                                   seed=3, stream=True))
+    assert {c.choices[0].index for c in streamed if c.choices} == {0, 1}
+
+    lp = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=5, temperature=0,
+                                        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+
+    text = client.completions.create(model=settings.model_name, prompt="one two", max_tokens=4, temperature=0,
+                                     logprobs=3, extra_body={"ignore_eos": True})
+    assert len(text.choices[0].logprobs.tokens) == 4 and all(len(t) <= 3 for t in text.choices[0].logprobs.top_logprobs)
+
+    first = client.completions.create(model=settings.model_name, prompt="one two", max_tokens=12, temperature=0)
+    if len(first.choices[0].text) > 3:
+        stop = first.choices[0].text[2:4]
+        stopped = client.completions.create(model=settings.model_name, prompt="one two", max_tokens=12,
+                                            temperature=0, stop=[stop])
+        assert stop not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_errors_are_in_openai_shape(genq):
+    settings, url, client = genq
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=CHAT)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=settings.model_name, messages=CHAT, temperature=-1)
+    assert bad.value.body["param"] == "temperature" and bad.value.body["type"] == "invalid_request_error"
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    raw = requests.post(f"{url}/v1/chat/completions", json={"model": settings.model_name}, headers=headers,
+                        timeout=30)
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def _batch_file(client, lines) -> str:
+    data = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+    return client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch").id
+
+
+def _chat_line(model, i, max_tokens, **body):
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"Count to {i}"}],
+                     "max_tokens": max_tokens, "temperature": 0, **body}}
+
+
+def _wait(client, batch_id, statuses, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        time.sleep(0.3)
+    raise AssertionError(f"batch {batch_id} stayed {batch.status}")
+
+
+def _jsonl(client, file_id):
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_batch_of_100_with_3_invalid_lines(genq):
+    settings, _, client = genq
+    model = settings.model_name
+    lines = [_chat_line(model, i, 3) for i in range(100)]
+    lines[10] = {**lines[10], "url": "/v1/embeddings"}
+    lines[50] = {**lines[50], "body": {"model": model, "max_tokens": 3}}                # no messages
+    lines[90] = {**lines[90], "body": {**lines[90]["body"], "temperature": -1}}         # out of range
+    file_id = _batch_file(client, lines)
+    assert client.files.retrieve(file_id).purpose == "batch"
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"run": "e2e"})
+    assert batch.status in ("validating", "in_progress") and batch.metadata == {"run": "e2e"}
+    batch = _wait(client, batch.id, {"completed", "failed"})
+    assert batch.status == "completed", batch
+    assert batch.request_counts.model_dump() == {"total": 100, "completed": 97, "failed": 3}
+    results, errors = _jsonl(client, batch.output_file_id), _jsonl(client, batch.error_file_id)
+    assert sorted(r["custom_id"] for r in results) == sorted(f"req-{i}" for i in range(100) if i not in (10, 50, 90))
+    assert sorted(e["custom_id"] for e in errors) == ["req-10", "req-50", "req-90"]
+    for result in results:
+        body = result["response"]["body"]
+        assert result["response"]["status_code"] == 200 and result["error"] is None
+        assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= 3
+    assert all(e["error"]["code"] and e["error"]["message"] for e in errors)
+    assert batch.id in [b.id for b in client.batches.list(limit=100).data]
+
+
+def test_batch_cancel(genq):
+    settings, url, client = genq
+    file_id = _batch_file(client, [_chat_line(settings.model_name, i, 64, ignore_eos=True) for i in range(120)])
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    _wait(client, batch.id, {"in_progress"}, timeout=60)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = _wait(client, batch.id, {"cancelled"}, timeout=120)
+    counts = batch.request_counts
+    assert counts.total == 120 and counts.completed < 120 and counts.failed == 0
+    errors = _jsonl(client, batch.error_file_id)
+    assert len(errors) == 120 - counts.completed
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    jobs = requests.get(f"{url}/v1/jobs?status=canceled&limit=100",
+                        headers={"Authorization": f"Bearer {client.api_key}"}, timeout=30).json()["data"]
+    assert jobs and all(job["priority"] == 9 for job in jobs)
+
+
+def _time_to_first_token(client, model) -> tuple[float, str]:
+    start = time.perf_counter()
+    first, text = None, ""
+    for chunk in client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0,
+                                                stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - start
+            text += chunk.choices[0].delta.content
+    return first, text
+
+
+def test_interactive_request_keeps_its_latency_while_a_batch_runs(genq):
+    settings, _, client = genq
+    model = settings.model_name
+    idle = statistics.median(_time_to_first_token(client, model)[0] for _ in range(3))
+    file_id = _batch_file(client, [_chat_line(model, i, 48, ignore_eos=True) for i in range(200)])
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    running = _wait(client, batch.id, {"in_progress"}, timeout=60)
+    deadline = time.monotonic() + 60
+    while running.request_counts.completed == 0 and time.monotonic() < deadline:   # the batch is generating
+        time.sleep(0.1)
+        running = client.batches.retrieve(batch.id)
+    busy, text = _time_to_first_token(client, model)
+    during = client.batches.retrieve(batch.id)
+    print(f"\ntime to first token: idle {idle * 1000:.0f} ms, during a 200-line batch {busy * 1000:.0f} ms "
+          f"({busy / idle:.2f}x); batch {during.request_counts.completed}/200 done when the request finished")
+    assert text
+    assert during.status == "in_progress" and during.request_counts.completed < 200
+    client.batches.cancel(batch.id)
+    _wait(client, batch.id, {"cancelled", "completed"}, timeout=120)

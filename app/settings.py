@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
+from app.webhooks import DEFAULT_RETRY_SCHEDULE, secret_key
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_WAIT_SECONDS = 60
 LOG_FORMATS = ("text", "json")
@@ -54,6 +56,11 @@ class Settings:
     log_format: str = "text"                 # "text" (readable) | "json" (one object per line, production)
     celery_events: bool = False              # send Celery task events (for Flower)
     torch_threads: int | None = None         # the worker's torch intra-op threads; None: torch's default
+    webhook_secret: str | None = None        # whsec_<base64>: signs webhook deliveries (until API keys have their own)
+    webhook_allow_private: bool = False      # let webhooks call loopback/private/link-local addresses (development)
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE   # delay before each attempt, seconds
+    webhook_retry_jitter: float = 0.2        # each retry delay varies by up to this fraction of itself
+    webhook_timeout_seconds: float = 10.0    # one delivery attempt's connect/read timeout
     api_key: str | None = None               # the key CLI clients (`genq submit`, `genq jobs`) send
     rate_limit_per_minute: int = 6000        # per key, for keys created without their own (docs/security.md)
     max_active_jobs: int = 1000              # per key: queued + running jobs, for keys without their own
@@ -85,6 +92,7 @@ class Settings:
             raise ValueError(f"setting torch_threads must be > 0, got {self.torch_threads!r}")
         if self.worker_concurrency is not None and self.worker_concurrency <= 0:
             raise ValueError("setting worker_concurrency must be > 0")
+        self._check_webhook_settings()
         if not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.key_prefix):
             raise ValueError(f"setting key_prefix has unsupported characters: {self.key_prefix!r}")
         if self.database_url is None:
@@ -95,6 +103,20 @@ class Settings:
             self.worker_concurrency = self.max_num_seqs
         if self.api_url is None:
             self.api_url = f"http://{self.api_host}:{self.api_port}"
+
+    def _check_webhook_settings(self) -> None:
+        if self.webhook_secret is not None:
+            try:
+                secret_key(self.webhook_secret)
+            except ValueError as exc:
+                raise ValueError(f"setting webhook_secret: {exc}") from None
+        self.webhook_retry_schedule = tuple(float(d) for d in self.webhook_retry_schedule)
+        if not self.webhook_retry_schedule or min(self.webhook_retry_schedule) < 0:
+            raise ValueError("setting webhook_retry_schedule must list one or more delays >= 0")
+        if not 0 <= self.webhook_retry_jitter <= 1:
+            raise ValueError(f"setting webhook_retry_jitter must be in [0, 1], got {self.webhook_retry_jitter!r}")
+        if self.webhook_timeout_seconds <= 0:
+            raise ValueError("setting webhook_timeout_seconds must be > 0")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -134,6 +156,11 @@ class Settings:
             "log_format": env.get("GENQ_LOG_FORMAT") or "text",
             "celery_events": _bool(env, "GENQ_CELERY_EVENTS", False),
             "torch_threads": _int(env, "GENQ_TORCH_THREADS", None),
+            "webhook_secret": env.get("GENQ_WEBHOOK_SECRET") or None,
+            "webhook_allow_private": _bool(env, "GENQ_WEBHOOK_ALLOW_PRIVATE", False),
+            "webhook_retry_schedule": _floats(env, "GENQ_WEBHOOK_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
+            "webhook_retry_jitter": _float(env, "GENQ_WEBHOOK_RETRY_JITTER", 0.2),
+            "webhook_timeout_seconds": _float(env, "GENQ_WEBHOOK_TIMEOUT_SECONDS", 10.0),
             "api_key": env.get("GENQ_API_KEY") or None,
             "rate_limit_per_minute": _int(env, "GENQ_RATE_LIMIT_PER_MINUTE", 6000),
             "max_active_jobs": _int(env, "GENQ_MAX_ACTIVE_JOBS", 1000),
@@ -174,6 +201,11 @@ class Settings:
             "GENQ_MAX_TOKENS_LIMIT": self.max_tokens_limit, "GENQ_MAX_QUEUE_DEPTH": self.max_queue_depth,
             "GENQ_IDEMPOTENCY_TTL_SECONDS": self.idempotency_ttl_seconds,
         }
+        env.update({"GENQ_WEBHOOK_SECRET": self.webhook_secret,
+                    "GENQ_WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "0",
+                    "GENQ_WEBHOOK_RETRY_SCHEDULE": ",".join(f"{d:g}" for d in self.webhook_retry_schedule),
+                    "GENQ_WEBHOOK_RETRY_JITTER": self.webhook_retry_jitter,
+                    "GENQ_WEBHOOK_TIMEOUT_SECONDS": self.webhook_timeout_seconds})
         return {k: str(v) for k, v in env.items() if v is not None}
 
 
@@ -232,3 +264,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"environment variable {name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def _floats(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be comma-separated numbers, got {raw!r}") from None

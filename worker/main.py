@@ -30,6 +30,9 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     celery = make_celery(settings, runtime.redis_url, set_as_current=True)
     celery.conf.include = ["worker.tasks", "worker.batches"]
     import worker.tasks  # noqa: F401  (registers the shared task on this app)
+    from worker.webhooks import dispatcher_for, webhook_queue
+
+    hooks.register(dispatcher_for(settings, runtime.sessions, celery))   # webhook events (docs/webhooks.md)
     from worker.batches import finalize_on_completion
 
     hooks.register(finalize_on_completion(runtime.sessions))   # a batch's last job finalizes it
@@ -43,6 +46,6 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     quiet = ["--quiet"] if settings.log_format == "json" else []   # no banner among JSON lines
     celery.worker_main([
         *quiet, "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-        f"--queues={settings.queue}", f"--hostname=genq-{runtime.worker_id}@%h", f"--loglevel={loglevel}",
+        f"--queues={settings.queue},{webhook_queue(settings)}", f"--hostname=genq-{runtime.worker_id}@%h", f"--loglevel={loglevel}",
         "--without-mingle", "--without-gossip", *([] if settings.celery_events else ["--without-heartbeat"]),
     ])

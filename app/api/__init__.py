@@ -37,4 +37,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
+    from app.api import webhooks as webhooks_api   # docs/webhooks.md
+    from worker.webhooks import dispatcher_for
+
+    app.register_blueprint(webhooks_api.bp)
+    connections = app.extensions[genq.name]
+    hooks.register(dispatcher_for(settings, connections.sessions, connections.celery))
     return app

@@ -17,6 +17,8 @@ from app.api.events_stream import stream_job_events
 from app.api.problems import Problem
 from app.api.requests import decode_cursor, encode_cursor, int_arg, json_object_body, last_event_id, preferred_wait
 from app.api.services import services
+from app.api.webhooks import check_submission as check_webhook
+from app.api.webhooks import register as register_webhook
 from app.db import utcnow
 from app.events import EventId, JobEvent
 from app.idempotency import ClaimState
@@ -76,6 +78,7 @@ def create_job():
     if model != svc.settings.model_name:
         raise Problem(422, f"unknown model {model!r}: this service serves {svc.settings.model_name!r}",
                       title="Unknown model", type="unknown-model")
+    check_webhook(spec, svc.settings)
     claim = claim_idempotency(body)
     if claim is not None and claim.state is ClaimState.REPLAY:
         return _job_response(_find(claim.job_id), 202, Idempotent_Replayed="true",
@@ -84,6 +87,7 @@ def create_job():
     with svc.sessions.begin() as session:
         job = store.create_job(session, owner=current_owner(), model=model, priority=spec.priority,
                                input=spec.stored_input(), metadata=spec.metadata)
+        register_webhook(session, job.id, spec)
     complete_idempotency(job.id)
     wait = preferred_wait()
     pubsub = None

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--url", help="API base URL (default: GENQ_API_URL or http://127.0.0.1:8000)")
     jobs.set_defaults(func=cmd_jobs)
 
+    from app.batch_cli import add_commands as add_batch_commands
+
+    add_batch_commands(commands)
+
     from app.keys_cli import add_commands as add_key_commands
 
     add_key_commands(commands)

@@ -232,3 +232,24 @@ def test_interactive_request_keeps_its_latency_while_a_batch_runs(genq):
     assert during.status == "in_progress" and during.request_counts.completed < 200
     client.batches.cancel(batch.id)
     _wait(client, batch.id, {"cancelled", "completed"}, timeout=120)
+
+
+def test_cli_batch_writes_results_and_errors(genq, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    settings, url, client = genq
+    lines = [_chat_line(settings.model_name, i, 3) for i in range(5)] + ["{not json"]
+    source = tmp_path / "input.jsonl"
+    source.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    output = tmp_path / "output.jsonl"
+    env = {**os.environ, "GENQ_API_KEY": client.api_key}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "batch", str(source), "-o", str(output), "--url", url],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "5/6" in done.stderr or "6/6" in done.stderr
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in results) == [f"req-{i}" for i in range(5)]
+    errors = [json.loads(line) for line in (tmp_path / "output.errors.jsonl").read_text().splitlines()]
+    assert [e["error"]["code"] for e in errors] == ["invalid_json_line"]

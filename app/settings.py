@@ -61,6 +61,11 @@ class Settings:
     webhook_retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE   # delay before each attempt, seconds
     webhook_retry_jitter: float = 0.2        # each retry delay varies by up to this fraction of itself
     webhook_timeout_seconds: float = 10.0    # one delivery attempt's connect/read timeout
+    max_attempts: int = 3                    # runs of a job whose worker died before it fails (worker_lost)
+    reconcile_interval_seconds: float = 5.0  # how often a worker's reconciler sweeps stuck jobs
+    requeue_after_seconds: float = 60.0      # a queued job unclaimed this long has its task sent again
+    drain_seconds: float = 60.0              # SIGTERM: running jobs get this long to finish, then are released
+    fault_injection: str | None = None       # TEST ONLY: a fault the worker injects into its engine (worker/faults.py)
     api_key: str | None = None               # the key CLI clients (`genq submit`, `genq jobs`) send
     rate_limit_per_minute: int = 6000        # per key, for keys created without their own (docs/security.md)
     max_active_jobs: int = 1000              # per key: queued + running jobs, for keys without their own
@@ -70,7 +75,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "event_ttl_seconds",
-                    "lease_seconds", "stats_interval_seconds", "api_workers", "api_threads", "rate_limit_per_minute",
+                    "lease_seconds", "stats_interval_seconds", "api_workers", "api_threads", "max_attempts",
+                    "reconcile_interval_seconds", "requeue_after_seconds", "rate_limit_per_minute",
                     "max_active_jobs", "idempotency_ttl_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -84,6 +90,8 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         self.log_level = self.log_level.upper()
+        if self.drain_seconds < 0:
+            raise ValueError(f"setting drain_seconds must be >= 0, got {self.drain_seconds!r}")
         if self.max_queue_depth < 0:
             raise ValueError(f"setting max_queue_depth must be >= 0, got {self.max_queue_depth!r}")
         if self.max_tokens_limit is not None and self.max_tokens_limit <= 0:
@@ -161,6 +169,11 @@ class Settings:
             "webhook_retry_schedule": _floats(env, "GENQ_WEBHOOK_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
             "webhook_retry_jitter": _float(env, "GENQ_WEBHOOK_RETRY_JITTER", 0.2),
             "webhook_timeout_seconds": _float(env, "GENQ_WEBHOOK_TIMEOUT_SECONDS", 10.0),
+            "max_attempts": _int(env, "GENQ_MAX_ATTEMPTS", 3),
+            "reconcile_interval_seconds": _float(env, "GENQ_RECONCILE_INTERVAL_SECONDS", 5.0),
+            "requeue_after_seconds": _float(env, "GENQ_REQUEUE_AFTER_SECONDS", 60.0),
+            "drain_seconds": _float(env, "GENQ_DRAIN_SECONDS", 60.0),
+            "fault_injection": env.get("GENQ_FAULT_INJECTION") or None,
             "api_key": env.get("GENQ_API_KEY") or None,
             "rate_limit_per_minute": _int(env, "GENQ_RATE_LIMIT_PER_MINUTE", 6000),
             "max_active_jobs": _int(env, "GENQ_MAX_ACTIVE_JOBS", 1000),
@@ -195,8 +208,10 @@ class Settings:
             "GENQ_CACHE_DIR": self.cache_dir, "GENQ_METRICS_HOST": self.metrics_host,
             "GENQ_METRICS_PORT": self.metrics_port, "GENQ_LOG_LEVEL": self.log_level,
             "GENQ_LOG_FORMAT": self.log_format, "GENQ_CELERY_EVENTS": "1" if self.celery_events else "0",
-            "GENQ_TORCH_THREADS": self.torch_threads,
-            "GENQ_API_KEY": self.api_key,
+            "GENQ_TORCH_THREADS": self.torch_threads, "GENQ_MAX_ATTEMPTS": self.max_attempts,
+            "GENQ_RECONCILE_INTERVAL_SECONDS": self.reconcile_interval_seconds,
+            "GENQ_REQUEUE_AFTER_SECONDS": self.requeue_after_seconds, "GENQ_DRAIN_SECONDS": self.drain_seconds,
+            "GENQ_FAULT_INJECTION": self.fault_injection, "GENQ_API_KEY": self.api_key,
             "GENQ_RATE_LIMIT_PER_MINUTE": self.rate_limit_per_minute, "GENQ_MAX_ACTIVE_JOBS": self.max_active_jobs,
             "GENQ_MAX_TOKENS_LIMIT": self.max_tokens_limit, "GENQ_MAX_QUEUE_DEPTH": self.max_queue_depth,
             "GENQ_IDEMPOTENCY_TTL_SECONDS": self.idempotency_ttl_seconds,

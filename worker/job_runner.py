@@ -39,6 +39,13 @@ def _run_claimed(rt, job) -> str:
     attempt = job.attempts
     if attempt > 1:
         _quietly(rt.events.reset, job.id)   # a retry regenerates from the start
+    if attempt > rt.settings.max_attempts:
+        # Every earlier attempt ended with its worker gone (lease expired): stop retrying a job
+        # that may itself be what kills workers.
+        result = JobResult(JobStatus.FAILED, error_type="worker_lost", error_message=(
+            f"the job's worker stopped or was lost during each of its {attempt - 1} attempts "
+            f"(GENQ_MAX_ATTEMPTS={rt.settings.max_attempts}); giving up"))
+        return _finish(rt, job.id, attempt, result, next_seq=1)
     running = JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})
     hooks.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
                worker_id=rt.worker_id)
@@ -70,7 +77,14 @@ def _run_claimed(rt, job) -> str:
             released = store.release_job(session, job.id, rt.worker_id, attempt)
         log.warning("job %s: worker stopping mid-generation; %s", job.id,
                     "requeued" if released else "no longer ours")
-        raise Reject("worker shutting down", requeue=released)
+        if released:
+            # A fresh task, so another worker starts it now; the reconciler re-sends it if Redis
+            # is down. This task is acknowledged (a requeue can be lost while the worker stops).
+            try:
+                rt.send_job(job.id, job.priority)
+            except Exception:
+                log.warning("job %s: could not re-send its task; the reconciler will", job.id, exc_info=True)
+        raise Reject("worker shutting down", requeue=False)
     return _finish(rt, job.id, attempt, _job_result(outcome), next_seq=outcome.next_seq)
 
 

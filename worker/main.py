@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_shutdown
+from celery.signals import worker_shutdown, worker_shutting_down
 
 from app.settings import Settings
 
@@ -36,6 +36,15 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     from worker.batches import finalize_on_completion
 
     hooks.register(finalize_on_completion(runtime.sessions))   # a batch's last job finalizes it
+
+    @worker_shutting_down.connect(weak=False)
+    def _drain(**_):
+        # Celery stops taking tasks and waits for the running ones; past the drain timeout the
+        # engine stops and its jobs go back to the queue for another worker.
+        import threading
+
+        threading.Thread(target=runtime.drain, args=(settings.drain_seconds,), name="genq-drain",
+                         daemon=True).start()
 
     @worker_shutdown.connect(weak=False)
     def _stop(**_):

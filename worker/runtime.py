@@ -18,6 +18,8 @@ from app.redis_client import redis_client, resolve_redis_url
 from app.settings import Settings
 from app.worker_stats import remove_report, write_report
 from worker.engine_service import EngineService
+from worker.faults import install_fault
+from worker.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class WorkerRuntime:
         self.events = EventLog(self.redis, self.channels, settings.event_ttl_seconds)
         self.sessions = session_factory(settings.database_url)
         self.engine = engine if engine is not None else build_engine(settings)
+        install_fault(self.engine, settings.fault_injection)   # test only; nothing when unset
         self.service = EngineService(self.engine, self.events, stats_interval=settings.stats_interval_seconds,
                                      on_stats=self._report)
         self.cancels = RecentCancels()
@@ -88,17 +91,21 @@ class WorkerRuntime:
         self._threads = [threading.Thread(target=self._heartbeat, name="genq-heartbeat", daemon=True),
                          threading.Thread(target=self._listen_control, name="genq-control", daemon=True)]
         self._control_ready = threading.Event()
+        self._celery = None
+        self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job)
 
     def start(self) -> "WorkerRuntime":
         self.service.start()
         for thread in self._threads:
             thread.start()
         self._control_ready.wait(10)
+        self.reconciler.start()
         log.info("worker %s ready: model %s", self.worker_id, getattr(self.engine, "model_name", "?"))
         return self
 
     def stop(self) -> None:
         self._stopping.set()
+        self.reconciler.stop()
         self.service.stop()
         for thread in self._threads:
             thread.join(5)
@@ -114,6 +121,25 @@ class WorkerRuntime:
         from worker.job_runner import run_job
 
         return run_job(self, job_id)
+
+    def send_job(self, job_id: str, priority: int = 0) -> None:
+        """Enqueue `genq.run_job(job_id)` (the reconciler, and jobs handed back on shutdown)."""
+        from worker.celery_app import make_celery, send_run_job
+
+        if self._celery is None:
+            self._celery = make_celery(self.settings, self.redis_url)
+        send_run_job(self._celery, self.settings, job_id, priority)
+
+    def drain(self, timeout: float) -> None:
+        """Graceful shutdown (Celery takes no new tasks by now): let running jobs finish for up to
+        `timeout` seconds, then stop the engine, which hands the rest back to the queue at once."""
+        deadline = time.monotonic() + timeout
+        while self.active_jobs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = self.active_jobs()
+        if left:
+            log.warning("drain timeout: releasing %d running job(s) to other workers", len(left))
+        self.service.stop()
 
     # -- bookkeeping for the heartbeat ------------------------------------------------------------
 

@@ -7,7 +7,6 @@ import time
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from redis.exceptions import RedisError
-from sqlalchemy import update
 
 from app import hooks
 from app import jobs as store
@@ -19,7 +18,6 @@ from app.api.requests import decode_cursor, encode_cursor, int_arg, json_object_
 from app.api.services import services
 from app.api.webhooks import check_submission as check_webhook
 from app.api.webhooks import register as register_webhook
-from app.db import utcnow
 from app.events import EventId, JobEvent
 from app.idempotency import ClaimState
 from app.jobs import CancelOutcome, JobResult
@@ -98,10 +96,12 @@ def create_job():
                 pubsub.subscribe(svc.channels.job_live(job.id))   # before the task exists: nothing is missed
             send_run_job(svc.celery, svc.settings, job.id, spec.priority)
         except Exception as exc:
-            log.exception("could not enqueue job %s", job.id)
-            _fail_unqueued(job.id, exc)
-            raise Problem(503, "the job could not be queued (the broker is unreachable); it was marked failed",
-                          title="Queue unavailable", type="queue-unavailable", job_id=job.id) from None
+            # The job is committed: it waits in the database and a worker's reconciler sends its
+            # task once the broker is back (docs/reliability.md). Accepted, and the answer says so.
+            log.warning("could not enqueue job %s (%s: %s); it waits in the database", job.id,
+                        type(exc).__name__, exc)
+            hooks.emit("created", job.id)
+            return _deferred_response(job)
         hooks.emit("created", job.id)
         headers = {"Location": url_for("jobs.get_job", job_id=job.id, _external=True)}
         if wait is None:
@@ -115,11 +115,15 @@ def create_job():
             pubsub.close()
 
 
-def _fail_unqueued(job_id: str, exc: Exception) -> None:
-    with services().sessions.begin() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-            status="failed", error_type="enqueue_failed", error_message=f"{type(exc).__name__}: {exc}",
-            completed_at=utcnow()))
+def _deferred_response(job: Job) -> Response:
+    body = job_to_dict(job, _base_url())
+    body["queue"] = {"status": "deferred", "detail": "the queue (Redis) is unreachable: the job is stored and "
+                     "will be queued automatically once it is back"}
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = url_for("jobs.get_job", job_id=job.id, _external=True)
+    response.headers["Genq-Enqueue"] = "deferred"
+    return response
 
 
 @bp.get("")

@@ -200,13 +200,15 @@ def test_health_ready_and_metrics(api):
     assert requests.get(f"{api}/v1/workers", timeout=10).json() == {"data": []}
 
 
-def test_unreachable_redis_makes_readyz_503_and_submit_503(settings):
+def test_unreachable_redis_makes_readyz_503_and_submit_wait_in_the_database(settings):
     broken = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with ServerThread(create_app(broken)) as server:
         ready = requests.get(f"{server.url}/readyz", timeout=30)
         problem = assert_problem(ready, 503)
         assert problem["checks"] == {"database": "ok", "redis": "unreachable"} and "redis" in problem["detail"]
-        response = requests.post(f"{server.url}/v1/jobs", json={"prompt": "x"}, timeout=60)
-        problem = assert_problem(response, 503)
-        job = requests.get(f"{server.url}/v1/jobs/{problem['job_id']}", timeout=10).json()
-        assert job["status"] == "failed" and job["error"]["type"] == "enqueue_failed"
+        for headers in ({}, {"Prefer": "wait=5"}):
+            response = requests.post(f"{server.url}/v1/jobs", json={"prompt": "x"}, headers=headers, timeout=60)
+            assert response.status_code == 202 and response.headers["Genq-Enqueue"] == "deferred"
+            assert response.json()["queue"]["status"] == "deferred"
+            job = requests.get(response.headers["Location"], timeout=10).json()
+            assert job["status"] == "queued" and job["error"] is None   # the reconciler will send it

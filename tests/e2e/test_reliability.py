@@ -1,0 +1,209 @@
+"""Fault tests (issue 7): real worker processes killed and stopped, a real redis-server stopped and
+restarted with its data, an engine step that raises. No accepted job is lost or answered twice."""
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+from sqlalchemy import select
+
+from app.client import JobsClient
+from app.db import session_factory
+from app.models import FINAL_STATUSES, Job, JobStatus
+from tests.app.support import ServerThread, database_for_tests, primary_database_kind
+from tests.e2e.cluster import RedisServer, Worker
+
+pytestmark = pytest.mark.timeout(240)
+
+FAULT_MARKER = "EXPLODE"
+FINAL = {s.value for s in FINAL_STATUSES}
+
+
+class Cluster:
+    """The API (real HTTP), two workers and a redis-server of our own, on the primary database."""
+
+    def __init__(self, settings, api_url, redis_server, tmp):
+        self.settings = settings
+        self.url = api_url
+        self.redis_server = redis_server
+        self.tmp = tmp
+        self.client = JobsClient(api_url, timeout=60)
+        self.sessions = session_factory(settings.database_url)
+        self.workers: list[Worker] = []
+
+    def ensure_workers(self, n: int = 2) -> None:
+        self.workers = [w for w in self.workers if w.alive]
+        fresh = [Worker(self.settings, self.tmp / f"worker-{secrets.token_hex(3)}.log").start(wait=False)
+                 for _ in range(n - len(self.workers))]
+        for worker in fresh:
+            worker.wait_ready()
+        self.workers += fresh
+
+    def submit(self, prompts, **body) -> list[str]:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            responses = list(pool.map(lambda p: self.client.submit({"prompt": p, **body}), prompts))
+        assert [r.status_code for r in responses] == [202] * len(prompts), [r.text for r in responses]
+        return [r.json()["id"] for r in responses]
+
+    def jobs(self, ids) -> dict[str, Job]:
+        with self.sessions() as session:
+            return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(ids))))}
+
+    def wait_final(self, ids, timeout: float = 150) -> dict[str, Job]:
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = self.jobs(ids)
+            pending = [i for i in ids if jobs[i].status not in FINAL]
+            if not pending:
+                return jobs
+            if time.monotonic() > deadline:
+                logs = "\n".join(w.output()[-3000:] for w in self.workers)
+                raise AssertionError(f"{len(pending)} job(s) never finished, e.g. {jobs[pending[0]]!r} "
+                                     f"attempts={jobs[pending[0]].attempts}\n{logs}")
+            time.sleep(0.3)
+
+    def running_on(self, worker: Worker) -> int:
+        with self.sessions() as session:
+            ids = session.scalars(select(Job.worker_id).where(Job.status == JobStatus.RUNNING.value))
+            return sum(1 for worker_id in ids if worker_id and f"-{worker.pid}-" in worker_id)
+
+
+class DoneCounter:
+    """Counts `done` events per job on the live channels (what clients and waiters act on)."""
+
+    def __init__(self, redis_url: str, prefix: str):
+        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(f"{prefix}:job:*:live")
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self.pubsub.get_message(timeout=0.5)
+            if message and json.loads(message["data"]).get("type") == "done":
+                self.counts[message["channel"].split(":")[-2]] += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pubsub.close()
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir):
+    from app.api import create_app
+    from app.settings import Settings
+
+    tmp = tmp_path_factory.mktemp("reliability")
+    prefix = f"genqtest-{secrets.token_hex(5)}"
+    with RedisServer(tmp / "redis") as redis_server, \
+            database_for_tests(primary_database_kind(), tmp) as db_url:
+        settings = Settings(
+            home=str(tmp / "home"), database_url=db_url, redis_url=redis_server.url, key_prefix=prefix,
+            queue=f"{prefix}-jobs", model=str(tiny_model_dir), max_num_seqs=16, stats_interval_seconds=0.2,
+            lease_seconds=4, reconcile_interval_seconds=0.5, requeue_after_seconds=3, drain_seconds=1,
+            max_attempts=5, torch_threads=1, fault_injection=f"step_error:{FAULT_MARKER}")
+        with ServerThread(create_app(settings)) as server:
+            c = Cluster(settings, server.url, redis_server, tmp)
+            try:
+                yield c
+            finally:
+                for worker in c.workers:
+                    worker.close()
+
+
+def test_an_engine_step_that_raises_fails_its_jobs_and_the_next_jobs_succeed(cluster):
+    cluster.ensure_workers()
+    bad = cluster.submit([f"{FAULT_MARKER} number {i}" for i in range(3)], max_tokens=8, temperature=0)
+    jobs = cluster.wait_final(bad)
+    for job in jobs.values():
+        assert job.status == "failed" and job.error_type == "engine_error"
+        assert "injected step fault" in job.error_message
+    good = cluster.submit([f"a calm prompt {i}" for i in range(6)], max_tokens=8, temperature=0)
+    assert {job.status for job in cluster.wait_final(good).values()} == {"succeeded"}
+    assert all(worker.alive for worker in cluster.workers)
+
+
+def test_sigterm_drains_then_hands_the_rest_to_another_worker(cluster):
+    cluster.ensure_workers()
+    victim = cluster.workers[0]
+    ids = cluster.submit([f"drain {i}" for i in range(12)], max_tokens=300, ignore_eos=True, temperature=0)
+    deadline = time.monotonic() + 60
+    while cluster.running_on(victim) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code = victim.terminate(timeout=cluster.settings.drain_seconds + 45)
+    assert code == 0, victim.output()
+    jobs = cluster.wait_final(ids)
+    assert {job.status for job in jobs.values()} == {"succeeded"}, {j.id: j.error_message for j in jobs.values()}
+    assert all(job.completion_tokens == 300 for job in jobs.values())
+
+
+def test_sigkill_mid_batch_loses_nothing_and_answers_each_job_once(cluster):
+    cluster.ensure_workers()
+    victim = cluster.workers[1]
+    done = DoneCounter(cluster.settings.redis_url, cluster.settings.key_prefix)
+    try:
+        ids = cluster.submit([f"job {i} of sixty" for i in range(60)], max_tokens=64, ignore_eos=True,
+                             temperature=0)
+        deadline = time.monotonic() + 60
+        while cluster.running_on(victim) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.kill()
+        jobs = cluster.wait_final(ids)
+        time.sleep(1.0)   # the last done events
+    finally:
+        done.close()
+    assert {job.status for job in jobs.values()} == {"succeeded"}, {j.id: j.error_message for j in jobs.values()}
+    assert any(job.attempts > 1 for job in jobs.values()), "the kill hit no running job"
+    assert [job_id for job_id in ids if done.counts[job_id] > 1] == []   # never answered twice
+    assert sum(1 for job_id in ids if done.counts[job_id] == 1) >= len(ids) - 2   # (a kill between write and publish)
+
+
+def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):
+    cluster.ensure_workers()
+    statuses: list[int] = []
+    accepted: list[str] = []
+    ready_codes: list[int] = []
+    stop = threading.Event()
+
+    def submitter():
+        i = 0
+        while not stop.is_set():
+            try:
+                response = cluster.client.submit({"prompt": f"through the outage {i}", "max_tokens": 40,
+                                                  "ignore_eos": True, "temperature": 0})
+                statuses.append(response.status_code)
+                if response.status_code in (201, 202):
+                    accepted.append(response.json()["id"])
+            except requests.RequestException as exc:
+                statuses.append(repr(exc))
+            i += 1
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=submitter, daemon=True)
+    thread.start()
+    time.sleep(1.5)
+    cluster.redis_server.stop()
+    time.sleep(0.5)
+    ready_codes.append(requests.get(f"{cluster.url}/readyz", timeout=30).status_code)
+    time.sleep(2.5)
+    cluster.redis_server.start()
+    time.sleep(1.5)
+    stop.set()
+    thread.join(60)
+    assert ready_codes == [503]
+    assert statuses and all(s in (201, 202, 503) for s in statuses), Counter(map(str, statuses))
+    jobs = cluster.wait_final(accepted)
+    assert {job.status for job in jobs.values()} == {"succeeded"}, {j.id: j.error_message for j in jobs.values()}
+    assert requests.get(f"{cluster.url}/readyz", timeout=30).status_code == 200

@@ -1,0 +1,107 @@
+"""The reconciler: makes the database, not Redis, the record of which jobs still have to run.
+
+Every worker runs one in a thread; a Redis lock lets one of them sweep per interval. A sweep sends
+the task of every job that
+
+- is `queued` and was created more than `requeue_after_seconds` ago: its task was lost (the API
+  could not enqueue it while Redis was down, Redis restarted without it) or is still waiting
+  behind a backlog (then the copy is harmless: the second delivery finds nothing to claim);
+- is `running` with an expired lease: its worker died (SIGKILL, OOM, lost machine), so nobody
+  renews the lease and Celery would redeliver the task only after its visibility timeout.
+
+The task itself decides what happens (`claim_job` is conditional, `job_runner` gives up after
+`max_attempts`), so sending a task twice is always safe. Each job is sent at most once per
+`requeue_after_seconds` (a Redis key per job), so a long backlog is not flooded with copies.
+
+Other periodic recoveries (e.g. re-sending pending webhook deliveries) plug in with
+`register_sweep(fn)`: `fn(settings, sessions)` is called once per sweep, errors are logged.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Callable
+
+from sqlalchemy import and_, or_, select
+
+from app.db import utcnow
+from app.models import Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+SWEEP_LIMIT = 1000     # jobs re-sent per sweep at most; the next sweep takes the rest
+
+_extra_sweeps: list[Callable] = []
+
+
+def register_sweep(fn: Callable) -> None:
+    """Run `fn(settings, sessions)` on every sweep (after the jobs), e.g. to re-send webhooks."""
+    if fn not in _extra_sweeps:
+        _extra_sweeps.append(fn)
+
+
+def stale_jobs(session, *, requeue_after_seconds: float, now=None, limit: int = SWEEP_LIMIT) -> list[tuple[str, int]]:
+    """(job id, priority) of jobs whose task must be sent again: queued too long, or running on an
+    expired lease. Oldest first."""
+    now = now or utcnow()
+    waited_too_long = and_(Job.status == JobStatus.QUEUED.value,
+                           Job.created_at < now - timedelta(seconds=requeue_after_seconds))
+    orphaned = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+    rows = session.execute(select(Job.id, Job.priority).where(or_(waited_too_long, orphaned))
+                           .order_by(Job.id).limit(limit))
+    return [(job_id, priority) for job_id, priority in rows]
+
+
+class Reconciler:
+    def __init__(self, settings, sessions, redis, channels, send: Callable[[str, int], None]):
+        self.settings = settings
+        self.sessions = sessions
+        self.redis = redis
+        self.send = send                       # (job id, priority) -> enqueues genq.run_job
+        self.lock_key = f"{channels.prefix}:reconciler:lock"
+        self.mark_prefix = f"{channels.prefix}:reconciler:sent:"
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> "Reconciler":
+        self._thread = threading.Thread(target=self._loop, name="genq-reconciler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        interval = self.settings.reconcile_interval_seconds
+        while not self._stopping.wait(interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.warning("reconciler sweep failed (retrying in %.1f s)", interval, exc_info=True)
+
+    def sweep(self, *, force: bool = False) -> int:
+        """One pass; returns how many tasks it sent. Skipped when another worker holds the lock
+        for this interval (unless `force`)."""
+        lock_ms = max(int(self.settings.reconcile_interval_seconds * 900), 100)
+        if not force and not self.redis.set(self.lock_key, "1", nx=True, px=lock_ms):
+            return 0
+        with self.sessions() as session:
+            candidates = stale_jobs(session, requeue_after_seconds=self.settings.requeue_after_seconds)
+        sent = 0
+        mark_ms = max(int(self.settings.requeue_after_seconds * 1000), 100)
+        for job_id, priority in candidates:
+            if not self.redis.set(self.mark_prefix + job_id, "1", nx=True, px=mark_ms):
+                continue   # sent recently; its task is still on its way
+            self.send(job_id, priority)
+            sent += 1
+        if sent:
+            log.warning("reconciler re-sent the tasks of %d stuck job(s)", sent)
+        for fn in list(_extra_sweeps):
+            try:
+                fn(self.settings, self.sessions)
+            except Exception:
+                log.exception("reconciler sweep %r failed", fn)
+        return sent

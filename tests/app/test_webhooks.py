@@ -122,3 +122,51 @@ def test_a_job_canceled_while_queued_gets_one_completed_event(open_api, settings
     # a duplicated finish can never create a second job.completed event
     assert create_event(session_factory(settings.database_url), job["id"], "job.completed", "http://x/", "{}") is None
     assert requests.get(f"{open_api}/v1/jobs/nope/webhooks", timeout=10).status_code == 404
+
+
+def test_delivery_honours_retry_after_and_does_not_follow_redirects():
+    from worker.webhooks import post
+
+    with Receiver() as receiver:
+        busy = post(receiver.url + "/busy/x", b"{}", {}, timeout=5, allow_private=True)
+        assert busy.status_code == 503 and busy.retry_after == 7
+        moved = post(receiver.url + "/moved/x", b"{}", {}, timeout=5, allow_private=True)
+        assert moved.status_code == 302 and "redirect not followed" in moved.error
+        assert [d.path for d in receiver.deliveries] == ["/busy/x", "/moved/x"]
+
+
+class RecordingCelery:
+    def __init__(self):
+        self.sent = []
+
+    def send_task(self, name, args, queue, countdown=None):
+        self.sent.append((name, tuple(args), queue))
+
+
+def test_sweep_resends_lost_tasks_and_writes_missing_completed_events(open_api, settings):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import session_factory, utcnow
+    from app.models import Job
+    from worker.webhooks import sweep, webhook_queue
+
+    sessions = session_factory(settings.database_url)
+    canceled = submit(open_api, webhook="http://127.0.0.1:9/a").json()
+    requests.post(canceled["urls"]["cancel"], timeout=30)
+    [lost] = requests.get(f"{canceled['urls']['self']}/webhooks", timeout=10).json()["data"]
+    # a job that finished, but whose process died before writing its job.completed event
+    crashed = submit(open_api, webhook="http://127.0.0.1:9/b").json()
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == crashed["id"]).values(
+            status="succeeded", output_text="hi", completed_at=utcnow() - timedelta(minutes=5)))
+    celery = RecordingCelery()
+    sweep(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
+    [written] = requests.get(f"{crashed['urls']['self']}/webhooks", timeout=10).json()["data"]
+    assert written["type"] == "job.completed" and written["status"] == "pending"
+    sent = {args for name, args, queue in celery.sent if queue == webhook_queue(settings)}
+    assert (lost["id"].removeprefix("msg_"), 1) in sent and (written["id"].removeprefix("msg_"), 1) in sent
+    celery.sent.clear()   # a second sweep writes no second completed event
+    sweep(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
+    assert len(requests.get(f"{crashed['urls']['self']}/webhooks", timeout=10).json()["data"]) == 1

@@ -1,7 +1,8 @@
 """A real HTTP receiver for webhook tests: http.server in a thread on 127.0.0.1.
 
 Paths choose the behaviour: `/ok/...` answers 200; `/flaky/<n>/...` answers 500 to the first n
-attempts of each webhook-id, then 200; `/down/...` always 500; `/gone/...` 410.
+attempts of each webhook-id, then 200; `/down/...` always 500; `/gone/...` 410; `/busy/...` 503 with
+`Retry-After: 7`; `/moved/...` a 302 redirect.
 """
 from __future__ import annotations
 
@@ -38,8 +39,12 @@ class Receiver:
                 if parts[0] == "flaky":
                     status = 500 if seen <= int(parts[1]) else 200
                 else:
-                    status = {"ok": 200, "down": 500, "gone": 410}.get(parts[0], 404)
+                    status = {"ok": 200, "down": 500, "gone": 410, "busy": 503, "moved": 302}.get(parts[0], 404)
                 self.send_response(status)
+                if status == 503:
+                    self.send_header("Retry-After", "7")
+                if status == 302:
+                    self.send_header("Location", "http://169.254.169.254/")
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")

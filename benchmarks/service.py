@@ -75,6 +75,8 @@ class Stack:
                                    torch_threads=torch_threads)
         self.settings = self.settings.with_(redis_url=resolve_redis_url(self.settings))
         upgrade(self.settings.database_url)
+        self.api_key = _benchmark_key(self.settings.database_url)
+        self.auth = {"Authorization": f"Bearer {self.api_key}"}
         self.url = self.settings.api_url
         self.processes: list[subprocess.Popen] = []
         self.log = open(home / "stack.log", "wb")
@@ -89,7 +91,7 @@ class Stack:
             if any(p.poll() is not None for p in self.processes):
                 raise RuntimeError(f"the stack failed to start; see {self.log.name}")
             try:
-                if requests.get(f"{self.url}/v1/workers", timeout=2).json()["data"]:
+                if requests.get(f"{self.url}/v1/workers", headers=self.auth, timeout=2).json()["data"]:
                     return self
             except (requests.RequestException, ValueError, KeyError):
                 pass
@@ -101,7 +103,7 @@ class Stack:
         return self.processes[0]
 
     def engine_stats(self) -> dict:
-        return requests.get(f"{self.url}/v1/workers", timeout=10).json()["data"][0]["engine"]
+        return requests.get(f"{self.url}/v1/workers", headers=self.auth, timeout=10).json()["data"][0]["engine"]
 
     def __exit__(self, *exc) -> None:
         for process in self.processes:
@@ -118,6 +120,21 @@ class Stack:
         client = redis.Redis.from_url(self.settings.redis_url)
         for key in client.scan_iter(match=f"{self.settings.key_prefix}:*", count=1000):
             client.delete(key)
+
+
+def _benchmark_key(database_url: str) -> str:
+    """An API key for the load generator, without rate or active-job limits in its way."""
+    from app.db import session_factory
+    from app.keys import create_key
+
+    with session_factory(database_url).begin() as session:
+        return create_key(session, "benchmark", rate_limit_per_minute=10**9, max_active_jobs=10**9)[1]
+
+
+def _session(stack: "Stack") -> requests.Session:
+    http = requests.Session()
+    http.headers.update(stack.auth)
+    return http
 
 
 def _free_port() -> int:
@@ -170,7 +187,7 @@ class EngineAlone:
 def latency_overhead(stack: Stack, baseline: EngineAlone, samples: int) -> dict:
     """Interleaved, one job at a time (the machine's load drifts; interleaving shares the drift):
     the engine alone; POST -> first `token` event on SSE; POST with `Prefer: wait` -> done."""
-    http = requests.Session()
+    http = _session(stack)
     engine, ttft, e2e = [], [], []
     body = {"max_tokens": 1, "temperature": 0}
     for i in range(samples + 5):
@@ -217,7 +234,7 @@ def acceptance(stack: Stack, jobs: int, clients: int, worker_paused: bool = Fals
         address = urlsplit(stack.url)
         connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
         bodies = [json.dumps({"prompt": p, "max_tokens": 1, "temperature": 0}).encode() for p in PROMPTS]
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **stack.auth}
         mine = []
         barrier.wait()
         for i in range(n):
@@ -245,7 +262,7 @@ def acceptance(stack: Stack, jobs: int, clients: int, worker_paused: bool = Fals
     if worker_paused:
         stack.worker.send_signal(signal.SIGCONT)
     # every accepted job must also finish
-    client_api = JobsClient(stack.url)
+    client_api = JobsClient(stack.url, api_key=stack.api_key)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         page = client_api.list(status="queued", limit=1)["data"] + client_api.list(status="running", limit=1)["data"]
@@ -301,7 +318,7 @@ def _request_metrics(start: float, token_times: list[float], tokens: list[int], 
 def serve_via_service(stack: Stack, schedule, prompts, max_tokens: int) -> list[dict]:
     def one(i: int) -> dict:
         time.sleep(max(0.0, t0 + schedule[i] - time.perf_counter()))
-        http = requests.Session()
+        http = _session(stack)
         start = time.perf_counter()
         job = http.post(f"{stack.url}/v1/jobs", json={"prompt": prompts[i], "max_tokens": max_tokens,
                                                        "temperature": 0, "ignore_eos": True}, timeout=60).json()

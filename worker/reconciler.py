@@ -13,13 +13,15 @@ The task itself decides what happens (`claim_job` is conditional, `job_runner` g
 `max_attempts`), so sending a task twice is always safe. Each job is sent at most once per
 `requeue_after_seconds` (a Redis key per job), so a long backlog is not flooded with copies.
 
-Other periodic recoveries (e.g. re-sending pending webhook deliveries) plug in with
-`register_sweep(fn)`: `fn(settings, sessions)` is called once per sweep, errors are logged.
+Other periodic recoveries ride along: `extra_sweeps` are called once per sweep, after the jobs
+(the worker passes the webhook sweep, which re-sends overdue deliveries and writes missing
+`job.completed` events); their errors are logged, never raised.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import Callable
 
@@ -31,14 +33,6 @@ from app.models import Job, JobStatus
 log = logging.getLogger(__name__)
 
 SWEEP_LIMIT = 1000     # jobs re-sent per sweep at most; the next sweep takes the rest
-
-_extra_sweeps: list[Callable] = []
-
-
-def register_sweep(fn: Callable) -> None:
-    """Run `fn(settings, sessions)` on every sweep (after the jobs), e.g. to re-send webhooks."""
-    if fn not in _extra_sweeps:
-        _extra_sweeps.append(fn)
 
 
 def stale_jobs(session, *, requeue_after_seconds: float, now=None, limit: int = SWEEP_LIMIT) -> list[tuple[str, int]]:
@@ -54,11 +48,14 @@ def stale_jobs(session, *, requeue_after_seconds: float, now=None, limit: int = 
 
 
 class Reconciler:
-    def __init__(self, settings, sessions, redis, channels, send: Callable[[str, int], None]):
+    def __init__(self, settings, sessions, redis, channels, send: Callable[[str, int], None],
+                 extra_sweeps: tuple[Callable[[], object], ...] = ()):
         self.settings = settings
         self.sessions = sessions
         self.redis = redis
         self.send = send                       # (job id, priority) -> enqueues genq.run_job
+        self.extra_sweeps = extra_sweeps
+        self._extras_due = 0.0                 # monotonic time of the next extra sweep
         self.lock_key = f"{channels.prefix}:reconciler:lock"
         self.mark_prefix = f"{channels.prefix}:reconciler:sent:"
         self._thread: threading.Thread | None = None
@@ -99,9 +96,15 @@ class Reconciler:
             sent += 1
         if sent:
             log.warning("reconciler re-sent the tasks of %d stuck job(s)", sent)
-        for fn in list(_extra_sweeps):
+        if self.extra_sweeps and time.monotonic() >= self._extras_due:
+            # These scan more (e.g. a day of finished jobs): once per requeue period is enough.
+            self._extras_due = time.monotonic() + self.settings.requeue_after_seconds
+            self._run_extra_sweeps()
+        return sent
+
+    def _run_extra_sweeps(self) -> None:
+        for fn in self.extra_sweeps:
             try:
-                fn(self.settings, self.sessions)
+                fn()
             except Exception:
                 log.exception("reconciler sweep %r failed", fn)
-        return sent

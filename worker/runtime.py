@@ -92,7 +92,8 @@ class WorkerRuntime:
                          threading.Thread(target=self._listen_control, name="genq-control", daemon=True)]
         self._control_ready = threading.Event()
         self._celery = None
-        self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job)
+        self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job,
+                                     extra_sweeps=(self._sweep_webhooks,))
 
     def start(self) -> "WorkerRuntime":
         self.service.start()
@@ -122,13 +123,25 @@ class WorkerRuntime:
 
         return run_job(self, job_id)
 
-    def send_job(self, job_id: str, priority: int = 0) -> None:
-        """Enqueue `genq.run_job(job_id)` (the reconciler, and jobs handed back on shutdown)."""
-        from worker.celery_app import make_celery, send_run_job
+    @property
+    def celery(self):
+        """A Celery app for sending tasks from this process's own threads."""
+        from worker.celery_app import make_celery
 
         if self._celery is None:
             self._celery = make_celery(self.settings, self.redis_url)
-        send_run_job(self._celery, self.settings, job_id, priority)
+        return self._celery
+
+    def send_job(self, job_id: str, priority: int = 0) -> None:
+        """Enqueue `genq.run_job(job_id)` (the reconciler, and jobs handed back on shutdown)."""
+        from worker.celery_app import send_run_job
+
+        send_run_job(self.celery, self.settings, job_id, priority)
+
+    def _sweep_webhooks(self) -> None:
+        from worker.webhooks import sweep
+
+        sweep(self.settings, self.sessions, self.celery, grace_seconds=self.settings.requeue_after_seconds)
 
     def drain(self, timeout: float) -> None:
         """Graceful shutdown (Celery takes no new tasks by now): let running jobs finish for up to

@@ -3,12 +3,17 @@
 The stream subscribes to the job's pub/sub channel *before* it reads the log, so an event is
 either in what it read or in what it receives next (often both: duplicates are dropped by id).
 A live event that does not follow the last one sent means something was missed; the gap is read
-back from the log. The stream ends after `done`.
+back from the log. The stream ends after `done`, or with an `error` event (no id, so a client's
+Last-Event-ID still points at the last real event) when the stream's Redis connection fails.
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Iterator
+
+from redis.exceptions import RedisError
 
 from app import jobs as store
 from app.api.services import Services
@@ -16,11 +21,24 @@ from app.events import EventId, JobEvent
 from app.models import FINAL_STATUSES, JobStatus
 from app.serialization import done_event_data
 
+log = logging.getLogger(__name__)
+
 KEEPALIVE_SECONDS = 15.0
 IDLE_CHECK_SECONDS = 1.0    # silence after which the database is asked whether the job ended
 
 
 def stream_job_events(svc: Services, job_id: str, owner: str | None, after: EventId | None) -> Iterator[str]:
+    try:
+        yield from _stream(svc, job_id, owner, after)
+    except RedisError as exc:
+        # Never hang on a dead connection: say so and end; the client resumes with Last-Event-ID.
+        log.warning("event stream of job %s lost Redis: %s", job_id, exc)
+        data = {"type": "stream_interrupted",
+                "message": "the event stream lost its connection to Redis; reconnect with Last-Event-ID to resume"}
+        yield f"event: error\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _stream(svc: Services, job_id: str, owner: str | None, after: EventId | None) -> Iterator[str]:
     pubsub = svc.redis.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(svc.channels.job_live(job_id))
@@ -64,7 +82,10 @@ def stream_job_events(svc: Services, job_id: str, owner: str | None, after: Even
                 last_write = now
                 yield ": keep-alive\n\n"
     finally:
-        pubsub.close()
+        try:
+            pubsub.close()
+        except RedisError:
+            pass
 
 
 class _Cursor:

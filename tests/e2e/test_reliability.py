@@ -191,6 +191,15 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):
             i += 1
             time.sleep(0.1)
 
+    streamed: list[str] = []
+    long_job = cluster.submit(["a long one to stream"], max_tokens=400, ignore_eos=True, temperature=0)[0]
+    accepted.append(long_job)
+
+    def stream():
+        streamed.extend(event.event for event in cluster.client.events(long_job, timeout=60))
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
     thread = threading.Thread(target=submitter, daemon=True)
     thread.start()
     time.sleep(1.5)
@@ -202,6 +211,8 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):
     time.sleep(1.5)
     stop.set()
     thread.join(60)
+    streamer.join(60)
+    assert streamed and streamed[-1] in ("error", "done") and not streamer.is_alive()   # ended, not hung
     assert ready_codes == [503]
     assert statuses and all(s in (201, 202, 503) for s in statuses), Counter(map(str, statuses))
     jobs = cluster.wait_final(accepted)

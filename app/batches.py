@@ -9,6 +9,7 @@ conditional UPDATE on the batch's status, so running any of them twice changes n
     validating -> in_progress -> finalizing -> completed
     validating -> failed (the file is unusable)        validating -> cancelled
     in_progress -> cancelling -> finalizing -> cancelled
+    in_progress -> cancelling (past completion_window) -> finalizing -> expired;  validating -> expired
 """
 from __future__ import annotations
 
@@ -216,23 +217,51 @@ def cancel_batch(session: Session, batch_id: str, owner: str | None) -> tuple[Ba
         status="cancelled", cancelling_at=now, cancelled_at=now))
     moved = session.execute(update(Batch).where(*mine, Batch.status == "in_progress").values(
         status="cancelling", cancelling_at=now))
-    running: list[str] = []
-    if moved.rowcount == 1:
-        session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value).values(
-            status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
-            completion_tokens=0).execution_options(synchronize_session=False))
-        running = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
-                                                            Job.status == JobStatus.RUNNING.value)))
-        if running:
-            session.execute(update(Job).where(Job.id.in_(running), Job.status == JobStatus.RUNNING.value)
-                            .values(cancel_requested_at=now).execution_options(synchronize_session=False))
+    running = _stop_jobs(session, batch_id, now) if moved.rowcount == 1 else []
     return get_batch(session, batch_id, owner), running
+
+
+def expire_if_due(session: Session, batch_id: str) -> list[str]:
+    """A batch past its completion window stops: queued lines are canceled, running ones are told to
+    stop (their ids are returned), and it finalizes as `expired` with what finished."""
+    now = utcnow()
+    session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "validating", Batch.expires_at < now)
+                    .values(status="expired", expired_at=now))
+    moved = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "in_progress",
+                                                Batch.expires_at < now).values(status="cancelling", expired_at=now))
+    return _stop_jobs(session, batch_id, now) if moved.rowcount == 1 else []
+
+
+def _stop_jobs(session: Session, batch_id: str, now: datetime) -> list[str]:
+    session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value).values(
+        status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
+        completion_tokens=0).execution_options(synchronize_session=False))
+    running = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
+                                                        Job.status == JobStatus.RUNNING.value)))
+    if running:
+        session.execute(update(Job).where(Job.id.in_(running), Job.status == JobStatus.RUNNING.value)
+                        .values(cancel_requested_at=now).execution_options(synchronize_session=False))
+    return running
 
 
 # -- finalizing -----------------------------------------------------------------------------------
 
 def batch_of_job(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.batch_id).where(Job.id == job_id))
+
+
+def finalize_on_completion(sessions):
+    """A job hook (worker and API): when a job of a batch ends, finish the batch if it was the last."""
+
+    def hook(event: str, job_id: str, details: dict) -> None:
+        if event != "completed":
+            return
+        with sessions() as session:
+            batch_id = batch_of_job(session, job_id)
+        if batch_id is not None:
+            maybe_finalize(sessions, batch_id)
+
+    return hook
 
 
 def maybe_finalize(sessions, batch_id: str) -> str | None:
@@ -252,9 +281,11 @@ def maybe_finalize(sessions, batch_id: str) -> str | None:
         if held.rowcount != 1:
             return None
         batch = session.get(Batch, batch_id)
-        final = "cancelled" if batch.cancelling_at is not None else "completed"
+        final = "expired" if batch.expired_at is not None else "cancelled" if batch.cancelling_at else "completed"
         output, errors = _result_lines(session, batch)
-        values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
+        values: dict[str, Any] = {"status": final}
+        if final != "expired":   # expired_at says when the window closed
+            values[f"{final}_at"] = utcnow()
         if output:
             values["output_file_id"] = create_file(session, owner=batch.owner, purpose=OUTPUT_PURPOSE,
                                                    filename=f"{batch.id}_output.jsonl", content=_jsonl(output)).id
@@ -272,14 +303,16 @@ def _result_lines(session: Session, batch: Batch) -> tuple[list[dict], list[dict
     errors: list[dict] = [{"id": f"batch_req_line{e['line']}", "custom_id": e["custom_id"], "response": None,
                            "error": {"code": e["code"], "message": f"line {e['line']}: {e['message']}"}}
                           for e in batch.line_errors or []]
+    stopped = ({"code": "batch_expired", "message": "the batch's completion window ended first"}
+               if batch.expired_at is not None else
+               {"code": "batch_cancelled", "message": "the batch was cancelled first"})
     for job in session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.id)):
         line = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
         if job.status == JobStatus.SUCCEEDED.value:
             output.append({**line, "response": {"status_code": 200, "request_id": job.id,
                                                 "body": fmt.response_body(batch.endpoint, job)}, "error": None})
         elif job.status == JobStatus.CANCELED.value:
-            errors.append({**line, "response": None,
-                           "error": {"code": "batch_cancelled", "message": "the batch was cancelled first"}})
+            errors.append({**line, "response": None, "error": stopped})
         else:
             error = fmt.job_error(job)
             errors.append({**line, "response": {"status_code": error.status, "request_id": job.id,

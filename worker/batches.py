@@ -1,5 +1,5 @@
-"""Batch tasks: start a batch (validate its lines, create its jobs, queue them) and finalize it when
-its last job ends (a `completed` hook). Both are idempotent; see `app.batches`."""
+"""The batch task: start a batch (validate its lines, create its jobs, queue them). Idempotent; the
+batch is finalized by its last job's `completed` hook (`app.batches.finalize_on_completion`)."""
 from __future__ import annotations
 
 import logging
@@ -28,17 +28,3 @@ def start_batch(self, batch_id: str) -> int:
     batches.maybe_finalize(rt.sessions, batch_id)   # a batch of invalid lines only is done already
     log.info("batch %s: %d job(s) queued", batch_id, len(job_ids))
     return len(job_ids)
-
-
-def finalize_on_completion(sessions):
-    """A job hook: when a job of a batch ends, finish the batch if it was the last one."""
-
-    def hook(event: str, job_id: str, details: dict) -> None:
-        if event != "completed":
-            return
-        with sessions() as session:
-            batch_id = batches.batch_of_job(session, job_id)
-        if batch_id is not None:
-            batches.maybe_finalize(sessions, batch_id)
-
-    return hook

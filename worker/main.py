@@ -33,7 +33,8 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     from worker.webhooks import dispatcher_for, webhook_queue
 
     hooks.register(dispatcher_for(settings, runtime.sessions, celery))   # webhook events (docs/webhooks.md)
-    from worker.batches import finalize_on_completion
+    import worker.batches  # noqa: F401  (genq.start_batch)
+    from app.batches import finalize_on_completion
 
     hooks.register(finalize_on_completion(runtime.sessions))   # a batch's last job finalizes it
 

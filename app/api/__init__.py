@@ -37,6 +37,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
+    from app.batches import finalize_on_completion
+
+    hooks.register(finalize_on_completion(app.extensions["genq"].sessions))   # a batch job canceled while queued
     from app.api import webhooks as webhooks_api   # docs/webhooks.md
     from worker.webhooks import dispatcher_for
 

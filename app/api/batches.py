@@ -11,6 +11,7 @@ from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
 from app.channels import TASK_START_BATCH
+from app.db import utcnow
 from app.openai_format import ENDPOINTS, OpenAIError
 from app.schemas import MAX_METADATA_BYTES
 
@@ -82,11 +83,30 @@ def list_batches():
 
 @bp.get("/<batch_id>")
 def get_batch(batch_id: str):
-    with services().sessions() as session:
+    svc = services()
+    with svc.sessions() as session:
         batch = store.get_batch(session, batch_id, current_owner())
         if batch is None:
             raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
-        return _batch_response(session, batch)
+        due = batch.status in ("validating", "in_progress") and batch.expires_at < utcnow()
+        if not due:
+            return _batch_response(session, batch)
+    _expire(svc, batch_id)
+    with svc.sessions() as session:
+        return _batch_response(session, store.get_batch(session, batch_id, current_owner()))
+
+
+def _expire(svc, batch_id: str) -> None:
+    """Batches expire when someone looks after their completion window closed."""
+    with svc.sessions.begin() as session:
+        running = store.expire_if_due(session, batch_id)
+    _stop(svc, batch_id, running)
+
+
+def _stop(svc, batch_id: str, running: list[str]) -> None:
+    for job_id in running:   # their workers stop them; each one's end may finalize the batch
+        svc.redis.publish(svc.channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
+    store.maybe_finalize(svc.sessions, batch_id)   # nothing was running: final now
 
 
 @bp.post("/<batch_id>/cancel")
@@ -96,8 +116,6 @@ def cancel_batch(batch_id: str):
         batch, running = store.cancel_batch(session, batch_id, owner)
     if batch is None:
         raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
-    for job_id in running:   # their workers stop them; each one's end may finalize the batch
-        svc.redis.publish(svc.channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
-    store.maybe_finalize(svc.sessions, batch_id)   # nothing was running: cancelled now
+    _stop(svc, batch_id, running)
     with svc.sessions() as session:
         return _batch_response(session, store.get_batch(session, batch_id, owner))

@@ -110,12 +110,16 @@ def verify(headers: Mapping[str, str], body: bytes | str, secret: str, *, tolera
     raise WebhookVerificationError("no matching signature")
 
 
-def webhook_secret_for(job, settings) -> str | None:
-    """The secret a job's deliveries are signed with.
+def webhook_secret_for(job, settings, session=None) -> str | None:
+    """The secret a job's deliveries are signed with: the webhook secret of the API key that owns
+    the job (`genq keys create` shows it), else the deployment's `GENQ_WEBHOOK_SECRET` (jobs
+    without an owner)."""
+    if job is not None and job.owner is not None and session is not None:
+        from app.keys import webhook_secret_of_owner
 
-    For now the deployment's `GENQ_WEBHOOK_SECRET`; once API keys exist this returns the secret of
-    the key that owns `job` (`job.owner`).
-    """
+        secret = webhook_secret_of_owner(session, job.owner)
+        if secret:
+            return secret
     return settings.webhook_secret
 
 

@@ -234,7 +234,7 @@ def deliver(settings, sessions, celery, event_id: str, attempt: int) -> str:
         event = store.get_event(session, event_id)
         if event is None or event.status != store.PENDING or event.attempts != attempt - 1:
             return "skipped"
-        job = session.get(Job, event.job_id)
+        secret = webhook_secret_for(session.get(Job, event.job_id), settings, session)
         session.expunge_all()
     if attempt == 1:
         _wait_for_earlier_events(sessions, event)
@@ -242,10 +242,9 @@ def deliver(settings, sessions, celery, event_id: str, attempt: int) -> str:
     with sessions.begin() as session:
         if not store.claim_attempt(session, event_id, attempt, lock_seconds):
             return "skipped"
-    secret = webhook_secret_for(job, settings)
     started_at, clock = utcnow(), time.monotonic()
     if not secret:
-        answer = Answer(error="no webhook secret is configured (GENQ_WEBHOOK_SECRET)")
+        answer = Answer(error="no webhook secret: the job has no API key and GENQ_WEBHOOK_SECRET is unset")
     else:
         body = event.payload.encode()
         answer = post(event.url, body, signed_headers(secret, f"msg_{event.id}", body),

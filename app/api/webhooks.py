@@ -22,9 +22,9 @@ def check_submission(spec, settings) -> None:
     rebinding."""
     if spec.webhook is None:
         return
-    if not settings.webhook_secret:
-        raise Problem(422, "this deployment has no webhook secret (GENQ_WEBHOOK_SECRET), so it cannot sign "
-                      "webhook deliveries", title="Webhooks unavailable", type="webhooks-unavailable")
+    if current_owner() is None and not settings.webhook_secret:
+        raise Problem(422, "without an API key, webhooks are signed with the deployment's GENQ_WEBHOOK_SECRET, "
+                      "which is not set", title="Webhooks unavailable", type="webhooks-unavailable")
     try:
         resolve_target(spec.webhook, settings.webhook_allow_private)
     except WebhookTargetError as exc:

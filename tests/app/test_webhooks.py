@@ -170,3 +170,17 @@ def test_sweep_resends_lost_tasks_and_writes_missing_completed_events(open_api, 
     celery.sent.clear()   # a second sweep writes no second completed event
     sweep(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
     assert len(requests.get(f"{crashed['urls']['self']}/webhooks", timeout=10).json()["data"]) == 1
+
+
+def test_deliveries_are_signed_with_the_owning_keys_secret(settings):
+    from types import SimpleNamespace
+
+    from app.db import session_factory
+    from app.keys import create_key
+    from app.webhooks import webhook_secret_for
+
+    with session_factory(settings.database_url).begin() as session:
+        key, _ = create_key(session, "webhook-secret-test")
+        session.flush()
+        assert webhook_secret_for(SimpleNamespace(owner=key.id), settings, session) == key.webhook_secret
+        assert webhook_secret_for(SimpleNamespace(owner=None), settings, session) == SECRET

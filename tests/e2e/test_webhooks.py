@@ -42,6 +42,16 @@ def submit(api, webhook, **body):
     return response.json()
 
 
+def key_secret(settings, job_id):
+    """The webhook secret of the API key that submitted the job (what its deliveries are signed with)."""
+    from app.db import session_factory
+    from app.keys import webhook_secret_of_owner
+    from app.models import Job
+
+    with session_factory(settings.database_url)() as session:
+        return webhook_secret_of_owner(session, session.get(Job, job_id).owner)
+
+
 def wait_for_events(api, job_id, done, timeout=60.0):
     """The job's webhook record once `done(record)` holds."""
     deadline = time.monotonic() + timeout
@@ -58,7 +68,7 @@ def settled(record, count=1):
 
 
 def test_a_flaky_receiver_gets_the_third_attempt_same_id_all_signed(hooked_stack, receiver):
-    _, api, _ = hooked_stack
+    settings, api, _ = hooked_stack
     path = f"/flaky/2/{secrets.token_hex(4)}"
     job = submit(api, receiver.url + path)
     record = wait_for_events(api, job["id"], settled)
@@ -69,9 +79,11 @@ def test_a_flaky_receiver_gets_the_third_attempt_same_id_all_signed(hooked_stack
 
     deliveries = receiver.at(path)
     assert len(deliveries) == 3
+    secret = key_secret(settings, job["id"])            # the submitting key's, not the deployment's
+    assert secret.startswith("whsec_") and secret != SECRET
     assert {d.headers["webhook-id"] for d in deliveries} == {event["id"]}
     for delivery in deliveries:
-        payload = verify(delivery.headers, delivery.body, SECRET)
+        payload = verify(delivery.headers, delivery.body, secret)
         assert payload["type"] == "job.completed"
         assert payload["data"]["id"] == job["id"] and payload["data"]["status"] == "succeeded"
     # the full job, as GET /v1/jobs/{id} returns it
@@ -80,9 +92,9 @@ def test_a_flaky_receiver_gets_the_third_attempt_same_id_all_signed(hooked_stack
     assert len({d.body for d in deliveries}) == 1           # every retry sends the same bytes
     tampered = deliveries[-1].body.replace(b'"succeeded"', b'"failed"')
     with pytest.raises(WebhookVerificationError):
-        verify(deliveries[-1].headers, tampered, SECRET)
+        verify(deliveries[-1].headers, tampered, secret)
     with pytest.raises(WebhookVerificationError):
-        verify(deliveries[-1].headers, deliveries[-1].body, generate_secret())
+        verify(deliveries[-1].headers, deliveries[-1].body, SECRET)
 
 
 def test_a_receiver_that_never_answers_2xx_stops_after_the_schedule(hooked_stack, receiver):
@@ -123,13 +135,14 @@ def test_completed_only_filter_calls_once_per_job(hooked_stack, receiver):
 
 
 def test_start_output_completed_arrive_in_order(hooked_stack, receiver):
-    _, api, _ = hooked_stack
+    settings, api, _ = hooked_stack
     path = f"/ok/{secrets.token_hex(4)}"
     job = submit(api, receiver.url + path, max_tokens=12, webhook_events_filter=["completed", "output", "start"])
     record = wait_for_events(api, job["id"], lambda r: settled(r, 3)
                              and r["data"][-1]["type"] == "job.completed")
     assert all(e["status"] == "delivered" for e in record["data"])
-    payloads = [verify(d.headers, d.body, SECRET) for d in receiver.at(path)]
+    secret = key_secret(settings, job["id"])
+    payloads = [verify(d.headers, d.body, secret) for d in receiver.at(path)]
     types = [p["type"] for p in payloads]
     assert types[0] == "job.started" and types[-1] == "job.completed"
     assert set(types[1:-1]) == {"job.output"} and len(types) >= 3

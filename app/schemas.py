@@ -124,8 +124,8 @@ class JobCreate(GenerationInput):
         return self
 
     def generation_input(self) -> GenerationInput:
-        return GenerationInput.model_validate(self.model_dump(exclude={"model", "priority", "metadata", "webhook", "webhook_events_filter"},
-                                                              exclude_none=True))
+        return GenerationInput.model_validate(self.model_dump(
+            exclude={"model", "priority", "metadata", "webhook", "webhook_events_filter"}, exclude_none=True))
 
     def stored_input(self) -> dict[str, Any]:
         """The job's `input` column (what `generation_input().stored()` gives, without revalidating)."""

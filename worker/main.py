@@ -56,6 +56,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     quiet = ["--quiet"] if settings.log_format == "json" else []   # no banner among JSON lines
     celery.worker_main([
         *quiet, "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-        f"--queues={settings.queue},{webhook_queue(settings)}", f"--hostname=genq-{runtime.worker_id}@%h", f"--loglevel={loglevel}",
+        f"--queues={settings.queue},{webhook_queue(settings)}", f"--hostname=genq-{runtime.worker_id}@%h",
+        f"--loglevel={loglevel}",
         "--without-mingle", "--without-gossip", *([] if settings.celery_events else ["--without-heartbeat"]),
     ])

@@ -22,8 +22,9 @@ install: $(VENV)/.installed
 up: install
 	$(BIN)/genq up
 
+# Checks marked slow (soaks, long fault runs) stay out of the suite: `make test-slow` runs them.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

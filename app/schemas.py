@@ -3,6 +3,7 @@ rebuilds the engine's `SamplingParams` from a stored job input)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
@@ -21,6 +22,25 @@ def _has_nul(value: Any) -> bool:
         return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
     if isinstance(value, list):
         return any(_has_nul(v) for v in value)
+    return False
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _has_control_characters(value: Any) -> bool:
+    """Any C0 control character (but tab, newline, CR) or DEL in a key or string, at any depth."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _CONTROL.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
@@ -114,6 +134,9 @@ class JobCreate(GenerationInput):
 
     @model_validator(mode="after")
     def _check_metadata(self) -> "JobCreate":
+        if self.metadata is not None and _has_control_characters(self.metadata):
+            raise ValueError("`metadata` strings must not contain control characters (tab, newline and "
+                             "carriage return are allowed)")
         if self.metadata is not None:
             try:
                 size = len(json.dumps(self.metadata, allow_nan=False).encode())

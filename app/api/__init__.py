@@ -10,7 +10,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 def create_app(settings: Settings | None = None) -> Flask:
     from app import hooks
-    from app.api import admission, auth, health, jobs, workers
+    from app.api import admission, auth, boundary, health, jobs, workers
     from app.api.metrics import Metrics
     from app.api.problems import register_error_handlers
     from app.api.services import genq, services
@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     auth.install(app)                    # every /v1 request needs an API key (app/api/auth.py)
     admission.install(app)               # quotas, load shedding, idempotency keys of submissions
+    boundary.install(app)                # /openapi.json; ids that cannot be job ids are 404
     hooks.register(log_job_transition)   # one log line per job transition (idempotent)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)

@@ -11,6 +11,8 @@ from app.api.problems import Problem
 from app.events import EventId
 from app.settings import MAX_WAIT_SECONDS
 
+MAX_JSON_DEPTH = 32
+
 
 def json_object_body() -> dict:
     mimetype = request.mimetype
@@ -22,16 +24,38 @@ def json_object_body() -> dict:
         raise Problem(400, "the request body is empty: send a JSON object", title="Invalid JSON",
                       type="invalid-json")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise Problem(400, "the request body is not UTF-8 text", title="Invalid JSON", type="invalid-json") from None
+    except RecursionError:
+        raise Problem(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", title="Invalid JSON",
+                      type="invalid-json") from None
     except ValueError as exc:
         raise Problem(400, f"the request body is not valid JSON: {exc}", title="Invalid JSON",
                       type="invalid-json") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise Problem(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", title="Invalid JSON",
+                      type="invalid-json")
     if not isinstance(body, dict):
         raise Problem(422, f"the request body must be a JSON object, got a JSON {type(body).__name__}",
                       title="Invalid request body", type="validation-error")
     return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def preferred_wait() -> int | None:

@@ -132,11 +132,23 @@ def test_prefer_wait_returns_the_finished_job(stack, client):
     assert job["completed_at"] and job["metrics"]["tokens_per_second"] is not None
 
 
-def test_a_job_the_engine_rejects_fails_with_error_events(stack, client):
-    job = client.submit({"prompt": "x", "max_tokens": 100000}).json()
-    events = collect(client, job["id"])
+def test_a_job_over_the_context_is_422_at_the_api(client):
+    response = client.submit({"prompt": "x", "max_tokens": 100000})
+    assert response.status_code == 422 and response.json()["max_model_len"] == 2048
+
+
+def test_a_job_the_engine_rejects_fails_with_error_events(stack):
+    # An API that cannot read the model (no GENQ_MODEL here) queues what the engine then refuses.
+    from app.api import create_app
+    from tests.app.support import ServerThread
+
+    settings, _, _ = stack
+    with ServerThread(create_app(settings.with_(model=None))) as blind:
+        client = JobsClient(blind.url, timeout=120, api_key=blind.api_key)
+        job = client.submit({"prompt": "x", "max_tokens": 100000}).json()
+        events = collect(client, job["id"])
+        final = client.get(job["id"])
     assert [e.event for e in events][-2:] == ["error", "done"]
-    final = client.get(job["id"])
     assert final["status"] == "failed" and final["error"]["type"] == "invalid_request"
     assert "max_model_len" in final["error"]["message"]
     assert events[-2].data == final["error"]

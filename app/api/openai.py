@@ -19,12 +19,15 @@ from sqlalchemy import update
 from app import hooks
 from app import jobs as store
 from app import openai_format as fmt
+from app.api.admission import admit
 from app.api.auth import current_owner
+from app.api.problems import Problem
 from app.api.events_stream import stream_job_events
 from app.api.services import Services, services
 from app.db import utcnow
 from app.events import JobEvent
 from app.models import Job, JobStatus
+from app.schemas import JobCreate
 from worker.celery_app import send_run_job
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ _STARTED = int(time.time())
 def _openai_error(exc: fmt.OpenAIError):
     response = jsonify(exc.body())
     response.status_code = exc.status
+    response.headers.update(exc.headers)
     return response
 
 
@@ -83,6 +87,7 @@ def _generate(endpoint: str):
         raise fmt.OpenAIError(404, f"The model '{spec.model}' does not exist (this service serves "
                               f"'{svc.settings.model_name}')", param="model", code="model_not_found")
     job_input = spec.job_input()
+    _admit(job_input)
     owner = current_owner()
     with svc.sessions.begin() as session:
         job = store.create_job(session, owner=owner, model=spec.model, priority=fmt.INTERACTIVE_PRIORITY,
@@ -102,6 +107,23 @@ def _generate(endpoint: str):
     if job.status != JobStatus.SUCCEEDED.value:
         raise fmt.job_error(job)
     return jsonify(fmt.response_body(endpoint, job))
+
+
+def _admit(job_input: dict[str, Any]) -> None:
+    """The calling key's quotas and the service's load shedding, as for `POST /v1/jobs`, answered
+    in OpenAI's error shape (context overflow: 400 context_length_exceeded; quotas: 429)."""
+    try:
+        admit(JobCreate.model_validate(job_input))
+    except Problem as problem:
+        code = (problem.type or "").replace("-", "_") or None
+        if problem.status == 422:
+            fields = [e.get("field") for e in problem.extensions.get("errors", [])]
+            raise fmt.OpenAIError(400, problem.detail, param=fields[0] if fields else None,
+                                  code="context_length_exceeded" if code == "context_length_exceeded" else code,
+                                  headers=problem.headers) from None
+        kind = "rate_limit_error" if problem.status == 429 else "server_error" if problem.status >= 500 \
+            else "invalid_request_error"
+        raise fmt.OpenAIError(problem.status, problem.detail, type=kind, code=code, headers=problem.headers) from None
 
 
 def _enqueue(svc: Services, job: Job) -> None:

@@ -127,6 +127,9 @@ def test_errors_are_in_openai_shape(genq):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=settings.model_name, messages=CHAT, temperature=-1)
     assert bad.value.body["param"] == "temperature" and bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=settings.model_name, prompt="lorem ipsum " * 3000, max_tokens=16)
+    assert too_long.value.body["code"] == "context_length_exceeded"
     headers = {"Authorization": f"Bearer {client.api_key}"}
     raw = requests.post(f"{url}/v1/chat/completions", json={"model": settings.model_name}, headers=headers,
                         timeout=30)

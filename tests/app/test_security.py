@@ -256,3 +256,34 @@ def test_idempotency_store_states(settings):
     assert 0 < ttl <= 60
     store.release("owner", "k")
     assert store.claim("owner", "k", fp).state is ClaimState.NEW
+
+
+def test_another_keys_files_and_batches_are_404(api, app):
+    """The OpenAI-compatible Files and Batch endpoints are scoped to the key too."""
+    import json
+
+    alice, bob = create_test_key(app, "alice-files"), create_test_key(app, "bob-files")
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "hi", "max_tokens": 2}}
+    uploaded = call("POST", f"{api}/v1/files", alice, data={"purpose": "batch"},
+                    files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")})
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    batch = call("POST", f"{api}/v1/batches", alice, json={"input_file_id": file_id, "endpoint": "/v1/completions",
+                                                           "completion_window": "24h"})
+    assert batch.status_code == 200, batch.text
+    batch_id = batch.json()["id"]
+    for method, path in [("GET", f"/v1/files/{file_id}"), ("GET", f"/v1/files/{file_id}/content"),
+                         ("GET", f"/v1/batches/{batch_id}"), ("POST", f"/v1/batches/{batch_id}/cancel")]:
+        assert call(method, f"{api}{path}", bob).status_code == 404, path
+        assert call(method, f"{api}{path}", None).status_code == 401, path
+    assert file_id not in json.dumps(call("GET", f"{api}/v1/files", bob).json())
+    assert batch_id not in json.dumps(call("GET", f"{api}/v1/batches", bob).json())
+    assert bob_cannot_use(api, bob, file_id)
+    assert call("GET", f"{api}/v1/batches/{batch_id}", alice).status_code == 200
+
+
+def bob_cannot_use(api, bob, file_id) -> bool:
+    response = call("POST", f"{api}/v1/batches", bob, json={"input_file_id": file_id, "endpoint": "/v1/completions",
+                                                            "completion_window": "24h"})
+    return 400 <= response.status_code < 500

@@ -2,6 +2,7 @@
 real database and Redis (no worker: jobs stay queued unless canceled)."""
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -287,3 +288,28 @@ def bob_cannot_use(api, bob, file_id) -> bool:
     response = call("POST", f"{api}/v1/batches", bob, json={"input_file_id": file_id, "endpoint": "/v1/completions",
                                                             "completion_window": "24h"})
     return 400 <= response.status_code < 500
+
+
+def test_genq_up_dev_key_is_saved_reused_and_used_by_the_cli(settings, api, tmp_path, monkeypatch, capsys):
+    import os
+    import stat
+
+    from app.cli import main
+    from app.keys_cli import client_api_key, dev_key_path, ensure_dev_key
+
+    local = settings.with_(home=str(tmp_path / "home"), api_key=None)
+    key, created = ensure_dev_key(local)
+    assert created and key.startswith("gq_")
+    assert stat.S_IMODE(os.stat(dev_key_path(local)).st_mode) == 0o600
+    assert ensure_dev_key(local) == (key, False)
+    assert client_api_key(local) == key and client_api_key(local.with_(api_key="gq_env")) == "gq_env"
+    monkeypatch.setenv("GENQ_HOME", local.home)
+    monkeypatch.setenv("DATABASE_URL", local.database_url)
+    monkeypatch.delenv("GENQ_API_KEY", raising=False)
+    assert main(["submit", "from the cli", "--max-tokens", "2", "--url", api]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    assert main(["jobs", "--url", api]) == 0
+    assert job_id in capsys.readouterr().out
+    assert call("GET", f"{api}/v1/jobs/{job_id}", key).status_code == 200
+    assert main(["keys", "revoke", key]) == 0
+    assert ensure_dev_key(local)[1] is True      # a revoked development key is replaced

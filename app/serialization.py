@@ -50,7 +50,8 @@ def job_to_dict(job: Job, base_url: str) -> dict[str, Any]:
         "completed_at": isoformat(job.completed_at),
         "input": job.input,
         "metadata": job.meta,
-        "output": {"text": job.output_text if final else None, "finish_reason": job.finish_reason},
+        "output": {"text": job.output_text if final else None, "finish_reason": job.finish_reason,
+                   **({"choices": job.choices} if final and job.choices else {})},   # n > 1 or logprobs
         "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
                   "cached_prompt_tokens": job.cached_tokens},
         "metrics": job_metrics(job),

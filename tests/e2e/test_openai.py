@@ -86,7 +86,7 @@ def test_completion_stream_and_plain_agree(genq, offline):
 
 
 def test_n_stop_seed_penalties_logprobs(genq):
-    settings, _, client = genq
+    settings, url, client = genq
     two = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=8, n=2, seed=7,
                                          temperature=1.0, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
                                          user="u-1", extra_body={"ignore_eos": True})
@@ -96,6 +96,12 @@ def test_n_stop_seed_penalties_logprobs(genq):
                                            temperature=1.0, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
                                            extra_body={"ignore_eos": True})
     assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
+
+    job = requests.post(f"{url}/v1/jobs", json={"messages": CHAT, "max_tokens": 4, "n": 2, "seed": 7, "logprobs": 1},
+                        headers={"Authorization": f"Bearer {client.api_key}", "Prefer": "wait=60"}, timeout=90).json()
+    assert [c["index"] for c in job["output"]["choices"]] == [0, 1] and job["output"]["text"] == \
+        job["output"]["choices"][0]["text"] and len(job["output"]["choices"][1]["logprobs"]) == \
+        job["output"]["choices"][1]["completion_tokens"]
 
     streamed = list(client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=6, n=2,
                                                    seed=3, stream=True))

@@ -18,6 +18,7 @@ import logging
 
 from flask import Flask, g, request
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import keys
 from app.api.problems import Problem
@@ -53,8 +54,13 @@ def _authenticate() -> KeyIdentity:
         raise Problem(401, "the Authorization header must be 'Bearer <key>'", title="Invalid API key",
                       type="unauthorized", headers=_CHALLENGE)
     svc = services()
-    with svc.sessions() as session:
-        key = keys.authenticate(session, token.strip())
+    try:
+        with svc.sessions() as session:
+            key = keys.authenticate(session, token.strip())
+    except SQLAlchemyError:
+        log.warning("cannot check an API key: the database is unreachable", exc_info=True)
+        raise Problem(503, "API keys cannot be checked right now (the database is unreachable); retry later",
+                      title="Service unavailable", type="unavailable", headers={"Retry-After": "5"}) from None
     if key is None:
         raise Problem(401, "the API key is unknown or revoked", title="Invalid API key", type="unauthorized",
                       headers=_CHALLENGE)

@@ -313,3 +313,25 @@ def test_genq_up_dev_key_is_saved_reused_and_used_by_the_cli(settings, api, tmp_
     assert call("GET", f"{api}/v1/jobs/{job_id}", key).status_code == 200
     assert main(["keys", "revoke", key]) == 0
     assert ensure_dev_key(local)[1] is True      # a revoked development key is replaced
+
+
+def test_an_unreachable_database_is_503_not_500(settings):
+    from tests.app.support import free_port
+
+    broken = create_app(settings.with_(database_url=f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none"))
+    response = broken.test_client().get("/v1/jobs", headers={"Authorization": "Bearer gq_anything"})
+    assert_problem(response_like(response), 503)
+    assert response.headers["Retry-After"] == "5"
+
+
+def response_like(flask_response):
+    """A Flask test response with the `requests` attributes assert_problem reads."""
+    class Adapter:
+        status_code = flask_response.status_code
+        headers = flask_response.headers
+        text = flask_response.get_data(as_text=True)
+
+        @staticmethod
+        def json():
+            return flask_response.get_json()
+    return Adapter()

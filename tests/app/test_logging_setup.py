@@ -12,7 +12,7 @@ import pytest
 from app.api import create_app
 from app.logging_setup import JOB_LOGGER, JsonFormatter, TextFormatter, log_job_transition, logging_config
 from app.settings import Settings
-from tests.app.support import build_tiny, service_settings
+from tests.app.support import build_tiny, create_test_key, service_settings
 
 SECRET = "Zebra-Quokka secret prompt 4711"
 
@@ -45,7 +45,9 @@ def test_each_transition_is_one_json_line_with_the_job_id_and_no_prompt(settings
     app = create_app(settings)                  # registers the transition hook (the worker does the same)
     runtime = WorkerRuntime(settings).start()
     try:
-        response = app.test_client().post("/v1/jobs", json={"prompt": SECRET, "max_tokens": 4, "temperature": 0})
+        key = create_test_key(app)
+        response = app.test_client().post("/v1/jobs", json={"prompt": SECRET, "max_tokens": 4, "temperature": 0},
+                                          headers={"Authorization": f"Bearer {key}"})
         assert response.status_code == 202
         job_id = response.get_json()["id"]
         assert runtime.run_job(job_id) == "succeeded"

@@ -6,7 +6,7 @@ import json
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,6 +18,7 @@ from app.client import JobsClient
 from app.db import session_factory
 from app.models import FINAL_STATUSES, Job, JobStatus
 from tests.app.support import ServerThread, database_for_tests, primary_database_kind
+from tests.app.webhook_receiver import Receiver
 from tests.e2e.cluster import RedisServer, Worker
 
 pytestmark = pytest.mark.timeout(240)
@@ -29,8 +30,9 @@ FINAL = {s.value for s in FINAL_STATUSES}
 class Cluster:
     """The API (real HTTP), two workers and a redis-server of our own, on the primary database."""
 
-    def __init__(self, settings, api_url, redis_server, tmp):
+    def __init__(self, settings, api_url, redis_server, tmp, receiver):
         self.settings = settings
+        self.receiver = receiver
         self.url = api_url
         self.redis_server = redis_server
         self.tmp = tmp
@@ -107,15 +109,16 @@ def cluster(tmp_path_factory, tiny_model_dir):
 
     tmp = tmp_path_factory.mktemp("reliability")
     prefix = f"genqtest-{secrets.token_hex(5)}"
-    with RedisServer(tmp / "redis") as redis_server, \
+    with RedisServer(tmp / "redis") as redis_server, Receiver() as receiver, \
             database_for_tests(primary_database_kind(), tmp) as db_url:
         settings = Settings(
             home=str(tmp / "home"), database_url=db_url, redis_url=redis_server.url, key_prefix=prefix,
             queue=f"{prefix}-jobs", model=str(tiny_model_dir), max_num_seqs=16, stats_interval_seconds=0.2,
             lease_seconds=4, reconcile_interval_seconds=0.5, requeue_after_seconds=3, drain_seconds=1,
-            max_attempts=5, torch_threads=1, fault_injection=f"step_error:{FAULT_MARKER}")
+            max_attempts=5, torch_threads=1, fault_injection=f"step_error:{FAULT_MARKER}",
+            webhook_allow_private=True)
         with ServerThread(create_app(settings)) as server:
-            c = Cluster(settings, server.url, redis_server, tmp)
+            c = Cluster(settings, server.url, redis_server, tmp, receiver)
             try:
                 yield c
             finally:
@@ -155,7 +158,8 @@ def test_sigkill_mid_batch_loses_nothing_and_answers_each_job_once(cluster):
     done = DoneCounter(cluster.settings.redis_url, cluster.settings.key_prefix)
     try:
         ids = cluster.submit([f"job {i} of sixty" for i in range(60)], max_tokens=64, ignore_eos=True,
-                             temperature=0)
+                             temperature=0, webhook=f"{cluster.receiver.url}/ok/sigkill",
+                             webhook_events_filter=["completed"])
         deadline = time.monotonic() + 60
         while cluster.running_on(victim) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -168,6 +172,24 @@ def test_sigkill_mid_batch_loses_nothing_and_answers_each_job_once(cluster):
     assert any(job.attempts > 1 for job in jobs.values()), "the kill hit no running job"
     assert [job_id for job_id in ids if done.counts[job_id] > 1] == []   # never answered twice
     assert sum(1 for job_id in ids if done.counts[job_id] == 1) >= len(ids) - 2   # (a kill between write and publish)
+    completed = completed_webhooks(cluster.receiver, "/ok/sigkill", ids)
+    assert {job_id: len(events) for job_id, events in completed.items() if len(events) != 1} == {}
+
+
+def completed_webhooks(receiver, path, ids, timeout: float = 60) -> dict[str, set[str]]:
+    """job id -> the distinct webhook-ids of its job.completed deliveries, once every job has one
+    (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events: dict[str, set[str]] = defaultdict(set)
+        for delivery in receiver.at(path):
+            payload = json.loads(delivery.body)
+            if payload["type"] == "job.completed":
+                headers = {k.lower(): v for k, v in delivery.headers.items()}
+                events[payload["data"]["id"]].add(headers["webhook-id"])
+        if all(events[i] for i in ids) or time.monotonic() > deadline:
+            return {i: events[i] for i in ids}
+        time.sleep(0.5)
 
 
 def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):

@@ -25,9 +25,10 @@ from app.api.problems import Problem
 from app.api.events_stream import stream_job_events
 from app.api.services import Services, services
 from app.db import utcnow
-from app.events import JobEvent
+from app.events import EventId, JobEvent
 from app.models import Job, JobStatus
 from app.schemas import JobCreate
+from app.serialization import done_event_data
 from worker.celery_app import send_run_job
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,15 @@ def _job_events(svc: Services, job_id: str, owner: str | None) -> Iterator[tuple
 
 
 def _stream(svc: Services, endpoint: str, job: Job, owner: str | None, n: int, include_usage: bool):
+    def guarded() -> Iterator[str]:
+        finished = False
+        try:
+            yield from frames()
+            finished = True
+        finally:
+            if not finished:   # the client hung up: stop generating for nobody
+                _cancel_quietly(svc, job.id, owner)
+
     def frames() -> Iterator[str]:
         if endpoint == fmt.CHAT_ENDPOINT:   # OpenAI opens every choice with the assistant role
             for index in range(n):
@@ -203,4 +213,19 @@ def _stream(svc: Services, endpoint: str, job: Job, owner: str | None, n: int, i
             yield _sse(fmt.chunk(endpoint, final, [], fmt.usage(final), with_usage_field=True))
         yield _sse("[DONE]")
 
-    return frames()
+    return guarded()
+
+
+def _cancel_quietly(svc: Services, job_id: str, owner: str | None) -> None:
+    try:
+        with svc.sessions.begin() as session:
+            outcome = store.cancel_job(session, job_id, owner)
+        if outcome is store.CancelOutcome.REQUESTED:
+            svc.redis.publish(svc.channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
+        elif outcome is store.CancelOutcome.CANCELED:   # never reached a worker: the API writes its log
+            result = store.JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
+            svc.events.publish(job_id, [JobEvent(EventId(0, 1), "status", {"status": "canceled"}),
+                                        JobEvent(EventId(0, 2), "done", done_event_data(result))])
+            hooks.emit("completed", job_id, status="canceled")
+    except Exception:
+        log.exception("could not cancel job %s after its client disconnected", job_id)

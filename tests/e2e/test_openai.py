@@ -125,6 +125,22 @@ def test_n_stop_seed_penalties_logprobs(genq):
         assert stop not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_a_stream_whose_client_hangs_up_cancels_its_job(genq):
+    settings, url, client = genq
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    body = {"model": settings.model_name, "prompt": "on and on", "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}
+    with requests.post(f"{url}/v1/completions", json=body, headers=headers, stream=True, timeout=60) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data: "))
+    job_id = json.loads(first[6:])["id"].removeprefix("cmpl-")
+    deadline = time.monotonic() + 60
+    while (job := requests.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=30).json())["status"] != "canceled":
+        assert time.monotonic() < deadline, job["status"]
+        time.sleep(0.2)
+    assert job["usage"]["completion_tokens"] < 1500
+
+
 def test_errors_are_in_openai_shape(genq):
     settings, url, client = genq
     with pytest.raises(openai.NotFoundError) as missing:

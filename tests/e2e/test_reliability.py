@@ -204,7 +204,9 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):
         while not stop.is_set():
             try:
                 response = cluster.client.submit({"prompt": f"through the outage {i}", "max_tokens": 40,
-                                                  "ignore_eos": True, "temperature": 0})
+                                                  "ignore_eos": True, "temperature": 0,
+                                                  "webhook": f"{cluster.receiver.url}/ok/outage",
+                                                  "webhook_events_filter": ["completed"]})
                 statuses.append(response.status_code)
                 if response.status_code in (201, 202):
                     accepted.append(response.json()["id"])
@@ -240,3 +242,6 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):
     jobs = cluster.wait_final(accepted)
     assert {job.status for job in jobs.values()} == {"succeeded"}, {j.id: j.error_message for j in jobs.values()}
     assert requests.get(f"{cluster.url}/readyz", timeout=30).status_code == 200
+    hooked = [job_id for job_id in accepted if job_id != long_job]
+    completed = completed_webhooks(cluster.receiver, "/ok/outage", hooked)
+    assert {job_id: len(events) for job_id, events in completed.items() if len(events) != 1} == {}

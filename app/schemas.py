@@ -25,11 +25,13 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 controls but tab, newline and CR; DEL; and lone UTF-16 surrogates (JSON can escape them, but they
+# are not Unicode text: UTF-8 cannot encode them and PostgreSQL's jsonb refuses them).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def _has_control_characters(value: Any) -> bool:
-    """Any C0 control character (but tab, newline, CR) or DEL in a key or string, at any depth."""
+    """Any `_CONTROL` character in a key or string, at any depth."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -136,7 +138,7 @@ class JobCreate(GenerationInput):
     def _check_metadata(self) -> "JobCreate":
         if self.metadata is not None and _has_control_characters(self.metadata):
             raise ValueError("`metadata` strings must not contain control characters (tab, newline and "
-                             "carriage return are allowed)")
+                             "carriage return are allowed) or unpaired surrogates")
         if self.metadata is not None:
             try:
                 size = len(json.dumps(self.metadata, allow_nan=False).encode())

@@ -95,6 +95,7 @@ NESTED = "[" * 100_000 + "]" * 100_000
 HOSTILE_BODIES = {
     "invalid utf-8": b'{"prompt": "\xff\xfe\xc3\x28"}',
     "lone surrogate escape": b'{"prompt": "\\ud800"}',
+    "lone surrogate in metadata": b'{"prompt": "x", "metadata": {"k": "\\udc00", "\\ud800": 1}}',
     "10 MB body": b'{"prompt": "' + b"x" * (10 * 1024 * 1024) + b'"}',
     "deeply nested": NESTED.encode(),
     "deep metadata": ('{"prompt": "x", "metadata": {"a": ' + "[" * 40 + "]" * 40 + "}}").encode(),

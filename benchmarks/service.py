@@ -102,6 +102,21 @@ class Stack:
     def worker(self) -> subprocess.Popen:
         return self.processes[0]
 
+    def api_cpu_seconds(self) -> float:
+        """CPU time used so far by the API's processes (gunicorn's master and workers): with the
+        jobs accepted meanwhile, a capacity figure that the machine's other load does not skew."""
+        import psutil
+
+        root = psutil.Process(self.processes[1].pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def engine_stats(self) -> dict:
         return requests.get(f"{self.url}/v1/workers", headers=self.auth, timeout=10).json()["data"][0]["engine"]
 
@@ -255,10 +270,12 @@ def acceptance(stack: Stack, jobs: int, clients: int, worker_paused: bool = Fals
     if worker_paused:
         stack.worker.send_signal(signal.SIGSTOP)
     barrier.wait()
+    api_cpu = stack.api_cpu_seconds()
     start = time.perf_counter()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    api_cpu = stack.api_cpu_seconds() - api_cpu
     if worker_paused:
         stack.worker.send_signal(signal.SIGCONT)
     # every accepted job must also finish
@@ -271,7 +288,8 @@ def acceptance(stack: Stack, jobs: int, clients: int, worker_paused: bool = Fals
         time.sleep(0.5)
     drained = time.perf_counter() - start
     failed = client_api.list(status="failed", limit=100)["data"]
-    return {"jobs": jobs, "clients": clients, "worker_paused": worker_paused, "seconds": elapsed, "jobs_per_second": jobs / elapsed,
+    return {"jobs": jobs, "clients": clients, "worker_paused": worker_paused, "seconds": elapsed,
+            "api_cpu_ms_per_job": api_cpu / jobs * 1000, "jobs_per_second": jobs / elapsed,
             "post_latency": summary(latencies), "rejected": len(failures), "failed_jobs": len(failed),
             "all_done_seconds": drained, "completed_per_second": jobs / drained}
 
@@ -415,6 +433,7 @@ def print_queue(result: dict) -> None:
         print(f"{'accepted jobs/s, ' + label:44s} {a['jobs_per_second']:12.1f}")
         print(f"{'  POST latency median / p99 (ms)':44s} {ms(a['post_latency']['median']):>12s} / "
               f"{ms(a['post_latency']['p99'])}")
+        print(f"{'  API CPU per accepted job (ms)':44s} {a['api_cpu_ms_per_job']:12.2f}")
         print(f"{'  jobs completed/s (first POST -> all done)':44s} {a['completed_per_second']:12.1f}")
         print(f"{'  rejected POSTs / failed jobs':44s} {a['rejected']:>12d} / {a['failed_jobs']}")
     print(f"{'engine alone: add_request -> token, median ms':44s} {ms(e['median']):>12s}")

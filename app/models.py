@@ -121,12 +121,6 @@ class Job(Base):
         return f"<Job {self.id} {self.status}>"
 
 
-
-# API keys live in app/keys.py; importing it here puts their table on Base.metadata for every
-# process that knows the jobs table (Alembic's autogenerate and the schema check compare the two).
-from app import keys as _keys  # noqa: E402,F401
-
-
 BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
                   "cancelled")
 

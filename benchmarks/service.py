@@ -330,7 +330,8 @@ def _request_metrics(start: float, token_times: list[float], tokens: list[int], 
     for previous, current, count in zip(token_times, token_times[1:], tokens[1:]):
         itl.extend([(current - previous) / count] * count)   # an event with k tokens: k equal gaps
     tpot = (end - token_times[0]) / (n - 1) if token_times and n > 1 else None
-    return {"ttft": ttft, "itl": itl, "tpot": tpot, "e2e": end - start, "output_tokens": n}
+    return {"ttft": ttft, "itl": itl, "tpot": tpot, "e2e": end - start, "output_tokens": n,
+            "start_at": start, "end_at": end}
 
 
 def serve_via_service(stack: Stack, schedule, prompts, max_tokens: int) -> list[dict]:
@@ -396,6 +397,11 @@ def aggregate(results: list[dict]) -> dict:
     }
 
 
+def _serve_on_a_stack(args, home: Path, model: str, schedule, prompts) -> list[dict]:
+    with Stack(home / "serve", model, args.api_workers, args.max_num_seqs, args.torch_threads) as stack:
+        return serve_via_service(stack, schedule, prompts, args.max_tokens)
+
+
 def run_serve_part(args, home: Path) -> dict:
     from worker.engine.loader import resolve_model
 
@@ -403,22 +409,18 @@ def run_serve_part(args, home: Path) -> dict:
     schedule = poisson_schedule(args.num_prompts, args.rate, args.seed)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_prompts)]
     out = {"model": model, "rate": args.rate, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens}
-    for name, run in (("engine_alone", lambda: serve_engine_alone(model, schedule, prompts, args.max_tokens,
-                                                                  args.max_num_seqs)),
-                      ("service", None)):
-        if run is None:
-            with Stack(home / "serve", model, args.api_workers, args.max_num_seqs, args.torch_threads) as stack:
-                start = time.perf_counter()
-                results = serve_via_service(stack, schedule, prompts, args.max_tokens)
-                wall = time.perf_counter() - start
-        else:
-            start = time.perf_counter()
-            results = run()
-            wall = time.perf_counter() - start
+    runs = {
+        "engine_alone": lambda: serve_engine_alone(model, schedule, prompts, args.max_tokens, args.max_num_seqs),
+        "service": lambda: _serve_on_a_stack(args, home, model, schedule, prompts),
+    }
+    for name, run in runs.items():
+        results = run()
+        # From the first arrival to the last completion: model loading and start-up excluded.
+        duration = max(r["end_at"] for r in results) - min(r["start_at"] for r in results)
         agg = aggregate(results)
-        agg["duration"] = wall
-        agg["request_throughput"] = len(results) / wall
-        agg["output_throughput"] = agg["output_tokens"] / wall
+        agg["duration"] = duration
+        agg["request_throughput"] = len(results) / duration
+        agg["output_throughput"] = agg["output_tokens"] / duration
         out[name] = agg
     return out
 

@@ -192,7 +192,14 @@ def main() -> int:
             deadline = time.monotonic() + args.settle_seconds
             while final_count() < len(accepted) and time.monotonic() < deadline:
                 time.sleep(1)
+            def hooked() -> int:
+                return len({json.loads(d.body)["data"]["id"] for d in receiver.at("/ok/chaos")
+                            if json.loads(d.body).get("type") == "job.completed"})
+
+            while hooked() < len(accepted) and time.monotonic() < deadline:   # webhooks may trail
+                time.sleep(1)
             time.sleep(3)   # the last webhooks and done events
+            log(f"settled: {final_count()} final, {hooked()} with a job.completed webhook")
             with sessions() as session:
                 jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(accepted))))}
         done.close()

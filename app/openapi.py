@@ -126,7 +126,19 @@ def _schemas() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    _exactly_one_prompt_form(schemas["JobCreate"])
     return schemas
+
+
+def _exactly_one_prompt_form(schema: dict[str, Any]) -> None:
+    """What `GenerationInput._check` enforces, said in JSON Schema: `prompt` or `messages`, not both
+    (the document asks for the one that is sent, not for an explicit null beside it)."""
+    for name in ("prompt", "messages"):
+        prop = schema["properties"][name]
+        variants = [v for v in prop.pop("anyOf") if v.get("type") != "null"]
+        prop.update(variants[0])
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
 
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True,

@@ -37,6 +37,7 @@ class Settings:
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1            # GPUs (processes) one engine spans; see docs/tensor-parallel.md
+    tp_timeout_seconds: float = 300.0        # longest wait on a tensor-parallel rank before the engine fails
     worker_concurrency: int | None = None    # Celery threads; None: max_num_seqs
     queue: str = "genq"                      # Celery queue name
     key_prefix: str = "genq"                 # prefix of every genq Redis key (and of kombu's keys)
@@ -145,6 +146,7 @@ class Settings:
             "enable_prefix_caching": _bool(env, "GENQ_ENABLE_PREFIX_CACHING", True),
             "seed": _int(env, "GENQ_SEED", 0),
             "tensor_parallel_size": _int(env, "GENQ_TENSOR_PARALLEL_SIZE", 1),
+            "tp_timeout_seconds": _float(env, "GENQ_TP_TIMEOUT_SECONDS", 300.0),
             "worker_concurrency": _int(env, "GENQ_WORKER_CONCURRENCY", None),
             "queue": env.get("GENQ_QUEUE", "genq"),
             "key_prefix": env.get("GENQ_REDIS_PREFIX", "genq"),
@@ -198,6 +200,7 @@ class Settings:
             "GENQ_MAX_MODEL_LEN": self.max_model_len,
             "GENQ_ENABLE_PREFIX_CACHING": "1" if self.enable_prefix_caching else "0",
             "GENQ_SEED": self.seed, "GENQ_TENSOR_PARALLEL_SIZE": self.tensor_parallel_size,
+            "GENQ_TP_TIMEOUT_SECONDS": self.tp_timeout_seconds,
             "GENQ_WORKER_CONCURRENCY": self.worker_concurrency,
             "GENQ_QUEUE": self.queue, "GENQ_REDIS_PREFIX": self.key_prefix,
             "GENQ_EVENT_TTL_SECONDS": self.event_ttl_seconds, "GENQ_LEASE_SECONDS": self.lease_seconds,

@@ -89,7 +89,8 @@ def test_cancel_mid_generation(stack, client):
     assert response.status_code == 200, response.text
     canceled = response.json()
     assert canceled["status"] == "canceled" and canceled["output"]["finish_reason"] == "abort"
-    assert 0 < canceled["usage"]["completion_tokens"] < 1500 and canceled["output"]["text"]
+    # (the text may still be empty: the byte-level tiny tokenizer's first token can be half a character)
+    assert 0 < canceled["usage"]["completion_tokens"] < 1500
     rest = collect(client, job["id"], last_event_id=events[-1].id)
     assert streamed_text(events + rest) == canceled["output"]["text"]
     assert [e.event for e in rest][-2:] == ["status", "done"] and rest[-1].data["status"] == "canceled"

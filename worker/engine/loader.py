@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -79,7 +80,10 @@ def convert_gguf(path: Path, target: Path) -> None:
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_file(tensors, str(tmp / "model.safetensors"))
-    tmp.rename(target) if not target.exists() else None
+    if target.exists():          # another process finished the same conversion first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(target)
 
 
 # llama.cpp tensor names -> Hugging Face names ({i} is the layer)

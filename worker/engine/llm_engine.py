@@ -62,10 +62,7 @@ class LLMEngine:
                          "failed_steps": 0}
 
     def _load_model(self, hf_dir: Path):
-        max_positions = self.config.max_model_len or 1 << 30
-        from transformers import AutoConfig
-        limit = AutoConfig.from_pretrained(hf_dir).max_position_embeddings
-        max_positions = min(max_positions, limit)
+        max_positions = self.config.max_model_len or 1 << 30   # load_model clamps it to the model's limit
         if self.config.tensor_parallel_size == 1:
             return load_model(hf_dir, self.dtype, self.device, max_positions)
         self.tp = TensorParallelExecutor(self.config, hf_dir, max_positions)

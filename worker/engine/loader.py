@@ -215,6 +215,7 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 def load_model(hf_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                apply_sharding=None):
     """Build the model on `device` with the weights of a Hugging Face directory.
+    RoPE tables cover min(max_positions, the model's own limit) positions.
     `apply_sharding(model, state_dict) -> state_dict` lets tensor parallelism swap layers first."""
     from transformers import AutoConfig
 
@@ -237,7 +238,8 @@ def load_model(hf_dir: Path, dtype: torch.dtype, device: torch.device, max_posit
                 raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model {tuple(param.shape)}")
             param.copy_(src.to(dtype))
         model.to(dtype)
-        model.cos_sin_cache = rope_cos_sin(config, args.head_dim, max_positions).to(device)
+        positions = min(max_positions, args.max_position_embeddings)
+        model.cos_sin_cache = rope_cos_sin(config, args.head_dim, positions).to(device)
     model.eval()
     return model, config
 

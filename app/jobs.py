@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -78,16 +78,77 @@ def _detached_job(row) -> Job:
     return Job(**{_column_to_attr[key]: value for key, value in row._mapping.items()})
 
 
+class SubmissionRefused(Exception):
+    """`create_job(..., max_active=, live_key=)` inserted nothing: the owner's key is revoked, or
+    the owner already has `max_active` queued or running jobs (`active` is their count now)."""
+
+    def __init__(self, reason: str, active: int | None = None, limit: int | None = None):
+        super().__init__(reason)
+        self.reason = reason            # "key_revoked" or "too_many_active_jobs"
+        self.active = active
+        self.limit = limit
+
+
+_INSERT_COLUMNS = ("id", "owner", "status", "priority", "model", "input", "metadata", "attempts", "created_at")
+_ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def _guarded_insert(live_key: bool, max_active: bool):
+    """INSERT ... SELECT <the values> WHERE <the key is live> AND <fewer than :b_max_active active
+    jobs>: the submission's checks and its write in one statement, one round trip."""
+    from app.keys import ApiKey
+
+    conditions = []
+    if live_key:
+        keys = ApiKey.__table__
+        conditions.append(exists().where(keys.c.id == bindparam("owner"), keys.c.revoked_at.is_(None)))
+    if max_active:
+        # Count at most b_max_active rows: the check costs no more than the limit, however many are queued.
+        capped = (select(literal(1).label("one")).select_from(_jobs)
+                  .where(_jobs.c.owner == bindparam("owner"), _jobs.c.status.in_(_ACTIVE))
+                  .limit(bindparam("b_max_active")).subquery())
+        conditions.append(select(func.count()).select_from(capped).scalar_subquery() < bindparam("b_max_active"))
+    values = select(*[bindparam(name, type_=_jobs.c[name].type).label(name)
+                      for name in _INSERT_COLUMNS]).where(*conditions)
+    return insert(_jobs).from_select(list(_INSERT_COLUMNS), values).returning(_jobs.c.id)
+
+
+_GUARDED_INSERTS = {(k, a): _guarded_insert(k, a) for k in (False, True) for a in (False, True) if k or a}
+
+
 def create_job(session: Session, *, model: str, input: dict, owner: str | None = None, priority: int = 0,
-               metadata: dict | None = None, now: datetime | None = None) -> Job:
+               metadata: dict | None = None, now: datetime | None = None, max_active: int | None = None,
+               live_key: bool = False) -> Job:
     """Insert a queued job; returns it as a detached object (the insert skips the ORM unit of
-    work: submission is the API's hottest path)."""
+    work: submission is the API's hottest path).
+
+    With `max_active` the owner must have fewer queued + running jobs than that, and with
+    `live_key` the owner must be a key that is not revoked; both are checked by the insert itself
+    (no extra round trip), and a refusal raises `SubmissionRefused`. Concurrent submissions of one
+    owner in separate transactions may each see the count below the limit.
+    """
     job = Job(id=new_job_id(), owner=owner, status=JobStatus.QUEUED.value, priority=priority, model=model,
               input=input, meta=metadata, attempts=0, created_at=now or utcnow())
-    session.connection().execute(_INSERT, {
-        "id": job.id, "owner": owner, "status": job.status, "priority": priority, "model": model,
-        "input": input, "metadata": metadata, "attempts": 0, "created_at": job.created_at})
-    return job
+    params = {"id": job.id, "owner": owner, "status": job.status, "priority": priority, "model": model,
+              "input": input, "metadata": metadata, "attempts": 0, "created_at": job.created_at}
+    guarded = live_key or max_active is not None
+    if guarded and owner is None:
+        raise ValueError("max_active and live_key need an owner")
+    if not guarded:
+        session.connection().execute(_INSERT, params)
+        return job
+    params["b_max_active"] = max_active
+    inserted = session.connection().execute(_GUARDED_INSERTS[(live_key, max_active is not None)], params).first()
+    if inserted is not None:
+        return job
+    if live_key:
+        from app.keys import ApiKey
+
+        if session.scalar(select(ApiKey.id).where(ApiKey.id == owner, ApiKey.revoked_at.is_(None))) is None:
+            raise SubmissionRefused("key_revoked")
+    active = session.scalar(select(func.count()).select_from(_jobs).where(
+        _jobs.c.owner == owner, _jobs.c.status.in_(_ACTIVE))) or 0
+    raise SubmissionRefused("too_many_active_jobs", active=active, limit=max_active)
 
 
 def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:

@@ -16,10 +16,11 @@ import logging
 from flask import Flask, current_app, g, request
 from redis.exceptions import RedisError
 
-from app.api.auth import current_key
+from app.api.auth import current_key, revoked_meanwhile
 from app.api.problems import Problem
 from app.api.services import services
 from app.context_window import ContextWindow
+from app.jobs import SubmissionRefused
 from app.idempotency import Claim, ClaimState, IdempotencyStore, fingerprint, valid_key
 from app.metrics import queue_depth
 from app.quotas import active_jobs
@@ -46,7 +47,10 @@ def install(app: Flask) -> None:
                 log.warning("could not release idempotency key (it expires on its own)", exc_info=True)
 
 
-def admit(spec: JobCreate) -> None:
+def admit(spec: JobCreate, count_active: bool = True) -> None:
+    """Raise the problem that refuses `spec`, if any. With `count_active=False` the caller checks
+    the key's active jobs itself, in its insert (`jobs.create_job(max_active=...)`; see
+    `refused(...)`)."""
     svc = services()
     key = current_key()
     limit = key.max_tokens or svc.settings.max_tokens_limit
@@ -75,13 +79,31 @@ def admit(spec: JobCreate) -> None:
             raise Problem(503, f"the queue holds {depth} jobs (limit {svc.settings.max_queue_depth}); "
                           "retry later", title="Service overloaded", type="overloaded",
                           headers={"Retry-After": str(SHED_RETRY_AFTER_SECONDS)})
-    allowed = key.max_active_jobs or svc.settings.max_active_jobs
+    if not count_active:
+        return
+    allowed = max_active_jobs()
     with svc.sessions() as session:
         active = active_jobs(session, key.id)
     if active >= allowed:
-        raise Problem(429, f"this key has {active} queued or running jobs, its limit is {allowed}; retry when "
-                      "some have finished", title="Too many active jobs", type="too-many-active-jobs",
-                      headers={"Retry-After": str(SHED_RETRY_AFTER_SECONDS)})
+        raise _too_many_active(active, allowed)
+
+
+def max_active_jobs() -> int:
+    """The calling key's limit of queued + running jobs."""
+    return current_key().max_active_jobs or services().settings.max_active_jobs
+
+
+def _too_many_active(active: int, allowed: int) -> Problem:
+    return Problem(429, f"this key has {active} queued or running jobs, its limit is {allowed}; retry when "
+                   "some have finished", title="Too many active jobs", type="too-many-active-jobs",
+                   headers={"Retry-After": str(SHED_RETRY_AFTER_SECONDS)})
+
+
+def refused(refusal: SubmissionRefused) -> Problem:
+    """The problem for an insert that `jobs.create_job(max_active=, live_key=)` refused."""
+    if refusal.reason == "key_revoked":
+        return revoked_meanwhile(current_key())
+    return _too_many_active(refusal.active, refusal.limit)
 
 
 def claim_idempotency(body: dict) -> Claim | None:

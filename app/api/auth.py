@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 
 from flask import Flask, g, request
 from redis.exceptions import RedisError
@@ -31,10 +33,46 @@ log = logging.getLogger(__name__)
 PROTECTED_PREFIX = "/v1/"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="genq"'}
 
+# Views whose own write re-checks that the key is live (`jobs.create_job(..., live_key=True)`, in
+# the same statement as the insert): for them a recently seen key is taken from a per-process cache
+# instead of a SELECT, and a key revoked meanwhile is still refused, by that write. Every other view
+# looks the key up in the database on each request.
+CACHED_KEY_ENDPOINTS = frozenset({"jobs.create_job"})
+KEY_CACHE_SECONDS = 60.0
+KEY_CACHE_SIZE = 4096
+
+
+class KeyCache:
+    """key hash -> (KeyIdentity, expiry); thread-safe; cleared whole when full (keys are few)."""
+
+    def __init__(self, ttl_seconds: float = KEY_CACHE_SECONDS, size: int = KEY_CACHE_SIZE):
+        self.ttl_seconds = ttl_seconds
+        self.size = size
+        self._entries: dict[str, tuple[KeyIdentity, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> KeyIdentity | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, digest: str, key: KeyIdentity) -> None:
+        with self._lock:
+            if len(self._entries) >= self.size:
+                self._entries.clear()
+            self._entries[digest] = (key, time.monotonic() + self.ttl_seconds)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            for digest in [d for d, (key, _) in self._entries.items() if key.id == key_id]:
+                del self._entries[digest]
+
 
 def install(app: Flask) -> None:
     svc = app.extensions["genq"]
     app.extensions["genq_rate_limiter"] = RateLimiter(svc.redis, svc.settings.key_prefix)
+    app.extensions["genq_key_cache"] = KeyCache()
 
     @app.before_request
     def _authenticate_v1():
@@ -53,10 +91,20 @@ def _authenticate() -> KeyIdentity:
     if scheme.lower() != "bearer" or not token.strip():
         raise Problem(401, "the Authorization header must be 'Bearer <key>'", title="Invalid API key",
                       type="unauthorized", headers=_CHALLENGE)
+    from flask import current_app
+
     svc = services()
+    token = token.strip()
+    cache: KeyCache = current_app.extensions["genq_key_cache"]
+    cacheable = request.endpoint in CACHED_KEY_ENDPOINTS
+    key = cache.get(keys.hash_key(token)) if cacheable else None
+    if key is not None:
+        g.genq_key = key
+        _check_rate(key)
+        return key
     try:
         with svc.sessions() as session:
-            key = keys.authenticate(session, token.strip())
+            key = keys.authenticate(session, token)
     except SQLAlchemyError:
         log.warning("cannot check an API key: the database is unreachable", exc_info=True)
         raise Problem(503, "API keys cannot be checked right now (the database is unreachable); retry later",
@@ -64,9 +112,20 @@ def _authenticate() -> KeyIdentity:
     if key is None:
         raise Problem(401, "the API key is unknown or revoked", title="Invalid API key", type="unauthorized",
                       headers=_CHALLENGE)
+    if cacheable:
+        cache.put(keys.hash_key(token), key)
     g.genq_key = key
     _check_rate(key)
     return key
+
+
+def revoked_meanwhile(key: KeyIdentity) -> Problem:
+    """For a view whose write found the (cached) key revoked: forget it, and the 401 to raise."""
+    from flask import current_app
+
+    current_app.extensions["genq_key_cache"].forget(key.id)
+    return Problem(401, "the API key is unknown or revoked", title="Invalid API key", type="unauthorized",
+                   headers=_CHALLENGE)
 
 
 def _check_rate(key: KeyIdentity) -> None:

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from app import hooks
 from app import jobs as store
-from app.api.admission import admit, claim_idempotency, complete_idempotency
+from app.api.admission import admit, claim_idempotency, complete_idempotency, max_active_jobs, refused
 from app.api.auth import current_owner
 from app.api.events_stream import stream_job_events
 from app.api.problems import Problem
@@ -20,7 +20,7 @@ from app.api.webhooks import check_submission as check_webhook
 from app.api.webhooks import register as register_webhook
 from app.events import EventId, JobEvent
 from app.idempotency import ClaimState
-from app.jobs import CancelOutcome, JobResult
+from app.jobs import CancelOutcome, JobResult, SubmissionRefused
 from app.models import ALL_STATUSES, Job, JobStatus
 from app.schemas import JobCreate
 from app.serialization import done_event_data, job_to_dict
@@ -81,11 +81,17 @@ def create_job():
     if claim is not None and claim.state is ClaimState.REPLAY:
         return _job_response(_find(claim.job_id), 202, Idempotent_Replayed="true",
                              Location=url_for("jobs.get_job", job_id=claim.job_id, _external=True))
-    admit(spec)
-    with svc.sessions.begin() as session:
-        job = store.create_job(session, owner=current_owner(), model=model, priority=spec.priority,
-                               input=spec.stored_input(), metadata=spec.metadata)
-        register_webhook(session, job.id, spec)
+    admit(spec, count_active=False)
+    try:
+        with svc.sessions.begin() as session:
+            # The insert itself checks the key's active jobs and that the key is live (the key may
+            # come from the API's short-lived cache: app/api/auth.py).
+            job = store.create_job(session, owner=current_owner(), model=model, priority=spec.priority,
+                                   input=spec.stored_input(), metadata=spec.metadata,
+                                   max_active=max_active_jobs(), live_key=True)
+            register_webhook(session, job.id, spec)
+    except SubmissionRefused as refusal:
+        raise refused(refusal) from None
     complete_idempotency(job.id)
     wait = preferred_wait()
     pubsub = None

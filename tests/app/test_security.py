@@ -103,6 +103,27 @@ def test_revoked_key_is_401(api, app):
     assert_problem(call("GET", f"{api}/v1/jobs", key), 401)
 
 
+def test_key_revoked_after_a_submission_cannot_submit_again(api, app):
+    """Submissions take the key from the API's cache (app/api/auth.py); the insert itself still
+    refuses a key revoked meanwhile, and nothing is created."""
+    from app.keys import revoke_key
+
+    key = create_test_key(app, "cached-then-revoked")
+    assert submit(api, key).status_code == 202            # the key is now in the cache
+    with app.extensions["genq"].sessions.begin() as session:
+        assert len(revoke_key(session, key)) == 1
+    assert_problem(submit(api, key), 401)
+    assert_problem(submit(api, key), 401)                 # forgotten by the cache: a plain lookup now
+    with app.extensions["genq"].sessions() as session:
+        from sqlalchemy import func, select
+
+        from app.keys import ApiKey, hash_key
+        from app.models import Job
+
+        owner = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key)))
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.owner == owner)) == 1
+
+
 def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
     import json
 

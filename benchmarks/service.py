@@ -65,6 +65,7 @@ class Stack:
         from app.redis_client import resolve_redis_url
         from app.settings import Settings
 
+        home.mkdir(parents=True, exist_ok=True)
         prefix = f"genqbench-{secrets.token_hex(4)}"
         base = Settings.from_env()
         database_url = base.database_url if os.environ.get("DATABASE_URL") else f"sqlite:///{home / 'bench.db'}"

@@ -2,9 +2,13 @@
 
 A batch is a JSONL file of requests. Starting it (a worker task) validates every line, inserts one
 low-priority job per valid line and records the invalid ones; the batch is then `in_progress`.
-When its last job ends, `maybe_finalize` writes the output file (results) and the error file
-(invalid lines, failed and canceled requests), matched to the input by `custom_id`. Every step is a
-conditional UPDATE on the batch's status, so running any of them twice changes nothing.
+Lines are released a few at a time: at most `max_in_flight` lines of a batch are released and not
+yet finished (only released lines have their task sent), and each line that ends releases the next
+(`release_lines`), so a big batch never fills the engine and the workers' threads ahead of
+interactive requests. When its last job ends, `maybe_finalize` writes the output file (results)
+and the error file (invalid lines, failed and canceled requests), matched to the input by
+`custom_id`. Every step is a conditional UPDATE on the batch's status, so running any of them twice
+changes nothing.
 
     validating -> in_progress -> finalizing -> completed
     validating -> failed (the file is unusable)        validating -> cancelled
@@ -14,9 +18,12 @@ conditional UPDATE on the batch's status, so running any of them twice changes n
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from typing import Callable
 
 from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -24,6 +31,8 @@ from sqlalchemy.orm import Session
 from app import openai_format as fmt
 from app.db import utcnow
 from app.models import Batch, File, Job, JobStatus, new_job_id
+
+log = logging.getLogger(__name__)
 
 BATCH_PURPOSE = "batch"
 OUTPUT_PURPOSE = "batch_output"
@@ -171,10 +180,12 @@ def parse_lines(content: bytes, endpoint: str, model_name: str) -> ParsedLines:
     return ParsedLines(jobs, errors, total)
 
 
-def start_batch(session: Session, batch_id: str, model_name: str) -> list[str]:
-    """validating -> in_progress, inserting the batch's jobs in the same transaction. Returns the ids
-    of the batch's queued jobs (all of them when called again later: re-sending their tasks is
-    harmless, a claim is conditional). An unusable file fails the batch."""
+def start_batch(session: Session, batch_id: str, model_name: str, max_in_flight: int = 0) -> list[str]:
+    """validating -> in_progress, inserting the batch's jobs (held) in the same transaction and
+    releasing the first `max_in_flight` of them (0: all). Returns the ids of the jobs whose task is
+    to be sent: the released ones; when called again later, the released ones still queued (their
+    tasks may be lost; re-sending is harmless, a claim is conditional) and any newly released. An
+    unusable file fails the batch."""
     now = utcnow()
     # The write comes first (SQLite: a write transaction starts with its write; PostgreSQL: the row
     # stays locked, so a second start of the same batch waits and then finds it in progress).
@@ -183,8 +194,10 @@ def start_batch(session: Session, batch_id: str, model_name: str) -> list[str]:
     if claimed.rowcount != 1:
         if session.scalar(select(Batch.status).where(Batch.id == batch_id)) not in ("in_progress", "cancelling"):
             return []
-        return list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
-                                                         Job.status == JobStatus.QUEUED.value).order_by(Job.id)))
+        released = list(session.scalars(select(Job.id).where(
+            Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value, Job.released_at.is_not(None))
+            .order_by(Job.id)))
+        return released + release_lines(session, batch_id, max_in_flight, now)
     batch = session.get(Batch, batch_id)
     file = session.get(File, batch.input_file_id)
     parsed = parse_lines(file.content, batch.endpoint, model_name) if file is not None else None
@@ -203,7 +216,76 @@ def start_batch(session: Session, batch_id: str, model_name: str) -> list[str]:
             for custom_id, job_input in parsed.jobs]
     if rows:
         session.execute(insert(Job.__table__), rows)
-    return [row["id"] for row in rows]
+    return release_lines(session, batch_id, max_in_flight, now)
+
+
+# -- releasing lines: at most max_in_flight of a batch's lines queued or running -------------------
+
+def release_lines(session: Session, batch_id: str, max_in_flight: int, now: datetime | None = None) -> list[str]:
+    """Release held lines of an `in_progress` batch until `max_in_flight` of its lines are released
+    and unfinished (0: release them all); returns the ids released now, in line order, whose tasks
+    the caller sends once this transaction commits.
+
+    The batch's row is written first and so held until the transaction ends (PostgreSQL: a row
+    lock; SQLite: the database's write lock): concurrent callers count and release one after the
+    other, so a line is released once and the cap is never exceeded. Calling it when nothing ended
+    releases nothing: the job hook, the batch task and the reconciler can all call it."""
+    held_batch = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "in_progress")
+                                 .values(status="in_progress").execution_options(synchronize_session=False))
+    if held_batch.rowcount != 1:
+        return []   # not started, or stopping: nothing more is released
+    room = None
+    if max_in_flight > 0:
+        room = max_in_flight - session.scalar(select(func.count()).select_from(Job).where(
+            Job.batch_id == batch_id, *_in_flight()))
+        if room <= 0:
+            return []
+    query = select(Job.id).where(Job.batch_id == batch_id, *_held()).order_by(Job.id)
+    job_ids = list(session.scalars(query if room is None else query.limit(room)))
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids), *_held()).values(released_at=now or utcnow())
+                        .execution_options(synchronize_session=False))
+    return job_ids
+
+
+def _held():
+    """A line not yet released (the terms of the `ix_jobs_batch_held` partial index)."""
+    return (Job.batch_id.is_not(None), Job.released_at.is_(None), Job.status == JobStatus.QUEUED.value)
+
+
+def _in_flight():
+    """A line released and not finished (the terms of the `ix_jobs_batch_in_flight` partial index)."""
+    return (Job.released_at.is_not(None), Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
+
+
+Send = Callable[[str, int], None]   # (job id, priority): enqueue genq.run_job
+
+
+def release_and_send(sessions, batch_id: str, max_in_flight: int, send: Send) -> list[str]:
+    """`release_lines` in its own transaction, then send the released lines' tasks. A task that
+    cannot be sent (the broker is down) is not lost: the line is released in the database, and
+    the reconciler sends it once it has waited `requeue_after_seconds`."""
+    with sessions.begin() as session:
+        job_ids = release_lines(session, batch_id, max_in_flight)
+    for job_id in job_ids:
+        try:
+            send(job_id, fmt.BATCH_PRIORITY)
+        except Exception:
+            log.warning("batch %s: could not send the task of line %s; the reconciler will", batch_id, job_id,
+                        exc_info=True)
+    return job_ids
+
+
+def batches_short_of_lines(session: Session, max_in_flight: int) -> list[str]:
+    """Batches in progress with held lines and fewer than `max_in_flight` lines in flight: a line
+    ended without releasing the next (its process died between the two)."""
+    held = exists().where(Job.batch_id == Batch.id, *_held())
+    query = select(Batch.id).where(Batch.status == "in_progress", held)
+    if max_in_flight > 0:
+        in_flight = (select(func.count()).select_from(Job).where(Job.batch_id == Batch.id, *_in_flight())
+                     .correlate(Batch).scalar_subquery())
+        query = query.where(in_flight < max_in_flight)
+    return list(session.scalars(query.order_by(Batch.id)))
 
 
 # -- cancelling -----------------------------------------------------------------------------------
@@ -250,8 +332,9 @@ def batch_of_job(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.batch_id).where(Job.id == job_id))
 
 
-def finalize_on_completion(sessions):
-    """A job hook (worker and API): when a job of a batch ends, finish the batch if it was the last."""
+def advance_on_completion(sessions, max_in_flight: int, send: Send):
+    """A job hook (worker and API): when a line of a batch ends (succeeded, failed or canceled),
+    release the next line(s), and finish the batch if it was the last."""
 
     def hook(event: str, job_id: str, details: dict) -> None:
         if event != "completed":
@@ -259,6 +342,7 @@ def finalize_on_completion(sessions):
         with sessions() as session:
             batch_id = batch_of_job(session, job_id)
         if batch_id is not None:
+            release_and_send(sessions, batch_id, max_in_flight, send)
             maybe_finalize(sessions, batch_id)
 
     return hook

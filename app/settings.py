@@ -73,6 +73,7 @@ class Settings:
     max_tokens_limit: int | None = None      # per key: the largest max_tokens; None: only the model's context
     max_queue_depth: int = 10000             # broker queue depth beyond which new jobs get 503; 0: no limit
     idempotency_ttl_seconds: int = 24 * 3600 # how long an Idempotency-Key is remembered
+    batch_max_in_flight: int = 8             # lines of one batch queued or running at once; 0: no limit
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "event_ttl_seconds",
@@ -93,6 +94,8 @@ class Settings:
         self.log_level = self.log_level.upper()
         if self.drain_seconds < 0:
             raise ValueError(f"setting drain_seconds must be >= 0, got {self.drain_seconds!r}")
+        if self.batch_max_in_flight < 0:
+            raise ValueError(f"setting batch_max_in_flight must be >= 0, got {self.batch_max_in_flight!r}")
         if self.max_queue_depth < 0:
             raise ValueError(f"setting max_queue_depth must be >= 0, got {self.max_queue_depth!r}")
         if self.max_tokens_limit is not None and self.max_tokens_limit <= 0:
@@ -182,6 +185,7 @@ class Settings:
             "max_tokens_limit": _int(env, "GENQ_MAX_TOKENS_LIMIT", None),
             "max_queue_depth": _int(env, "GENQ_MAX_QUEUE_DEPTH", 10000),
             "idempotency_ttl_seconds": _int(env, "GENQ_IDEMPOTENCY_TTL_SECONDS", 24 * 3600),
+            "batch_max_in_flight": _int(env, "GENQ_BATCH_MAX_IN_FLIGHT", 8),
         }
         values.update(overrides)
         return cls(**values)
@@ -218,6 +222,7 @@ class Settings:
             "GENQ_RATE_LIMIT_PER_MINUTE": self.rate_limit_per_minute, "GENQ_MAX_ACTIVE_JOBS": self.max_active_jobs,
             "GENQ_MAX_TOKENS_LIMIT": self.max_tokens_limit, "GENQ_MAX_QUEUE_DEPTH": self.max_queue_depth,
             "GENQ_IDEMPOTENCY_TTL_SECONDS": self.idempotency_ttl_seconds,
+            "GENQ_BATCH_MAX_IN_FLIGHT": self.batch_max_in_flight,
         }
         env.update({"GENQ_WEBHOOK_SECRET": self.webhook_secret,
                     "GENQ_WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "0",

@@ -34,9 +34,10 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
 
     hooks.register(dispatcher_for(settings, runtime.sessions, celery))   # webhook events (docs/webhooks.md)
     import worker.batches  # noqa: F401  (genq.start_batch)
-    from app.batches import finalize_on_completion
+    from app.batches import advance_on_completion
 
-    hooks.register(finalize_on_completion(runtime.sessions))   # a batch's last job finalizes it
+    # a batch line's end releases the next line; the last one finalizes the batch
+    hooks.register(advance_on_completion(runtime.sessions, settings.batch_max_in_flight, runtime.send_job))
 
     @worker_shutting_down.connect(weak=False)
     def _drain(**_):

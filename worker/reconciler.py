@@ -3,11 +3,16 @@
 Every worker runs one in a thread; a Redis lock lets one of them sweep per interval. A sweep sends
 the task of every job that
 
-- is `queued` and was created more than `requeue_after_seconds` ago: its task was lost (the API
-  could not enqueue it while Redis was down, Redis restarted without it) or is still waiting
-  behind a backlog (then the copy is harmless: the second delivery finds nothing to claim);
+- is `queued` and was created (a batch line: released) more than `requeue_after_seconds` ago: its
+  task was lost (the API could not enqueue it while Redis was down, Redis restarted without it)
+  or is still waiting behind a backlog (then the copy is harmless: the second delivery finds
+  nothing to claim). A batch line not yet released has no task to lose: it waits for its turn;
 - is `running` with an expired lease: its worker died (SIGKILL, OOM, lost machine), so nobody
   renews the lease and Celery would redeliver the task only after its visibility timeout.
+
+It also tops batches up: a batch in progress with fewer than `batch_max_in_flight` lines in flight
+and lines still held lost a release (the process that ended a line died before releasing the
+next), so the sweep releases and sends them (`app.batches.release_lines`, exact under concurrency).
 
 The task itself decides what happens (`claim_job` is conditional, `job_runner` gives up after
 `max_attempts`), so sending a task twice is always safe. Each job is sent at most once per
@@ -25,8 +30,9 @@ import time
 from datetime import timedelta
 from typing import Callable
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 
+from app import batches
 from app.db import utcnow
 from app.models import Job, JobStatus
 
@@ -39,8 +45,10 @@ def stale_jobs(session, *, requeue_after_seconds: float, now=None, limit: int = 
     """(job id, priority) of jobs whose task must be sent again: queued too long, or running on an
     expired lease. Oldest first."""
     now = now or utcnow()
+    # A batch line waits from its release; a line not released has no task yet (it is held).
     waited_too_long = and_(Job.status == JobStatus.QUEUED.value,
-                           Job.created_at < now - timedelta(seconds=requeue_after_seconds))
+                           or_(Job.batch_id.is_(None), Job.released_at.is_not(None)),
+                           func.coalesce(Job.released_at, Job.created_at) < now - timedelta(seconds=requeue_after_seconds))
     orphaned = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
     rows = session.execute(select(Job.id, Job.priority).where(or_(waited_too_long, orphaned))
                            .order_by(Job.id).limit(limit))
@@ -96,11 +104,24 @@ class Reconciler:
             sent += 1
         if sent:
             log.warning("reconciler re-sent the tasks of %d stuck job(s)", sent)
+        sent += self._top_up_batches()
         if self.extra_sweeps and time.monotonic() >= self._extras_due:
             # These scan more (e.g. a day of finished jobs): once per requeue period is enough.
             self._extras_due = time.monotonic() + self.settings.requeue_after_seconds
             self._run_extra_sweeps()
         return sent
+
+    def _top_up_batches(self) -> int:
+        cap = self.settings.batch_max_in_flight
+        with self.sessions() as session:
+            short = batches.batches_short_of_lines(session, cap)
+        released = 0
+        for batch_id in short:
+            released += len(batches.release_and_send(self.sessions, batch_id, cap, self.send))
+        if released:
+            log.warning("reconciler released %d held line(s) of %d batch(es) short of lines in flight",
+                        released, len(short))
+        return released
 
     def _run_extra_sweeps(self) -> None:
         for fn in self.extra_sweeps:

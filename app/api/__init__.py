@@ -38,13 +38,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
-    from app.batches import finalize_on_completion
+    from app.batches import advance_on_completion
+    from worker.celery_app import send_run_job
 
-    hooks.register(finalize_on_completion(app.extensions["genq"].sessions))   # a batch job canceled while queued
+    connections = app.extensions[genq.name]
+    # a batch line canceled while queued releases the next line (and may finalize its batch)
+    hooks.register(advance_on_completion(
+        connections.sessions, settings.batch_max_in_flight,
+        lambda job_id, priority: send_run_job(connections.celery, settings, job_id, priority)))
     from app.api import webhooks as webhooks_api   # docs/webhooks.md
     from worker.webhooks import dispatcher_for
 
     app.register_blueprint(webhooks_api.bp)
-    connections = app.extensions[genq.name]
     hooks.register(dispatcher_for(settings, connections.sessions, connections.celery))
     return app

@@ -3,10 +3,12 @@ and finalizing, each safe to repeat."""
 from __future__ import annotations
 
 import json
+import threading
 
 from sqlalchemy import select, update
 
 from app import batches
+from app import jobs as jobs_store
 from app.models import Batch, File, Job
 
 MODEL = "tiny"
@@ -123,3 +125,129 @@ def test_a_batch_past_its_window_expires_with_what_finished(sessions):
         assert batch.output_file_id and batch.expired_at is not None and batch.cancelled_at is None
         errors = [json.loads(x) for x in session.get(File, batch.error_file_id).content.decode().splitlines()]
     assert {e["error"]["code"] for e in errors} == {"batch_expired"} and len(errors) == 2
+
+
+# -- the in-flight cap: lines are released a few at a time -----------------------------------------
+
+def _lines(sessions, batch_id) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.id)))
+
+
+def _in_flight(jobs) -> list[str]:
+    return [j.custom_id for j in jobs if j.released_at is not None and j.status in ("queued", "running")]
+
+
+def _end(sessions, job_ids, status="succeeded"):
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(status=status, output_text="ok",
+                                                                      finish_reason="stop"))
+
+
+def test_start_releases_only_the_first_lines_and_each_end_releases_the_next(sessions):
+    batch_id = _new_batch(sessions, [_line(i) for i in range(7)])
+    with sessions.begin() as session:
+        released = batches.start_batch(session, batch_id, MODEL, max_in_flight=3)
+    jobs = _lines(sessions, batch_id)
+    assert released == [j.id for j in jobs[:3]] and _in_flight(jobs) == ["r0", "r1", "r2"]
+    with sessions.begin() as session:
+        assert batches.release_lines(session, batch_id, 3) == []          # nothing ended: nothing more
+        assert batches.start_batch(session, batch_id, MODEL, 3) == released   # a redelivery re-sends these
+    _end(sessions, [released[1]])                                         # one succeeds ...
+    _end(sessions, [released[0]], status="failed")                        # ... one fails
+    with sessions.begin() as session:
+        assert batches.release_lines(session, batch_id, 3) == [jobs[3].id, jobs[4].id]
+    assert _in_flight(_lines(sessions, batch_id)) == ["r2", "r3", "r4"]
+    with sessions.begin() as session:   # a queued line canceled through the job API
+        assert jobs_store.cancel_job(session, jobs[2].id, "k1") is jobs_store.CancelOutcome.CANCELED
+    with sessions.begin() as session:
+        assert batches.release_lines(session, batch_id, 3) == [jobs[5].id]
+        session.execute(update(Job).where(Job.id == jobs[3].id).values(status="running"))
+    _end(sessions, [jobs[4].id, jobs[5].id])
+    with sessions.begin() as session:
+        assert batches.release_lines(session, batch_id, 3) == [jobs[6].id]   # the last one
+        assert batches.release_lines(session, batch_id, 3) == []
+    assert _in_flight(_lines(sessions, batch_id)) == ["r3", "r6"]
+
+
+def test_no_cap_releases_every_line_at_start(sessions):
+    batch_id = _new_batch(sessions, [_line(i) for i in range(5)])
+    with sessions.begin() as session:
+        assert len(batches.start_batch(session, batch_id, MODEL, max_in_flight=0)) == 5
+    assert len(_in_flight(_lines(sessions, batch_id))) == 5
+
+
+def test_concurrent_releases_never_exceed_the_cap_nor_release_a_line_twice(sessions):
+    """Each round ends every line in flight, then as many threads as lines ended each call the job
+    hook's release at once: together they release exactly the cap, each line once."""
+    cap, total = 4, 22
+    batch_id = _new_batch(sessions, [_line(i) for i in range(total)])
+    sent: list[str] = []
+    with sessions.begin() as session:
+        sent += batches.start_batch(session, batch_id, MODEL, max_in_flight=cap)
+    rounds = 0
+    while len(sent) < total:
+        rounds += 1
+        ended = _in_flight(_lines(sessions, batch_id))
+        assert len(ended) == cap
+        _end(sessions, [j.id for j in _lines(sessions, batch_id) if j.custom_id in ended])
+        barrier = threading.Barrier(cap)
+
+        def release():
+            barrier.wait()
+            batches.release_and_send(sessions, batch_id, cap, lambda job_id, priority: sent.append(job_id))
+
+        threads = [threading.Thread(target=release) for _ in range(cap)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(_in_flight(_lines(sessions, batch_id))) == min(cap, total - cap * rounds)
+    assert len(sent) == len(set(sent)) == total
+    assert sent[:cap] == [j.id for j in _lines(sessions, batch_id)[:cap]]
+
+
+def test_cancel_cancels_held_lines_and_releases_nothing_more(sessions):
+    batch_id = _new_batch(sessions, [_line(i) for i in range(6)])
+    with sessions.begin() as session:
+        first, second = batches.start_batch(session, batch_id, MODEL, max_in_flight=2)
+        session.execute(update(Job).where(Job.id == first).values(status="running"))
+    with sessions.begin() as session:
+        _, running = batches.cancel_batch(session, batch_id, "k1")
+    assert running == [first]
+    jobs = _lines(sessions, batch_id)
+    assert [j.status for j in jobs] == ["running"] + ["canceled"] * 5   # held lines too
+    _end(sessions, [first], status="canceled")
+    with sessions.begin() as session:
+        assert batches.release_lines(session, batch_id, 2) == []
+    assert batches.maybe_finalize(sessions, batch_id) == "cancelled"
+
+
+def test_the_job_hook_releases_the_next_line_and_finalizes_the_batch(sessions):
+    batch_id = _new_batch(sessions, [_line(i) for i in range(3)])
+    with sessions.begin() as session:
+        first, = batches.start_batch(session, batch_id, MODEL, max_in_flight=1)
+    sent: list[tuple[str, int]] = []
+    hook = batches.advance_on_completion(sessions, 1, lambda job_id, priority: sent.append((job_id, priority)))
+    jobs = _lines(sessions, batch_id)
+    for job in jobs:
+        _end(sessions, [job.id], status="failed" if job.custom_id == "r1" else "succeeded")
+        hook("completed", job.id, {})
+    assert sent == [(jobs[1].id, 9), (jobs[2].id, 9)]
+    with sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch.status == "completed"
+        assert batches.request_counts(batch, batches.job_counts(session, batch_id)) == \
+            {"total": 3, "completed": 2, "failed": 1}
+
+
+def test_batches_short_of_lines(sessions):
+    full, short, done = (_new_batch(sessions, [_line(i) for i in range(4)]) for _ in range(3))
+    with sessions.begin() as session:
+        for batch_id in (full, short, done):
+            batches.start_batch(session, batch_id, MODEL, max_in_flight=2)
+    _end(sessions, [j.id for j in _lines(sessions, short)[:1]])   # ended, but nothing released the next
+    _end(sessions, [j.id for j in _lines(sessions, done)])        # nothing held
+    with sessions() as session:
+        assert batches.batches_short_of_lines(session, 2) == [short]
+        assert batches.batches_short_of_lines(session, 0) == sorted([full, short])

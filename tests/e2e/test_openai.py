@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import statistics
+import threading
 import time
 
 import openai
@@ -183,8 +184,43 @@ def _jsonl(client, file_id):
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
 
 
+class LinesInFlight:
+    """Samples, from the database in a thread, how many lines of a batch are released and not
+    finished (queued or running) and how many are running; keeps the largest of each."""
+
+    def __init__(self, settings, batch_id: str):
+        from app.db import session_factory
+
+        self.sessions, self.batch_id = session_factory(settings.database_url), batch_id
+        self.max_in_flight = self.max_running = self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "LinesInFlight":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from sqlalchemy import select
+
+        from app.models import Job
+
+        while not self._stop.is_set():
+            with self.sessions() as session:
+                rows = session.execute(select(Job.status, Job.released_at).where(
+                    Job.batch_id == self.batch_id, Job.status.in_(("queued", "running")))).all()
+            self.max_in_flight = max(self.max_in_flight, sum(1 for _, released in rows if released is not None))
+            self.max_running = max(self.max_running, sum(1 for status, _ in rows if status == "running"))
+            self.samples += 1
+            time.sleep(0.02)
+
+
 def test_batch_of_100_with_3_invalid_lines(genq):
-    settings, _, client = genq
+    settings, url, client = genq
     model = settings.model_name
     lines = [_chat_line(model, i, 3) for i in range(100)]
     lines[10] = {**lines[10], "url": "/v1/embeddings"}
@@ -195,8 +231,12 @@ def test_batch_of_100_with_3_invalid_lines(genq):
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
                                   metadata={"run": "e2e"})
     assert batch.status in ("validating", "in_progress") and batch.metadata == {"run": "e2e"}
-    batch = _wait(client, batch.id, {"completed", "failed"})
+    with LinesInFlight(settings, batch.id) as watch:
+        batch = _wait(client, batch.id, {"completed", "failed"})
     assert batch.status == "completed", batch
+    # never more than the cap of lines queued or running at once, and the cap was reached
+    assert watch.samples > 10 and watch.max_in_flight == settings.batch_max_in_flight == 8
+    assert watch.max_running <= settings.batch_max_in_flight
     assert batch.request_counts.model_dump() == {"total": 100, "completed": 97, "failed": 3}
     results, errors = _jsonl(client, batch.output_file_id), _jsonl(client, batch.error_file_id)
     assert sorted(r["custom_id"] for r in results) == sorted(f"req-{i}" for i in range(100) if i not in (10, 50, 90))
@@ -207,6 +247,52 @@ def test_batch_of_100_with_3_invalid_lines(genq):
         assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= 3
     assert all(e["error"]["code"] and e["error"]["message"] for e in errors)
     assert batch.id in [b.id for b in client.batches.list(limit=100).data]
+    for result in results:   # each result is the answer to its own line's request
+        job = requests.get(f"{url}/v1/jobs/{result['response']['request_id']}", timeout=30).json()
+        number = result["custom_id"].removeprefix("req-")
+        assert job["input"]["messages"] == [{"role": "user", "content": f"Count to {number}"}]
+        assert result["response"]["body"]["choices"][0]["message"]["content"] == job["output"]["text"]
+
+
+def test_a_line_that_fails_or_is_canceled_releases_the_next(genq):
+    """More failing and canceled lines than the cap: had any of them not released the next line,
+    the batch would stall with lines held. Failures come from the worker (prompts over the model's
+    context); cancels through the job API, of lines queued (the API releases) or running (the
+    worker does)."""
+    from sqlalchemy import select
+
+    from app.db import session_factory
+    from app.models import Job
+
+    settings, url, client = genq
+    model, cap = settings.model_name, settings.batch_max_in_flight
+    too_long = [{"custom_id": f"long-{i}", "method": "POST", "url": "/v1/completions",
+                 "body": {"model": model, "prompt": "lorem ipsum " * 3000, "max_tokens": 4}} for i in range(cap + 2)]
+    endless = [{"custom_id": f"endless-{i}", "method": "POST", "url": "/v1/completions",
+                "body": {"model": model, "prompt": f"on and on {i}", "max_tokens": 1500, "ignore_eos": True}}
+               for i in range(cap + 2)]
+    file_id = _batch_file(client, [line for pair in zip(too_long, endless) for line in pair])
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
+    sessions = session_factory(settings.database_url)
+    canceled: set[str] = set()
+    deadline = time.monotonic() + 180
+    with LinesInFlight(settings, batch.id) as watch:
+        while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+            assert time.monotonic() < deadline, batch
+            with sessions() as session:
+                released = session.scalars(select(Job.id).where(
+                    Job.batch_id == batch.id, Job.released_at.is_not(None), Job.custom_id.like("endless-%"),
+                    Job.status.in_(("queued", "running")))).all()
+            for job_id in set(released) - canceled:
+                assert requests.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=30).status_code in (200, 202, 409)
+                canceled.add(job_id)
+            time.sleep(0.2)
+    assert batch.status == "completed" and watch.max_in_flight <= cap
+    assert batch.request_counts.model_dump() == {"total": 2 * cap + 4, "completed": 0, "failed": cap + 2}
+    errors = {e["custom_id"]: e for e in _jsonl(client, batch.error_file_id)}
+    assert sorted(errors) == sorted(line["custom_id"] for line in too_long + endless)
+    assert {errors[line["custom_id"]]["response"]["status_code"] for line in too_long} == {400}
+    assert {errors[line["custom_id"]]["error"]["code"] for line in endless} == {"batch_cancelled"}
 
 
 def test_batch_cancel(genq):
@@ -239,6 +325,8 @@ def _time_to_first_token(client, model) -> tuple[float, str]:
 
 
 def test_interactive_request_keeps_its_latency_while_a_batch_runs(genq):
+    """The issue's goal is within 2x of idle; measured and printed (median of 3 each), asserted only
+    as "it completes while the batch is still running" (benchmarks/batch_latency.py compares caps)."""
     settings, _, client = genq
     model = settings.model_name
     idle = statistics.median(_time_to_first_token(client, model)[0] for _ in range(3))
@@ -249,11 +337,13 @@ def test_interactive_request_keeps_its_latency_while_a_batch_runs(genq):
     while running.request_counts.completed == 0 and time.monotonic() < deadline:   # the batch is generating
         time.sleep(0.1)
         running = client.batches.retrieve(batch.id)
-    busy, text = _time_to_first_token(client, model)
+    samples = [_time_to_first_token(client, model) for _ in range(3)]
+    busy = statistics.median(first for first, _ in samples)
     during = client.batches.retrieve(batch.id)
     print(f"\ntime to first token: idle {idle * 1000:.0f} ms, during a 200-line batch {busy * 1000:.0f} ms "
-          f"({busy / idle:.2f}x); batch {during.request_counts.completed}/200 done when the request finished")
-    assert text
+          f"({busy / idle:.2f}x; GENQ_BATCH_MAX_IN_FLIGHT={settings.batch_max_in_flight}); "
+          f"batch {during.request_counts.completed}/200 done when the requests finished")
+    assert all(text for _, text in samples)
     assert during.status == "in_progress" and during.request_counts.completed < 200
     client.batches.cancel(batch.id)
     _wait(client, batch.id, {"cancelled", "completed"}, timeout=120)

@@ -2,6 +2,7 @@
 max_attempts (real database and Redis, no Celery)."""
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -80,3 +81,58 @@ def test_a_job_whose_workers_kept_dying_fails_with_worker_lost(settings, engine)
         assert runtime.run_job(job_id) == "skipped"   # final: a redelivery does nothing
     finally:
         runtime.stop()
+
+
+# -- batches: held lines, lost releases ---------------------------------------------------------
+
+def make_batch(sessions, lines: int, cap: int, *, age=0.0) -> tuple[str, list[str]]:
+    """A started batch of `lines` completions lines (the first `cap` released); returns its id and its
+    jobs' ids in line order."""
+    import json
+
+    from sqlalchemy import select
+
+    from app import batches
+
+    content = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                  "body": {"model": "tiny", "prompt": "x", "max_tokens": 2}}) + "\n"
+                      for i in range(lines)).encode()
+    with sessions.begin() as session:
+        file = batches.create_file(session, owner=None, purpose="batch", filename="in.jsonl", content=content)
+        batch_id = batches.create_batch(session, owner=None, input_file_id=file.id, endpoint="/v1/completions",
+                                        completion_window="24h", metadata=None).id
+    with sessions.begin() as session:
+        batches.start_batch(session, batch_id, "tiny", cap)
+        created = utcnow() - timedelta(seconds=age)
+        session.execute(update(Job).where(Job.batch_id == batch_id).values(created_at=created))
+        session.execute(update(Job).where(Job.batch_id == batch_id, Job.released_at.is_not(None))
+                        .values(released_at=created))
+    with sessions() as session:
+        return batch_id, list(session.scalars(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.id)))
+
+
+def test_held_batch_lines_are_not_sent_and_a_released_line_waits_from_its_release(reco_settings, sessions):
+    batch_id, jobs = make_batch(sessions, 5, cap=2, age=600)   # old, but only two lines released
+    with sessions() as session:
+        assert [job_id for job_id, _ in stale_jobs(session, requeue_after_seconds=30)] == jobs[:2]
+    with sessions.begin() as session:   # a line released just now has not waited yet
+        session.execute(update(Job).where(Job.id == jobs[1]).values(released_at=utcnow()))
+    with sessions() as session:
+        assert stale_jobs(session, requeue_after_seconds=30) == [(jobs[0], 9)]
+
+
+def test_a_sweep_heals_a_lost_release_without_exceeding_the_cap(reco_settings, sessions):
+    settings = reco_settings.with_(batch_max_in_flight=2)
+    redis = redis_client(settings.redis_url)
+    channels = Channels(settings.key_prefix)
+    batch_id, jobs = make_batch(sessions, 5, cap=2)
+    with sessions.begin() as session:   # a line ended, and its worker died before releasing the next
+        session.execute(update(Job).where(Job.id == jobs[0]).values(status="succeeded"))
+    sent: list[tuple[str, int]] = []
+    reconciler = Reconciler(settings, sessions, redis, channels, lambda job_id, priority: sent.append((job_id, priority)))
+    assert reconciler.sweep(force=True) == 1 and sent == [(jobs[2], 9)]
+    assert reconciler.sweep(force=True) == 0 and len(sent) == 1   # two in flight again: nothing to do
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id.in_(jobs[1:3])).values(status="failed"))
+    reconciler.sweep(force=True)
+    assert sent[1:] == [(jobs[3], 9), (jobs[4], 9)]

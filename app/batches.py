@@ -288,6 +288,16 @@ def batches_short_of_lines(session: Session, max_in_flight: int) -> list[str]:
     return list(session.scalars(query.order_by(Batch.id)))
 
 
+def batches_due(session: Session, *, expired_before: datetime, stuck_before: datetime) -> tuple[list[str], list[str]]:
+    """(batches past their completion window and not final yet, batches still `validating` since
+    before `stuck_before`: their start task was never sent or got lost)."""
+    expired = session.scalars(select(Batch.id).where(Batch.status.in_(("validating", "in_progress")),
+                                                     Batch.expires_at < expired_before).order_by(Batch.id))
+    stuck = session.scalars(select(Batch.id).where(Batch.status == "validating", Batch.created_at < stuck_before,
+                                                   Batch.expires_at >= expired_before).order_by(Batch.id))
+    return list(expired), list(stuck)
+
+
 # -- cancelling -----------------------------------------------------------------------------------
 
 def cancel_batch(session: Session, batch_id: str, owner: str | None) -> tuple[Batch | None, list[str]]:
@@ -312,6 +322,26 @@ def expire_if_due(session: Session, batch_id: str) -> list[str]:
     moved = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "in_progress",
                                                 Batch.expires_at < now).values(status="cancelling", expired_at=now))
     return _stop_jobs(session, batch_id, now) if moved.rowcount == 1 else []
+
+
+def expire(sessions, redis, channels, batch_id: str) -> str | None:
+    """Expire a batch if it is due (`expire_if_due`) and tell its running lines to stop; returns
+    its final status when that came at once (nothing was running)."""
+    with sessions.begin() as session:
+        running = expire_if_due(session, batch_id)
+    return stop_lines(sessions, redis, channels, batch_id, running)
+
+
+def stop_lines(sessions, redis, channels, batch_id: str, running: list[str]) -> str | None:
+    """Tell the workers on the control channel to stop these lines of a stopping batch (their
+    cancel is already in the database), then finalize it if nothing was running. With Redis down
+    the lines run to their end instead; each one's end may finalize the batch."""
+    for job_id in running:
+        try:
+            redis.publish(channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
+        except Exception:
+            log.warning("batch %s: could not tell the workers to stop line %s", batch_id, job_id, exc_info=True)
+    return maybe_finalize(sessions, batch_id)
 
 
 def _stop_jobs(session: Session, batch_id: str, now: datetime) -> list[str]:

@@ -30,3 +30,24 @@ def start_batch(self, batch_id: str) -> int:
     batches.maybe_finalize(rt.sessions, batch_id)   # a batch of invalid lines only is done already
     log.info("batch %s: %d line(s) queued", batch_id, len(job_ids))
     return len(job_ids)
+
+
+def sweep(settings, sessions, redis, channels, celery) -> tuple[int, int]:
+    """The reconciler's batch sweep: expire batches past their completion window (nobody has to
+    read them first), and re-send the start task of batches still `validating` after
+    `requeue_after_seconds` (the API could not queue it, or it was lost). Returns (expired, re-sent)."""
+    from datetime import timedelta
+
+    from app.db import utcnow
+
+    now = utcnow()
+    with sessions() as session:
+        expired, stuck = batches.batches_due(
+            session, expired_before=now, stuck_before=now - timedelta(seconds=settings.requeue_after_seconds))
+    for batch_id in expired:
+        batches.expire(sessions, redis, channels, batch_id)
+    for batch_id in stuck:
+        celery.send_task(TASK_START_BATCH, args=[batch_id], queue=settings.queue, priority=0)
+    if expired or stuck:
+        log.warning("batch sweep: %d batch(es) expired, %d start task(s) re-sent", len(expired), len(stuck))
+    return len(expired), len(stuck)

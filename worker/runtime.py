@@ -93,7 +93,7 @@ class WorkerRuntime:
         self._control_ready = threading.Event()
         self._celery = None
         self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job,
-                                     extra_sweeps=(self._sweep_webhooks,))
+                                     extra_sweeps=(self._sweep_webhooks, self._sweep_batches))
 
     def start(self) -> "WorkerRuntime":
         self.service.start()
@@ -142,6 +142,11 @@ class WorkerRuntime:
         from worker.webhooks import sweep
 
         sweep(self.settings, self.sessions, self.celery, grace_seconds=self.settings.requeue_after_seconds)
+
+    def _sweep_batches(self) -> None:
+        from worker.batches import sweep
+
+        sweep(self.settings, self.sessions, self.redis, self.channels, self.celery)
 
     def drain(self, timeout: float) -> None:
         """Graceful shutdown (Celery takes no new tasks by now): let running jobs finish for up to

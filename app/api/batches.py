@@ -57,10 +57,11 @@ def create_batch():
         batch_id = batch.id
     try:
         svc.celery.send_task(TASK_START_BATCH, args=[batch_id], queue=svc.settings.queue, priority=0)
-    except Exception:
-        log.exception("could not queue batch %s", batch_id)
-        raise OpenAIError(503, "the batch could not be queued (the broker is unreachable)", type="server_error",
-                          code="queue_unavailable") from None
+    except Exception as exc:
+        # The batch is committed: a worker's reconciler sends its start task once the broker is
+        # back (a batch `validating` for GENQ_REQUEUE_AFTER_SECONDS), as for jobs.
+        log.warning("could not queue batch %s (%s: %s); it waits in the database", batch_id,
+                    type(exc).__name__, exc)
     with svc.sessions() as session:
         return _batch_response(session, store.get_batch(session, batch_id, owner))
 
@@ -91,22 +92,10 @@ def get_batch(batch_id: str):
         due = batch.status in ("validating", "in_progress") and batch.expires_at < utcnow()
         if not due:
             return _batch_response(session, batch)
-    _expire(svc, batch_id)
+    # Due: expire it now rather than wait for the reconciler's next batch sweep.
+    store.expire(svc.sessions, svc.redis, svc.channels, batch_id)
     with svc.sessions() as session:
         return _batch_response(session, store.get_batch(session, batch_id, current_owner()))
-
-
-def _expire(svc, batch_id: str) -> None:
-    """Batches expire when someone looks after their completion window closed."""
-    with svc.sessions.begin() as session:
-        running = store.expire_if_due(session, batch_id)
-    _stop(svc, batch_id, running)
-
-
-def _stop(svc, batch_id: str, running: list[str]) -> None:
-    for job_id in running:   # their workers stop them; each one's end may finalize the batch
-        svc.redis.publish(svc.channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
-    store.maybe_finalize(svc.sessions, batch_id)   # nothing was running: final now
 
 
 @bp.post("/<batch_id>/cancel")
@@ -116,6 +105,6 @@ def cancel_batch(batch_id: str):
         batch, running = store.cancel_batch(session, batch_id, owner)
     if batch is None:
         raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
-    _stop(svc, batch_id, running)
+    store.stop_lines(svc.sessions, svc.redis, svc.channels, batch_id, running)
     with svc.sessions() as session:
         return _batch_response(session, store.get_batch(session, batch_id, owner))

@@ -251,3 +251,25 @@ def test_batches_short_of_lines(sessions):
     with sessions() as session:
         assert batches.batches_short_of_lines(session, 2) == [short]
         assert batches.batches_short_of_lines(session, 0) == sorted([full, short])
+
+
+def test_due_batches_are_past_their_window_or_stuck_validating(sessions):
+    from datetime import timedelta
+
+    from app.db import utcnow
+
+    started, validating = _new_batch(sessions, [_line(0)]), _new_batch(sessions, [_line(0)])
+    with sessions.begin() as session:
+        batches.start_batch(session, started, MODEL, max_in_flight=2)
+    now = utcnow()
+    with sessions() as session:
+        expired, stuck = batches.batches_due(session, expired_before=now, stuck_before=now)
+        assert started not in expired and validating in stuck
+        assert validating not in batches.batches_due(session, expired_before=now,
+                                                     stuck_before=now - timedelta(hours=1))[1]
+    with sessions.begin() as session:
+        session.execute(update(Batch).where(Batch.id.in_([started, validating]))
+                        .values(expires_at=now - timedelta(seconds=1)))
+    with sessions() as session:
+        expired, stuck = batches.batches_due(session, expired_before=now, stuck_before=now)
+        assert {started, validating} <= set(expired) and validating not in stuck   # expiring, not restarted

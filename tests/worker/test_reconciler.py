@@ -83,7 +83,7 @@ def test_a_job_whose_workers_kept_dying_fails_with_worker_lost(settings, engine)
         runtime.stop()
 
 
-# -- batches: held lines, lost releases ---------------------------------------------------------
+# -- batches: held lines, lost releases, expiry ---------------------------------------------------
 
 def make_batch(sessions, lines: int, cap: int, *, age=0.0) -> tuple[str, list[str]]:
     """A started batch of `lines` completions lines (the first `cap` released); returns its id and its
@@ -136,3 +136,54 @@ def test_a_sweep_heals_a_lost_release_without_exceeding_the_cap(reco_settings, s
         session.execute(update(Job).where(Job.id.in_(jobs[1:3])).values(status="failed"))
     reconciler.sweep(force=True)
     assert sent[1:] == [(jobs[3], 9), (jobs[4], 9)]
+
+
+def _queued_tasks(redis, settings) -> list[tuple[str, list]]:
+    import json
+
+    key = f"{Channels(settings.key_prefix).kombu_prefix}{settings.queue}"   # priority 0's list
+    messages = [json.loads(raw) for raw in redis.lrange(key, 0, -1)]
+    redis.delete(key)
+    return [(m["headers"]["task"], m["headers"]["argsrepr"]) for m in messages]
+
+
+def test_the_batch_sweep_expires_due_batches_and_restarts_stuck_ones(reco_settings, sessions):
+    import json
+
+    from app import batches
+    from app.models import Batch
+    from worker.batches import sweep
+    from worker.celery_app import make_celery
+
+    redis = redis_client(reco_settings.redis_url)
+    channels = Channels(reco_settings.key_prefix)
+    celery = make_celery(reco_settings, reco_settings.redis_url)
+    _queued_tasks(redis, reco_settings)
+    batch_id, jobs = make_batch(sessions, 4, cap=2)
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == jobs[0]).values(status="running", worker_id="w-1"))
+        session.execute(update(Batch).where(Batch.id == batch_id).values(expires_at=utcnow() - timedelta(seconds=1)))
+        file_id = session.get(Batch, batch_id).input_file_id
+        stuck = batches.create_batch(session, owner=None, input_file_id=file_id, endpoint="/v1/completions",
+                                     completion_window="24h", metadata=None).id
+        session.flush()
+        session.execute(update(Batch).where(Batch.id == stuck).values(created_at=utcnow() - timedelta(seconds=60)))
+    control = redis.pubsub(ignore_subscribe_messages=True)
+    control.subscribe(channels.control)
+    try:
+        expired, restarted = sweep(reco_settings, sessions, redis, channels, celery)
+        assert expired >= 1 and restarted >= 1
+        message, deadline = None, time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:   # (the subscribe confirmation reads as None)
+            message = control.get_message(timeout=1)
+    finally:
+        control.close()
+    assert json.loads(message["data"]) == {"type": "cancel", "job_id": jobs[0]}   # the running line is told
+    with sessions() as session:
+        assert session.get(Batch, batch_id).status == "cancelling"   # its running line ends it
+        assert [session.get(Job, j).status for j in jobs] == ["running", "canceled", "canceled", "canceled"]
+    assert ("genq.start_batch", repr([stuck])) in _queued_tasks(redis, reco_settings)
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == jobs[0]).values(status="canceled"))
+    assert batches.maybe_finalize(sessions, batch_id) == "expired"
+    assert sweep(reco_settings, sessions, redis, channels, celery)[0] == 0   # final: nothing more to do

@@ -1,7 +1,8 @@
 """OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions.
 
 Every request is a genq job (visible in `GET /v1/jobs`) at interactive priority. A plain request
-waits for the job's `done` event and answers with the finished completion; `stream: true` follows
+waits for the job's `done` event and answers with the finished completion (with the broker down, the
+job waits in the database for the reconciler and the request waits for it); `stream: true` follows
 the job's event log and turns its token events into OpenAI chunks (`data: {...}` ... `data: [DONE]`).
 Errors here are in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 """
@@ -94,17 +95,17 @@ def _generate(endpoint: str):
         job = store.create_job(session, owner=owner, model=spec.model, priority=fmt.INTERACTIVE_PRIORITY,
                                input=job_input, metadata={"user": spec.user} if spec.user else None)
     if spec.stream:
-        _enqueue(svc, job)
+        _enqueue_or_fail(svc, job)
         stream = _stream(svc, endpoint, job, owner, spec.n, spec.include_usage)
         return Response(stream, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    pubsub = svc.redis.pubsub()
+    pubsub = _subscribe(svc, job.id)   # before the task exists: nothing is missed
     try:
-        pubsub.subscribe(svc.channels.job_live(job.id))   # before the task exists: nothing is missed
-        _enqueue(svc, job)
+        _enqueue_or_defer(svc, job)
         job = _wait_final(svc, pubsub, job.id, owner)
     finally:
-        pubsub.close()
+        if pubsub is not None:
+            _quietly(pubsub.close)
     if job.status != JobStatus.SUCCEEDED.value:
         raise fmt.job_error(job)
     return jsonify(fmt.response_body(endpoint, job))
@@ -127,7 +128,38 @@ def _admit(job_input: dict[str, Any]) -> None:
         raise fmt.OpenAIError(problem.status, problem.detail, type=kind, code=code, headers=problem.headers) from None
 
 
-def _enqueue(svc: Services, job: Job) -> None:
+def _subscribe(svc: Services, job_id: str):
+    """The job's live channel, or None when Redis is unreachable (the wait then asks the database)."""
+    pubsub = svc.redis.pubsub()
+    try:
+        pubsub.subscribe(svc.channels.job_live(job_id))
+    except RedisError:
+        log.warning("could not subscribe to the events of job %s; waiting on the database", job_id)
+        _quietly(pubsub.close)
+        return None
+    return pubsub
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except RedisError:
+        pass
+
+
+def _enqueue_or_defer(svc: Services, job: Job) -> None:
+    """Send the job's task; if the broker is unreachable the job stays queued in the database and
+    a worker's reconciler sends it once the broker is back (as `POST /v1/jobs` does)."""
+    try:
+        send_run_job(svc.celery, svc.settings, job.id, job.priority)
+    except Exception as exc:
+        log.warning("could not enqueue job %s (%s: %s); it waits in the database", job.id, type(exc).__name__, exc)
+    hooks.emit("created", job.id)
+
+
+def _enqueue_or_fail(svc: Services, job: Job) -> None:
+    """Send the job's task, or fail the job and answer 503: a stream is read from Redis, so a
+    streamed request cannot wait out a broker outage (nobody would read the job's tokens)."""
     try:
         send_run_job(svc.celery, svc.settings, job.id, job.priority)
     except Exception as exc:
@@ -143,14 +175,10 @@ def _enqueue(svc: Services, job: Job) -> None:
 
 def _wait_final(svc: Services, pubsub, job_id: str, owner: str | None) -> Job:
     """The job once final: its `done` event ends the wait; the database is asked every second too,
-    so a lost event or a Redis failure only costs a second."""
+    so a lost event or a Redis failure only costs a second (with no `pubsub`, it is polled)."""
     deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        try:
-            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-        except RedisError:
-            message = None
-            time.sleep(1.0)
+        message = _next_message(pubsub)
         if message is not None and not JobEvent.from_message(message["data"]).is_done:
             continue   # a token or status event: keep waiting
         with svc.sessions() as session:
@@ -159,6 +187,17 @@ def _wait_final(svc: Services, pubsub, job_id: str, owner: str | None) -> Job:
             return job
     raise fmt.OpenAIError(504, f"the request did not finish within {REQUEST_TIMEOUT_SECONDS:.0f} s; it continues "
                           f"as job {job_id}", type="server_error", code="timeout")
+
+
+def _next_message(pubsub):
+    """The channel's next message, or None after a second without one (or without Redis)."""
+    if pubsub is not None:
+        try:
+            return pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        except RedisError:
+            pass
+    time.sleep(1.0)
+    return None
 
 
 def _sse(payload: Any) -> str:

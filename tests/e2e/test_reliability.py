@@ -245,3 +245,41 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(cluster):
     hooked = [job_id for job_id in accepted if job_id != long_job]
     completed = completed_webhooks(cluster.receiver, "/ok/outage", hooked)
     assert {job_id: len(events) for job_id, events in completed.items() if len(events) != 1} == {}
+
+
+def test_openai_requests_and_a_batch_sent_while_redis_is_down_are_not_lost(cluster):
+    """A non-streamed completion and a new batch are accepted during the outage, as POST /v1/jobs
+    is: the request waits (polling the database) until the reconciler has sent the job, and the
+    reconciler's batch sweep starts the batch. A streamed request cannot be served without Redis:
+    503, and its job is failed rather than left to run for nobody."""
+    cluster.ensure_workers()
+    model, url = cluster.settings.model_name, cluster.url
+    lines = "".join(json.dumps({"custom_id": f"out-{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": model, "prompt": f"outage {i}", "max_tokens": 4}}) + "\n"
+                    for i in range(12))
+    file_id = requests.post(f"{url}/v1/files", data={"purpose": "batch"}, timeout=30,
+                            files={"file": ("outage.jsonl", lines.encode())}).json()["id"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 6}
+    answers: dict[str, requests.Response] = {}
+    waiter = threading.Thread(target=lambda: answers.update(
+        plain=requests.post(f"{url}/v1/chat/completions", json=chat, timeout=120)), daemon=True)
+    cluster.redis_server.stop()
+    try:
+        batch = requests.post(f"{url}/v1/batches", timeout=60, json={
+            "input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"})
+        waiter.start()
+        streamed = requests.post(f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60)
+        time.sleep(2.0)
+    finally:
+        cluster.redis_server.start()
+    assert batch.status_code == 200 and batch.json()["status"] == "validating", batch.text
+    assert streamed.status_code == 503 and streamed.json()["error"]["code"] == "queue_unavailable"
+    waiter.join(110)
+    plain = answers["plain"]
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["choices"][0]["message"]["content"] and plain.json()["usage"]["completion_tokens"] >= 1
+    deadline = time.monotonic() + 120
+    while (state := requests.get(f"{url}/v1/batches/{batch.json()['id']}", timeout=30).json())["status"] != "completed":
+        assert time.monotonic() < deadline and state["status"] in ("validating", "in_progress", "finalizing"), state
+        time.sleep(0.5)
+    assert state["request_counts"] == {"total": 12, "completed": 12, "failed": 0}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,12 +42,22 @@ MAX_LINES = 50_000
 FINAL_BATCH_STATUSES = ("failed", "completed", "expired", "cancelled")
 
 
+FILE_ID_PREFIX, BATCH_ID_PREFIX = "file-", "batch_"
+_ULID = re.compile(r"[0-9a-z]{26}")
+
+
 def _owned_by(column, owner: str | None):
     return column.is_(None) if owner is None else column == owner
 
 
 def _new_id(prefix: str) -> str:
     return prefix + new_job_id()
+
+
+def well_formed_id(value: object, prefix: str) -> bool:
+    """Whether `value` can be an id made by `_new_id(prefix)`; anything else is looked up nowhere
+    (a NUL character, say, is an error in PostgreSQL rather than a miss)."""
+    return isinstance(value, str) and value.startswith(prefix) and bool(_ULID.fullmatch(value[len(prefix):]))
 
 
 def timestamp(value: datetime | None) -> int | None:
@@ -56,13 +67,15 @@ def timestamp(value: datetime | None) -> int | None:
 # -- files ----------------------------------------------------------------------------------------
 
 def create_file(session: Session, *, owner: str | None, purpose: str, filename: str, content: bytes) -> File:
-    file = File(id=_new_id("file-"), owner=owner, purpose=purpose, filename=filename, bytes=len(content),
+    file = File(id=_new_id(FILE_ID_PREFIX), owner=owner, purpose=purpose, filename=filename, bytes=len(content),
                 content=content, created_at=utcnow())
     session.add(file)
     return file
 
 
 def get_file(session: Session, file_id: str, owner: str | None) -> File | None:
+    if not well_formed_id(file_id, FILE_ID_PREFIX):
+        return None
     return session.scalars(select(File).where(File.id == file_id, _owned_by(File.owner, owner))).one_or_none()
 
 
@@ -82,7 +95,7 @@ def file_to_dict(file: File) -> dict[str, Any]:
 def create_batch(session: Session, *, owner: str | None, input_file_id: str, endpoint: str, completion_window: str,
                  metadata: dict | None) -> Batch:
     now = utcnow()
-    batch = Batch(id=_new_id("batch_"), owner=owner, status="validating", endpoint=endpoint,
+    batch = Batch(id=_new_id(BATCH_ID_PREFIX), owner=owner, status="validating", endpoint=endpoint,
                   input_file_id=input_file_id, completion_window=completion_window, meta=metadata, total=0,
                   created_at=now, expires_at=now + COMPLETION_WINDOWS[completion_window])
     session.add(batch)
@@ -90,6 +103,8 @@ def create_batch(session: Session, *, owner: str | None, input_file_id: str, end
 
 
 def get_batch(session: Session, batch_id: str, owner: str | None) -> Batch | None:
+    if not well_formed_id(batch_id, BATCH_ID_PREFIX):
+        return None
     return session.scalars(select(Batch).where(Batch.id == batch_id, _owned_by(Batch.owner, owner))).one_or_none()
 
 
@@ -303,6 +318,8 @@ def batches_due(session: Session, *, expired_before: datetime, stuck_before: dat
 def cancel_batch(session: Session, batch_id: str, owner: str | None) -> tuple[Batch | None, list[str]]:
     """Cancel a batch: queued jobs now, running ones by their workers (their ids are returned, to be
     told on the control channel). A batch still validating is cancelled at once."""
+    if not well_formed_id(batch_id, BATCH_ID_PREFIX):
+        return None, []
     now = utcnow()
     mine = (Batch.id == batch_id, _owned_by(Batch.owner, owner))
     session.execute(update(Batch).where(*mine, Batch.status == "validating").values(

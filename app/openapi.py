@@ -1,5 +1,7 @@
 """The OpenAPI 3.1 document of the job API, built from the pydantic models that validate requests
 (`app.schemas`) and the response models below, so the document and the validation cannot drift.
+The OpenAI-compatible endpoints (models, completions, files, batches) come from
+`app.openai_openapi`, built the same way.
 
 Served at `/openapi.json`. Endpoints added elsewhere can contribute with `register_path`.
 """
@@ -9,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app import openai_openapi
 from app.idempotency import MAX_KEY_LENGTH
 from app.models import ALL_STATUSES
 from app.schemas import JobCreate
@@ -130,6 +133,16 @@ def _schemas() -> dict[str, Any]:
     return schemas
 
 
+def _merged(*groups: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for group in groups:
+        clashes = {name for name in set(merged) & set(group) if merged[name] != group[name]}
+        if clashes:
+            raise RuntimeError(f"two different OpenAPI schemas are named {sorted(clashes)}")
+        merged.update(group)
+    return merged
+
+
 def _exactly_one_prompt_form(schema: dict[str, Any]) -> None:
     """What `GenerationInput._check` enforces, said in JSON Schema: `prompt` or `messages`, not both
     (the document asks for the one that is sent, not for an explicit null beside it)."""
@@ -205,7 +218,7 @@ def build_document() -> dict[str, Any]:
                              "responses": {"200": {"description": "Prometheus text format",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
-    for path, item in _extra_paths.items():
+    for path, item in {**openai_openapi.paths(), **_extra_paths}.items():
         paths.setdefault(path, {}).update(item)
     return {
         "openapi": "3.1.0",
@@ -213,7 +226,7 @@ def build_document() -> dict[str, Any]:
                  "request needs `Authorization: Bearer <key>`; every error is RFC 9457 problem+json."},
         "security": [{"bearer": []}],
         "paths": paths,
-        "components": {"schemas": _schemas(),
+        "components": {"schemas": _merged(_schemas(), openai_openapi.schemas()),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "an API key from `genq keys create`"}}},
     }

@@ -30,6 +30,11 @@ def _has_nul(value: Any) -> bool:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
+def plain_text(text: str) -> bool:
+    """Whether `text` has no `_CONTROL` character (so PostgreSQL can store it)."""
+    return not _CONTROL.search(text)
+
+
 def _has_control_characters(value: Any) -> bool:
     """Any `_CONTROL` character in a key or string, at any depth."""
     stack = [value]

@@ -13,7 +13,7 @@ from app.api.services import services
 from app.channels import TASK_START_BATCH
 from app.db import utcnow
 from app.openai_format import ENDPOINTS, OpenAIError
-from app.schemas import MAX_METADATA_BYTES
+from app.schemas import MAX_METADATA_BYTES, plain_text
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ def create_batch():
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or any(
             not isinstance(v, str) for v in metadata.values()) or len(json.dumps(metadata)) > MAX_METADATA_BYTES):
         raise OpenAIError(400, "metadata must be an object of at most 16 string values", param="metadata")
+    if metadata and any(not plain_text(text) for text in (*metadata, *metadata.values())):
+        raise OpenAIError(400, "metadata must be text without control characters or unpaired surrogates",
+                          param="metadata")
     svc, owner = services(), current_owner()
     with svc.sessions.begin() as session:
         file = store.get_file(session, file_id, owner) if isinstance(file_id, str) else None
@@ -74,8 +77,11 @@ def list_batches():
         raise OpenAIError(400, "limit must be an integer", param="limit") from None
     if not 1 <= limit <= 100:
         raise OpenAIError(400, "limit must be between 1 and 100", param="limit")
+    after = request.args.get("after") or None
+    if after is not None and not store.well_formed_id(after, store.BATCH_ID_PREFIX):
+        raise OpenAIError(400, "after must be a batch id", param="after")
     with services().sessions() as session:
-        page = store.list_batches(session, current_owner(), limit=limit + 1, after=request.args.get("after"))
+        page = store.list_batches(session, current_owner(), limit=limit + 1, after=after)
         more, page = len(page) > limit, page[:limit]
         data = [store.batch_to_dict(b, store.job_counts(session, b.id)) for b in page]
     return jsonify({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

@@ -8,6 +8,7 @@ from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
 from app.openai_format import OpenAIError
+from app.schemas import plain_text
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 
@@ -27,6 +28,9 @@ def upload_file():
         raise OpenAIError(400, f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}", param="purpose")
     if upload is None:
         raise OpenAIError(400, "send the file as multipart/form-data field 'file'", param="file")
+    filename = upload.filename or "upload.jsonl"
+    if not plain_text(filename) or len(filename) > 255:
+        raise OpenAIError(400, "the file name must be at most 255 characters of text", param="file")
     content = upload.read()
     try:
         content.decode("utf-8")
@@ -34,7 +38,7 @@ def upload_file():
         raise OpenAIError(400, "a batch file must be UTF-8 JSONL", param="file") from None
     with services().sessions.begin() as session:
         file = store.create_file(session, owner=current_owner(), purpose=purpose,
-                                 filename=upload.filename or "upload.jsonl", content=content)
+                                 filename=filename, content=content)
         body = store.file_to_dict(file)
     return jsonify(body)
 

@@ -1,11 +1,13 @@
-"""Pick an implementation for a kernel call: Triton on CUDA tensors, PyTorch elsewhere."""
+"""Pick an implementation for a kernel call: Triton on CUDA tensors, else "cpu" (a compiled C
+kernel where the op has one, kernels/cpu_kernels.py; PyTorch for the others); "torch" forces the
+PyTorch reference."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
-IMPLS = ("triton", "torch")
+IMPLS = ("triton", "cpu", "torch")
 
 
 @functools.cache
@@ -18,9 +20,12 @@ def triton_available() -> bool:
 
 
 def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
-    """`impl` forces one implementation; None picks Triton for CUDA tensors when it is installed."""
+    """`impl` forces one implementation; None picks Triton for CUDA tensors when it is installed,
+    else "cpu" (ops without a compiled kernel, or tensors it does not take, run PyTorch)."""
     if impl is None:
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        if tensor.is_cuda:
+            return "triton" if triton_available() else "torch"
+        return "cpu"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton" and not triton_available():

@@ -65,8 +65,18 @@ def _decode_group(q, k_cache, v_cache, tables, lens: torch.Tensor, scale):
     return out.reshape(m, num_heads, head_dim)
 
 
+def _prefill_rows(q, k_cache, v_cache, tables, lens: list[int], starts: list[int], scale, out) -> None:
+    """Each prefill chunk (more than one new token) attends over exactly its own sequence's cache."""
+    for i, seq_len in enumerate(lens):
+        a, b = starts[i], starts[i + 1]
+        if b - a > 1:
+            k = _gather_context(k_cache, tables[i], seq_len)
+            v = _gather_context(v_cache, tables[i], seq_len)
+            out[a:b] = _prefill_chunk(q[a:b], k, v, scale, seq_len - (b - a)).to(q.dtype)
+
+
 def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
-    """The reference (and CPU) path. Decode rows go in batched groups of similar length;
+    """The reference path. Decode rows go in batched groups of similar length;
     each prefill chunk attends over exactly its own sequence's cache."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
@@ -81,12 +91,24 @@ def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_sta
         token_rows = torch.tensor([starts[i] for i in rows], device=q.device)
         out[token_rows] = _decode_group(q[token_rows], k_cache, v_cache, tables[idx, :num_blocks],
                                         seq_lens[idx], scale).to(q.dtype)
-    for i, seq_len in enumerate(lens):
-        a, b = starts[i], starts[i + 1]
-        if b - a > 1:
-            k = _gather_context(k_cache, tables[i], seq_len)
-            v = _gather_context(v_cache, tables[i], seq_len)
-            out[a:b] = _prefill_chunk(q[a:b], k, v, scale, seq_len - (b - a)).to(q.dtype)
+    _prefill_rows(q, k_cache, v_cache, tables, lens, starts, scale, out)
+    return out
+
+
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """The CPU path: decode rows in the compiled kernel (kernels/cpu_kernels.py: straight from the
+    paged cache, no gather), prefill chunks as in the reference."""
+    from kernels import cpu_kernels
+
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    rows = [starts[i] if starts[i + 1] - starts[i] == 1 else -1 for i in range(len(lens))]
+    if any(row >= 0 for row in rows):
+        cpu_kernels.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, torch.tensor(rows), scale, out)
+    if len(rows) != len(lens) or any(row < 0 for row in rows):
+        _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out)
     return out
 
 
@@ -97,7 +119,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (cached tokens,
     new ones included); query_start_loc: [num_seqs + 1] int32. Returns [num_tokens, num_heads, head_dim]."""
-    if resolve_impl(impl, q) == "triton":
+    which = resolve_impl(impl, q)
+    if which == "triton":
         from kernels.triton.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    if which == "cpu":
+        from kernels import cpu_kernels
+
+        if cpu_kernels.supports(q, k_cache) and (impl == "cpu" or cpu_kernels.available()):
+            return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+        if impl == "cpu":
+            raise ValueError(f"impl='cpu' takes CPU float32/bfloat16 tensors, got {q.dtype} on {q.device}")
     return paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)

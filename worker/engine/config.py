@@ -21,7 +21,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    kernel_impl: str | None = None           # force "triton" | "torch" kernels; None: by device
+    kernel_impl: str | None = None           # force "triton" | "cpu" | "torch" kernels; None: by device
     kv_cache_bytes: int | None = None        # CPU budget when num_kv_blocks is None
     tensor_parallel_size: int = 1
 
@@ -40,7 +40,7 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.kernel_impl not in (None, "triton", "torch"):
-            raise ValueError(f"kernel_impl must be 'triton', 'torch' or None, got {self.kernel_impl!r}")
+        if self.kernel_impl not in (None, "triton", "cpu", "torch"):
+            raise ValueError(f"kernel_impl must be 'triton', 'cpu', 'torch' or None, got {self.kernel_impl!r}")
         if self.kv_cache_bytes is None:
             self.kv_cache_bytes = int(os.environ.get("GENQ_KV_CACHE_BYTES", DEFAULT_CPU_KV_CACHE_BYTES))

@@ -1,0 +1,102 @@
+"""The compiled CPU decode kernel (kernels/cpu_kernels.py) against the PyTorch reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_kernels
+from kernels.paged_attention import paged_attention_cpu, paged_attention_torch
+from tests.kernels.helpers import assert_close
+from tests.kernels.test_paged_attention import DECODE, MIXED, make_batch
+
+if not cpu_kernels.available():
+    pytest.skip("no C compiler here: the engine runs the PyTorch path", allow_module_level=True)
+
+
+def run_both(gen, seqs, threads=1, **shape):
+    q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(gen, seqs, **shape)
+    scale = 1.0 / math.sqrt(shape["head_dim"])
+    ref = paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
+    inputs = [t.clone() for t in (q, k_cache, v_cache, block_tables, seq_lens, qsl)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
+    finally:
+        torch.set_num_threads(before)
+    for old, new in zip(inputs, (q, k_cache, v_cache, block_tables, seq_lens, qsl)):
+        assert torch.equal(old, new), "an input was modified"
+    return out, ref
+
+
+LONG = [(0, 1), (15, 1), (16, 1), (47, 1), (300, 1), (129, 1), (2, 1), (64, 1)]
+
+
+@pytest.mark.parametrize("seqs,num_heads,num_kv_heads,head_dim,block_size,dtype,threads", [
+    (DECODE, 4, 2, 64, 16, torch.float32, 1),
+    (DECODE, 9, 3, 64, 16, torch.bfloat16, 1),      # SmolLM2's shape
+    (MIXED, 8, 8, 32, 4, torch.float32, 2),         # MHA, small blocks, prefill chunks in between
+    (MIXED, 4, 1, 128, 16, torch.bfloat16, 2),      # MQA, head_dim 128
+    (LONG, 6, 2, 64, 1, torch.float32, 2),          # block size 1
+    (LONG, 12, 4, 16, 32, torch.float32, 3),        # more threads than the work splits evenly into
+], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
+        "long-3threads"])
+def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
+    out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype)
+    assert_close(out, ref)
+    if dtype == torch.float32:     # exact softmax in float32 both ways: only summation order differs
+        assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_strided_q_and_an_empty_sequence(gen):
+    out, ref = run_both(gen, [(30, 1), (12, 0), (3, 17), (8, 1)], num_heads=4, num_kv_heads=2, head_dim=64,
+                        block_size=16, dtype=torch.float32, strided_q=True)
+    assert_close(out, ref)
+
+
+def test_dispatch_picks_the_kernel_on_cpu(gen, monkeypatch):
+    q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(
+        gen, DECODE, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
+    calls = []
+    real = cpu_kernels.paged_decode
+    monkeypatch.setattr(cpu_kernels, "paged_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = kernels.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125)
+    assert calls, "the default CPU path did not reach the compiled kernel"
+    forced = kernels.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125, impl="torch")
+    assert len(calls) == 1, "impl='torch' must not use the compiled kernel"
+    assert_close(out, forced)
+
+
+def test_float16_falls_back_and_forcing_it_is_a_clear_error(gen):
+    q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(
+        gen, MIXED, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float16)
+    out = kernels.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125)   # PyTorch path
+    assert_close(out, paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125))
+    with pytest.raises(ValueError, match="impl='cpu'"):
+        kernels.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125, impl="cpu")
+
+
+def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENQ_CACHE_DIR", str(tmp_path))
+    compiler = cpu_kernels._compiler()
+    first = cpu_kernels._build(compiler)
+    assert first.exists() and first.parent == tmp_path / "kernels"
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == mtime   # not rebuilt
+    changed = tmp_path / "paged_decode.c"
+    changed.write_text(cpu_kernels.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
+    assert cpu_kernels._build(compiler) != first
+
+
+def test_a_broken_build_is_a_typed_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENQ_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "paged_decode.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    with pytest.raises(cpu_kernels.KernelBuildError, match="failed"):
+        cpu_kernels._build(cpu_kernels._compiler())

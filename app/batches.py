@@ -388,9 +388,8 @@ def advance_on_completion(sessions, max_in_flight: int, send: Send):
             return
         with sessions() as session:
             batch_id = batch_of_job(session, job_id)
-        if batch_id is not None:
-            release_and_send(sessions, batch_id, max_in_flight, send)
-            maybe_finalize(sessions, batch_id)
+        if batch_id is not None and not release_and_send(sessions, batch_id, max_in_flight, send):
+            maybe_finalize(sessions, batch_id)   # (a line was released: the batch is not done)
 
     return hook
 

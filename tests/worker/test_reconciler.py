@@ -138,6 +138,23 @@ def test_a_sweep_heals_a_lost_release_without_exceeding_the_cap(reco_settings, s
     assert sent[1:] == [(jobs[3], 9), (jobs[4], 9)]
 
 
+def test_a_released_line_whose_task_could_not_be_sent_is_sent_by_the_reconciler(reco_settings, sessions):
+    from app import batches
+
+    batch_id, jobs = make_batch(sessions, 3, cap=1)
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == jobs[0]).values(status="succeeded"))
+
+    def broker_down(job_id, priority):
+        raise ConnectionError("the broker is unreachable")
+
+    assert batches.release_and_send(sessions, batch_id, 1, broker_down) == [jobs[1]]   # released all the same
+    with sessions() as session:
+        assert stale_jobs(session, requeue_after_seconds=30) == []   # its wait starts at its release
+        later = utcnow() + timedelta(seconds=31)
+        assert stale_jobs(session, requeue_after_seconds=30, now=later) == [(jobs[1], 9)]
+
+
 def _queued_tasks(redis, settings) -> list[tuple[str, list]]:
     import json
 

@@ -15,7 +15,7 @@
  * T is float32 (dtype 0) or bfloat16 (dtype 1).
  */
 #include <math.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <pthread.h>
@@ -48,6 +48,55 @@ static inline uint16_t f32_to_bf16(float f) {
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);   /* NaN stays NaN */
     bits += 0x7fffu + ((bits >> 16) & 1u);                                              /* round to nearest even */
     return (uint16_t)(bits >> 16);
+}
+
+/* a . b over n floats. Explicit vectors: compilers leave a float reduction scalar unless allowed
+ * to reassociate it, which would make the result depend on compiler flags. */
+static inline float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float sum = 0.0f;
+#if defined(__AVX512F__)
+    if (n >= 16) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (; i + 32 <= n; i += 32) {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+        }
+        for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (n >= 8) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        }
+        for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        __m256 acc = _mm256_add_ps(acc0, acc1);
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
+        sum = _mm_cvtss_f32(half);
+    }
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* acc += w * v over n floats */
+static inline void axpy(float *acc, float w, const float *v, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    const __m512 wv = _mm512_set1_ps(w);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(acc + i)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 wv = _mm256_set1_ps(w);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+#endif
+    for (; i < n; i++) acc[i] += w * v[i];
 }
 
 static inline void load_row(const void *base, int64_t index, int n, int dtype, float *dst) {
@@ -88,13 +137,7 @@ static void run_item(const job_t *job, int seq, int kv_head, float *scores, floa
             load_row(job->k_cache, at, D, 1, row);
             k = row;
         }
-        for (int g = 0; g < G; g++) {
-            const float *qg = qbuf + g * D;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; d++) dot += qg[d] * k[d];
-            scores[(int64_t)g * ctx + t] = dot;
-        }
+        for (int g = 0; g < G; g++) scores[(int64_t)g * ctx + t] = dot(qbuf + g * D, k, D);
     }
     float inv_sum[256];   /* G <= 256, checked by the caller */
     for (int g = 0; g < G; g++) {
@@ -121,12 +164,7 @@ static void run_item(const job_t *job, int seq, int kv_head, float *scores, floa
             load_row(job->v_cache, at, D, 1, row);
             v = row;
         }
-        for (int g = 0; g < G; g++) {
-            const float w = scores[(int64_t)g * ctx + t];
-            float *a = acc + g * D;
-#pragma omp simd
-            for (int d = 0; d < D; d++) a[d] += w * v[d];
-        }
+        for (int g = 0; g < G; g++) axpy(acc + g * D, scores[(int64_t)g * ctx + t], v, D);
     }
     for (int g = 0; g < G; g++) {
         const int64_t at = (token * H + (int64_t)kv_head * G + g) * D;

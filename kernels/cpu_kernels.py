@@ -25,9 +25,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "paged_decode.c"
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared", "-Wall"]
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-Wall"]
+# With OpenMP the kernel shares PyTorch's thread pool (PyTorch's libgomp is loaded first, and ours
+# resolves to it by soname); a compiler without OpenMP builds it single-threaded instead.
+OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_MAX_GROUP = 256
+_MAX_HEADS = 4096
 
 
 class KernelBuildError(RuntimeError):
@@ -52,7 +55,8 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *CFLAGS]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *CFLAGS,
+                                    *OPENMP_FLAGS[0]]).encode())
     target = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -63,9 +67,12 @@ def _build(compiler: str) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lpthread", "-lm"],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
+            for threading_flags in OPENMP_FLAGS:
+                result = subprocess.run([compiler, *CFLAGS, *threading_flags, "-o", str(built), str(SOURCE), "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
                 raise KernelBuildError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
             os.replace(built, target)
     return target
@@ -104,7 +111,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     cache; `paged_decode` itself also needs q contiguous)."""
     return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in DTYPES
             and k_cache.dtype == q.dtype and k_cache.is_contiguous()
-            and q.shape[1] % k_cache.shape[2] == 0 and q.shape[1] // k_cache.shape[2] <= _MAX_GROUP)
+            and q.shape[1] % k_cache.shape[2] == 0 and q.shape[1] <= _MAX_HEADS)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

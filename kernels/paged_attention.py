@@ -65,14 +65,30 @@ def _decode_group(q, k_cache, v_cache, tables, lens: torch.Tensor, scale):
     return out.reshape(m, num_heads, head_dim)
 
 
-def _prefill_rows(q, k_cache, v_cache, tables, lens: list[int], starts: list[int], scale, out) -> None:
+def _prefill_chunk_sdpa(q, k, v, scale, context_before: int):
+    # As _prefill_chunk, through PyTorch's fused attention (flash attention on CPU: no q_len x ctx
+    # score matrix, no float32 copies of bfloat16 inputs).
+    q_len = q.shape[0]
+    if context_before == 0:
+        mask, causal = None, True
+    else:   # query i sees keys 0 .. context_before + i
+        mask = torch.ones(q_len, k.shape[0], dtype=torch.bool, device=q.device).tril_(context_before)
+        causal = False
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+        is_causal=causal, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def _prefill_rows(q, k_cache, v_cache, tables, lens: list[int], starts: list[int], scale, out,
+                  chunk=_prefill_chunk) -> None:
     """Each prefill chunk (more than one new token) attends over exactly its own sequence's cache."""
     for i, seq_len in enumerate(lens):
         a, b = starts[i], starts[i + 1]
         if b - a > 1:
             k = _gather_context(k_cache, tables[i], seq_len)
             v = _gather_context(v_cache, tables[i], seq_len)
-            out[a:b] = _prefill_chunk(q[a:b], k, v, scale, seq_len - (b - a)).to(q.dtype)
+            out[a:b] = chunk(q[a:b], k, v, scale, seq_len - (b - a)).to(q.dtype)
 
 
 def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
@@ -97,7 +113,7 @@ def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_sta
 
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
     """The CPU path: decode rows in the compiled kernel (kernels/cpu_kernels.py: straight from the
-    paged cache, no gather), prefill chunks as in the reference."""
+    paged cache, no gather), prefill chunks through PyTorch's fused attention."""
     from kernels import cpu_kernels
 
     q = q.contiguous()
@@ -108,7 +124,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     if any(row >= 0 for row in rows):
         cpu_kernels.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, torch.tensor(rows), scale, out)
     if len(rows) != len(lens) or any(row < 0 for row in rows):
-        _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out)
+        _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out, _prefill_chunk_sdpa)
     return out
 
 

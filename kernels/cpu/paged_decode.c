@@ -1,10 +1,11 @@
 /* Paged-attention decode on the CPU: one new query token per sequence, attending to the
  * sequence's whole context straight from the block-table KV cache (no gather, no copy).
  *
- * Built at first use by kernels/cpu_kernels.py (gcc -O3 -march=native) and called through ctypes,
- * which releases the GIL. Work items are (sequence, KV head) pairs split over `num_threads`
- * pthreads by context length. Each item reads its K rows once (scores for the KV head's group of
- * query heads), takes an exact softmax in float32, then reads its V rows once.
+ * Built at first use by kernels/cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through
+ * ctypes, which releases the GIL. Work items are whole sequences (or, with few sequences, one KV
+ * head of a sequence), longest context first, shared by `num_threads` OpenMP threads. Each item
+ * reads its K rows once (scores for all its query heads), takes an exact softmax in float32, then
+ * reads its V rows once.
  *
  * Layouts (all contiguous):
  *   q, out:        [num_tokens, num_heads, head_dim]        element type T
@@ -18,7 +19,6 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,11 +28,9 @@ typedef struct {
     void *out;
     const int32_t *block_tables, *seq_lens;
     const int64_t *rows;
-    const int32_t *items;      /* (seq, kv_head) pairs, flattened */
     int64_t table_stride;
     int num_heads, num_kv_heads, head_dim, block_size, dtype;
     float scale;
-    int begin, end;            /* this thread's items */
 } job_t;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -115,33 +113,38 @@ static inline void load_row(const void *base, int64_t index, int n, int dtype, f
     }
 }
 
-static void run_item(const job_t *job, int seq, int kv_head, float *scores, float *qbuf, float *acc, float *row) {
+/* One sequence, KV heads [h0, h1): reads each of the sequence's tokens' K rows for those heads (one
+ * contiguous run when they are all the heads), then the V rows likewise. Scratch: scores
+ * [(h1-h0)*G][ctx], qbuf and acc [(h1-h0)*G][D], row [KVH*D]. */
+static void run_item(const job_t *job, int seq, int h0, int h1, float *scores, float *qbuf, float *acc, float *row) {
     const int H = job->num_heads, KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
-    const int G = H / KVH;
+    const int G = H / KVH, NH = (h1 - h0) * G;    /* query heads handled here: h0*G .. h1*G */
     const int ctx = job->seq_lens[seq];
     const int64_t token = job->rows[seq];
     const int32_t *table = job->block_tables + (int64_t)seq * job->table_stride;
+    const int width = (h1 - h0) * D;              /* the K (or V) values of heads h0..h1 of one token */
 
-    for (int g = 0; g < G; g++) {
-        load_row(job->q, (token * H + (int64_t)kv_head * G + g) * D, D, job->dtype, qbuf + g * D);
-        for (int d = 0; d < D; d++) qbuf[g * D + d] *= job->scale;
-    }
-    /* scores[g * ctx + t] = q_g . k_t */
-    for (int t = 0; t < ctx; t++) {
-        const int64_t slot = (int64_t)table[t / BS] * BS + t % BS;   /* BS is a power of two in practice */
-        const int64_t at = (slot * KVH + kv_head) * D;
-        const float *k;
-        if (job->dtype == 0) {
-            k = (const float *)job->k_cache + at;
-        } else {
-            load_row(job->k_cache, at, D, 1, row);
-            k = row;
+    load_row(job->q, (token * H + (int64_t)h0 * G) * D, NH * D, job->dtype, qbuf);
+    for (int i = 0; i < NH * D; i++) qbuf[i] *= job->scale;
+    /* scores[j * ctx + t] = q_j . k_t, query head j (local) against its KV head */
+    for (int blk = 0, t0 = 0; t0 < ctx; blk++, t0 += BS) {
+        const int64_t base = (int64_t)table[blk] * BS;
+        const int n = ctx - t0 < BS ? ctx - t0 : BS;
+        for (int o = 0; o < n; o++) {
+            const int64_t at = ((base + o) * KVH + h0) * D;
+            const float *k;
+            if (job->dtype == 0) {
+                k = (const float *)job->k_cache + at;
+            } else {
+                load_row(job->k_cache, at, width, 1, row);
+                k = row;
+            }
+            for (int j = 0; j < NH; j++) scores[(int64_t)j * ctx + t0 + o] = dot(qbuf + j * D, k + (j / G) * D, D);
         }
-        for (int g = 0; g < G; g++) scores[(int64_t)g * ctx + t] = dot(qbuf + g * D, k, D);
     }
-    float inv_sum[256];   /* G <= 256, checked by the caller */
-    for (int g = 0; g < G; g++) {
-        float *s = scores + (int64_t)g * ctx;
+    float inv_sum[4096];   /* NH <= 4096, checked by the caller */
+    for (int j = 0; j < NH; j++) {
+        float *s = scores + (int64_t)j * ctx;
         float m = -INFINITY;
 #pragma omp simd reduction(max : m)
         for (int t = 0; t < ctx; t++) m = s[t] > m ? s[t] : m;
@@ -151,48 +154,34 @@ static void run_item(const job_t *job, int seq, int kv_head, float *scores, floa
             s[t] = expf(s[t] - m);
             sum += s[t];
         }
-        inv_sum[g] = 1.0f / sum;
+        inv_sum[j] = 1.0f / sum;
     }
-    memset(acc, 0, sizeof(float) * (size_t)G * D);
-    for (int t = 0; t < ctx; t++) {
-        const int64_t slot = (int64_t)table[t / BS] * BS + t % BS;
-        const int64_t at = (slot * KVH + kv_head) * D;
-        const float *v;
-        if (job->dtype == 0) {
-            v = (const float *)job->v_cache + at;
-        } else {
-            load_row(job->v_cache, at, D, 1, row);
-            v = row;
-        }
-        for (int g = 0; g < G; g++) axpy(acc + g * D, scores[(int64_t)g * ctx + t], v, D);
-    }
-    for (int g = 0; g < G; g++) {
-        const int64_t at = (token * H + (int64_t)kv_head * G + g) * D;
-        const float *a = acc + g * D;
-        if (job->dtype == 0) {
-            float *o = (float *)job->out + at;
-            for (int d = 0; d < D; d++) o[d] = a[d] * inv_sum[g];
-        } else {
-            uint16_t *o = (uint16_t *)job->out + at;
-            for (int d = 0; d < D; d++) o[d] = f32_to_bf16(a[d] * inv_sum[g]);
+    memset(acc, 0, sizeof(float) * (size_t)NH * D);
+    for (int blk = 0, t0 = 0; t0 < ctx; blk++, t0 += BS) {
+        const int64_t base = (int64_t)table[blk] * BS;
+        const int n = ctx - t0 < BS ? ctx - t0 : BS;
+        for (int o = 0; o < n; o++) {
+            const int64_t at = ((base + o) * KVH + h0) * D;
+            const float *v;
+            if (job->dtype == 0) {
+                v = (const float *)job->v_cache + at;
+            } else {
+                load_row(job->v_cache, at, width, 1, row);
+                v = row;
+            }
+            for (int j = 0; j < NH; j++) axpy(acc + j * D, scores[(int64_t)j * ctx + t0 + o], v + (j / G) * D, D);
         }
     }
-}
-
-static void *run_job(void *arg) {
-    const job_t *job = (const job_t *)arg;
-    const int G = job->num_heads / job->num_kv_heads, D = job->head_dim;
-    int max_ctx = 1;
-    for (int i = job->begin; i < job->end; i++) {
-        const int ctx = job->seq_lens[job->items[2 * i]];
-        max_ctx = ctx > max_ctx ? ctx : max_ctx;
+    const int64_t out_at = (token * H + (int64_t)h0 * G) * D;
+    if (job->dtype == 0) {
+        float *o = (float *)job->out + out_at;
+        for (int j = 0; j < NH; j++)
+            for (int d = 0; d < D; d++) o[j * D + d] = acc[j * D + d] * inv_sum[j];
+    } else {
+        uint16_t *o = (uint16_t *)job->out + out_at;
+        for (int j = 0; j < NH; j++)
+            for (int d = 0; d < D; d++) o[j * D + d] = f32_to_bf16(acc[j * D + d] * inv_sum[j]);
     }
-    float *scores = malloc(sizeof(float) * ((size_t)G * max_ctx + 3 * (size_t)G * D + D));
-    if (scores == NULL) return (void *)1;
-    float *qbuf = scores + (size_t)G * max_ctx, *acc = qbuf + (size_t)G * D, *row = acc + (size_t)G * D;
-    for (int i = job->begin; i < job->end; i++) run_item(job, job->items[2 * i], job->items[2 * i + 1], scores, qbuf, acc, row);
-    free(scores);
-    return NULL;
 }
 
 /* Returns 0 on success. */
@@ -200,51 +189,54 @@ int genq_paged_decode(const void *q, const void *k_cache, const void *v_cache, v
                       const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                       const int64_t *rows, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                       int block_size, float scale, int num_threads) {
-    if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > 256) return 2;
-    int num_items = 0;
-    int64_t total = 0;
-    int32_t *items = malloc(sizeof(int32_t) * 2 * ((size_t)num_seqs * num_kv_heads + 1));
-    if (items == NULL) return 1;
+    if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads > 4096) return 2;
+    const int D = head_dim;
+    if (num_threads < 1) num_threads = 1;
+    int num_decode = 0, max_ctx = 1;
     for (int s = 0; s < num_seqs; s++) {
         if (rows[s] < 0) continue;
-        for (int h = 0; h < num_kv_heads; h++) {
-            items[2 * num_items] = s;
-            items[2 * num_items + 1] = h;
-            num_items++;
-            total += seq_lens[s];
+        num_decode++;
+        max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
+    }
+    /* Whole sequences (each token's K/V row read in one run) when there are enough of them to keep
+     * every thread busy; else one item per KV head. */
+    const int span = num_decode >= 4 * num_threads ? num_kv_heads : 1;
+    const int per_seq = num_kv_heads / span;
+    int num_items = 0;
+    int32_t *items = malloc(sizeof(int32_t) * 3 * ((size_t)num_decode * per_seq + 1));
+    if (items == NULL) return 1;
+    /* longest contexts first, so that the dynamic schedule ends with the short items */
+    for (int s = 0; s < num_seqs; s++) {
+        if (rows[s] < 0) continue;
+        for (int h = 0; h < num_kv_heads; h += span) {
+            int at = num_items++;
+            while (at > 0 && seq_lens[items[3 * (at - 1)]] < seq_lens[s]) {
+                memcpy(items + 3 * at, items + 3 * (at - 1), 3 * sizeof(int32_t));
+                at--;
+            }
+            items[3 * at] = s;
+            items[3 * at + 1] = h;
+            items[3 * at + 2] = h + span;
         }
     }
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > num_items) num_threads = num_items > 0 ? num_items : 1;
-    job_t jobs[64];
-    pthread_t threads[64];
-    int started[64] = {0};
-    if (num_threads > 64) num_threads = 64;
-    /* split the items into num_threads runs of about equal context length */
-    int begin = 0;
-    int64_t done = 0;
-    for (int t = 0; t < num_threads; t++) {
-        int end = begin;
-        const int64_t goal = total * (t + 1) / num_threads;
-        while (end < num_items && (t == num_threads - 1 || done < goal)) {
-            done += seq_lens[items[2 * end]];
-            end++;
-        }
-        jobs[t] = (job_t){q, k_cache, v_cache, out, block_tables, seq_lens, rows, items, table_stride, num_heads,
-                          num_kv_heads, head_dim, block_size, dtype, scale, begin, end};
-        begin = end;
-    }
+    const job_t job = {q, k_cache, v_cache, out, block_tables, seq_lens, rows, table_stride, num_heads,
+                       num_kv_heads, head_dim, block_size, dtype, scale};
+    const size_t NH = (size_t)span * (num_heads / num_kv_heads);
     int failed = 0;
-    for (int t = 1; t < num_threads; t++) {
-        started[t] = pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0;
-        if (!started[t] && run_job(&jobs[t]) != NULL) failed = 1;   /* no thread: run it here */
-    }
-    if (run_job(&jobs[0]) != NULL) failed = 1;
-    for (int t = 1; t < num_threads; t++) {
-        void *result = NULL;
-        if (started[t]) {
-            pthread_join(threads[t], &result);
-            if (result != NULL) failed = 1;
+    if (num_threads > num_items) num_threads = num_items > 0 ? num_items : 1;
+    /* Built with -fopenmp this runs on the process's OpenMP pool: PyTorch's own (its libgomp is
+     * already loaded, so ours resolves to it), whose threads are awake after the step's matmuls. */
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *scratch = malloc(sizeof(float) * (NH * max_ctx + 2 * NH * D + (size_t)num_kv_heads * D));
+        if (scratch == NULL) {
+            failed = 1;
+        } else {
+            float *qbuf = scratch + NH * max_ctx, *acc = qbuf + NH * D, *row = acc + NH * D;
+#pragma omp for schedule(dynamic, 1)
+            for (int i = 0; i < num_items; i++)
+                run_item(&job, items[3 * i], items[3 * i + 1], items[3 * i + 2], scratch, qbuf, acc, row);
+            free(scratch);
         }
     }
     free(items);

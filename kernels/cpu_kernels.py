@@ -2,7 +2,8 @@
 
 `paged_decode(...)` runs the decode rows of paged attention straight from the block-table cache:
 the PyTorch path must gather every sequence's blocks into a padded copy first, which is most of a
-CPU decode step's attention time. Only a C compiler is needed (no PyTorch headers): the build
+CPU decode step's attention time. `rms_norm`, `silu_and_mul` and `rotary_embedding` do in one pass
+what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers): the build
 takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
 `~/.cache/genq/kernels`), keyed by the source, the compiler and this CPU's flags (the library is
 built with `-march=native`). Without a compiler the engine warns once and stays on PyTorch.
@@ -88,10 +89,17 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(_build(compiler)))
     except OSError as exc:
         raise KernelBuildError(f"cannot load the compiled kernels: {exc}") from exc
-    fn = lib.genq_paged_decode
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                           ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "genq_paged_decode": [p, p, p, p, i, p, i64, p, p, i, i, i, i, i, f, i],
+        "genq_rms_norm": [p, p, p, p, p, i64, i, f, i, i],
+        "genq_silu_mul": [p, p, i64, i, i, i],
+        "genq_rotary": [p, p, i64, i, p, i64, i, p, i, i64, i, i],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = argtypes
     return lib
 
 
@@ -134,3 +142,61 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         num_heads, num_kv_heads, head_dim, block_size, float(scale), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"paged_decode failed (status {status})")
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _elementwise_ok(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors) and first.dtype in DTYPES
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """kernels.rms_norm's contract, in one pass: the normed rows, or (normed, x + residual)."""
+    x = x.contiguous()
+    hidden = x.shape[-1]
+    out = torch.empty_like(x)
+    new_residual = None
+    if residual is not None:
+        residual = residual.contiguous()
+        new_residual = torch.empty_like(x)
+    weight = weight.contiguous()
+    status = library().genq_rms_norm(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+        None if new_residual is None else new_residual.data_ptr(), x.numel() // hidden, hidden, float(eps),
+        DTYPES[x.dtype], _threads())
+    if status != 0:
+        raise RuntimeError(f"rms_norm failed (status {status})")
+    return out if residual is None else (out, new_residual)
+
+
+def rms_norm_supports(x, weight, residual) -> bool:
+    return _elementwise_ok(x, weight, *([] if residual is None else [residual])) and weight.shape[-1] == x.shape[-1]
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [..., 2 * inter] (gate first), in one pass."""
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    library().genq_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
+                            DTYPES[gate_up.dtype], _threads())
+    return out
+
+
+def rotary_supports(positions, q, k, cos_sin_cache) -> bool:
+    return (_elementwise_ok(q, k) and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
+            and cos_sin_cache.device.type == "cpu" and q.dim() == 3 and k.dim() == 3
+            and q.stride(2) == 1 and q.stride(1) == q.shape[2] and k.stride(2) == 1 and k.stride(1) == k.shape[2]
+            and q.shape[0] == k.shape[0] == positions.shape[0] and q.shape[2] == cos_sin_cache.shape[1])
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """kernels.rotary_embedding's contract (in place on q and k, whose token rows may be strided)."""
+    positions = positions.to(torch.int64).contiguous()
+    if positions.numel() and int(positions.max()) >= cos_sin_cache.shape[0]:
+        raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
+    library().genq_rotary(positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0),
+                          k.shape[1], cos_sin_cache.data_ptr(), q.shape[2], q.shape[0], DTYPES[q.dtype], _threads())

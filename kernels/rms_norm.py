@@ -22,7 +22,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              impl: str | None = None):
     """x: [num_tokens, hidden]. Returns the normed tensor, or (normed, x + residual) when
     `residual` is given (the new residual stream)."""
-    if resolve_impl(impl, x) == "triton":
+    which = resolve_impl(impl, x)
+    if which == "triton":
         from kernels.triton.rms_norm import rms_norm_triton
         return rms_norm_triton(x, weight, eps, residual)
+    if which == "cpu":
+        from kernels import cpu_kernels
+
+        if cpu_kernels.rms_norm_supports(x, weight, residual) and cpu_kernels.available():
+            return cpu_kernels.rms_norm(x, weight, eps, residual)
     return rms_norm_torch(x, weight, eps, residual)

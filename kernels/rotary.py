@@ -27,7 +27,13 @@ def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Te
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, impl: str | None = None) -> None:
-    if resolve_impl(impl, q) == "triton":
+    which = resolve_impl(impl, q)
+    if which == "triton":
         from kernels.triton.rotary import rotary_embedding_triton
         return rotary_embedding_triton(positions, q, k, cos_sin_cache)
+    if which == "cpu":
+        from kernels import cpu_kernels
+
+        if cpu_kernels.rotary_supports(positions, q, k, cos_sin_cache) and cpu_kernels.available():
+            return cpu_kernels.rotary_embedding(positions, q, k, cos_sin_cache)
     return rotary_embedding_torch(positions, q, k, cos_sin_cache)

@@ -242,3 +242,93 @@ int genq_paged_decode(const void *q, const void *k_cache, const void *v_cache, v
     free(items);
     return failed;
 }
+
+/* ---- Elementwise ops of a layer, fused: one pass each instead of PyTorch's several ---------------
+ * Same arithmetic as the references in kernels/rms_norm.py and kernels/rotary.py and the model's
+ * silu(gate) * up: float32 inside, rounded to the tensor's type where the reference rounds. */
+
+static inline float load1(const void *base, int64_t i, int dtype) {
+    return dtype == 0 ? ((const float *)base)[i] : bf16_to_f32(((const uint16_t *)base)[i]);
+}
+
+static inline float round_to(float v, int dtype) {
+    return dtype == 0 ? v : bf16_to_f32(f32_to_bf16(v));
+}
+
+static inline void store1(void *base, int64_t i, float v, int dtype) {
+    if (dtype == 0) ((float *)base)[i] = v;
+    else ((uint16_t *)base)[i] = f32_to_bf16(v);
+}
+
+/* out = weight * (r / rms(r)), r = x (+ residual, also written to new_residual). Rows contiguous. */
+int genq_rms_norm(const void *x, const void *residual, const void *weight, void *out, void *new_residual,
+                  int64_t rows, int hidden, float eps, int dtype, int num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *r = malloc(sizeof(float) * (size_t)hidden);
+        if (r == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows; i++) {
+                const int64_t at = i * hidden;
+                float sq = 0.0f;
+                for (int j = 0; j < hidden; j++) {
+                    float v = load1(x, at + j, dtype);
+                    if (residual != NULL) {
+                        v = round_to(v + load1(residual, at + j, dtype), dtype);
+                        store1(new_residual, at + j, v, dtype);
+                    }
+                    r[j] = v;
+                    sq += v * v;
+                }
+                const float inv = 1.0f / sqrtf(sq / (float)hidden + eps);
+                for (int j = 0; j < hidden; j++)
+                    store1(out, at + j, load1(weight, j, dtype) * round_to(r[j] * inv, dtype), dtype);
+            }
+            free(r);
+        }
+    }
+    return failed;
+}
+
+/* out[i, j] = silu(gate_up[i, j]) * gate_up[i, inter + j]; gate_up rows are 2 * inter long. */
+int genq_silu_mul(const void *gate_up, void *out, int64_t rows, int inter, int dtype, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t in = i * 2 * (int64_t)inter, at = i * (int64_t)inter;
+        for (int j = 0; j < inter; j++) {
+            const float g = load1(gate_up, in + j, dtype);
+            const float s = round_to(g / (1.0f + expf(-g)), dtype);
+            store1(out, at + j, s * load1(gate_up, in + inter + j, dtype), dtype);
+        }
+    }
+    return 0;
+}
+
+/* In place, rotate-half: for each token t and head h of q (and k), with c|s = cos_sin[pos[t]]:
+ * x1' = x1 c - x2 s, x2' = x2 c + x1 s over the two halves. q/k rows may be strided (a slice of
+ * the fused qkv projection): row_stride elements between tokens, heads contiguous. */
+int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads, void *k, int64_t k_stride,
+                int k_heads, const float *cos_sin, int head_dim, int64_t tokens, int dtype, int num_threads) {
+    const int half = head_dim / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos_sin + positions[t] * head_dim, *s = c + half;
+        for (int which = 0; which < 2; which++) {
+            void *base = which == 0 ? q : k;
+            const int heads = which == 0 ? q_heads : k_heads;
+            const int64_t row = t * (which == 0 ? q_stride : k_stride);
+            for (int h = 0; h < heads; h++) {
+                const int64_t at = row + (int64_t)h * head_dim;
+                for (int j = 0; j < half; j++) {
+                    const float x1 = load1(base, at + j, dtype), x2 = load1(base, at + half + j, dtype);
+                    store1(base, at + j, x1 * c[j] - x2 * s[j], dtype);
+                    store1(base, at + half + j, x2 * c[j] + x1 * s[j], dtype);
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -100,3 +100,60 @@ def test_a_broken_build_is_a_typed_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     with pytest.raises(cpu_kernels.KernelBuildError, match="failed"):
         cpu_kernels._build(cpu_kernels._compiler())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(gen, dtype, with_residual):
+    from kernels.rms_norm import rms_norm_torch
+
+    x = torch.randn(37, 576, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    residual = torch.randn(37, 576, generator=gen).to(dtype) if with_residual else None
+    before = None if residual is None else residual.clone()
+    got = cpu_kernels.rms_norm(x, weight, 1e-5, residual)
+    want = rms_norm_torch(x, weight, 1e-5, residual)
+    if with_residual:
+        assert torch.equal(got[1], want[1]), "the new residual is x + residual, rounded as PyTorch rounds"
+        assert torch.equal(residual, before), "the old residual must not be modified"
+        got, want = got[0], want[0]
+    assert_close(got, want)
+    if dtype == torch.float32:
+        assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_reference(gen, dtype):
+    from kernels.activation import silu_and_mul_torch
+
+    gate_up = (3 * torch.randn(19, 2 * 96, generator=gen)).to(dtype)
+    got = kernels.silu_and_mul(gate_up)
+    want = silu_and_mul_torch(gate_up)
+    assert got.shape == (19, 96)
+    assert_close(got, want)
+    if dtype == torch.float32:
+        assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_on_strided_q_and_k(gen, dtype):
+    from kernels.rotary import rotary_embedding_torch
+
+    tokens, heads, kv_heads, head_dim = 23, 6, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    ref = qkv.clone()
+    angles = torch.rand(300, head_dim // 2, generator=gen) * 6.28
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    positions = torch.randint(0, 300, (tokens,), generator=gen)
+
+    def views(t):
+        q, k, _ = t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        return q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+
+    assert cpu_kernels.rotary_supports(positions, *views(qkv), cos_sin)
+    kernels.rotary_embedding(positions, *views(qkv), cos_sin)
+    rotary_embedding_torch(positions, *views(ref), cos_sin)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], ref[:, (heads + kv_heads) * head_dim:]), "v touched"
+    assert_close(qkv, ref)
+    with pytest.raises(IndexError, match="RoPE table"):
+        cpu_kernels.rotary_embedding(positions + 300, *views(qkv), cos_sin)

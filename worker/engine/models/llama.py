@@ -72,9 +72,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+    def forward(self, x, impl: str | None = None):
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x), impl=impl))
 
 
 class DecoderLayer(nn.Module):
@@ -95,7 +94,7 @@ class DecoderLayer(nn.Module):
             h, residual = kernels.rms_norm(x, self.input_layernorm, self.eps, residual, impl=impl)
         h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
         h, residual = kernels.rms_norm(h, self.post_attention_layernorm, self.eps, residual, impl=impl)
-        return self.mlp(h), residual
+        return self.mlp(h, impl), residual
 
 
 class LlamaForCausalLM(nn.Module):

@@ -91,6 +91,9 @@ class SubmissionRefused(Exception):
 
 _INSERT_COLUMNS = ("id", "owner", "status", "priority", "model", "input", "metadata", "attempts", "created_at")
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# Batch lines not yet released (app/batches.py) wait outside the key's active-jobs quota: a batch
+# larger than the quota must not lock its owner out of interactive requests.
+_NOT_HELD = or_(_jobs.c.batch_id.is_(None), _jobs.c.released_at.is_not(None))
 
 
 def _guarded_insert(live_key: bool, max_active: bool):
@@ -105,7 +108,7 @@ def _guarded_insert(live_key: bool, max_active: bool):
     if max_active:
         # Count at most b_max_active rows: the check costs no more than the limit, however many are queued.
         capped = (select(literal(1).label("one")).select_from(_jobs)
-                  .where(_jobs.c.owner == bindparam("owner"), _jobs.c.status.in_(_ACTIVE))
+                  .where(_jobs.c.owner == bindparam("owner"), _jobs.c.status.in_(_ACTIVE), _NOT_HELD)
                   .limit(bindparam("b_max_active")).subquery())
         conditions.append(select(func.count()).select_from(capped).scalar_subquery() < bindparam("b_max_active"))
     values = select(*[bindparam(name, type_=_jobs.c[name].type).label(name)
@@ -147,7 +150,7 @@ def create_job(session: Session, *, model: str, input: dict, owner: str | None =
         if session.scalar(select(ApiKey.id).where(ApiKey.id == owner, ApiKey.revoked_at.is_(None))) is None:
             raise SubmissionRefused("key_revoked")
     active = session.scalar(select(func.count()).select_from(_jobs).where(
-        _jobs.c.owner == owner, _jobs.c.status.in_(_ACTIVE))) or 0
+        _jobs.c.owner == owner, _jobs.c.status.in_(_ACTIVE), _NOT_HELD)) or 0
     raise SubmissionRefused("too_many_active_jobs", active=active, limit=max_active)
 
 

@@ -4,7 +4,8 @@
   process shares the budget). A key may burst its whole minute's allowance, then gets one request
   every 60/limit seconds; a refused request learns exactly when the next one will be allowed.
 - Active jobs: queued + running jobs of the owner, counted in the database at submission (an index
-  on (owner, status) answers it). Concurrent submissions may overshoot by the number in flight.
+  on (owner, status) answers it); batch lines not yet released to the queue do not count.
+  Concurrent submissions may overshoot by the number in flight.
 - Queue depth: tasks waiting in the broker (what no worker has taken yet).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from redis import Redis
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobStatus
@@ -62,5 +63,6 @@ class RateLimiter:
 def active_jobs(session: Session, owner: str | None) -> int:
     """Queued + running jobs of `owner`."""
     owned = Job.owner.is_(None) if owner is None else Job.owner == owner
+    not_held = or_(Job.batch_id.is_(None), Job.released_at.is_not(None))    # held batch lines wait outside
     return session.scalar(select(func.count()).select_from(Job).where(
-        owned, Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))) or 0
+        owned, Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)), not_held)) or 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
+
 from sqlalchemy import select, update
 
 from app import batches
@@ -273,3 +275,21 @@ def test_due_batches_are_past_their_window_or_stuck_validating(sessions):
     with sessions() as session:
         expired, stuck = batches.batches_due(session, expired_before=now, stuck_before=now)
         assert {started, validating} <= set(expired) and validating not in stuck   # expiring, not restarted
+
+
+def test_held_lines_do_not_count_towards_the_active_jobs_quota(sessions):
+    """A batch bigger than its key's active-jobs limit must not lock the key out of interactive
+    jobs: only released lines count (app/quotas.py and the guarded insert in app/jobs.py)."""
+    from app.quotas import active_jobs
+
+    batch_id = _new_batch(sessions, [_line(i) for i in range(6)])
+    with sessions.begin() as session:
+        batches.start_batch(session, batch_id, MODEL, max_in_flight=2)
+    with sessions() as session:
+        assert active_jobs(session, "k1") == 2                       # 2 released, 4 held
+    with sessions.begin() as session:                                # limit 3: one more fits ...
+        jobs_store.create_job(session, model=MODEL, input={"prompt": "hi"}, owner="k1", max_active=3)
+    with pytest.raises(jobs_store.SubmissionRefused) as refused, sessions.begin() as session:   # ... then no more
+        jobs_store.create_job(session, model=MODEL, input={"prompt": "hi"}, owner="k1", max_active=3)
+    assert refused.value.reason == "too_many_active_jobs"
+    assert (refused.value.active, refused.value.limit) == (3, 3)

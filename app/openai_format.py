@@ -247,16 +247,28 @@ def chunk(endpoint: str, job: Job, choices: list[dict[str, Any]], usage_: dict[s
     return body
 
 
+def stream_logprobs(endpoint: str, steps: list[dict[str, Any]] | None, text_offset: int = 0):
+    """A stream chunk's `logprobs`: the steps of its tokens as the non-streamed response shapes them
+    (completions' `text_offset` counted from the start of the choice's text)."""
+    if not steps:
+        return None
+    if endpoint == CHAT_ENDPOINT:
+        return chat_logprobs(steps)
+    body = completion_logprobs(steps)
+    body["text_offset"] = [text_offset + offset for offset in body["text_offset"]]
+    return body
+
+
 def delta_choice(endpoint: str, index: int, text: str | None, *, role: bool = False,
-                 finish_reason: str | None = None) -> dict[str, Any]:
+                 finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if endpoint == CHAT_ENDPOINT:
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": _finish_reason(finish_reason)}
-    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": _finish_reason(finish_reason)}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish_reason(finish_reason)}
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": _finish_reason(finish_reason)}
 
 
 def job_error(job: Job) -> OpenAIError:

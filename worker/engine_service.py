@@ -243,6 +243,11 @@ class EngineService:
                     generation.first_token_at = now
                 if pipe is not None:
                     data = {"text": completion.new_text, "token_ids": list(completion.new_token_ids)}
+                    top_k = generation.request.params.logprobs
+                    if top_k is not None and completion.logprobs and completion.new_token_ids:
+                        fresh = len(completion.new_token_ids)   # the last `fresh` tokens are this step's
+                        data["logprobs"] = self._logprob_entries(completion.token_ids[-fresh:],
+                                                                 completion.logprobs[-fresh:], top_k)
                     if several:
                         data["index"] = completion.index   # n > 1: each sample's deltas are tagged
                     event = JobEvent(EventId(generation.request.attempt, generation.next_seq), "token", data)
@@ -287,17 +292,20 @@ class EngineService:
             result.error_type, result.error_message = "engine_error", output.error
         return result
 
+    def _logprob_entries(self, token_ids, logprobs, top_k: int) -> list[dict[str, Any]]:
+        """[{token, logprob, top: [[token, logprob], ...] (best first, top_k of them)}] per token."""
+        decode = self._token_text
+        return [{"token": decode(token), "logprob": _finite(step.get(token, -9999.0)),
+                 "top": [[decode(t), _finite(lp)] for t, lp in sorted(step.items(), key=lambda kv: -kv[1])[:top_k]]}
+                for token, step in zip(token_ids, logprobs)]
+
     def _choice(self, completion, top_k: int | None) -> dict[str, Any]:
         """One sample as a job stores it; log-probabilities carry token strings (the API has no
         tokenizer): [{token, logprob, top: [[token, logprob], ...] (best first, top_k of them)}]."""
         choice = {"index": completion.index, "text": completion.text, "finish_reason": completion.finish_reason,
                   "completion_tokens": len(completion.token_ids)}
         if top_k is not None and completion.logprobs is not None:
-            decode = self._token_text
-            choice["logprobs"] = [
-                {"token": decode(token), "logprob": _finite(step.get(token, -9999.0)),
-                 "top": [[decode(t), _finite(lp)] for t, lp in sorted(step.items(), key=lambda kv: -kv[1])[:top_k]]}
-                for token, step in zip(completion.token_ids, completion.logprobs)]
+            choice["logprobs"] = self._logprob_entries(completion.token_ids, completion.logprobs, top_k)
         return choice
 
     def _token_text(self, token_id: int) -> str:

@@ -232,10 +232,20 @@ def _stream(svc: Services, endpoint: str, job: Job, owner: str | None, n: int, i
             for index in range(n):
                 yield _sse(fmt.chunk(endpoint, job, [fmt.delta_choice(endpoint, index, "", role=True)],
                                      with_usage_field=include_usage))
+        # Log-probabilities ride on the chunk that carries their text; tokens whose text is held
+        # back (half a character, a possible stop string) pass theirs on to the next chunk.
+        pending: dict[int, list[dict]] = {}
+        offsets: dict[int, int] = {}
         for kind, data in _job_events(svc, job.id, owner):
-            if kind == "token" and data.get("text"):
-                choice = fmt.delta_choice(endpoint, data.get("index", 0), data["text"])
-                yield _sse(fmt.chunk(endpoint, job, [choice], with_usage_field=include_usage))
+            if kind == "token":
+                index = data.get("index", 0)
+                pending.setdefault(index, []).extend(data.get("logprobs") or [])
+                if data.get("text"):
+                    logprobs = pending.pop(index, None) or None
+                    choice = fmt.delta_choice(endpoint, index, data["text"],
+                                              logprobs=fmt.stream_logprobs(endpoint, logprobs, offsets.get(index, 0)))
+                    offsets[index] = offsets.get(index, 0) + len(data["text"])
+                    yield _sse(fmt.chunk(endpoint, job, [choice], with_usage_field=include_usage))
             elif kind == "done":
                 break
         with svc.sessions() as session:
@@ -246,7 +256,9 @@ def _stream(svc: Services, endpoint: str, job: Job, owner: str | None, n: int, i
             yield _sse("[DONE]")
             return
         for sample in fmt.response_body(endpoint, final)["choices"]:
-            closing = fmt.delta_choice(endpoint, sample["index"], None, finish_reason=sample["finish_reason"])
+            left = pending.pop(sample["index"], None) or None   # tokens whose text never came (a cut stop string)
+            closing = fmt.delta_choice(endpoint, sample["index"], None, finish_reason=sample["finish_reason"],
+                                       logprobs=fmt.stream_logprobs(endpoint, left, offsets.get(sample["index"], 0)))
             yield _sse(fmt.chunk(endpoint, final, [closing], with_usage_field=include_usage))
         if include_usage:
             yield _sse(fmt.chunk(endpoint, final, [], fmt.usage(final), with_usage_field=True))

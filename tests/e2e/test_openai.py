@@ -118,6 +118,21 @@ def test_n_stop_seed_penalties_logprobs(genq):
                                      logprobs=3, extra_body={"ignore_eos": True})
     assert len(text.choices[0].logprobs.tokens) == 4 and all(len(t) <= 3 for t in text.choices[0].logprobs.top_logprobs)
 
+    # Streamed, the same greedy tokens carry the same log-probabilities, chunk by chunk.
+    chunks = list(client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=5,
+                                                 temperature=0, logprobs=True, top_logprobs=2, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    streamed_lp = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed_lp] == [t.token for t in content]
+    assert [round(t.logprob, 4) for t in streamed_lp] == [round(t.logprob, 4) for t in content]
+    assert all(len(t.top_logprobs) == 2 for t in streamed_lp)
+    text_chunks = list(client.completions.create(model=settings.model_name, prompt="one two", max_tokens=4,
+                                                 temperature=0, logprobs=3, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    tokens = [tok for c in text_chunks if c.choices and c.choices[0].logprobs for tok in c.choices[0].logprobs.tokens]
+    offsets = [o for c in text_chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == text.choices[0].logprobs.tokens and offsets == text.choices[0].logprobs.text_offset
+
     first = client.completions.create(model=settings.model_name, prompt="one two", max_tokens=12, temperature=0)
     if len(first.choices[0].text) > 3:
         stop = first.choices[0].text[2:4]

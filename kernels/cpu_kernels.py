@@ -3,8 +3,8 @@
 `paged_decode(...)` runs the decode rows of paged attention straight from the block-table cache:
 the PyTorch path must gather every sequence's blocks into a padded copy first, which is most of a
 CPU decode step's attention time. `rms_norm`, `silu_and_mul` and `rotary_embedding` do in one pass
-what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers): the build
-takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
+what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers):
+the build takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
 `~/.cache/genq/kernels`), keyed by the source, the compiler and this CPU's flags (the library is
 built with `-march=native`). Without a compiler the engine warns once and stays on PyTorch.
 """
@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu") / "paged_decode.c"
+SOURCE = Path(__file__).with_name("cpu") / "cpu_kernels.c"
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-Wall"]
 # With OpenMP the kernel shares PyTorch's thread pool (PyTorch's libgomp is loaded first, and ours
 # resolves to it by soname); a compiler without OpenMP builds it single-threaded instead.
@@ -58,7 +58,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *CFLAGS,
                                     *OPENMP_FLAGS[0]]).encode())
-    target = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,10 +91,10 @@ def library() -> ctypes.CDLL:
         raise KernelBuildError(f"cannot load the compiled kernels: {exc}") from exc
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
-        "genq_paged_decode": [p, p, p, p, i, p, i64, p, p, i, i, i, i, i, f, i],
+        "genq_paged_decode": [p, i64, p, p, p, i, p, i64, p, p, i, i, i, i, i, f, i],
         "genq_rms_norm": [p, p, p, p, p, i64, i, f, i, i],
         "genq_silu_mul": [p, p, i64, i, i, i],
-        "genq_rotary": [p, p, i64, i, p, i64, i, p, i, i64, i, i],
+        "genq_rotary": [p, p, i64, i, p, i64, i, p, i64, i, i64, i, i],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -116,10 +116,15 @@ def available() -> bool:
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `paged_decode` takes these tensors (CPU, float32 or bfloat16, one dtype, a contiguous
-    cache; `paged_decode` itself also needs q contiguous)."""
+    cache; `paged_decode` itself also needs each token's row of q contiguous: `q_rows_ok`)."""
     return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in DTYPES
             and k_cache.dtype == q.dtype and k_cache.is_contiguous()
             and q.shape[1] % k_cache.shape[2] == 0 and q.shape[1] <= _MAX_HEADS)
+
+
+def q_rows_ok(q: torch.Tensor) -> bool:
+    """Heads contiguous within each token's row (the rows themselves may be apart: a slice of qkv)."""
+    return q.stride(2) == 1 and q.stride(1) == q.shape[2]
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -128,7 +133,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     sequence's first seq_lens[s] cached tokens. q, out: [num_tokens, num_heads, head_dim];
     caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, n] int32;
     seq_lens [num_seqs] int32; rows [num_seqs] int64."""
-    if not (supports(q, k_cache) and v_cache.dtype == q.dtype and v_cache.is_contiguous()
+    if not (supports(q, k_cache) and q_rows_ok(q) and v_cache.dtype == q.dtype and v_cache.is_contiguous()
             and out.dtype == q.dtype and out.is_contiguous() and out.shape == q.shape):
         raise ValueError("paged_decode: unsupported tensors (see kernels.cpu_kernels.supports)")
     tables = block_tables.to(torch.int32).contiguous()
@@ -137,9 +142,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     status = library().genq_paged_decode(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), DTYPES[q.dtype],
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), DTYPES[q.dtype],
         tables.data_ptr(), tables.stride(0), lens.data_ptr(), rows.data_ptr(), lens.shape[0],
-        num_heads, num_kv_heads, head_dim, block_size, float(scale), torch.get_num_threads())
+        num_heads, num_kv_heads, head_dim, block_size, float(scale), _threads())
     if status != 0:
         raise RuntimeError(f"paged_decode failed (status {status})")
 
@@ -196,7 +201,8 @@ def rotary_supports(positions, q, k, cos_sin_cache) -> bool:
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     """kernels.rotary_embedding's contract (in place on q and k, whose token rows may be strided)."""
     positions = positions.to(torch.int64).contiguous()
-    if positions.numel() and int(positions.max()) >= cos_sin_cache.shape[0]:
+    status = library().genq_rotary(positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(),
+                                   k.stride(0), k.shape[1], cos_sin_cache.data_ptr(), cos_sin_cache.shape[0],
+                                   q.shape[2], q.shape[0], DTYPES[q.dtype], _threads())
+    if status == 3:
         raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
-    library().genq_rotary(positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0),
-                          k.shape[1], cos_sin_cache.data_ptr(), q.shape[2], q.shape[0], DTYPES[q.dtype], _threads())

@@ -116,14 +116,15 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     paged cache, no gather), prefill chunks through PyTorch's fused attention."""
     from kernels import cpu_kernels
 
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    if not cpu_kernels.q_rows_ok(q):
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     rows = [starts[i] if starts[i + 1] - starts[i] == 1 else -1 for i in range(len(lens))]
     if any(row >= 0 for row in rows):
         cpu_kernels.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, torch.tensor(rows), scale, out)
-    if len(rows) != len(lens) or any(row < 0 for row in rows):
+    if any(row < 0 for row in rows):
         _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out, _prefill_chunk_sdpa)
     return out
 

@@ -87,7 +87,7 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     assert first.exists() and first.parent == tmp_path / "kernels"
     mtime = first.stat().st_mtime_ns
     assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == mtime   # not rebuilt
-    changed = tmp_path / "paged_decode.c"
+    changed = tmp_path / "cpu_kernels.c"
     changed.write_text(cpu_kernels.SOURCE.read_text() + "\n/* changed */\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
     assert cpu_kernels._build(compiler) != first
@@ -95,7 +95,7 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
 
 def test_a_broken_build_is_a_typed_error(tmp_path, monkeypatch):
     monkeypatch.setenv("GENQ_CACHE_DIR", str(tmp_path))
-    broken = tmp_path / "paged_decode.c"
+    broken = tmp_path / "cpu_kernels.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     with pytest.raises(cpu_kernels.KernelBuildError, match="failed"):

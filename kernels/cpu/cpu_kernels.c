@@ -1,5 +1,6 @@
-/* Paged-attention decode on the CPU: one new query token per sequence, attending to the
- * sequence's whole context straight from the block-table KV cache (no gather, no copy).
+/* genq's CPU kernels. Paged-attention decode: one new query token per sequence, attending to the
+ * sequence's whole context straight from the block-table KV cache (no gather, no copy); and, at
+ * the end of the file, the layer's elementwise ops fused into one pass each.
  *
  * Built at first use by kernels/cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes, which releases the GIL. Work items are whole sequences (or, with few sequences, one KV
@@ -7,7 +8,7 @@
  * reads its K rows once (scores for all its query heads), takes an exact softmax in float32, then
  * reads its V rows once.
  *
- * Layouts (all contiguous):
+ * Layouts (contiguous but for q's token rows, q_stride elements apart):
  *   q, out:        [num_tokens, num_heads, head_dim]        element type T
  *   k/v cache:     [num_blocks, block_size, num_kv_heads, head_dim]   element type T
  *   block_tables:  [num_seqs, table_stride] int32
@@ -25,6 +26,7 @@
 
 typedef struct {
     const void *q, *k_cache, *v_cache;
+    int64_t q_stride;          /* elements between two tokens' rows of q (heads contiguous within a row) */
     void *out;
     const int32_t *block_tables, *seq_lens;
     const int64_t *rows;
@@ -124,7 +126,7 @@ static void run_item(const job_t *job, int seq, int h0, int h1, float *scores, f
     const int32_t *table = job->block_tables + (int64_t)seq * job->table_stride;
     const int width = (h1 - h0) * D;              /* the K (or V) values of heads h0..h1 of one token */
 
-    load_row(job->q, (token * H + (int64_t)h0 * G) * D, NH * D, job->dtype, qbuf);
+    load_row(job->q, token * job->q_stride + (int64_t)h0 * G * D, NH * D, job->dtype, qbuf);
     for (int i = 0; i < NH * D; i++) qbuf[i] *= job->scale;
     /* scores[j * ctx + t] = q_j . k_t, query head j (local) against its KV head */
     for (int blk = 0, t0 = 0; t0 < ctx; blk++, t0 += BS) {
@@ -185,7 +187,7 @@ static void run_item(const job_t *job, int seq, int h0, int h1, float *scores, f
 }
 
 /* Returns 0 on success. */
-int genq_paged_decode(const void *q, const void *k_cache, const void *v_cache, void *out, int dtype,
+int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out, int dtype,
                       const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                       const int64_t *rows, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                       int block_size, float scale, int num_threads) {
@@ -219,7 +221,7 @@ int genq_paged_decode(const void *q, const void *k_cache, const void *v_cache, v
             items[3 * at + 2] = h + span;
         }
     }
-    const job_t job = {q, k_cache, v_cache, out, block_tables, seq_lens, rows, table_stride, num_heads,
+    const job_t job = {q, k_cache, v_cache, q_stride, out, block_tables, seq_lens, rows, table_stride, num_heads,
                        num_kv_heads, head_dim, block_size, dtype, scale};
     const size_t NH = (size_t)span * (num_heads / num_kv_heads);
     int failed = 0;
@@ -311,8 +313,11 @@ int genq_silu_mul(const void *gate_up, void *out, int64_t rows, int inter, int d
  * x1' = x1 c - x2 s, x2' = x2 c + x1 s over the two halves. q/k rows may be strided (a slice of
  * the fused qkv projection): row_stride elements between tokens, heads contiguous. */
 int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads, void *k, int64_t k_stride,
-                int k_heads, const float *cos_sin, int head_dim, int64_t tokens, int dtype, int num_threads) {
+                int k_heads, const float *cos_sin, int64_t max_position, int head_dim, int64_t tokens, int dtype,
+                int num_threads) {
     const int half = head_dim / 2;
+    for (int64_t t = 0; t < tokens; t++)
+        if (positions[t] < 0 || positions[t] >= max_position) return 3;   /* past the table: nothing written */
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         const float *c = cos_sin + positions[t] * head_dim, *s = c + half;

@@ -9,7 +9,6 @@ means the service-wide default from the settings).
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -21,9 +20,9 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.db import UTCDateTime, utcnow
 from app.models import Base, new_job_id
+from app.webhooks import generate_secret
 
 KEY_PREFIX = "gq_"
-SECRET_PREFIX = "whsec_"
 DISPLAY_CHARS = 10          # what `genq keys list` shows of a key: "gq_" + 7 characters
 
 
@@ -66,10 +65,6 @@ def hash_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def new_webhook_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
 def create_key(session: Session, name: str, *, rate_limit_per_minute: int | None = None,
                max_active_jobs: int | None = None, max_tokens: int | None = None) -> tuple[ApiKey, str]:
     """Insert a new key; returns it and its plaintext (shown once, never stored)."""
@@ -81,7 +76,7 @@ def create_key(session: Session, name: str, *, rate_limit_per_minute: int | None
             raise ValueError(f"{label} must be > 0, got {value}")
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(id="key_" + new_job_id(), name=name, key_hash=hash_key(plaintext),
-                 display_prefix=plaintext[:DISPLAY_CHARS], webhook_secret=new_webhook_secret(),
+                 display_prefix=plaintext[:DISPLAY_CHARS], webhook_secret=generate_secret(),
                  rate_limit_per_minute=rate_limit_per_minute, max_active_jobs=max_active_jobs,
                  max_tokens=max_tokens, created_at=utcnow())
     session.add(key)

@@ -83,10 +83,12 @@ class WebhookDispatcher:
     def _on_started(self, job_id: str) -> None:
         with self.sessions() as session:
             registration = store.registration(session, job_id)
-            job = session.get(Job, job_id) if registration is not None else None
+            # the job's snapshot only when an event of this start needs it (most want `completed` only)
+            wanted = registration is not None and (registration.wants("start") or registration.wants("output"))
+            job = session.get(Job, job_id) if wanted else None
             data = job_to_dict(job, registration.base_url) if job is not None else None
         self._registrations[job_id] = registration
-        if registration is None or data is None:
+        if data is None:
             return
         if registration.wants("output"):
             self._outputs[job_id] = [float("-inf"), data]

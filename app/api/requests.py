@@ -28,18 +28,21 @@ def json_object_body() -> dict:
     except UnicodeDecodeError:
         raise Problem(400, "the request body is not UTF-8 text", title="Invalid JSON", type="invalid-json") from None
     except RecursionError:
-        raise Problem(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", title="Invalid JSON",
-                      type="invalid-json") from None
+        raise _too_deep() from None
     except ValueError as exc:
         raise Problem(400, f"the request body is not valid JSON: {exc}", title="Invalid JSON",
                       type="invalid-json") from None
     if _depth(body) > MAX_JSON_DEPTH:
-        raise Problem(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", title="Invalid JSON",
-                      type="invalid-json")
+        raise _too_deep()
     if not isinstance(body, dict):
         raise Problem(422, f"the request body must be a JSON object, got a JSON {type(body).__name__}",
                       title="Invalid request body", type="validation-error")
     return body
+
+
+def _too_deep() -> Problem:
+    return Problem(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", title="Invalid JSON",
+                   type="invalid-json")
 
 
 def _reject_constant(name: str):

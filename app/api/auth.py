@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -91,13 +91,12 @@ def _authenticate() -> KeyIdentity:
     if scheme.lower() != "bearer" or not token.strip():
         raise Problem(401, "the Authorization header must be 'Bearer <key>'", title="Invalid API key",
                       type="unauthorized", headers=_CHALLENGE)
-    from flask import current_app
-
     svc = services()
     token = token.strip()
     cache: KeyCache = current_app.extensions["genq_key_cache"]
     cacheable = request.endpoint in CACHED_KEY_ENDPOINTS
-    key = cache.get(keys.hash_key(token)) if cacheable else None
+    digest = keys.hash_key(token) if cacheable else None
+    key = cache.get(digest) if cacheable else None
     if key is not None:
         g.genq_key = key
         _check_rate(key)
@@ -110,10 +109,9 @@ def _authenticate() -> KeyIdentity:
         raise Problem(503, "API keys cannot be checked right now (the database is unreachable); retry later",
                       title="Service unavailable", type="unavailable", headers={"Retry-After": "5"}) from None
     if key is None:
-        raise Problem(401, "the API key is unknown or revoked", title="Invalid API key", type="unauthorized",
-                      headers=_CHALLENGE)
+        raise _invalid_key()
     if cacheable:
-        cache.put(keys.hash_key(token), key)
+        cache.put(digest, key)
     g.genq_key = key
     _check_rate(key)
     return key
@@ -121,16 +119,17 @@ def _authenticate() -> KeyIdentity:
 
 def revoked_meanwhile(key: KeyIdentity) -> Problem:
     """For a view whose write found the (cached) key revoked: forget it, and the 401 to raise."""
-    from flask import current_app
-
     current_app.extensions["genq_key_cache"].forget(key.id)
+    return _invalid_key()
+
+
+def _invalid_key() -> Problem:
+    # One answer for unknown and revoked keys: which keys exist is not disclosed.
     return Problem(401, "the API key is unknown or revoked", title="Invalid API key", type="unauthorized",
                    headers=_CHALLENGE)
 
 
 def _check_rate(key: KeyIdentity) -> None:
-    from flask import current_app
-
     limit = key.rate_limit_per_minute or services().settings.rate_limit_per_minute
     try:
         decision = current_app.extensions["genq_rate_limiter"].hit(key.id, limit)

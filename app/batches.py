@@ -22,9 +22,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
-
-from typing import Callable
+from typing import Any, Callable
 
 from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -39,8 +37,6 @@ BATCH_PURPOSE = "batch"
 OUTPUT_PURPOSE = "batch_output"
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 MAX_LINES = 50_000
-FINAL_BATCH_STATUSES = ("failed", "completed", "expired", "cancelled")
-
 
 FILE_ID_PREFIX, BATCH_ID_PREFIX = "file-", "batch_"
 _ULID = re.compile(r"[0-9a-z]{26}")
@@ -155,9 +151,8 @@ def parse_lines(content: bytes, endpoint: str, model_name: str) -> ParsedLines:
     jobs: list[tuple[str, dict]] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
-    lines = [line for line in content.decode("utf-8", errors="replace").splitlines()]
     total = 0
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         total += 1

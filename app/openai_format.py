@@ -208,10 +208,10 @@ def chat_logprobs(steps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
                         for s in steps], "refusal": None}
 
 
-def completion_logprobs(steps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+def completion_logprobs(steps: list[dict[str, Any]] | None, text_offset: int = 0) -> dict[str, Any] | None:
     if steps is None:
         return None
-    offsets, offset = [], 0
+    offsets, offset = [], text_offset
     for step in steps:
         offsets.append(offset)
         offset += len(step["token"])
@@ -252,11 +252,7 @@ def stream_logprobs(endpoint: str, steps: list[dict[str, Any]] | None, text_offs
     (completions' `text_offset` counted from the start of the choice's text)."""
     if not steps:
         return None
-    if endpoint == CHAT_ENDPOINT:
-        return chat_logprobs(steps)
-    body = completion_logprobs(steps)
-    body["text_offset"] = [text_offset + offset for offset in body["text_offset"]]
-    return body
+    return chat_logprobs(steps) if endpoint == CHAT_ENDPOINT else completion_logprobs(steps, text_offset)
 
 
 def delta_choice(endpoint: str, index: int, text: str | None, *, role: bool = False,

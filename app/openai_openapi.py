@@ -69,16 +69,6 @@ class ChatChoice(_Open):
     finish_reason: Literal["stop", "length"] | None
 
 
-class ChatCompletion(_Open):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChoice]
-    usage: Usage
-
-
 class CompletionChoice(_Open):
     index: int
     text: str
@@ -86,14 +76,26 @@ class CompletionChoice(_Open):
     finish_reason: Literal["stop", "length"] | None
 
 
-class Completion(_Open):
+class _Completion(_Open):
+    """What both endpoints' responses hold; a subclass narrows `object` and `choices` (a field
+    redeclared keeps its place, so the schemas list the fields in this order)."""
     id: str
-    object: Literal["text_completion"]
+    object: str
     created: int
     model: str
     system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
+    choices: list[ChatChoice | CompletionChoice]
     usage: Usage
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class Completion(_Completion):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
 
 
 class FileObject(_Open):

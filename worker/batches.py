@@ -4,11 +4,13 @@ the last one finalizes the batch (`app.batches.advance_on_completion`)."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from celery import shared_task
 
 from app import batches
 from app.channels import TASK_START_BATCH
+from app.db import utcnow
 from app.openai_format import BATCH_PRIORITY
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,6 @@ def sweep(settings, sessions, redis, channels, celery) -> tuple[int, int]:
     """The reconciler's batch sweep: expire batches past their completion window (nobody has to
     read them first), and re-send the start task of batches still `validating` after
     `requeue_after_seconds` (the API could not queue it, or it was lost). Returns (expired, re-sent)."""
-    from datetime import timedelta
-
-    from app.db import utcnow
-
     now = utcnow()
     with sessions() as session:
         expired, stuck = batches.batches_due(

@@ -20,9 +20,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
 
-@bp.errorhandler(OpenAIError)
-def _openai_error(exc: OpenAIError):
-    return openai_error_response(exc)
+bp.register_error_handler(OpenAIError, openai_error_response)
 
 
 def _batch_response(session, batch):

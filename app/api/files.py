@@ -15,9 +15,7 @@ bp = Blueprint("files", __name__, url_prefix="/v1/files")
 PURPOSES = (store.BATCH_PURPOSE,)
 
 
-@bp.errorhandler(OpenAIError)
-def _openai_error(exc: OpenAIError):
-    return openai_error_response(exc)
+bp.register_error_handler(OpenAIError, openai_error_response)
 
 
 @bp.post("")

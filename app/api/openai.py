@@ -41,15 +41,12 @@ _STARTED = int(time.time())
 
 
 @bp.errorhandler(fmt.OpenAIError)
-def _openai_error(exc: fmt.OpenAIError):
+def openai_error_response(exc: fmt.OpenAIError) -> Response:
+    """The error handler of every OpenAI-compatible blueprint (files and batches register it too)."""
     response = jsonify(exc.body())
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response
-
-
-def openai_error_response(exc: fmt.OpenAIError) -> Response:
-    return _openai_error(exc)
 
 
 @bp.get("/models")

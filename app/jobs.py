@@ -18,7 +18,9 @@ from sqlalchemy import and_, bindparam, exists, func, insert, literal, or_, sele
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
+from app.keys import ApiKey
 from app.models import FINAL_STATUSES, Job, JobStatus, new_job_id
+from app.quotas import active_jobs, counting_towards_quota
 
 
 @dataclass(slots=True)
@@ -90,17 +92,11 @@ class SubmissionRefused(Exception):
 
 
 _INSERT_COLUMNS = ("id", "owner", "status", "priority", "model", "input", "metadata", "attempts", "created_at")
-_ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-# Batch lines not yet released (app/batches.py) wait outside the key's active-jobs quota: a batch
-# larger than the quota must not lock its owner out of interactive requests.
-_NOT_HELD = or_(_jobs.c.batch_id.is_(None), _jobs.c.released_at.is_not(None))
 
 
 def _guarded_insert(live_key: bool, max_active: bool):
     """INSERT ... SELECT <the values> WHERE <the key is live> AND <fewer than :b_max_active active
     jobs>: the submission's checks and its write in one statement, one round trip."""
-    from app.keys import ApiKey
-
     conditions = []
     if live_key:
         keys = ApiKey.__table__
@@ -108,7 +104,7 @@ def _guarded_insert(live_key: bool, max_active: bool):
     if max_active:
         # Count at most b_max_active rows: the check costs no more than the limit, however many are queued.
         capped = (select(literal(1).label("one")).select_from(_jobs)
-                  .where(_jobs.c.owner == bindparam("owner"), _jobs.c.status.in_(_ACTIVE), _NOT_HELD)
+                  .where(_jobs.c.owner == bindparam("owner"), *counting_towards_quota())
                   .limit(bindparam("b_max_active")).subquery())
         conditions.append(select(func.count()).select_from(capped).scalar_subquery() < bindparam("b_max_active"))
     values = select(*[bindparam(name, type_=_jobs.c[name].type).label(name)
@@ -145,13 +141,9 @@ def create_job(session: Session, *, model: str, input: dict, owner: str | None =
     if inserted is not None:
         return job
     if live_key:
-        from app.keys import ApiKey
-
         if session.scalar(select(ApiKey.id).where(ApiKey.id == owner, ApiKey.revoked_at.is_(None))) is None:
             raise SubmissionRefused("key_revoked")
-    active = session.scalar(select(func.count()).select_from(_jobs).where(
-        _jobs.c.owner == owner, _jobs.c.status.in_(_ACTIVE), _NOT_HELD)) or 0
-    raise SubmissionRefused("too_many_active_jobs", active=active, limit=max_active)
+    raise SubmissionRefused("too_many_active_jobs", active=active_jobs(session, owner), limit=max_active)
 
 
 def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:

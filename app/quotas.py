@@ -60,9 +60,14 @@ class RateLimiter:
         return RateDecision(False, max(1, math.ceil(float(wait))))
 
 
+def counting_towards_quota():
+    """The jobs an owner's active-jobs quota counts: queued or running, batch lines not yet released
+    to the queue excepted (they wait outside it). Also used by the submission's own insert."""
+    return (Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)),
+            or_(Job.batch_id.is_(None), Job.released_at.is_not(None)))
+
+
 def active_jobs(session: Session, owner: str | None) -> int:
     """Queued + running jobs of `owner`."""
     owned = Job.owner.is_(None) if owner is None else Job.owner == owner
-    not_held = or_(Job.batch_id.is_(None), Job.released_at.is_not(None))    # held batch lines wait outside
-    return session.scalar(select(func.count()).select_from(Job).where(
-        owned, Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)), not_held)) or 0
+    return session.scalar(select(func.count()).select_from(Job).where(owned, *counting_towards_quota())) or 0

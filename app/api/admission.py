@@ -2,7 +2,8 @@
 
 `admit(spec)` applies the calling key's quotas and the global load shedding, cheapest first:
 the key's largest `max_tokens` (422), the model's context (422, with the token counts), the broker
-queue depth (503 + Retry-After), the key's queued + running jobs (429 + Retry-After).
+queue depth (503 + Retry-After). The key's queued + running jobs (429 + Retry-After) are checked
+by the job's insert itself (`refused(...)` turns its refusal into the problem).
 
 `claim_idempotency(body)` reads `Idempotency-Key`; a replay answers with the original job, a key
 reused with another body is 422, and a twin of a request still in progress is 409. A claimed key is
@@ -23,7 +24,6 @@ from app.context_window import ContextWindow
 from app.jobs import SubmissionRefused
 from app.idempotency import Claim, ClaimState, IdempotencyStore, fingerprint, valid_key
 from app.metrics import queue_depth
-from app.quotas import active_jobs
 from app.schemas import JobCreate
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ def install(app: Flask) -> None:
                 log.warning("could not release idempotency key (it expires on its own)", exc_info=True)
 
 
-def admit(spec: JobCreate, count_active: bool = True) -> None:
-    """Raise the problem that refuses `spec`, if any. With `count_active=False` the caller checks
-    the key's active jobs itself, in its insert (`jobs.create_job(max_active=...)`; see
-    `refused(...)`)."""
+def admit(spec: JobCreate) -> None:
+    """Raise the problem that refuses `spec`, if any. The key's active jobs are checked by the
+    submission's insert itself (`jobs.create_job(max_active=max_active_jobs(), live_key=True)`;
+    its refusal becomes a problem through `refused(...)`)."""
     svc = services()
     key = current_key()
     limit = key.max_tokens or svc.settings.max_tokens_limit
@@ -79,13 +79,6 @@ def admit(spec: JobCreate, count_active: bool = True) -> None:
             raise Problem(503, f"the queue holds {depth} jobs (limit {svc.settings.max_queue_depth}); "
                           "retry later", title="Service overloaded", type="overloaded",
                           headers={"Retry-After": str(SHED_RETRY_AFTER_SECONDS)})
-    if not count_active:
-        return
-    allowed = max_active_jobs()
-    with svc.sessions() as session:
-        active = active_jobs(session, key.id)
-    if active >= allowed:
-        raise _too_many_active(active, allowed)
 
 
 def max_active_jobs() -> int:

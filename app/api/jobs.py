@@ -81,7 +81,7 @@ def create_job():
     if claim is not None and claim.state is ClaimState.REPLAY:
         return _job_response(_find(claim.job_id), 202, Idempotent_Replayed="true",
                              Location=url_for("jobs.get_job", job_id=claim.job_id, _external=True))
-    admit(spec, count_active=False)
+    admit(spec)
     try:
         with svc.sessions.begin() as session:
             # The insert itself checks the key's active jobs and that the key is live (the key may

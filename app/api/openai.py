@@ -20,13 +20,14 @@ from sqlalchemy import update
 from app import hooks
 from app import jobs as store
 from app import openai_format as fmt
-from app.api.admission import admit
+from app.api.admission import admit, max_active_jobs, refused
 from app.api.auth import current_owner
 from app.api.problems import Problem
 from app.api.events_stream import stream_job_events
 from app.api.services import Services, services
 from app.db import utcnow
 from app.events import EventId, JobEvent
+from app.jobs import SubmissionRefused
 from app.models import Job, JobStatus
 from app.schemas import JobCreate
 from app.serialization import done_event_data
@@ -86,11 +87,18 @@ def _generate(endpoint: str):
         raise fmt.OpenAIError(404, f"The model '{spec.model}' does not exist (this service serves "
                               f"'{svc.settings.model_name}')", param="model", code="model_not_found")
     job_input = spec.job_input()
-    _admit(job_input)
     owner = current_owner()
-    with svc.sessions.begin() as session:
-        job = store.create_job(session, owner=owner, model=spec.model, priority=fmt.INTERACTIVE_PRIORITY,
-                               input=job_input, metadata={"user": spec.user} if spec.user else None)
+    try:
+        admit(JobCreate.model_validate(job_input))
+        try:
+            with svc.sessions.begin() as session:   # the insert checks the key's active jobs (app/jobs.py)
+                job = store.create_job(session, owner=owner, model=spec.model, priority=fmt.INTERACTIVE_PRIORITY,
+                                       input=job_input, metadata={"user": spec.user} if spec.user else None,
+                                       max_active=max_active_jobs(), live_key=True)
+        except SubmissionRefused as refusal:
+            raise refused(refusal) from None
+    except Problem as problem:
+        raise _as_openai_error(problem) from None
     if spec.stream:
         _enqueue_or_fail(svc, job)
         stream = _stream(svc, endpoint, job, owner, spec.n, spec.include_usage)
@@ -108,21 +116,18 @@ def _generate(endpoint: str):
     return jsonify(fmt.response_body(endpoint, job))
 
 
-def _admit(job_input: dict[str, Any]) -> None:
-    """The calling key's quotas and the service's load shedding, as for `POST /v1/jobs`, answered
-    in OpenAI's error shape (context overflow: 400 context_length_exceeded; quotas: 429)."""
-    try:
-        admit(JobCreate.model_validate(job_input))
-    except Problem as problem:
-        code = (problem.type or "").replace("-", "_") or None
-        if problem.status == 422:
-            fields = [e.get("field") for e in problem.extensions.get("errors", [])]
-            raise fmt.OpenAIError(400, problem.detail, param=fields[0] if fields else None,
-                                  code="context_length_exceeded" if code == "context_length_exceeded" else code,
-                                  headers=problem.headers) from None
-        kind = "rate_limit_error" if problem.status == 429 else "server_error" if problem.status >= 500 \
-            else "invalid_request_error"
-        raise fmt.OpenAIError(problem.status, problem.detail, type=kind, code=code, headers=problem.headers) from None
+def _as_openai_error(problem: Problem) -> fmt.OpenAIError:
+    """The admission problems of `POST /v1/jobs` (the key's quotas, the service's load shedding) in
+    OpenAI's error shape (context overflow: 400 context_length_exceeded; quotas: 429)."""
+    code = (problem.type or "").replace("-", "_") or None
+    if problem.status == 422:
+        fields = [e.get("field") for e in problem.extensions.get("errors", [])]
+        return fmt.OpenAIError(400, problem.detail, param=fields[0] if fields else None,
+                               code="context_length_exceeded" if code == "context_length_exceeded" else code,
+                               headers=problem.headers)
+    kind = "rate_limit_error" if problem.status == 429 else "server_error" if problem.status >= 500 \
+        else "invalid_request_error"
+    return fmt.OpenAIError(problem.status, problem.detail, type=kind, code=code, headers=problem.headers)
 
 
 def _subscribe(svc: Services, job_id: str):

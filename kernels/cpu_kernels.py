@@ -1,6 +1,7 @@
 """Compiled CPU kernels (C, built at first use with the system's C compiler, called with ctypes).
 
-`paged_decode(...)` runs the decode rows of paged attention straight from the block-table cache:
+`linear(...)` is a float32 matmul for decode batch sizes (a few to a few dozen rows), where the
+BLAS PyTorch calls is 2-4x slower per row than at prefill sizes. `paged_decode(...)` runs the decode rows of paged attention straight from the block-table cache:
 the PyTorch path must gather every sequence's blocks into a padded copy first, which is most of a
 CPU decode step's attention time. `rms_norm`, `silu_and_mul` and `rotary_embedding` do in one pass
 what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers):
@@ -95,6 +96,8 @@ def library() -> ctypes.CDLL:
         "genq_rms_norm": [p, p, p, p, p, i64, i, f, i, i],
         "genq_silu_mul": [p, p, i64, i, i, i],
         "genq_rotary": [p, p, i64, i, p, i64, i, p, i64, i, i64, i, i],
+        "genq_linear": [p, i64, p, p, p, i64, i, i, i, i],
+        "genq_linear_supported": [],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -206,3 +209,45 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                                    q.shape[2], q.shape[0], DTYPES[q.dtype], _threads())
     if status == 3:
         raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
+
+
+# Up to this many rows of x, `linear` beats the BLAS (benchmarks/cpu_linear.py, on a 2-core AVX-512
+# Xeon: 1.8-2.4x faster from 4 to 48 rows, even at 1-2 rows and at 64, slower above).
+LINEAR_MAX_ROWS = 48
+
+
+@functools.cache
+def linear_available() -> bool:
+    """Whether this build has the linear kernel (it needs AVX-512) and it loads."""
+    return available() and bool(library().genq_linear_supported())
+
+
+def linear_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """float32 on the CPU, at most LINEAR_MAX_ROWS rows, a contiguous weight; x's last dimension
+    contiguous (its rows may be apart)."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.dim() >= 1 and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1] and weight.is_contiguous() and x.numel() // max(x.shape[-1], 1) <= LINEAR_MAX_ROWS
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == weight.shape[:1])))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.nn.functional.linear's contract (y = x W^T + b) for the tensors `linear_supports` takes."""
+    if not linear_supports(x, weight, bias):
+        raise ValueError("linear: unsupported tensors (see kernels.cpu_kernels.linear_supports)")
+    return _linear_unchecked(x, weight, bias)
+
+
+def _linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    if k and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = x.new_empty(*x.shape[:-1], n)
+    if rows.shape[0] and n:
+        status = library().genq_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
+                                       None if bias is None else bias.data_ptr(), out.data_ptr(), n,
+                                       rows.shape[0], n, k, _threads())
+        if status != 0:
+            raise RuntimeError(f"linear failed (status {status})")
+    return out

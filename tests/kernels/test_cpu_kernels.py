@@ -126,10 +126,12 @@ def test_rms_norm_matches_reference(gen, dtype, with_residual):
 def test_silu_and_mul_matches_reference(gen, dtype):
     from kernels.activation import silu_and_mul_torch
 
-    gate_up = (3 * torch.randn(19, 2 * 96, generator=gen)).to(dtype)
+    gate_up = (3 * torch.randn(19, 2 * 100, generator=gen))   # 100: six 16-wide vectors and a tail of 4
+    gate_up[0, :8] = torch.tensor([-200.0, -90.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 90.0])   # exp's range ends
+    gate_up = gate_up.to(dtype)
     got = kernels.silu_and_mul(gate_up)
     want = silu_and_mul_torch(gate_up)
-    assert got.shape == (19, 96)
+    assert got.shape == (19, 100)
     assert_close(got, want)
     if dtype == torch.float32:
         assert (got - want).abs().max().item() < 1e-5
@@ -157,3 +159,64 @@ def test_rotary_in_place_on_strided_q_and_k(gen, dtype):
     assert_close(qkv, ref)
     with pytest.raises(IndexError, match="RoPE table"):
         cpu_kernels.rotary_embedding(positions + 300, *views(qkv), cos_sin)
+
+
+needs_linear = pytest.mark.skipif(not cpu_kernels.linear_available(), reason="the linear kernel needs AVX-512")
+
+
+@needs_linear
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 32, cpu_kernels.LINEAR_MAX_ROWS])
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (33, 17), (4, 16), (3, 1), (70, 100)])
+def test_linear_matches_torch(gen, rows, out_features, in_features):
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen)
+    for bias in (None, b):
+        got = cpu_kernels.linear(x, w, bias)
+        want = torch.nn.functional.linear(x, w, bias)
+        assert got.shape == want.shape
+        # one K-long float32 dot product per output, summed in another order than the BLAS's
+        assert (got - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item()) * math.sqrt(in_features)
+
+
+@needs_linear
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_on_strided_rows_and_leading_dims(gen, threads):
+    wide = torch.randn(2, 5, 300, generator=gen)
+    x = wide[..., 40:240]                              # rows 300 elements apart
+    w = torch.randn(130, 200, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (2, 5, 130)
+    assert_close(got, torch.nn.functional.linear(x, w))
+    assert torch.equal(wide[..., 40:240], x)
+
+
+@needs_linear
+def test_linear_dispatch(gen, monkeypatch):
+    calls = []
+    real = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = torch.randn(64, 32, generator=gen)
+    small, large = torch.randn(8, 32, generator=gen), torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32, generator=gen)
+    assert_close(kernels.linear(small, w), torch.nn.functional.linear(small, w))
+    assert calls == [1], "a decode-sized float32 batch did not reach the kernel"
+    # prefill-sized batches, impl="torch", and dtypes it does not take stay on PyTorch, bit for bit
+    assert torch.equal(kernels.linear(large, w), torch.nn.functional.linear(large, w))
+    assert torch.equal(kernels.linear(small, w, impl="torch"), torch.nn.functional.linear(small, w))
+    bf = small.bfloat16(), w.bfloat16()
+    assert torch.equal(kernels.linear(*bf), torch.nn.functional.linear(*bf))
+    assert calls == [1]
+
+
+@needs_linear
+def test_linear_refuses_what_it_cannot_take(gen):
+    x, w = torch.randn(4, 32, generator=gen), torch.randn(16, 32, generator=gen)
+    for args in [(x, w.t().contiguous().t()), (x, torch.randn(16, 31)), (x.double(), w.double()),
+                 (torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32), w), (x, w, torch.randn(15))]:
+        with pytest.raises(ValueError, match="linear: unsupported"):
+            cpu_kernels.linear(*args)

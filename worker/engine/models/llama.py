@@ -30,6 +30,14 @@ class LlamaArgs:
     mlp_bias: bool = False
 
 
+class Linear(nn.Linear):
+    """nn.Linear through `kernels.linear` (on the CPU, a compiled kernel for decode-sized float32
+    batches, where the BLAS is slow)."""
+
+    def forward(self, x: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias, impl=impl)
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor      # [num_tokens] int64: cache slot of each new token
@@ -48,11 +56,11 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, meta.kernel_impl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)       # [num_tokens, num_heads, head_dim]
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)    # [num_tokens, num_kv_heads, head_dim]
@@ -62,18 +70,18 @@ class Attention(nn.Module):
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=meta.kernel_impl)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                       meta.query_start_loc, self.scale, impl=meta.kernel_impl)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size), meta.kernel_impl)
 
 
 class MLP(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.intermediate_size = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x, impl: str | None = None):
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x), impl=impl))
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, impl), impl=impl), impl)
 
 
 class DecoderLayer(nn.Module):
@@ -104,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(args.hidden_size))
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, args.vocab_size, bias=False)
         # [max_position, head_dim]: cos | sin, filled by the loader from the config's RoPE settings
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
 
@@ -120,4 +128,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         h = kernels.rms_norm(hidden, self.norm, self.args.rms_norm_eps, impl=impl)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(h, weight).float()
+        return kernels.linear(h, weight, impl=impl).float()

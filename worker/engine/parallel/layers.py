@@ -1,6 +1,6 @@
 """The layers tensor parallelism swaps into the model at load time.
 
-Column-parallel projections need no layer of their own: each rank holds a plain `nn.Linear` with
+Column-parallel projections need no layer of their own: each rank holds the model's own `Linear` with
 its slice of the output features, and its output stays local. Row-parallel projections and the
 vocabulary-parallel embedding produce partial sums that every rank needs in full, so they
 all-reduce; the vocabulary-parallel LM head's logits are all-gathered by the runner.
@@ -12,13 +12,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+import kernels
+from worker.engine.models.llama import Linear
 
-class RowParallelLinear(nn.Linear):
+
+class RowParallelLinear(Linear):
     """Holds the columns of `weight` (input features) that match this rank's slice of its input;
     the partial products of all ranks are summed. The bias, replicated, is added once after the sum."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+        out = kernels.linear(x, self.weight, impl=impl)
         dist.all_reduce(out)
         return out if self.bias is None else out + self.bias
 

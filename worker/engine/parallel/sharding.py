@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from worker.engine.models.llama import LlamaArgs
+from worker.engine.models.llama import Linear, LlamaArgs
 from worker.engine.parallel.layers import RowParallelLinear, VocabParallelEmbedding
 
 
@@ -111,14 +111,14 @@ def shard_modules(model: nn.Module, plan: ShardPlan) -> None:
             attn, mlp = layer.self_attn, layer.mlp
             attn.num_heads, attn.num_kv_heads = plan.num_heads, plan.num_kv_heads
             attn.q_size, attn.kv_size = plan.num_heads * head_dim, plan.num_kv_heads * head_dim
-            attn.qkv_proj = nn.Linear(hidden, attn.q_size + 2 * attn.kv_size, bias=attn.qkv_proj.bias is not None)
+            attn.qkv_proj = Linear(hidden, attn.q_size + 2 * attn.kv_size, bias=attn.qkv_proj.bias is not None)
             attn.o_proj = RowParallelLinear(attn.q_size, hidden, bias=attn.o_proj.bias is not None)
             mlp.intermediate_size = plan.intermediate_size
-            mlp.gate_up_proj = nn.Linear(hidden, 2 * plan.intermediate_size, bias=mlp.gate_up_proj.bias is not None)
+            mlp.gate_up_proj = Linear(hidden, 2 * plan.intermediate_size, bias=mlp.gate_up_proj.bias is not None)
             mlp.down_proj = RowParallelLinear(plan.intermediate_size, hidden, bias=mlp.down_proj.bias is not None)
         model.embed_tokens = VocabParallelEmbedding(plan.vocab_shard, hidden, plan.vocab_start)
         if model.lm_head is not None:
-            model.lm_head = nn.Linear(hidden, plan.vocab_shard, bias=False)
+            model.lm_head = Linear(hidden, plan.vocab_shard, bias=False)
     model.args = plan.rank_args()
     model.shard_plan = plan
 

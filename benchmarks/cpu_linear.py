@@ -1,11 +1,11 @@
 """The compiled CPU linear kernel (kernels/cpu_kernels.py `linear`) against torch.nn.functional.linear
-(the BLAS PyTorch was built with), float32, at the batch sizes a decode step has.
+(the BLAS PyTorch was built with), float32 or bfloat16, at the batch sizes a decode step has.
 
 One "pass" = the 120 layer matmuls of SmolLM2-135M (30 layers x qkv, o, gate|up, down; 120 distinct
 weights, 425 MB, so each pass streams them from memory as a decode step does). The two run in
 alternation, median of several rounds, in one process.
 
-    python benchmarks/cpu_linear.py [--rows 1 4 8 16 32 48 64 128] [--rounds 5] [--json out.json]
+    python benchmarks/cpu_linear.py [--dtype bfloat16] [--rows 1 4 8 16 32 48 64 128] [--rounds 5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -36,23 +36,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 128])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not cpu_kernels.linear_available():
         print("the linear kernel is not available here (it needs AVX-512 and a C compiler)")
         return
     torch.manual_seed(0)
-    weights = [torch.randn(n, k) for _ in range(30) for k, n in SHAPES]
+    dtype = getattr(torch, args.dtype)
+    weights = [torch.randn(n, k).to(dtype) for _ in range(30) for k, n in SHAPES]
     kernel = lambda x, w: cpu_kernels._linear_unchecked(x, w)   # noqa: E731  (no row limit here)
     print(f"torch threads {torch.get_num_threads()}; one pass = {len(weights)} matmuls, "
-          f"{sum(w.numel() for w in weights) * 4 / 1e6:.0f} MB of weights")
+          f"{sum(w.numel() for w in weights) * dtype.itemsize / 1e6:.0f} MB of {args.dtype} weights"
+          + ("" if args.dtype == "float32" else f"; this CPU has bfloat16 arithmetic: {cpu_kernels.native_bfloat16()}"))
     print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speed-up':>9} {'kernel GFLOP/s':>15}")
     results = []
     for m in args.rows:
-        xs = {k: torch.randn(m, k) for k, _ in SHAPES}
+        xs = {k: torch.randn(m, k).to(dtype) for k, _ in SHAPES}
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
         for w in weights[:8]:
-            assert torch.allclose(kernel(xs[w.shape[1]], w), torch.nn.functional.linear(xs[w.shape[1]], w),
-                                  rtol=1e-4, atol=1e-4)
+            assert torch.allclose(kernel(xs[w.shape[1]], w).float(),
+                                  torch.nn.functional.linear(xs[w.shape[1]], w).float(), rtol=tol, atol=tol)
         times = {"torch": [], "kernel": []}
         for fn in (torch.nn.functional.linear, kernel):   # warm-up
             one_pass(fn, xs, weights)
@@ -65,7 +69,7 @@ def main() -> None:
         print(f"{m:5d} {t * 1e3:9.1f} {k * 1e3:10.1f} {t / k:8.2f}x {flops / k / 1e9:15.1f}")
     print(f"the engine uses the kernel up to LINEAR_MAX_ROWS = {cpu_kernels.LINEAR_MAX_ROWS} rows")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def library() -> ctypes.CDLL:
         "genq_rms_norm": [p, p, p, p, p, i64, i, f, i, i],
         "genq_silu_mul": [p, p, i64, i, i, i],
         "genq_rotary": [p, p, i64, i, p, i64, i, p, i64, i, i64, i, i],
-        "genq_linear": [p, i64, p, p, p, i64, i, i, i, i],
+        "genq_linear": [p, i64, p, p, p, i64, i, i, i, i, i],
         "genq_linear_supported": [],
     }
     for name, argtypes in signatures.items():
@@ -222,17 +222,27 @@ def linear_available() -> bool:
     return available() and bool(library().genq_linear_supported())
 
 
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); without it PyTorch's
+    bfloat16 matmuls are emulated, several times slower than float32."""
+    flags = _cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def linear_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """float32 on the CPU, at most LINEAR_MAX_ROWS rows, a contiguous weight; x's last dimension
-    contiguous (its rows may be apart)."""
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+    """float32 or bfloat16 (one dtype) on the CPU, at most LINEAR_MAX_ROWS rows, a contiguous
+    weight; x's last dimension contiguous (its rows may be apart)."""
+    return (x.dtype in DTYPES and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.dim() >= 1 and weight.dim() == 2
-            and x.shape[-1] == weight.shape[1] and weight.is_contiguous() and x.numel() // max(x.shape[-1], 1) <= LINEAR_MAX_ROWS
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == weight.shape[:1])))
+            and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
+            and x.numel() // max(x.shape[-1], 1) <= LINEAR_MAX_ROWS
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1])))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.nn.functional.linear's contract (y = x W^T + b) for the tensors `linear_supports` takes."""
+    """torch.nn.functional.linear's contract (y = x W^T + b) for the tensors `linear_supports` takes;
+    products are summed in float32 (bfloat16: rounded once at the end)."""
     if not linear_supports(x, weight, bias):
         raise ValueError("linear: unsupported tensors (see kernels.cpu_kernels.linear_supports)")
     return _linear_unchecked(x, weight, bias)
@@ -247,7 +257,7 @@ def _linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if rows.shape[0] and n:
         status = library().genq_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
                                        None if bias is None else bias.data_ptr(), out.data_ptr(), n,
-                                       rows.shape[0], n, k, _threads())
+                                       rows.shape[0], n, k, DTYPES[x.dtype], _threads())
         if status != 0:
             raise RuntimeError(f"linear failed (status {status})")
     return out

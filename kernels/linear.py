@@ -8,12 +8,19 @@ from kernels._dispatch import resolve_impl
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            impl: str | None = None) -> torch.Tensor:
-    """x: [..., in_features]. On the CPU, float32 decode-sized batches (at most
-    `cpu_kernels.LINEAR_MAX_ROWS` rows) go to the compiled kernel; everything else, and
-    impl="torch" or "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
+    """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.LINEAR_MAX_ROWS`
+    rows) of float32, and of bfloat16 where the CPU has no bfloat16 arithmetic, go to the compiled
+    kernel; larger bfloat16 batches on such a CPU are multiplied in float32 (exact widening, float32
+    sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated bfloat16
+    one). Everything else, and impl="torch" or "triton" (cuBLAS does this well), is
+    torch.nn.functional.linear."""
     if resolve_impl(impl, x) == "cpu":
         from kernels import cpu_kernels
 
-        if cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
-            return cpu_kernels.linear(x, weight, bias)
+        emulated_bf16 = x.dtype == torch.bfloat16 and not cpu_kernels.native_bfloat16()
+        if x.dtype == torch.float32 or emulated_bf16:
+            if cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
+                return cpu_kernels.linear(x, weight, bias)
+        if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)

@@ -394,7 +394,7 @@ int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads
     return 0;
 }
 
-/* ---- Linear layers at decode batch sizes: y = x W^T (+ bias), float32 ----------------------------
+/* ---- Linear layers at decode batch sizes: y = x W^T (+ bias) -----------------------------------
  * With a few to a few dozen rows of x, a layer's matmul is one pass over its weights, and the BLAS
  * that PyTorch calls spends most of its time outside the FMAs (it runs 2-4x slower per row at 4-48
  * rows than at 128 on the machines we measured). Here W stays in nn.Linear's own [N, K] layout: a
@@ -402,23 +402,27 @@ int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads
  * its dot products with it (register block: up to 6 rows of x by the 4 weight rows, 24 vector
  * accumulators summed along K; the 4 sums of a row of x leave in one 4-float store). Threads split
  * the weight rows. Each output is a K-long dot product summed in vector lanes, so results differ
- * from the BLAS's by rounding only. AVX-512 only; genq_linear_supported() says whether it is here. */
+ * from the BLAS's by rounding only. float32, or bfloat16 (x, W, bias and y; products summed in
+ * float32 and rounded once, as the BLAS does: each tile of W is widened into a float32 scratch as it
+ * is read, so it crosses the memory bus at half float32's bytes). AVX-512 only;
+ * genq_linear_supported() says whether it is here. */
 
 int genq_linear_supported(void) {
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
     return 1;
 #else
     return 0;
 #endif
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define LIN_ROWS 6   /* rows of x per register block */
 
-/* y[m, 0..NT) for MT rows of x (row stride ldx) against NT weight rows (K apart), NT = 4 or 1. */
+/* y[m, 0..NT) for MT rows of x (float32, row stride ldx) against NT float32 weight rows (K apart),
+ * NT = 4 or 1; y of element type float32 (BF = 0) or bfloat16 (BF = 1); bias: NT floats or NULL. */
 static inline __attribute__((always_inline)) void linear_block(const float *x, int64_t ldx, const float *w, int64_t K,
-                                                                const float *bias, float *y, int64_t ldy,
-                                                                const int MT, const int NT) {
+                                                                const float *bias, void *y, int64_t ldy,
+                                                                const int MT, const int NT, const int BF) {
     __m512 acc[LIN_ROWS][4];
     const int64_t full = K & ~(int64_t)15;
     const __mmask16 tail = (__mmask16)((1u << (K & 15)) - 1u);
@@ -440,8 +444,9 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
             for (int j = 0; j < NT; j++) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
         }
     }
-    if (NT == 4) {
-        for (int m = 0; m < MT; m++) {
+    for (int m = 0; m < MT; m++) {
+        float sums[4];
+        if (NT == 4) {
             /* four 16-lane sums at once: pairwise interleave-and-add until each 128-bit lane holds
              * [a b c d] partial sums, then add the four lanes */
             const __m512 a = acc[m][0], b = acc[m][1], c = acc[m][2], d = acc[m][3];
@@ -449,28 +454,50 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
             const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
             const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
             const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-            __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            if (bias != NULL) sums = _mm_add_ps(sums, _mm_loadu_ps(bias));
-            _mm_storeu_ps(y + m * ldy, sums);
+            __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
+            if (!BF) {
+                _mm_storeu_ps((float *)y + m * ldy, q);
+                continue;
+            }
+            _mm_storeu_ps(sums, q);
+        } else {
+            for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
         }
-    } else {
-        for (int m = 0; m < MT; m++)
-            for (int j = 0; j < NT; j++)
-                y[m * ldy + j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
+        for (int j = 0; j < NT; j++) {
+            if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
+            else ((float *)y)[m * ldy + j] = sums[j];
+        }
     }
 }
 
-/* Every row of x against NT weight rows, in register blocks of at most LIN_ROWS rows of balanced
- * sizes (32 rows: 6,6,5,5,5,5, not 6,6,6,6,6,2). */
-static void linear_columns(const float *x, int64_t ldx, const float *w, int64_t K, const float *bias, float *y,
-                           int64_t ldy, int M, int NT) {
+/* Every row of x against NT weight rows (element type float32, or bfloat16 when BF: those are
+ * widened into `wide`, NT * K floats, first), in register blocks of at most LIN_ROWS rows of
+ * balanced sizes (32 rows: 6,6,5,5,5,5, not 6,6,6,6,6,2). */
+static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K, const void *bias, void *y,
+                           int64_t ldy, int M, int NT, int BF, float *wide) {
     const int blocks = (M + LIN_ROWS - 1) / LIN_ROWS;
+    const size_t esize = BF ? 2 : 4;
+    const float *wf = (const float *)w, *bf = (const float *)bias;
+    float bias_wide[4];
+    if (BF) {
+        load_row(w, 0, (int)(NT * K), 1, wide);
+        wf = wide;
+        if (bias != NULL) {
+            for (int j = 0; j < NT; j++) bias_wide[j] = bf16_to_f32(((const uint16_t *)bias)[j]);
+            bf = bias_wide;
+        }
+    }
     for (int b = 0, m = 0; b < blocks; b++) {
         const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
         const float *xm = x + m * ldx;
-        float *ym = y + m * ldy;
-#define LIN_CASE(R) case R: { if (NT == 4) linear_block(xm, ldx, w, K, bias, ym, ldy, R, 4); \
-                              else linear_block(xm, ldx, w, K, bias, ym, ldy, R, 1); } break;
+        void *ym = (char *)y + (size_t)m * ldy * esize;
+#define LIN_CASE(R) case R: {                                                                   \
+            if (NT == 4 && BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 1);             \
+            else if (NT == 4) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 0);              \
+            else if (BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 1);                   \
+            else linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 0);                           \
+        } break;
         switch (rows) {
         LIN_CASE(6) LIN_CASE(5) LIN_CASE(4) LIN_CASE(3) LIN_CASE(2) LIN_CASE(1)
         }
@@ -480,25 +507,48 @@ static void linear_columns(const float *x, int64_t ldx, const float *w, int64_t 
 }
 #endif
 
-/* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M, n < N; x rows ldx apart, y rows ldy apart,
- * w and bias contiguous. Returns 0, or 2 where this build has no such kernel. */
-int genq_linear(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy,
-                int M, int N, int K, int num_threads) {
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-    const int tiles = N / 4;
+/* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M, n < N; x rows ldx elements apart, y rows
+ * ldy apart, w and bias contiguous, all of element type dtype (0 float32, 1 bfloat16). Returns 0;
+ * 1 if out of memory; 2 where this build has no such kernel. */
+int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, void *y, int64_t ldy,
+                int M, int N, int K, int dtype, int num_threads) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+    const int tiles = N / 4, BF = dtype == 1;
+    const size_t esize = BF ? 2 : 4;
+    const float *xf = (const float *)x;
+    float *widened = NULL;
+    if (BF) {   /* x is small (M x K): widen it once, so the inner loop loads float32 rows */
+        widened = malloc(sizeof(float) * ((size_t)M * K + 1));
+        if (widened == NULL) return 1;
+        for (int m = 0; m < M; m++) load_row(x, (int64_t)m * ldx, K, 1, widened + (size_t)m * K);
+        xf = widened;
+        ldx = K;
+    }
     if (num_threads < 1) num_threads = 1;
-#pragma omp parallel num_threads(num_threads)
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
+        float *wide = BF ? malloc(sizeof(float) * 4 * ((size_t)K + 1)) : NULL;   /* 4 widened weight rows */
+        if (BF && wide == NULL) failed = 1;
 #pragma omp for schedule(static) nowait
         for (int t = 0; t < tiles; t++)
-            linear_columns(x, ldx, w + (int64_t)t * 4 * K, K, bias != NULL ? bias + t * 4 : NULL, y + t * 4, ldy, M, 4);
+            if (!(BF && wide == NULL))
+                linear_columns(xf, ldx, (const char *)w + (size_t)t * 4 * K * esize, K,
+                               bias != NULL ? (const char *)bias + (size_t)t * 4 * esize : NULL,
+                               (char *)y + (size_t)t * 4 * esize, ldy, M, 4, BF, wide);
 #pragma omp for schedule(static)
         for (int n = tiles * 4; n < N; n++)
-            linear_columns(x, ldx, w + (int64_t)n * K, K, bias != NULL ? bias + n : NULL, y + n, ldy, M, 1);
+            if (!(BF && wide == NULL))
+                linear_columns(xf, ldx, (const char *)w + (size_t)n * K * esize, K,
+                               bias != NULL ? (const char *)bias + (size_t)n * esize : NULL,
+                               (char *)y + (size_t)n * esize, ldy, M, 1, BF, wide);
+        free(wide);
     }
-    return 0;
+    free(widened);
+    return failed;
 #else
-    (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy; (void)M; (void)N; (void)K; (void)num_threads;
+    (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy; (void)M; (void)N; (void)K; (void)dtype;
+    (void)num_threads;
     return 2;
 #endif
 }

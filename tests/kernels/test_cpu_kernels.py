@@ -197,6 +197,22 @@ def test_linear_on_strided_rows_and_leading_dims(gen, threads):
 
 
 @needs_linear
+@pytest.mark.parametrize("rows", [1, 6, 7, 32])
+def test_linear_bfloat16_sums_in_float32_and_rounds_once(gen, rows):
+    x = torch.randn(rows, 577, generator=gen).bfloat16()     # a K tail of 1
+    w = torch.randn(70, 577, generator=gen).bfloat16()       # 17 tiles of 4 and 2 rows on their own
+    b = torch.randn(70, generator=gen).bfloat16()
+    got = cpu_kernels.linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 70)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    # one rounding of a float32 sum: within one bfloat16 step (2^-8 relative) of the exact result,
+    # and equal to the float32 BLAS's rounded result but where the two float32 sums straddle a rounding boundary
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    blas = torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16()
+    assert (got == blas).float().mean().item() > 0.98
+
+
+@needs_linear
 def test_linear_dispatch(gen, monkeypatch):
     calls = []
     real = cpu_kernels.linear
@@ -205,18 +221,27 @@ def test_linear_dispatch(gen, monkeypatch):
     small, large = torch.randn(8, 32, generator=gen), torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32, generator=gen)
     assert_close(kernels.linear(small, w), torch.nn.functional.linear(small, w))
     assert calls == [1], "a decode-sized float32 batch did not reach the kernel"
-    # prefill-sized batches, impl="torch", and dtypes it does not take stay on PyTorch, bit for bit
+    # prefill-sized float32 batches and impl="torch" stay on PyTorch, bit for bit
     assert torch.equal(kernels.linear(large, w), torch.nn.functional.linear(large, w))
     assert torch.equal(kernels.linear(small, w, impl="torch"), torch.nn.functional.linear(small, w))
-    bf = small.bfloat16(), w.bfloat16()
-    assert torch.equal(kernels.linear(*bf), torch.nn.functional.linear(*bf))
     assert calls == [1]
+    # bfloat16: PyTorch's own where the CPU has bfloat16 arithmetic; else the kernel (small) or
+    # float32 arithmetic (large), which agree with the exact product to bfloat16's precision
+    for x in (small, large):
+        got = kernels.linear(x.bfloat16(), w.bfloat16())
+        exact = torch.nn.functional.linear(x.bfloat16().double(), w.bfloat16().double())
+        if cpu_kernels.native_bfloat16():
+            assert torch.equal(got, torch.nn.functional.linear(x.bfloat16(), w.bfloat16()))
+        else:
+            assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    assert calls == [1] if cpu_kernels.native_bfloat16() else calls == [1, 1]
+    assert torch.equal(kernels.linear(small.half(), w.half()), torch.nn.functional.linear(small.half(), w.half()))
 
 
 @needs_linear
 def test_linear_refuses_what_it_cannot_take(gen):
     x, w = torch.randn(4, 32, generator=gen), torch.randn(16, 32, generator=gen)
-    for args in [(x, w.t().contiguous().t()), (x, torch.randn(16, 31)), (x.double(), w.double()),
+    for args in [(x, w.t().contiguous().t()), (x, torch.randn(16, 31)), (x.double(), w.double()), (x, w.bfloat16()),
                  (torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32), w), (x, w, torch.randn(15))]:
         with pytest.raises(ValueError, match="linear: unsupported"):
             cpu_kernels.linear(*args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, insert, or_, select, update
+from sqlalchemy import String, cast, exists, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -130,11 +130,15 @@ def finished_without_completed_event(session: Session, since: datetime, until: d
     """Registrations asking for `completed` whose job finished in [since, until) but has no
     job.completed event (its process died between the final write and the event)."""
     has_event = exists().where(WebhookEvent.job_id == Job.id, WebhookEvent.type == "job.completed")
+    # In SQL, before the LIMIT: registrations that never want `completed` never get the event, and
+    # would otherwise fill every page. The filter is a JSON list of fixed names (webhooks.events_filter),
+    # so its text holds '"completed"' exactly when it asks for it, on every dialect.
+    wants_completed = cast(JobWebhook.events_filter, String).like('%"completed"%')
     rows = session.execute(
         select(JobWebhook.job_id, JobWebhook.url, JobWebhook.events_filter, JobWebhook.base_url)
         .join(Job, Job.id == JobWebhook.job_id)
         .where(Job.status.in_([s.value for s in FINAL_STATUSES]), Job.completed_at >= since,
-               Job.completed_at < until, ~has_event)
+               Job.completed_at < until, wants_completed, ~has_event)
         .order_by(JobWebhook.job_id).limit(limit))
     return [Registration(r.job_id, r.url, tuple(r.events_filter), r.base_url) for r in rows
             if "completed" in r.events_filter]

@@ -172,6 +172,32 @@ def test_sweep_resends_lost_tasks_and_writes_missing_completed_events(open_api, 
     assert len(requests.get(f"{crashed['urls']['self']}/webhooks", timeout=10).json()["data"]) == 1
 
 
+def test_the_completed_sweep_is_not_starved_by_webhooks_that_never_want_completed(open_api, settings):
+    """Finished jobs whose webhook asks only for `start` never get a job.completed event; more of
+    them than one sweep's page must not hide a job that does want it."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app import webhook_store
+    from app.db import session_factory, utcnow
+    from app.models import Job
+
+    sessions = session_factory(settings.database_url)
+    start_only = [submit(open_api, webhook="http://127.0.0.1:9/s", webhook_events_filter=["start"]).json()["id"]
+                  for _ in range(4)]
+    wants = submit(open_api, webhook="http://127.0.0.1:9/c", webhook_events_filter=["start", "completed"]).json()["id"]
+    finished = utcnow() - timedelta(minutes=5)
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id.in_([*start_only, wants])).values(
+            status="succeeded", output_text="hi", completed_at=finished))
+    with sessions() as session:
+        found = webhook_store.finished_without_completed_event(
+            session, finished - timedelta(seconds=1), finished + timedelta(seconds=1), limit=2)
+    assert [r.job_id for r in found] == [wants]
+    assert found[0].wants("completed")
+
+
 def test_deliveries_are_signed_with_the_owning_keys_secret(settings):
     from types import SimpleNamespace
 

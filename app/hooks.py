@@ -1,7 +1,8 @@
 """Where job transitions are announced, for code that reacts to them (webhook delivery next).
 
 Transitions: `created`, `started`, `output` (new tokens; from the engine loop, keep hooks cheap),
-`completed` (succeeded, failed or canceled). A hook gets `(event, job_id, details)`; its failure is
+`completed` (succeeded, failed or canceled), `released` (a job started here left this process
+unfinished: handed back to the queue at shutdown, or its lease lost to another worker). A hook gets `(event, job_id, details)`; its failure is
 logged and never affects the job.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 JobHook = Callable[[str, str, dict[str, Any]], None]
-TRANSITIONS = ("created", "started", "output", "completed")
+TRANSITIONS = ("created", "started", "output", "completed", "released")
 
 _hooks: list[JobHook] = []
 

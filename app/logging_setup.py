@@ -124,6 +124,7 @@ _FIELDS = {
     "created": ("priority", "model"),
     "started": ("attempt", "worker_id"),
     "completed": ("status", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "error_type"),
+    "released": ("reason",),
 }
 
 

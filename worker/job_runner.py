@@ -77,6 +77,7 @@ def _run_claimed(rt, job) -> str:
             released = store.release_job(session, job.id, rt.worker_id, attempt)
         log.warning("job %s: worker stopping mid-generation; %s", job.id,
                     "requeued" if released else "no longer ours")
+        hooks.emit("released", job.id, reason="worker_shutdown")
         if released:
             # A fresh task, so another worker starts it now; the reconciler re-sends it if Redis
             # is down. This task is acknowledged (a requeue can be lost while the worker stops).
@@ -114,6 +115,7 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
         written = _write_result(rt, job_id, attempt, result)
     if not written:
         log.warning("job %s: attempt %d no longer owns the job; its result is dropped", job_id, attempt)
+        hooks.emit("released", job_id, reason="superseded")
         return "superseded"
     events = [JobEvent(EventId(attempt, next_seq), "status", {"status": result.status.value})]
     if result.error_type:

@@ -115,6 +115,9 @@ class WorkerMetrics:
             self._output(job_id, now)
         elif event == "completed":
             self._completed(job_id, details, now)
+        elif event == "released":   # unfinished here; the worker that finishes it counts it
+            with self._lock:
+                self._timings.pop(job_id, None)
 
     def _started(self, job_id: str, details: dict[str, Any], now: float) -> None:
         created = _timestamp(details.get("created_at"))

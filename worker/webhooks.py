@@ -79,6 +79,9 @@ class WebhookDispatcher:
             self._on_started(job_id)
         elif event == "completed":
             self._on_completed(job_id)
+        elif event == "released":   # unfinished here: whoever finishes it sends its completed event
+            self._outputs.pop(job_id, None)
+            self._registrations.pop(job_id, None)
 
     def _on_started(self, job_id: str) -> None:
         with self.sessions() as session:

@@ -129,3 +129,37 @@ def test_worker_reports_its_engine_stats(runtime):
             break
         time.sleep(0.05)
     assert reports[0]["engine"]["kv_blocks_total"] > 0 and reports[0]["model"]
+
+
+def test_a_job_whose_lease_another_worker_took_is_released_not_completed(runtime, transitions):
+    """While this worker generates, the job is claimed again elsewhere (its lease expired): the
+    result is dropped, hooks hear `released` (so per-job state such as the webhook dispatcher's is
+    let go), not `completed`."""
+    from sqlalchemy import update
+
+    from app.models import Job
+    from worker.webhooks import WebhookDispatcher
+
+    dispatcher = WebhookDispatcher(runtime.settings, runtime.sessions, celery=None)
+    hooks.register(dispatcher)
+    job_id = create(runtime, prompt="Once upon a time", max_tokens=4)
+    tracked = []
+
+    def take_over(event, jid, details):
+        if event == "started" and jid == job_id:
+            tracked.append(jid in dispatcher._registrations)   # (a hook's own assert would be logged, not raised)
+            with runtime.sessions.begin() as session:
+                session.execute(update(Job).where(Job.id == job_id).values(worker_id="another-worker", attempts=2))
+
+    hooks.register(take_over)
+    try:
+        assert runtime.run_job(job_id) == "superseded"
+    finally:
+        hooks.unregister(take_over)
+        hooks.unregister(dispatcher)
+    assert tracked == [True], "the dispatcher did not track the job it saw start"
+    assert ("released", job_id, None) in transitions
+    assert not any(event == "completed" and jid == job_id for event, jid, _ in transitions)
+    assert job_id not in dispatcher._registrations and job_id not in dispatcher._outputs
+    job = load(runtime, job_id)
+    assert job.status == "running" and job.worker_id == "another-worker"   # untouched: the other attempt's

@@ -112,8 +112,18 @@ def list_batches(session: Session, owner: str | None, *, limit: int, after: str 
 
 
 def job_counts(session: Session, batch_id: str) -> dict[str, int]:
-    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status))
-    return {status: count for status, count in rows}
+    return jobs_counts(session, [batch_id])[batch_id]
+
+
+def jobs_counts(session: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Each batch's jobs by status, for a page of batches in one query."""
+    counts: dict[str, dict[str, int]] = {batch_id: {} for batch_id in batch_ids}
+    if batch_ids:
+        rows = session.execute(select(Job.batch_id, Job.status, func.count())
+                               .where(Job.batch_id.in_(batch_ids)).group_by(Job.batch_id, Job.status))
+        for batch_id, status, count in rows:
+            counts[batch_id][status] = count
+    return counts
 
 
 def request_counts(batch: Batch, counts: dict[str, int]) -> dict[str, int]:

@@ -81,7 +81,8 @@ def list_batches():
     with services().sessions() as session:
         page = store.list_batches(session, current_owner(), limit=limit + 1, after=after)
         more, page = len(page) > limit, page[:limit]
-        data = [store.batch_to_dict(b, store.job_counts(session, b.id)) for b in page]
+        counts = store.jobs_counts(session, [b.id for b in page])
+        data = [store.batch_to_dict(b, counts[b.id]) for b in page]
     return jsonify({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                     "last_id": data[-1]["id"] if data else None, "has_more": more})
 

@@ -293,3 +293,32 @@ def test_held_lines_do_not_count_towards_the_active_jobs_quota(sessions):
         jobs_store.create_job(session, model=MODEL, input={"prompt": "hi"}, owner="k1", max_active=3)
     assert refused.value.reason == "too_many_active_jobs"
     assert (refused.value.active, refused.value.limit) == (3, 3)
+
+
+def test_a_page_of_batches_is_counted_in_one_query(sessions):
+    from sqlalchemy import event
+
+    first = _new_batch(sessions, [_line(0), _line(1), "{"])
+    second = _new_batch(sessions, [_line(0)])
+    empty = _new_batch(sessions, [_line(0)])   # never started: no jobs yet
+    for batch_id in (first, second):
+        with sessions.begin() as session:
+            batches.start_batch(session, batch_id, MODEL)
+    _finish_all(sessions, first)
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.batch_id == second).values(status="failed"))
+    with sessions() as session:
+        statements = []
+        def listener(conn, cursor, statement, *rest):
+            if statement.lstrip().upper().startswith("SELECT"):   # (SQLite's session also says BEGIN)
+                statements.append(statement)
+
+        event.listen(session.get_bind(), "before_cursor_execute", listener)
+        try:
+            counts = batches.jobs_counts(session, [first, second, empty])
+        finally:
+            event.remove(session.get_bind(), "before_cursor_execute", listener)
+        assert len(statements) == 1, statements
+        assert counts == {first: {"succeeded": 2}, second: {"failed": 1}, empty: {}}
+        assert counts[first] == batches.job_counts(session, first)
+        assert batches.jobs_counts(session, []) == {}

@@ -115,6 +115,52 @@ static inline void load_row(const void *base, int64_t index, int n, int dtype, f
     }
 }
 
+#if defined(__AVX512F__)
+/* e^x for 16 floats: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes' expf
+ * coefficients, about 1 ulp), scaled by 2^n. x is clamped to [-87.3, 88.7] (e^x stays finite). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load16(const void *base, int64_t i, int dtype, __mmask16 mask) {
+    if (dtype == 0) return _mm512_maskz_loadu_ps(mask, (const float *)base + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)base + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* float32 -> bfloat16 bits, round to nearest even, NaN kept NaN (as f32_to_bf16) */
+static inline __m256i to_bf16_16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+
+static inline __m512 round16(__m512 v, int dtype) {
+    if (dtype == 0) return v;
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_16(v)), 16));
+}
+
+static inline void store16(void *base, int64_t i, __m512 v, int dtype, __mmask16 mask) {
+    if (dtype == 0) _mm512_mask_storeu_ps((float *)base + i, mask, v);
+    else _mm256_mask_storeu_epi16((uint16_t *)base + i, mask, to_bf16_16(v));
+}
+#endif
+
 /* One sequence, KV heads [h0, h1): reads each of the sequence's tokens' K rows for those heads (one
  * contiguous run when they are all the heads), then the V rows likewise. Scratch: scores
  * [(h1-h0)*G][ctx], qbuf and acc [(h1-h0)*G][D], row [KVH*D]. */
@@ -186,6 +232,123 @@ static void run_item(const job_t *job, int seq, int h0, int h1, float *scores, f
     }
 }
 
+#if defined(__AVX512F__)
+/* 16 vectors -> one: lane i holds the sum of v[i]'s 16 lanes (an add tree: 45 instructions where 16
+ * separate horizontal sums take about 130) */
+static inline __m512 sum16x16(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)   /* per 128-bit lane: partial sums of v[4i .. 4i+3] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+/* scores[t0 .. t0+16) of one query head (q: NC vectors, scaled) against KV head h's K rows:
+ * 16 dot products summed together by one add tree */
+static inline __attribute__((always_inline)) void score_tokens(const job_t *job, const int32_t *table, int h,
+                                                                 const __m512 *qv, const int NC, int t0, int n,
+                                                                 float *out) {
+    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
+    __m512 v[16];
+    int blk = t0 / BS, off = t0 % BS;
+    for (int o = 0; o < 16; o++) {
+        if (o < n) {
+            const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * D;
+            __m512 a = _mm512_mul_ps(qv[0], load16(job->k_cache, at, job->dtype, 0xffff));
+            for (int c = 1; c < NC; c++) a = _mm512_fmadd_ps(qv[c], load16(job->k_cache, at + c * 16, job->dtype, 0xffff), a);
+            v[o] = a;
+            if (++off == BS) { off = 0; blk++; }
+        } else {
+            v[o] = _mm512_setzero_ps();
+        }
+    }
+    _mm512_mask_storeu_ps(out + t0, (__mmask16)((1u << n) - 1u), sum16x16(v));
+}
+
+/* out rows of NG query heads (gs .. gs+NG of KV head h), 64 dims from d0: the probability-weighted
+ * sum of V rows, the accumulators held in registers over the whole context */
+static inline __attribute__((always_inline)) void weigh_values(const job_t *job, const int32_t *table, int h,
+                                                                 const float *probs, int64_t ctx, const float *inv_sum,
+                                                                 int gs, const int NG, int d0, int64_t out_at) {
+    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size, G = job->num_heads / KVH;
+    __m512 acc[6][4];
+    for (int g = 0; g < NG; g++)
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0, blk = 0, off = 0; t < ctx; t++) {
+        const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * D + d0;
+        __m512 vv[4];
+        for (int c = 0; c < 4; c++) vv[c] = load16(job->v_cache, at + c * 16, job->dtype, 0xffff);
+        for (int g = 0; g < NG; g++) {
+            const __m512 p = _mm512_set1_ps(probs[(int64_t)(gs + g) * ctx + t]);
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+        }
+        if (++off == BS) { off = 0; blk++; }
+    }
+    for (int g = 0; g < NG; g++) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[gs + g]);
+        const int64_t at = out_at + (int64_t)(h * G + gs + g) * D + d0;
+        for (int c = 0; c < 4; c++) store16(job->out, at + c * 16, _mm512_mul_ps(acc[g][c], inv), job->dtype, 0xffff);
+    }
+}
+
+/* run_item for head_dim 64 or 128 (a multiple of 64, at most 8 vectors of q in registers): the same
+ * arithmetic, vectorized across tokens. Scratch: scores [(h1-h0)*G][ctx]. */
+static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *scores) {
+    const int H = job->num_heads, KVH = job->num_kv_heads, D = job->head_dim, G = H / KVH, NC = D / 16;
+    const int ctx = job->seq_lens[seq];
+    const int64_t token = job->rows[seq];
+    const int32_t *table = job->block_tables + (int64_t)seq * job->table_stride;
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    float inv_sum[4096];   /* (h1-h0)*G <= 4096, checked by the caller */
+    for (int h = h0; h < h1; h++) {
+        float *hs = scores + (int64_t)(h - h0) * G * ctx;   /* this KV head's G rows of scores */
+        for (int g = 0; g < G; g++) {
+            __m512 qv[8];
+            const int64_t q_at = token * job->q_stride + (int64_t)(h * G + g) * D;
+            for (int c = 0; c < NC; c++) qv[c] = _mm512_mul_ps(load16(job->q, q_at + c * 16, job->dtype, 0xffff), scale);
+            float *row = hs + (int64_t)g * ctx;
+            for (int t0 = 0; t0 < ctx; t0 += 16) {
+                const int n = ctx - t0 < 16 ? ctx - t0 : 16;
+                if (NC == 4) score_tokens(job, table, h, qv, 4, t0, n, row);
+                else score_tokens(job, table, h, qv, 8, t0, n, row);
+            }
+            /* exact softmax in float32: max, exp, sum */
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            for (int t = 0; t < ctx; t += 16) {
+                const __mmask16 mask = ctx - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ctx - t)) - 1u);
+                mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, row + t));
+            }
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            __m512 sv = _mm512_setzero_ps();
+            for (int t = 0; t < ctx; t += 16) {
+                const __mmask16 mask = ctx - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ctx - t)) - 1u);
+                const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m)));
+                _mm512_mask_storeu_ps(row + t, mask, e);
+                sv = _mm512_add_ps(sv, e);
+            }
+            inv_sum[(h - h0) * G + g] = 1.0f / _mm512_reduce_add_ps(sv);
+        }
+        const int64_t out_at = token * H * D;
+        for (int d0 = 0; d0 < D; d0 += 64)
+            for (int gs = 0; gs < G; gs += 6) {
+                const float *probs = hs;
+                const float *inv = inv_sum + (h - h0) * G;
+                switch (G - gs < 6 ? G - gs : 6) {
+                case 6: weigh_values(job, table, h, probs, ctx, inv, gs, 6, d0, out_at); break;
+                case 5: weigh_values(job, table, h, probs, ctx, inv, gs, 5, d0, out_at); break;
+                case 4: weigh_values(job, table, h, probs, ctx, inv, gs, 4, d0, out_at); break;
+                case 3: weigh_values(job, table, h, probs, ctx, inv, gs, 3, d0, out_at); break;
+                case 2: weigh_values(job, table, h, probs, ctx, inv, gs, 2, d0, out_at); break;
+                default: weigh_values(job, table, h, probs, ctx, inv, gs, 1, d0, out_at); break;
+                }
+            }
+    }
+}
+#endif
+
 /* Returns 0 on success. */
 int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out, int dtype,
                       const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
@@ -237,7 +400,12 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
             float *qbuf = scratch + NH * max_ctx, *acc = qbuf + NH * D, *row = acc + NH * D;
 #pragma omp for schedule(dynamic, 1)
             for (int i = 0; i < num_items; i++)
-                run_item(&job, items[3 * i], items[3 * i + 1], items[3 * i + 2], scratch, qbuf, acc, row);
+#if defined(__AVX512F__)
+                if (D % 64 == 0 && D <= 128)
+                    run_item_avx512(&job, items[3 * i], items[3 * i + 1], items[3 * i + 2], scratch);
+                else
+#endif
+                    run_item(&job, items[3 * i], items[3 * i + 1], items[3 * i + 2], scratch, qbuf, acc, row);
             free(scratch);
         }
     }
@@ -295,51 +463,6 @@ int genq_rms_norm(const void *x, const void *residual, const void *weight, void 
     return failed;
 }
 
-#if defined(__AVX512F__)
-/* e^x for 16 floats: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes' expf
- * coefficients, about 1 ulp), scaled by 2^n. x is clamped to [-87.3, 88.7] (e^x stays finite). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 load16(const void *base, int64_t i, int dtype, __mmask16 mask) {
-    if (dtype == 0) return _mm512_maskz_loadu_ps(mask, (const float *)base + i);
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)base + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* float32 -> bfloat16 bits, round to nearest even, NaN kept NaN (as f32_to_bf16) */
-static inline __m256i to_bf16_16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    return _mm512_cvtepi32_epi16(rounded);
-}
-
-static inline __m512 round16(__m512 v, int dtype) {
-    if (dtype == 0) return v;
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_16(v)), 16));
-}
-
-static inline void store16(void *base, int64_t i, __m512 v, int dtype, __mmask16 mask) {
-    if (dtype == 0) _mm512_mask_storeu_ps((float *)base + i, mask, v);
-    else _mm256_mask_storeu_epi16((uint16_t *)base + i, mask, to_bf16_16(v));
-}
-#endif
 
 /* out[i, j] = silu(gate_up[i, j]) * gate_up[i, inter + j]; gate_up rows are 2 * inter long. */
 int genq_silu_mul(const void *gate_up, void *out, int64_t rows, int inter, int dtype, int num_threads) {

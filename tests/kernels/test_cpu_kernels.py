@@ -42,8 +42,10 @@ LONG = [(0, 1), (15, 1), (16, 1), (47, 1), (300, 1), (129, 1), (2, 1), (64, 1)]
     (MIXED, 4, 1, 128, 16, torch.bfloat16, 2),      # MQA, head_dim 128
     (LONG, 6, 2, 64, 1, torch.float32, 2),          # block size 1
     (LONG, 12, 4, 16, 32, torch.float32, 3),        # more threads than the work splits evenly into
+    (LONG, 28, 2, 128, 8, torch.float32, 2),        # 14 query heads a KV head (AVX-512 path: groups of 6, 6, 2)
+    (LONG, 10, 2, 192, 16, torch.float32, 1),       # head_dim 192: not the AVX-512 path's 64 or 128
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
-        "long-3threads"])
+        "long-3threads", "long-g14-d128", "long-d192"])
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype)

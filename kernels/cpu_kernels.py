@@ -3,8 +3,8 @@
 `linear(...)` is a float32 matmul for decode batch sizes (a few to a few dozen rows), where the
 BLAS PyTorch calls is 2-4x slower per row than at prefill sizes. `paged_decode(...)` runs the decode rows of paged attention straight from the block-table cache:
 the PyTorch path must gather every sequence's blocks into a padded copy first, which is most of a
-CPU decode step's attention time. `rms_norm`, `silu_and_mul` and `rotary_embedding` do in one pass
-what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers):
+CPU decode step's attention time. `rms_norm`, `silu_and_mul`, `rotary_embedding` and `store_kv` do in
+one pass what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers):
 the build takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
 `~/.cache/genq/kernels`), keyed by the source, the compiler and this CPU's flags (the library is
 built with `-march=native`). Without a compiler the engine warns once and stays on PyTorch.
@@ -97,6 +97,7 @@ def library() -> ctypes.CDLL:
         "genq_silu_mul": [p, p, i64, i, i, i],
         "genq_rotary": [p, p, i64, i, p, i64, i, p, i64, i, i64, i, i],
         "genq_linear": [p, i64, p, p, p, i64, i, i, i, i, i],
+        "genq_store_kv": [p, i64, p, i64, p, p, p, i64, i64, i, i],
         "genq_linear_supported": [],
     }
     for name, argtypes in signatures.items():
@@ -152,8 +153,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise RuntimeError(f"paged_decode failed (status {status})")
 
 
-def _threads() -> int:
+def _threads(elements: int | None = None) -> int:
+    """PyTorch's thread count; 1 for an elementwise op over fewer than SMALL_OP_ELEMENTS (a decode
+    step's: waking the pool costs more than the work)."""
+    if elements is not None and elements < SMALL_OP_ELEMENTS:
+        return 1
     return torch.get_num_threads()
+
+
+SMALL_OP_ELEMENTS = 1 << 16
 
 
 def _elementwise_ok(*tensors: torch.Tensor) -> bool:
@@ -174,7 +182,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     status = library().genq_rms_norm(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
         None if new_residual is None else new_residual.data_ptr(), x.numel() // hidden, hidden, float(eps),
-        DTYPES[x.dtype], _threads())
+        DTYPES[x.dtype], _threads(x.numel()))
     if status != 0:
         raise RuntimeError(f"rms_norm failed (status {status})")
     return out if residual is None else (out, new_residual)
@@ -190,8 +198,36 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
     library().genq_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
-                            DTYPES[gate_up.dtype], _threads())
+                            DTYPES[gate_up.dtype], _threads(gate_up.numel()))
     return out
+
+
+def store_kv_supports(k, v, k_cache, v_cache, slot_mapping) -> bool:
+    """Rows of k and v each contiguous (the rows themselves may be apart), caches contiguous, one
+    dtype everywhere, int64 slots. (Called for every layer of every step: kept cheap.)"""
+    dtype = k.dtype
+    if dtype not in DTYPES or v.dtype != dtype or k_cache.dtype != dtype or v_cache.dtype != dtype:
+        return False
+    if k.device.type != "cpu" or k_cache.device.type != "cpu" or slot_mapping.dtype != torch.int64:
+        return False
+    ks, vs = k.stride(), v.stride()
+    shape = k.shape
+    return (len(shape) == 3 and v.shape == shape and ks[2] == 1 and vs[2] == 1 and ks[1] == shape[2]
+            and vs[1] == shape[2] and k_cache.shape == v_cache.shape and k_cache.shape[-2:] == shape[1:]
+            and slot_mapping.shape[0] == shape[0] and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and v.device.type == "cpu" and v_cache.device.type == "cpu" and slot_mapping.device.type == "cpu")
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """kernels.store_kv's contract: k_cache[slot] = k[token] (flattened over blocks), slot -1 skipped."""
+    slots = slot_mapping.contiguous()
+    row = k.shape[1] * k.shape[2]
+    status = library().genq_store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                                     v_cache.data_ptr(), slots.data_ptr(), k.shape[0], k_cache.numel() // max(row, 1),
+                                     row, DTYPES[k.dtype])
+    if status == 3:
+        raise IndexError(f"slot {int(slots.max())} is past the cache ({k_cache.numel() // row} slots)")
 
 
 def rotary_supports(positions, q, k, cos_sin_cache) -> bool:
@@ -206,7 +242,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     positions = positions.to(torch.int64).contiguous()
     status = library().genq_rotary(positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(),
                                    k.stride(0), k.shape[1], cos_sin_cache.data_ptr(), cos_sin_cache.shape[0],
-                                   q.shape[2], q.shape[0], DTYPES[q.dtype], _threads())
+                                   q.shape[2], q.shape[0], DTYPES[q.dtype], _threads(q.numel() + k.numel()))
     if status == 3:
         raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
 

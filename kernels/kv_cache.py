@@ -24,4 +24,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if resolve_impl(impl, k) == "triton":
         from kernels.triton.kv_cache import store_kv_triton
         return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    if resolve_impl(impl, k) == "cpu":
+        from kernels import cpu_kernels
+
+        if cpu_kernels.store_kv_supports(k, v, k_cache, v_cache, slot_mapping) and cpu_kernels.available():
+            return cpu_kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
     return store_kv_torch(k, v, k_cache, v_cache, slot_mapping)

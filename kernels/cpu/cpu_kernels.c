@@ -443,6 +443,28 @@ int genq_rms_norm(const void *x, const void *residual, const void *weight, void 
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows; i++) {
                 const int64_t at = i * hidden;
+#if defined(__AVX512F__)
+                {   /* 16 lanes at a time: the same sums of squares, summed in another order */
+                    __m512 sq16 = _mm512_setzero_ps();
+                    for (int j = 0; j < hidden; j += 16) {
+                        const __mmask16 mask = hidden - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hidden - j)) - 1u);
+                        __m512 v = load16(x, at + j, dtype, mask);
+                        if (residual != NULL) {
+                            v = round16(_mm512_add_ps(v, load16(residual, at + j, dtype, mask)), dtype);
+                            store16(new_residual, at + j, v, dtype, mask);
+                        }
+                        _mm512_mask_storeu_ps(r + j, mask, v);
+                        sq16 = _mm512_fmadd_ps(v, v, sq16);
+                    }
+                    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq16) / (float)hidden + eps));
+                    for (int j = 0; j < hidden; j += 16) {
+                        const __mmask16 mask = hidden - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hidden - j)) - 1u);
+                        const __m512 normed = round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, r + j), inv), dtype);
+                        store16(out, at + j, _mm512_mul_ps(load16(weight, j, dtype, mask), normed), dtype, mask);
+                    }
+                    continue;
+                }
+#endif
                 float sq = 0.0f;
                 for (int j = 0; j < hidden; j++) {
                     float v = load1(x, at + j, dtype);
@@ -506,7 +528,16 @@ int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads
             const int64_t row = t * (which == 0 ? q_stride : k_stride);
             for (int h = 0; h < heads; h++) {
                 const int64_t at = row + (int64_t)h * head_dim;
-                for (int j = 0; j < half; j++) {
+                int j = 0;
+#if defined(__AVX512F__)
+                for (; j + 16 <= half; j += 16) {
+                    const __m512 x1 = load16(base, at + j, dtype, 0xffff), x2 = load16(base, at + half + j, dtype, 0xffff);
+                    const __m512 cv = _mm512_loadu_ps(c + j), sv = _mm512_loadu_ps(s + j);
+                    store16(base, at + j, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)), dtype, 0xffff);
+                    store16(base, at + half + j, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)), dtype, 0xffff);
+                }
+#endif
+                for (; j < half; j++) {
                     const float x1 = load1(base, at + j, dtype), x2 = load1(base, at + half + j, dtype);
                     store1(base, at + j, x1 * c[j] - x2 * s[j], dtype);
                     store1(base, at + half + j, x2 * c[j] + x1 * s[j], dtype);
@@ -683,4 +714,21 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
     (void)num_threads;
     return 2;
 #endif
+}
+
+
+/* The step's new K and V rows into their cache slots: k_cache[slot] = k[t] (slot < 0: skipped).
+ * k, v rows may be strided (slices of the fused qkv projection); each row is row_elems contiguous
+ * elements, the cache's rows likewise. */
+int genq_store_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *k_cache, void *v_cache,
+                  const int64_t *slots, int64_t tokens, int64_t num_slots, int row_elems, int dtype) {
+    const size_t esize = dtype == 0 ? 4 : 2, bytes = (size_t)row_elems * esize;
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] >= num_slots) return 3;   /* past the cache: nothing written */
+    for (int64_t t = 0; t < tokens; t++) {
+        if (slots[t] < 0) continue;
+        memcpy((char *)k_cache + slots[t] * bytes, (const char *)k + t * k_stride * esize, bytes);
+        memcpy((char *)v_cache + slots[t] * bytes, (const char *)v + t * v_stride * esize, bytes);
+    }
+    return 0;
 }

@@ -106,12 +106,13 @@ def test_a_broken_build_is_a_typed_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_reference(gen, dtype, with_residual):
+@pytest.mark.parametrize("rows,hidden", [(37, 576), (5, 100), (120, 1000)])   # tails of 4 and 8; 2 threads
+def test_rms_norm_matches_reference(gen, dtype, with_residual, rows, hidden):
     from kernels.rms_norm import rms_norm_torch
 
-    x = torch.randn(37, 576, generator=gen).to(dtype)
-    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
-    residual = torch.randn(37, 576, generator=gen).to(dtype) if with_residual else None
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype) if with_residual else None
     before = None if residual is None else residual.clone()
     got = cpu_kernels.rms_norm(x, weight, 1e-5, residual)
     want = rms_norm_torch(x, weight, 1e-5, residual)
@@ -247,3 +248,25 @@ def test_linear_refuses_what_it_cannot_take(gen):
                  (torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32), w), (x, w, torch.randn(15))]:
         with pytest.raises(ValueError, match="linear: unsupported"):
             cpu_kernels.linear(*args)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_reference_on_strided_rows(gen, dtype):
+    from kernels.kv_cache import store_kv_torch
+
+    tokens, kv_heads, head_dim = 9, 3, 64
+    qkv = torch.randn(tokens, (9 + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    k = qkv[:, 9 * head_dim:12 * head_dim].view(tokens, kv_heads, head_dim)     # rows apart, as in the model
+    v = qkv[:, 12 * head_dim:].view(tokens, kv_heads, head_dim)
+    caches = [torch.randn(6, 4, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]      # the same starting caches for the reference
+    slots = torch.tensor([3, 0, 23, -1, 7, 8, 9, -1, 12])
+    assert cpu_kernels.store_kv_supports(k, v, caches[0], caches[1], slots)
+    kernels.store_kv(k, v, caches[0], caches[1], slots)
+    store_kv_torch(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    before = [c.clone() for c in caches[:2]]
+    with pytest.raises(IndexError, match="past the cache"):
+        cpu_kernels.store_kv(k, v, caches[0], caches[1], torch.tensor([3, 0, 24, -1, 7, 8, 9, -1, 12]))
+    assert torch.equal(caches[0], before[0]) and torch.equal(caches[1], before[1]), "nothing written"

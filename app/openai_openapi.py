@@ -12,71 +12,66 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from app.openai_format import ChatCompletionRequest, CompletionRequest
+from app.openapi_base import PROBLEM_MIME, REF, OpenModel
 
-REF = "#/components/schemas/{model}"
-PROBLEM_MIME = "application/problem+json"
 TAG = "OpenAI-compatible"
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")    # responses may grow fields; clients must ignore unknown ones
-
-
-class OpenAIErrorDetail(_Open):
+class OpenAIErrorDetail(OpenModel):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class OpenAIError(_Open):
+class OpenAIError(OpenModel):
     error: OpenAIErrorDetail
 
 
-class Model(_Open):
+class Model(OpenModel):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
 
 
-class ModelList(_Open):
+class ModelList(OpenModel):
     object: Literal["list"]
     data: list[Model]
 
 
-class PromptTokensDetails(_Open):
+class PromptTokensDetails(OpenModel):
     cached_tokens: int
 
 
-class Usage(_Open):
+class Usage(OpenModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class AssistantMessage(_Open):
+class AssistantMessage(OpenModel):
     role: Literal["assistant"]
     content: str | None
     refusal: str | None = None
 
 
-class ChatChoice(_Open):
+class ChatChoice(OpenModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None
     finish_reason: Literal["stop", "length"] | None
 
 
-class CompletionChoice(_Open):
+class CompletionChoice(OpenModel):
     index: int
     text: str
     logprobs: dict[str, Any] | None
     finish_reason: Literal["stop", "length"] | None
 
 
-class _Completion(_Open):
+class _Completion(OpenModel):
     """What both endpoints' responses hold; a subclass narrows `object` and `choices` (a field
     redeclared keeps its place, so the schemas list the fields in this order)."""
     id: str
@@ -98,7 +93,7 @@ class Completion(_Completion):
     choices: list[CompletionChoice]
 
 
-class FileObject(_Open):
+class FileObject(OpenModel):
     id: str
     object: Literal["file"]
     bytes: int
@@ -110,7 +105,7 @@ class FileObject(_Open):
     expires_at: int | None = None
 
 
-class FileList(_Open):
+class FileList(OpenModel):
     object: Literal["list"]
     data: list[FileObject]
     has_more: bool
@@ -130,13 +125,13 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-class BatchRequestCounts(_Open):
+class BatchRequestCounts(OpenModel):
     total: int
     completed: int
     failed: int
 
 
-class Batch(_Open):
+class Batch(OpenModel):
     id: str
     object: Literal["batch"]
     endpoint: str
@@ -160,7 +155,7 @@ class Batch(_Open):
     metadata: dict[str, str] | None
 
 
-class BatchList(_Open):
+class BatchList(OpenModel):
     object: Literal["list"]
     data: list[Batch]
     first_id: str | None

@@ -9,28 +9,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from app import openai_openapi
 from app.idempotency import MAX_KEY_LENGTH
 from app.models import ALL_STATUSES
+from app.openapi_base import PROBLEM_MIME, REF, OpenModel
 from app.schemas import JobCreate
 
-REF = "#/components/schemas/{model}"
-PROBLEM_MIME = "application/problem+json"
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")    # responses may grow fields; clients must ignore unknown ones
-
-
-class FieldError(_Open):
+class FieldError(OpenModel):
     field: str | None
     message: str
     type: str
 
 
-class Problem(_Open):
+class Problem(OpenModel):
     """RFC 9457 problem details."""
     type: str
     title: str
@@ -40,36 +35,36 @@ class Problem(_Open):
     errors: list[FieldError] | None = None
 
 
-class JobOutput(_Open):
+class JobOutput(OpenModel):
     text: str | None
     finish_reason: str | None
 
 
-class JobUsage(_Open):
+class JobUsage(OpenModel):
     prompt_tokens: int | None
     completion_tokens: int | None
     cached_prompt_tokens: int | None
 
 
-class JobMetrics(_Open):
+class JobMetrics(OpenModel):
     queue_seconds: float | None
     time_to_first_token_seconds: float | None
     generation_seconds: float | None
     tokens_per_second: float | None
 
 
-class JobError(_Open):
+class JobError(OpenModel):
     type: str
     message: str | None
 
 
-class JobUrls(_Open):
+class JobUrls(OpenModel):
     self: str
     cancel: str
     events: str
 
 
-class Job(_Open):
+class Job(OpenModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     model: str
@@ -87,17 +82,17 @@ class Job(_Open):
     urls: JobUrls
 
 
-class JobList(_Open):
+class JobList(OpenModel):
     data: list[Job]
     next_cursor: str | None
     next: str | None
 
 
-class WorkerList(_Open):
+class WorkerList(OpenModel):
     data: list[dict[str, Any]]
 
 
-class Health(_Open):
+class Health(OpenModel):
     status: str
 
 

@@ -2,8 +2,8 @@
 
 Transitions: `created`, `started`, `output` (new tokens; from the engine loop, keep hooks cheap),
 `completed` (succeeded, failed or canceled), `released` (a job started here left this process
-unfinished: handed back to the queue at shutdown, or its lease lost to another worker). A hook gets `(event, job_id, details)`; its failure is
-logged and never affects the job.
+unfinished: handed back to the queue at shutdown, or its lease lost to another worker). A hook gets
+`(event, job_id, details)`; its failure is logged and never affects the job.
 """
 from __future__ import annotations
 

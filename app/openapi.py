@@ -18,7 +18,6 @@ from app.openapi_base import PROBLEM_MIME, REF, OpenModel
 from app.schemas import JobCreate
 
 
-
 class FieldError(OpenModel):
     field: str | None
     message: str

@@ -140,6 +140,5 @@ def finished_without_completed_event(session: Session, since: datetime, until: d
         .where(Job.status.in_([s.value for s in FINAL_STATUSES]), Job.completed_at >= since,
                Job.completed_at < until, wants_completed, ~has_event)
         .order_by(JobWebhook.job_id).limit(limit))
-    return [Registration(r.job_id, r.url, tuple(r.events_filter), r.base_url) for r in rows
-            if "completed" in r.events_filter]
+    return [Registration(r.job_id, r.url, tuple(r.events_filter), r.base_url) for r in rows]
 

@@ -45,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     weights = [torch.randn(n, k).to(dtype) for _ in range(30) for k, n in SHAPES]
-    kernel = lambda x, w: cpu_kernels._linear_unchecked(x, w)   # noqa: E731  (no row limit here)
+    kernel = cpu_kernels.linear_unchecked   # (no row limit here)
     print(f"torch threads {torch.get_num_threads()}; one pass = {len(weights)} matmuls, "
           f"{sum(w.numel() for w in weights) * dtype.itemsize / 1e6:.0f} MB of {args.dtype} weights"
           + ("" if args.dtype == "float32" else f"; this CPU has bfloat16 arithmetic: {cpu_kernels.native_bfloat16()}"))

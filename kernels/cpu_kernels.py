@@ -1,11 +1,11 @@
 """Compiled CPU kernels (C, built at first use with the system's C compiler, called with ctypes).
 
-`linear(...)` is a float32 matmul for decode batch sizes (a few to a few dozen rows), where the
-BLAS PyTorch calls is 2-4x slower per row than at prefill sizes. `paged_decode(...)` runs the decode rows of paged attention straight from the block-table cache:
-the PyTorch path must gather every sequence's blocks into a padded copy first, which is most of a
-CPU decode step's attention time. `rms_norm`, `silu_and_mul`, `rotary_embedding` and `store_kv` do in
-one pass what takes PyTorch several (and a dispatch each). Only a C compiler is needed (no PyTorch headers):
-the build takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
+`linear(...)` is a matmul for decode batch sizes (a few to a few dozen rows), where the BLAS
+PyTorch calls is 2-4x slower per row than at prefill sizes. `paged_decode(...)` runs the decode
+rows of paged attention straight from the block-table cache: the PyTorch path must gather every
+sequence's blocks into a padded copy first, which is most of a CPU decode step's attention time.
+`rms_norm`, `silu_and_mul`, `rotary_embedding` and `store_kv` do in one pass what takes PyTorch
+several (and a dispatch each). Only a C compiler is needed (no PyTorch headers): the build takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
 `~/.cache/genq/kernels`), keyed by the source, the compiler and this CPU's flags (the library is
 built with `-march=native`). Without a compiler the engine warns once and stays on PyTorch.
 """
@@ -281,10 +281,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     products are summed in float32 (bfloat16: rounded once at the end)."""
     if not linear_supports(x, weight, bias):
         raise ValueError("linear: unsupported tensors (see kernels.cpu_kernels.linear_supports)")
-    return _linear_unchecked(x, weight, bias)
+    return linear_unchecked(x, weight, bias)
 
 
-def _linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` for a caller that has checked `linear_supports` itself (kernels.linear, every
+    projection of every step) or wants no row limit (benchmarks/cpu_linear.py)."""
     n, k = weight.shape
     rows = x.reshape(-1, k)
     if k and rows.stride(-1) != 1:

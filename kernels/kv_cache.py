@@ -21,10 +21,11 @@ def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, impl: str | None = None) -> None:
-    if resolve_impl(impl, k) == "triton":
+    which = resolve_impl(impl, k)
+    if which == "triton":
         from kernels.triton.kv_cache import store_kv_triton
         return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    if resolve_impl(impl, k) == "cpu":
+    if which == "cpu":
         from kernels import cpu_kernels
 
         if cpu_kernels.store_kv_supports(k, v, k_cache, v_cache, slot_mapping) and cpu_kernels.available():

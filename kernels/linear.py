@@ -20,7 +20,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         emulated_bf16 = x.dtype == torch.bfloat16 and not cpu_kernels.native_bfloat16()
         if x.dtype == torch.float32 or emulated_bf16:
             if cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
-                return cpu_kernels.linear(x, weight, bias)
+                return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)

@@ -116,6 +116,19 @@ static inline void load_row(const void *base, int64_t index, int n, int dtype, f
 }
 
 #if defined(__AVX512F__)
+/* lanes of a 16-wide step with `remaining` elements left: all 16, or the first `remaining` */
+static inline __mmask16 tail_mask(int64_t remaining) {
+    return remaining >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << remaining) - 1u);
+}
+
+/* four vectors -> one whose 128-bit lane L holds [a b c d] partial sums of lane L's 4 elements
+ * (interleave-and-add twice); adding the four lanes then gives the four full sums */
+static inline __m512 lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+}
+
 /* e^x for 16 floats: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes' expf
  * coefficients, about 1 ulp), scaled by 2^n. x is clamped to [-87.3, 88.7] (e^x stays finite). */
 static inline __m512 exp16(__m512 x) {
@@ -236,11 +249,9 @@ static void run_item(const job_t *job, int seq, int h0, int h1, float *scores, f
 /* 16 vectors -> one: lane i holds the sum of v[i]'s 16 lanes (an add tree: 45 instructions where 16
  * separate horizontal sums take about 130) */
 static inline __m512 sum16x16(const __m512 *v) {
-    __m512 t[8], u[4];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    __m512 u[4];
     for (int i = 0; i < 4; i++)   /* per 128-bit lane: partial sums of v[4i .. 4i+3] */
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+        u[i] = lane_sums4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
     const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
     const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
@@ -265,7 +276,7 @@ static inline __attribute__((always_inline)) void score_tokens(const job_t *job,
             v[o] = _mm512_setzero_ps();
         }
     }
-    _mm512_mask_storeu_ps(out + t0, (__mmask16)((1u << n) - 1u), sum16x16(v));
+    _mm512_mask_storeu_ps(out + t0, tail_mask(n), sum16x16(v));
 }
 
 /* out rows of NG query heads (gs .. gs+NG of KV head h), 64 dims from d0: the probability-weighted
@@ -318,13 +329,13 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
             /* exact softmax in float32: max, exp, sum */
             __m512 mv = _mm512_set1_ps(-INFINITY);
             for (int t = 0; t < ctx; t += 16) {
-                const __mmask16 mask = ctx - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ctx - t)) - 1u);
+                const __mmask16 mask = tail_mask(ctx - t);
                 mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, row + t));
             }
             const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
             __m512 sv = _mm512_setzero_ps();
             for (int t = 0; t < ctx; t += 16) {
-                const __mmask16 mask = ctx - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ctx - t)) - 1u);
+                const __mmask16 mask = tail_mask(ctx - t);
                 const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m)));
                 _mm512_mask_storeu_ps(row + t, mask, e);
                 sv = _mm512_add_ps(sv, e);
@@ -334,15 +345,14 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
         const int64_t out_at = token * H * D;
         for (int d0 = 0; d0 < D; d0 += 64)
             for (int gs = 0; gs < G; gs += 6) {
-                const float *probs = hs;
                 const float *inv = inv_sum + (h - h0) * G;
                 switch (G - gs < 6 ? G - gs : 6) {
-                case 6: weigh_values(job, table, h, probs, ctx, inv, gs, 6, d0, out_at); break;
-                case 5: weigh_values(job, table, h, probs, ctx, inv, gs, 5, d0, out_at); break;
-                case 4: weigh_values(job, table, h, probs, ctx, inv, gs, 4, d0, out_at); break;
-                case 3: weigh_values(job, table, h, probs, ctx, inv, gs, 3, d0, out_at); break;
-                case 2: weigh_values(job, table, h, probs, ctx, inv, gs, 2, d0, out_at); break;
-                default: weigh_values(job, table, h, probs, ctx, inv, gs, 1, d0, out_at); break;
+                case 6: weigh_values(job, table, h, hs, ctx, inv, gs, 6, d0, out_at); break;
+                case 5: weigh_values(job, table, h, hs, ctx, inv, gs, 5, d0, out_at); break;
+                case 4: weigh_values(job, table, h, hs, ctx, inv, gs, 4, d0, out_at); break;
+                case 3: weigh_values(job, table, h, hs, ctx, inv, gs, 3, d0, out_at); break;
+                case 2: weigh_values(job, table, h, hs, ctx, inv, gs, 2, d0, out_at); break;
+                default: weigh_values(job, table, h, hs, ctx, inv, gs, 1, d0, out_at); break;
                 }
             }
     }
@@ -447,7 +457,7 @@ int genq_rms_norm(const void *x, const void *residual, const void *weight, void 
                 {   /* 16 lanes at a time: the same sums of squares, summed in another order */
                     __m512 sq16 = _mm512_setzero_ps();
                     for (int j = 0; j < hidden; j += 16) {
-                        const __mmask16 mask = hidden - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hidden - j)) - 1u);
+                        const __mmask16 mask = tail_mask(hidden - j);
                         __m512 v = load16(x, at + j, dtype, mask);
                         if (residual != NULL) {
                             v = round16(_mm512_add_ps(v, load16(residual, at + j, dtype, mask)), dtype);
@@ -458,7 +468,7 @@ int genq_rms_norm(const void *x, const void *residual, const void *weight, void 
                     }
                     const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq16) / (float)hidden + eps));
                     for (int j = 0; j < hidden; j += 16) {
-                        const __mmask16 mask = hidden - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hidden - j)) - 1u);
+                        const __mmask16 mask = tail_mask(hidden - j);
                         const __m512 normed = round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, r + j), inv), dtype);
                         store16(out, at + j, _mm512_mul_ps(load16(weight, j, dtype, mask), normed), dtype, mask);
                     }
@@ -485,7 +495,6 @@ int genq_rms_norm(const void *x, const void *residual, const void *weight, void 
     return failed;
 }
 
-
 /* out[i, j] = silu(gate_up[i, j]) * gate_up[i, inter + j]; gate_up rows are 2 * inter long. */
 int genq_silu_mul(const void *gate_up, void *out, int64_t rows, int inter, int dtype, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -494,7 +503,7 @@ int genq_silu_mul(const void *gate_up, void *out, int64_t rows, int inter, int d
         int j = 0;
 #if defined(__AVX512F__)
         for (; j < inter; j += 16) {
-            const __mmask16 mask = inter - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (inter - j)) - 1u);
+            const __mmask16 mask = tail_mask(inter - j);
             const __m512 g = load16(gate_up, in + j, dtype, mask);
             const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
             const __m512 silu = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), dtype);
@@ -607,12 +616,8 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     for (int m = 0; m < MT; m++) {
         float sums[4];
         if (NT == 4) {
-            /* four 16-lane sums at once: pairwise interleave-and-add until each 128-bit lane holds
-             * [a b c d] partial sums, then add the four lanes */
-            const __m512 a = acc[m][0], b = acc[m][1], c = acc[m][2], d = acc[m][3];
-            const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-            const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-            const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+            /* the four 16-lane sums at once: per-lane partials, then the four lanes added */
+            const __m512 s = lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
             const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
             __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
             if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
@@ -692,16 +697,17 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         float *wide = BF ? malloc(sizeof(float) * 4 * ((size_t)K + 1)) : NULL;   /* 4 widened weight rows */
-        if (BF && wide == NULL) failed = 1;
+        const int ready = !BF || wide != NULL;   /* (every thread still meets both loops) */
+        if (!ready) failed = 1;
 #pragma omp for schedule(static) nowait
         for (int t = 0; t < tiles; t++)
-            if (!(BF && wide == NULL))
+            if (ready)
                 linear_columns(xf, ldx, (const char *)w + (size_t)t * 4 * K * esize, K,
                                bias != NULL ? (const char *)bias + (size_t)t * 4 * esize : NULL,
                                (char *)y + (size_t)t * 4 * esize, ldy, M, 4, BF, wide);
 #pragma omp for schedule(static)
         for (int n = tiles * 4; n < N; n++)
-            if (!(BF && wide == NULL))
+            if (ready)
                 linear_columns(xf, ldx, (const char *)w + (size_t)n * K * esize, K,
                                bias != NULL ? (const char *)bias + (size_t)n * esize : NULL,
                                (char *)y + (size_t)n * esize, ldy, M, 1, BF, wide);
@@ -715,7 +721,6 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
     return 2;
 #endif
 }
-
 
 /* The step's new K and V rows into their cache slots: k_cache[slot] = k[t] (slot < 0: skipped).
  * k, v rows may be strided (slices of the fused qkv projection); each row is row_elems contiguous

@@ -31,8 +31,8 @@ class LlamaArgs:
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `kernels.linear` (on the CPU, a compiled kernel for decode-sized float32
-    batches, where the BLAS is slow)."""
+    """nn.Linear through `kernels.linear` (on the CPU, a compiled kernel for decode-sized batches,
+    where the BLAS is slow)."""
 
     def forward(self, x: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias, impl=impl)

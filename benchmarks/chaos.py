@@ -37,8 +37,13 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
-from app.db import session_factory  # noqa: E402
-from app.models import FINAL_STATUSES, Job  # noqa: E402
+from app.infra.channels import Channels
+from app.infra.db import session_factory
+from app.infra.migrate import upgrade
+from app.infra.redis_client import redis_client
+from app.infra.settings import Settings
+from app.infra.worker_reports import live_workers
+from app.jobs.models import FINAL_STATUSES, Job
 from tests.app.support import ServerThread  # noqa: E402
 from tests.app.webhook_receiver import Receiver  # noqa: E402
 from tests.e2e.cluster import RedisServer, Worker  # noqa: E402
@@ -90,11 +95,6 @@ def main() -> int:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
     from app.api import create_app
-    from app.channels import Channels
-    from app.redis_client import redis_client
-    from app.worker_stats import live_workers
-    from app.migrate import upgrade
-    from app.settings import Settings
     from worker.engine.tiny import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="genq-chaos-"))

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import cpu_kernels  # noqa: E402
+from kernels import cpu_kernels
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]   # (in, out): qkv, o, gate|up, down
 

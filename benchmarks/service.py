@@ -41,7 +41,12 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from app.client import JobsClient, iter_sse  # noqa: E402
+from app.cli.client import JobsClient, iter_sse
+from app.infra.db import session_factory
+from app.infra.migrate import upgrade
+from app.infra.redis_client import resolve_redis_url
+from app.infra.settings import Settings
+from app.tenancy.keys import create_key
 
 PROMPTS = [
     "Explain what a job queue is in one paragraph.",
@@ -61,9 +66,6 @@ class Stack:
     """API (gunicorn) + one worker as subprocesses, on their own Redis key prefix and database."""
 
     def __init__(self, home: Path, model: str | None, api_workers: int, max_num_seqs: int, torch_threads: int):
-        from app.migrate import upgrade
-        from app.redis_client import resolve_redis_url
-        from app.settings import Settings
 
         home.mkdir(parents=True, exist_ok=True)
         prefix = f"genqbench-{secrets.token_hex(4)}"
@@ -140,8 +142,6 @@ class Stack:
 
 def _benchmark_key(database_url: str) -> str:
     """An API key for the load generator, without rate or active-job limits in its way."""
-    from app.db import session_factory
-    from app.keys import create_key
 
     with session_factory(database_url).begin() as session:
         return create_key(session, "benchmark", rate_limit_per_minute=10**9, max_active_jobs=10**9)[1]

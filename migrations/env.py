@@ -1,14 +1,17 @@
 """Alembic environment: the URL comes from `config.attributes["database_url"]` (set by
-`app.migrate`) or from the environment through `app.settings`."""
+`app.infra.migrate`) or from the environment through `app.infra.settings`."""
 from __future__ import annotations
 
 from logging.config import fileConfig
 
 from alembic import context
 
-from app.db import create_db_engine
-from app.models import Base
-from app.settings import Settings
+import app.jobs.models  # noqa: F401  (each domain's tables, on Base.metadata for autogenerate)
+import app.openai.models  # noqa: F401
+import app.tenancy.keys  # noqa: F401
+import app.webhooks.models  # noqa: F401
+from app.infra.db import Base, create_db_engine
+from app.infra.settings import Settings
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging"):

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from app.settings import Settings, env_var_names
+from app.infra.settings import Settings, env_var_names
 
 try:
     import tomllib
@@ -302,10 +302,10 @@ def test_api_migrations_and_flower_app_import_without_torch():
     """What the API image runs: the Flask app (created), `genq migrate`, Flower's Celery app."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from app.api import create_app; from app.settings import Settings\n"
+        "from app.api import create_app; from app.infra.settings import Settings\n"
         "create_app(Settings(database_url='sqlite://', redis_url='redis://127.0.0.1:1/0'))\n"
-        "import app.cli, app.migrate, alembic.command; import worker.flower\n"
-        "assert app.migrate.MIGRATIONS_DIR.joinpath('env.py').exists()\n"
+        "import app.cli.main, app.infra.migrate, alembic.command; import worker.flower\n"
+        "assert app.infra.migrate.MIGRATIONS_DIR.joinpath('env.py').exists()\n"
     )
     env = {"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "sqlite://"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -16,7 +16,7 @@ import os
 import socket
 from pathlib import Path
 
-from app.settings import Settings
+from app.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 

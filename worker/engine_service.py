@@ -11,13 +11,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from app import hooks
-from app.db import utcnow
-from app.events import EventId, EventLog, JobEvent
+from app.infra.db import utcnow
+from app.jobs import transitions
+from app.jobs.event_log import EventId, EventLog, JobEvent
 from worker.engine import LLMEngine, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,8 @@ class EngineService:
                     event = JobEvent(EventId(generation.request.attempt, generation.next_seq), "token", data)
                     self.events.append(pipe, output.request_id, event)
                 generation.next_seq += 1
-                if completion.index == 0 and hooks.has_hooks():
-                    hooks.emit("output", output.request_id, text=completion.text)
+                if completion.index == 0 and transitions.has_hooks():
+                    transitions.emit("output", output.request_id, text=completion.text)
             generation.last = output
             if output.finished:
                 finished.append(generation)

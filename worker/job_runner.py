@@ -9,13 +9,12 @@ import logging
 
 from celery.exceptions import Reject
 
-from app import hooks
-from app import jobs as store
-from app.events import EventId, JobEvent
-from app.jobs import JobResult
-from app.models import JobStatus
-from app.schemas import GenerationInput
-from app.serialization import done_event_data
+from app.jobs import store, transitions
+from app.jobs.event_log import EventId, JobEvent
+from app.jobs.inputs import GenerationInput
+from app.jobs.models import JobStatus
+from app.jobs.serialization import done_event_data
+from app.jobs.store import JobResult
 from worker.engine import SamplingParams
 from worker.engine_service import GenerationRequest, GenerationResult
 
@@ -47,7 +46,7 @@ def _run_claimed(rt, job) -> str:
             f"(GENQ_MAX_ATTEMPTS={rt.settings.max_attempts}); giving up"))
         return _finish(rt, job.id, attempt, result, next_seq=1)
     running = JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})
-    hooks.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
+    transitions.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
                worker_id=rt.worker_id)
 
     if job.cancel_requested_at is not None or job.id in rt.cancels:
@@ -77,7 +76,7 @@ def _run_claimed(rt, job) -> str:
             released = store.release_job(session, job.id, rt.worker_id, attempt)
         log.warning("job %s: worker stopping mid-generation; %s", job.id,
                     "requeued" if released else "no longer ours")
-        hooks.emit("released", job.id, reason="worker_shutdown")
+        transitions.emit("released", job.id, reason="worker_shutdown")
         if released:
             # A fresh task, so another worker starts it now; the reconciler re-sends it if Redis
             # is down. This task is acknowledged (a requeue can be lost while the worker stops).
@@ -115,7 +114,7 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
         written = _write_result(rt, job_id, attempt, result)
     if not written:
         log.warning("job %s: attempt %d no longer owns the job; its result is dropped", job_id, attempt)
-        hooks.emit("released", job_id, reason="superseded")
+        transitions.emit("released", job_id, reason="superseded")
         return "superseded"
     events = [JobEvent(EventId(attempt, next_seq), "status", {"status": result.status.value})]
     if result.error_type:
@@ -123,7 +122,7 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
                                {"type": result.error_type, "message": result.error_message}))
     events.append(JobEvent(events[-1].id.next, "done", done_event_data(result)))
     _publish(rt, job_id, events)
-    hooks.emit("completed", job_id, status=result.status.value, finish_reason=result.finish_reason,
+    transitions.emit("completed", job_id, status=result.status.value, finish_reason=result.finish_reason,
                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                cached_tokens=result.cached_tokens, error_type=result.error_type)
     return result.status.value

@@ -5,39 +5,37 @@ import logging
 
 from celery.signals import worker_shutdown, worker_shutting_down
 
-from app.settings import Settings
+from app.infra.broker import make_celery, webhook_queue
+from app.infra.settings import Settings
+from app.jobs import transitions
+from app.jobs.transitions import log_job_transition
+from app.openai.batches import advance_on_completion
+from app.webhooks.dispatcher import dispatcher_for
+from worker.metrics import MetricsServer, WorkerMetrics
+from worker.runtime import get_runtime, stop_runtime
 
 log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
-    from app import hooks
-    from app.logging_setup import log_job_transition
-    from worker.celery_app import make_celery
-    from worker.metrics import MetricsServer, WorkerMetrics
-    from worker.runtime import get_runtime, stop_runtime
 
     metrics = WorkerMetrics(settings.model_name)
     server = None
     if settings.metrics_port is not None:      # bound before the model loads: a port clash fails fast
         server = MetricsServer(metrics, settings.metrics_host, settings.metrics_port).start()
-    hooks.register(log_job_transition)
-    hooks.register(metrics.on_job_event)
+    transitions.register(log_job_transition)
+    transitions.register(metrics.on_job_event)
     runtime = get_runtime(settings)            # load the model before taking any task
     # unhealthy too once a tensor-parallel engine has lost a rank (its stats say healthy: false)
     metrics.attach(runtime.service.stats,
                    lambda: runtime.service.running and runtime.service.stats().get("healthy", True))
     celery = make_celery(settings, runtime.redis_url, set_as_current=True)
-    celery.conf.include = ["worker.tasks", "worker.batches"]
-    import worker.tasks  # noqa: F401  (registers the shared task on this app)
-    from worker.webhooks import dispatcher_for, webhook_queue
+    celery.conf.include = ["worker.tasks"]
 
-    hooks.register(dispatcher_for(settings, runtime.sessions, celery))   # webhook events (docs/webhooks.md)
-    import worker.batches  # noqa: F401  (genq.start_batch)
-    from app.batches import advance_on_completion
+    transitions.register(dispatcher_for(settings, runtime.sessions, celery))   # webhook events (docs/webhooks.md)
 
     # a batch line's end releases the next line; the last one finalizes the batch
-    hooks.register(advance_on_completion(runtime.sessions, settings.batch_max_in_flight, runtime.send_job))
+    transitions.register(advance_on_completion(runtime.sessions, settings.batch_max_in_flight, runtime.send_job))
 
     @worker_shutting_down.connect(weak=False)
     def _drain(**_):

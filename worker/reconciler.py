@@ -32,9 +32,9 @@ from typing import Callable
 
 from sqlalchemy import and_, func, or_, select
 
-from app import batches
-from app.db import utcnow
-from app.models import Job, JobStatus
+from app.infra.db import utcnow
+from app.jobs.models import Job, JobStatus
+from app.openai import batches
 
 log = logging.getLogger(__name__)
 

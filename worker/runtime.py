@@ -10,15 +10,21 @@ import socket
 import threading
 import time
 
-from app import jobs as store
-from app.channels import Channels
-from app.db import session_factory
-from app.events import EventLog
-from app.redis_client import redis_client, resolve_redis_url
-from app.settings import Settings
-from app.worker_stats import remove_report, write_report
+from app.infra.broker import make_celery, send_run_job
+from app.infra.channels import Channels
+from app.infra.db import session_factory
+from app.infra.redis_client import redis_client, resolve_redis_url
+from app.infra.settings import Settings
+from app.infra.worker_reports import remove_report, write_report
+from app.jobs import store
+from app.jobs.event_log import EventLog
+from app.openai.batches import sweep_batches
+from app.webhooks.sweep import sweep_webhooks
+from worker.devices import select_device
+from worker.engine import LLMEngine
 from worker.engine_service import EngineService
 from worker.faults import install_fault
+from worker.job_runner import run_job
 from worker.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,6 @@ _runtime_lock = threading.Lock()
 
 
 def build_engine(settings: Settings):
-    from worker.devices import select_device
-    from worker.engine import LLMEngine
 
     if settings.cache_dir:   # the loader reads it from the environment; one engine per process
         os.environ["GENQ_CACHE_DIR"] = settings.cache_dir
@@ -119,14 +123,12 @@ class WorkerRuntime:
             log.warning("could not remove the worker report of %s", self.worker_id)
 
     def run_job(self, job_id: str) -> str:
-        from worker.job_runner import run_job
 
         return run_job(self, job_id)
 
     @property
     def celery(self):
         """A Celery app for sending tasks from this process's own threads."""
-        from worker.celery_app import make_celery
 
         if self._celery is None:
             self._celery = make_celery(self.settings, self.redis_url)
@@ -134,19 +136,16 @@ class WorkerRuntime:
 
     def send_job(self, job_id: str, priority: int = 0) -> None:
         """Enqueue `genq.run_job(job_id)` (the reconciler, and jobs handed back on shutdown)."""
-        from worker.celery_app import send_run_job
 
         send_run_job(self.celery, self.settings, job_id, priority)
 
     def _sweep_webhooks(self) -> None:
-        from worker.webhooks import sweep
 
-        sweep(self.settings, self.sessions, self.celery, grace_seconds=self.settings.requeue_after_seconds)
+        sweep_webhooks(self.settings, self.sessions, self.celery, grace_seconds=self.settings.requeue_after_seconds)
 
     def _sweep_batches(self) -> None:
-        from worker.batches import sweep
 
-        sweep(self.settings, self.sessions, self.redis, self.channels, self.celery)
+        sweep_batches(self.settings, self.sessions, self.redis, self.channels, self.celery)
 
     def drain(self, timeout: float) -> None:
         """Graceful shutdown (Celery takes no new tasks by now): let running jobs finish for up to

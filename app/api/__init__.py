@@ -3,18 +3,22 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.settings import Settings
+from app.api import admission, auth, batches, boundary, files, health, jobs, openai, workers
+from app.api import webhooks as webhooks_api
+from app.api.metrics import Metrics
+from app.api.problems import register_error_handlers
+from app.api.services import genq, services
+from app.infra.broker import send_run_job
+from app.infra.settings import Settings
+from app.jobs import transitions
+from app.jobs.transitions import log_job_transition
+from app.openai.batches import advance_on_completion
+from app.webhooks.dispatcher import dispatcher_for
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from app import hooks
-    from app.api import admission, auth, boundary, health, jobs, workers
-    from app.api.metrics import Metrics
-    from app.api.problems import register_error_handlers
-    from app.api.services import genq, services
-    from app.logging_setup import log_job_transition
 
     settings = settings or Settings.from_env()
     app = Flask("genq")
@@ -29,26 +33,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.install(app)                    # every /v1 request needs an API key (app/api/auth.py)
     admission.install(app)               # quotas, load shedding, idempotency keys of submissions
     boundary.install(app)                # /openapi.json; ids that cannot be job ids are 404
-    hooks.register(log_job_transition)   # one log line per job transition (idempotent)
+    transitions.register(log_job_transition)   # one log line per job transition (idempotent)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(workers.bp)
-    from app.api import batches, files, openai   # OpenAI-compatible API (docs/openai.md)
 
     app.register_blueprint(openai.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
-    from app.batches import advance_on_completion
-    from worker.celery_app import send_run_job
 
     connections = app.extensions[genq.name]
     # a batch line canceled while queued releases the next line (and may finalize its batch)
-    hooks.register(advance_on_completion(
+    transitions.register(advance_on_completion(
         connections.sessions, settings.batch_max_in_flight,
         lambda job_id, priority: send_run_job(connections.celery, settings, job_id, priority)))
-    from app.api import webhooks as webhooks_api   # docs/webhooks.md
-    from worker.webhooks import dispatcher_for
 
     app.register_blueprint(webhooks_api.bp)
-    hooks.register(dispatcher_for(settings, connections.sessions, connections.celery))
+    transitions.register(dispatcher_for(settings, connections.sessions, connections.celery))
     return app

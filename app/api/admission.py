@@ -18,13 +18,13 @@ from flask import Flask, current_app, g, request
 from redis.exceptions import RedisError
 
 from app.api.auth import current_key, revoked_meanwhile
-from app.api.problems import Problem
 from app.api.services import services
-from app.context_window import ContextWindow
-from app.jobs import SubmissionRefused
-from app.idempotency import Claim, ClaimState, IdempotencyStore, fingerprint, valid_key
-from app.metrics import queue_depth
-from app.schemas import JobCreate
+from app.infra.broker import queue_depth
+from app.infra.problems import Problem
+from app.api.job_request import JobCreate
+from app.jobs.store import SubmissionRefused
+from app.tenancy.context_window import ContextWindow
+from app.tenancy.idempotency import Claim, ClaimState, IdempotencyStore, fingerprint, valid_key
 
 log = logging.getLogger(__name__)
 

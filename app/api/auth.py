@@ -22,11 +22,11 @@ from flask import Flask, current_app, g, request
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import keys
-from app.api.problems import Problem
 from app.api.services import services
-from app.keys import KeyIdentity
-from app.quotas import RateLimiter
+from app.infra.problems import Problem
+from app.tenancy import keys
+from app.tenancy.keys import KeyIdentity
+from app.tenancy.rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,15 @@ import logging
 
 from flask import Blueprint, jsonify, request
 
-from app import batches as store
 from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
-from app.channels import TASK_START_BATCH
-from app.db import utcnow
-from app.openai_format import ENDPOINTS, OpenAIError
-from app.schemas import MAX_METADATA_BYTES, plain_text
+from app.infra.broker import TASK_START_BATCH
+from app.infra.db import utcnow
+from app.jobs.inputs import MAX_METADATA_BYTES, plain_text
+from app.openai import batches as store
+from app.openai import files
+from app.openai.formats import ENDPOINTS, OpenAIError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def create_batch():
                           param="metadata")
     svc, owner = services(), current_owner()
     with svc.sessions.begin() as session:
-        file = store.get_file(session, file_id, owner) if isinstance(file_id, str) else None
-        if file is None or file.purpose != store.BATCH_PURPOSE:
+        file = files.get_file(session, file_id, owner) if isinstance(file_id, str) else None
+        if file is None or file.purpose != files.BATCH_PURPOSE:
             raise OpenAIError(400 if file is not None else 404, f"no batch input file {file_id!r}",
                               param="input_file_id", code="file_not_found")
         batch = store.create_batch(session, owner=owner, input_file_id=file.id, endpoint=endpoint,

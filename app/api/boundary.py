@@ -12,8 +12,8 @@ import re
 
 from flask import Blueprint, Flask, jsonify
 
-from app.api.problems import Problem
-from app.openapi import build_document
+from app.api.openapi.document import build_document
+from app.infra.problems import Problem
 
 JOB_ID = re.compile(r"[0-9a-z]{26}")
 

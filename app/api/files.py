@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
-from app import batches as store
 from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
-from app.openai_format import OpenAIError
-from app.schemas import plain_text
+from app.jobs.inputs import plain_text
+from app.openai import files as store
+from app.openai.formats import OpenAIError
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 

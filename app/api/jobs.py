@@ -8,23 +8,29 @@ import time
 from flask import Blueprint, Response, jsonify, request, url_for
 from redis.exceptions import RedisError
 
-from app import hooks
-from app import jobs as store
 from app.api.admission import admit, claim_idempotency, complete_idempotency, max_active_jobs, refused
 from app.api.auth import current_owner
-from app.api.events_stream import stream_job_events
-from app.api.problems import Problem
-from app.api.requests import decode_cursor, encode_cursor, int_arg, json_object_body, last_event_id, preferred_wait
+from app.api.request_parsing import (
+    decode_cursor,
+    encode_cursor,
+    int_arg,
+    json_object_body,
+    last_event_id,
+    preferred_wait,
+)
 from app.api.services import services
+from app.api.sse import stream_job_events
 from app.api.webhooks import check_submission as check_webhook
 from app.api.webhooks import register as register_webhook
-from app.events import EventId, JobEvent
-from app.idempotency import ClaimState
-from app.jobs import CancelOutcome, JobResult, SubmissionRefused
-from app.models import ALL_STATUSES, Job, JobStatus
-from app.schemas import JobCreate
-from app.serialization import done_event_data, job_to_dict
-from worker.celery_app import send_run_job
+from app.infra.broker import send_run_job
+from app.infra.problems import Problem
+from app.jobs import store, transitions
+from app.jobs.event_log import EventId, JobEvent
+from app.api.job_request import JobCreate
+from app.jobs.models import ALL_STATUSES, Job, JobStatus
+from app.jobs.serialization import done_event_data, job_to_dict
+from app.jobs.store import CancelOutcome, JobResult, SubmissionRefused
+from app.tenancy.idempotency import ClaimState
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +112,9 @@ def create_job():
             # task once the broker is back (docs/reliability.md). Accepted, and the answer says so.
             log.warning("could not enqueue job %s (%s: %s); it waits in the database", job.id,
                         type(exc).__name__, exc)
-            hooks.emit("created", job.id)
+            transitions.emit("created", job.id)
             return _deferred_response(job)
-        hooks.emit("created", job.id)
+        transitions.emit("created", job.id)
         headers = {"Location": url_for("jobs.get_job", job_id=job.id, _external=True)}
         if wait is None:
             return _job_response(job, 202, **headers)
@@ -196,7 +202,7 @@ def _announce_canceled_while_queued(job: Job) -> None:
         svc.events.publish(job.id, events)
     except Exception:
         log.exception("could not publish the cancel events of job %s", job.id)
-    hooks.emit("completed", job.id, status="canceled")
+    transitions.emit("completed", job.id, status="canceled")
 
 
 @bp.get("/<job_id>/events")

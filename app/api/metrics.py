@@ -13,10 +13,10 @@ from flask import Flask, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 
-from app import jobs as store
-from app.metrics import queue_depth
-from app.models import ALL_STATUSES
-from app.worker_stats import live_workers
+from app.infra.broker import queue_depth
+from app.infra.worker_reports import live_workers
+from app.jobs import store
+from app.jobs.models import ALL_STATUSES
 
 log = logging.getLogger(__name__)
 

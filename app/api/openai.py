@@ -17,21 +17,20 @@ from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
 from sqlalchemy import update
 
-from app import hooks
-from app import jobs as store
-from app import openai_format as fmt
 from app.api.admission import admit, max_active_jobs, refused
 from app.api.auth import current_owner
-from app.api.problems import Problem
-from app.api.events_stream import stream_job_events
 from app.api.services import Services, services
-from app.db import utcnow
-from app.events import EventId, JobEvent
-from app.jobs import SubmissionRefused
-from app.models import Job, JobStatus
-from app.schemas import JobCreate
-from app.serialization import done_event_data
-from worker.celery_app import send_run_job
+from app.api.sse import stream_job_events
+from app.infra.broker import send_run_job
+from app.infra.db import utcnow
+from app.infra.problems import Problem
+from app.jobs import store, transitions
+from app.jobs.event_log import EventId, JobEvent
+from app.api.job_request import JobCreate
+from app.jobs.models import Job, JobStatus
+from app.jobs.serialization import done_event_data
+from app.jobs.store import SubmissionRefused
+from app.openai import formats as fmt
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ def _enqueue_or_defer(svc: Services, job: Job) -> None:
         send_run_job(svc.celery, svc.settings, job.id, job.priority)
     except Exception as exc:
         log.warning("could not enqueue job %s (%s: %s); it waits in the database", job.id, type(exc).__name__, exc)
-    hooks.emit("created", job.id)
+    transitions.emit("created", job.id)
 
 
 def _enqueue_or_fail(svc: Services, job: Job) -> None:
@@ -172,7 +171,7 @@ def _enqueue_or_fail(svc: Services, job: Job) -> None:
                 completed_at=utcnow()))
         raise fmt.OpenAIError(503, "the request could not be queued (the broker is unreachable)",
                               type="server_error", code="queue_unavailable") from None
-    hooks.emit("created", job.id)
+    transitions.emit("created", job.id)
 
 
 def _wait_final(svc: Services, pubsub, job_id: str, owner: str | None) -> Job:
@@ -279,6 +278,6 @@ def _cancel_quietly(svc: Services, job_id: str, owner: str | None) -> None:
             result = store.JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
             svc.events.publish(job_id, [JobEvent(EventId(0, 1), "status", {"status": "canceled"}),
                                         JobEvent(EventId(0, 2), "done", done_event_data(result))])
-            hooks.emit("completed", job_id, status="canceled")
+            transitions.emit("completed", job_id, status="canceled")
     except Exception:
         log.exception("could not cancel job %s after its client disconnected", job_id)

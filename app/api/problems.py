@@ -8,24 +8,12 @@ from flask import Flask, Response, json, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from app.infra.problems import Problem
+
 log = logging.getLogger(__name__)
 
 PROBLEM_MIME = "application/problem+json"
 PROBLEM_BASE = "urn:genq:problem:"
-
-
-class Problem(Exception):
-    """Raise anywhere in a request to answer with a problem document."""
-
-    def __init__(self, status: int, detail: str, *, title: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None, **extensions: Any):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.title = title
-        self.type = type
-        self.headers = headers or {}
-        self.extensions = extensions
 
 
 def problem_response(status: int, detail: str, *, title: str | None = None, type: str | None = None,

@@ -9,12 +9,12 @@ from flask import Flask, current_app
 from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.channels import Channels
-from app.db import session_factory
-from app.events import EventLog
-from app.redis_client import redis_client, resolve_redis_url
-from app.settings import Settings
-from worker.celery_app import make_celery
+from app.infra.broker import make_celery
+from app.infra.channels import Channels
+from app.infra.db import session_factory
+from app.infra.redis_client import redis_client, resolve_redis_url
+from app.infra.settings import Settings
+from app.jobs.event_log import EventLog
 
 
 @dataclass(slots=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 from sqlalchemy.orm import Session
 
-from app import jobs as store
-from app import webhook_store
 from app.api.auth import current_owner
-from app.api.problems import Problem
 from app.api.services import services
-from app.serialization import isoformat
-from app.webhooks import WebhookTargetError, resolve_target
+from app.infra.problems import Problem
+from app.jobs import store
+from app.jobs.serialization import isoformat
+from app.webhooks import store as webhook_store
+from app.webhooks.targets import WebhookTargetError, resolve_target
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/jobs")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from app.api.services import services
-from app.worker_stats import live_workers
+from app.infra.worker_reports import live_workers
 
 bp = Blueprint("workers", __name__, url_prefix="/v1/workers")
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from app.db import UTCDateTime
+from app.infra.db import UTCDateTime
 
 revision = "0001"
 down_revision = None

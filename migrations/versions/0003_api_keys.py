@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from app.db import UTCDateTime
+from app.infra.db import UTCDateTime
 
 revision = "api_keys"
 down_revision = "openai_batches"

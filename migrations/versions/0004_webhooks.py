@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from app.db import UTCDateTime
+from app.infra.db import UTCDateTime
 
 revision = "webhooks"
 down_revision = "api_keys"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from app.db import UTCDateTime
+from app.infra.db import UTCDateTime
 
 revision = "batch_release"
 down_revision = "webhooks"

@@ -1,5 +1,7 @@
 import pytest
 
+from app.infra.db import session_factory
+from app.jobs.models import Job
 from tests.app.support import database_for_tests
 
 
@@ -20,8 +22,6 @@ def db_url(request):
     """A migrated database of each kind, emptied before the test."""
     from sqlalchemy import delete
 
-    from app.db import session_factory
-    from app.models import Job
 
     url = request.getfixturevalue(f"{request.param}_url")
     with session_factory(url).begin() as session:
@@ -31,6 +31,5 @@ def db_url(request):
 
 @pytest.fixture
 def sessions(db_url):
-    from app.db import session_factory
 
     return session_factory(db_url)

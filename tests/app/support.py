@@ -18,6 +18,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from app.infra.channels import Channels
+from app.infra.db import create_db_engine, dispose_engines
+from app.infra.migrate import upgrade
+from app.infra.redis_client import redis_client, start_embedded_redis
+from app.infra.settings import Settings
+from app.infra.worker_reports import live_workers
+from app.tenancy.keys import create_key
+
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -31,7 +39,6 @@ def postgres_base_url() -> str:
 @contextlib.contextmanager
 def fresh_postgres_schema(base_url: str) -> Iterator[str]:
     """A URL whose connections see only a new, empty schema; the schema is dropped afterwards."""
-    from app.db import create_db_engine
 
     schema = f"genq_test_{secrets.token_hex(6)}"
     admin = create_db_engine(base_url, pool_size=1, max_overflow=0)
@@ -45,7 +52,6 @@ def fresh_postgres_schema(base_url: str) -> Iterator[str]:
     try:
         yield url.render_as_string(hide_password=False)
     finally:
-        from app.db import dispose_engines
 
         dispose_engines()
         with admin.begin() as connection:
@@ -56,7 +62,6 @@ def fresh_postgres_schema(base_url: str) -> Iterator[str]:
 @contextlib.contextmanager
 def database_for_tests(kind: str, tmp_dir: Path) -> Iterator[str]:
     """A migrated, empty database of `kind` ("sqlite" or "postgresql")."""
-    from app.migrate import upgrade
 
     if kind == "sqlite":
         url = f"sqlite:///{tmp_dir / f'genq-{secrets.token_hex(4)}.db'}"
@@ -78,7 +83,6 @@ def redis_for_tests(tmp_dir: Path) -> Iterator[tuple[str, str]]:
     """(redis URL, key prefix unique to this use); every key under the prefix is deleted afterwards."""
     import redis
 
-    from app.redis_client import start_embedded_redis
 
     url = os.environ.get("REDIS_URL") or start_embedded_redis(str(tmp_dir / "redis"))
     prefix = f"genqtest-{secrets.token_hex(5)}"
@@ -103,7 +107,6 @@ def free_port() -> int:
 
 def create_test_key(app, name: str = "tests", **quotas) -> str:
     """A new API key in the app's database; returns its plaintext."""
-    from app.keys import create_key
 
     with app.extensions["genq"].sessions.begin() as session:
         return create_key(session, name, **quotas)[1]
@@ -164,7 +167,6 @@ class ServerThread:
 def service_settings(tmp_dir: Path, **overrides):
     """Settings for a whole service under test: the primary database (fresh), Redis under a fresh
     key prefix, a Celery queue of its own."""
-    from app.settings import Settings
 
     with database_for_tests(primary_database_kind(), tmp_dir) as db_url, \
             redis_for_tests(tmp_dir) as (redis_url, prefix):
@@ -193,9 +195,6 @@ class WorkerProcess:
         import sys
         import time
 
-        from app.channels import Channels
-        from app.redis_client import redis_client
-        from app.worker_stats import live_workers
 
         env = {**os.environ, **self.settings.to_env()}
         self.log = open(self.log_path, "wb")

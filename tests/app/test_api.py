@@ -8,8 +8,9 @@ import pytest
 import requests
 
 from app.api import create_app
-from app.channels import Channels
-from app.redis_client import redis_client
+from app.api.request_parsing import preferred_wait
+from app.infra.channels import Channels
+from app.infra.redis_client import redis_client
 from tests.app.support import ServerThread, free_port, service_settings
 
 PROBLEM = "application/problem+json"
@@ -113,7 +114,6 @@ def test_prefer_wait_without_a_worker_answers_202_after_waiting(api):
 
 
 def test_prefer_wait_is_capped_at_60(api):
-    from app.api.requests import preferred_wait
     from flask import Flask
 
     app = Flask("t")

@@ -6,12 +6,14 @@ import json
 import threading
 
 import pytest
-
 from sqlalchemy import select, update
 
-from app import batches
-from app import jobs as jobs_store
-from app.models import Batch, File, Job
+from app.infra.db import utcnow
+from app.jobs import store as jobs_store
+from app.jobs.models import Job
+from app.jobs.store import active_jobs
+from app.openai import batches
+from app.openai.models import Batch, File
 
 MODEL = "tiny"
 
@@ -110,7 +112,6 @@ def test_an_empty_file_fails_the_batch(sessions):
 def test_a_batch_past_its_window_expires_with_what_finished(sessions):
     from datetime import timedelta
 
-    from app.db import utcnow
 
     batch_id = _new_batch(sessions, [_line(i) for i in range(3)])
     with sessions.begin() as session:
@@ -258,7 +259,6 @@ def test_batches_short_of_lines(sessions):
 def test_due_batches_are_past_their_window_or_stuck_validating(sessions):
     from datetime import timedelta
 
-    from app.db import utcnow
 
     started, validating = _new_batch(sessions, [_line(0)]), _new_batch(sessions, [_line(0)])
     with sessions.begin() as session:
@@ -280,7 +280,6 @@ def test_due_batches_are_past_their_window_or_stuck_validating(sessions):
 def test_held_lines_do_not_count_towards_the_active_jobs_quota(sessions):
     """A batch bigger than its key's active-jobs limit must not lock the key out of interactive
     jobs: only released lines count (app/quotas.py and the guarded insert in app/jobs.py)."""
-    from app.quotas import active_jobs
 
     batch_id = _new_batch(sessions, [_line(i) for i in range(6)])
     with sessions.begin() as session:

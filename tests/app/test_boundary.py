@@ -8,12 +8,20 @@ import json
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings as hypothesis_settings
-from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
-                                 response_headers_conformance, response_schema_conformance,
-                                 status_code_conformance)
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from app.api import create_app
+from app.api.job_request import JobCreate
+from app.openai.formats import ChatCompletionRequest
 from tests.app.support import ServerThread, build_tiny, create_test_key, service_settings
 
 PROBLEM = "application/problem+json"
@@ -50,7 +58,6 @@ def openapi_schema(settings):
 
 
 def test_openapi_document_is_3_1_and_built_from_the_request_models(app):
-    from app.schemas import JobCreate
 
     document = app.test_client().get("/openapi.json").get_json()
     assert document["openapi"].startswith("3.1")
@@ -66,7 +73,6 @@ def test_openapi_document_is_3_1_and_built_from_the_request_models(app):
 
 
 def test_openapi_document_lists_the_openai_compatible_endpoints(app):
-    from app.openai_format import ChatCompletionRequest
 
     document = app.test_client().get("/openapi.json").get_json()
     operations = {(method.upper(), path) for path, item in document["paths"].items() for method in item}

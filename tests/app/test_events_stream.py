@@ -9,15 +9,15 @@ import time
 import pytest
 import requests
 
-from app import jobs as store
 from app.api import create_app
-from app.channels import Channels
-from app.client import iter_sse
-from app.db import session_factory
-from app.events import EventId, EventLog, JobEvent
-from app.jobs import JobResult
-from app.models import JobStatus
-from app.redis_client import redis_client
+from app.cli.client import iter_sse
+from app.infra.channels import Channels
+from app.infra.db import session_factory
+from app.infra.redis_client import redis_client
+from app.jobs import store
+from app.jobs.event_log import EventId, EventLog, JobEvent
+from app.jobs.models import JobStatus
+from app.jobs.store import JobResult
 from tests.app.support import ServerThread, service_settings
 
 

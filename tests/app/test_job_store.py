@@ -9,11 +9,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from app import jobs
-from app.db import get_engine, utcnow
-from app.jobs import CancelOutcome, JobResult
-from app.migrate import current_revision, downgrade, head_revision, upgrade
-from app.models import Base, Job, JobStatus, new_job_id
+import app.openai.models  # noqa: F401  (every domain's tables on Base.metadata, as migrations/env.py has them)
+import app.tenancy.keys  # noqa: F401
+import app.webhooks.models  # noqa: F401
+from app.infra.db import Base, get_engine, session_factory, utcnow
+from app.infra.ids import new_id
+from app.infra.migrate import current_revision, downgrade, head_revision, upgrade
+from app.jobs import store as jobs
+from app.api.job_request import JobCreate
+from app.jobs.models import Job, JobStatus
+from app.jobs.store import CancelOutcome, JobResult
 
 INPUT = {"prompt": "hello", "max_tokens": 8}
 
@@ -42,7 +47,7 @@ def test_migration_downgrades_and_upgrades(tmp_path):
 
 
 def test_ids_are_url_safe_and_time_ordered():
-    ids = [new_job_id() for _ in range(1000)]
+    ids = [new_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(len(i) == 26 and i.isalnum() and i == i.lower() for i in ids)
     assert ids == sorted(ids)
@@ -215,12 +220,11 @@ def test_status_check_constraint(sessions):
 
     with pytest.raises(IntegrityError):
         with sessions.begin() as s:
-            s.add(Job(id=new_job_id(), status="bogus", priority=0, model="m", input={}, attempts=0,
+            s.add(Job(id=new_id(), status="bogus", priority=0, model="m", input={}, attempts=0,
                       created_at=utcnow()))
 
 
 def test_stored_input_equals_the_revalidated_generation_input():
-    from app.schemas import JobCreate
 
     for body in ({"prompt": "x", "stop": "a", "metadata": {"k": 1}, "priority": 3, "model": "m", "top_k": 5},
                  {"messages": [{"role": "user", "content": "hi"}], "seed": 4, "temperature": 0}):
@@ -229,7 +233,6 @@ def test_stored_input_equals_the_revalidated_generation_input():
 
 
 def test_many_threads_write_sqlite_at_once(tmp_path):
-    from app.db import session_factory
 
     url = f"sqlite:///{tmp_path / 'writers.db'}"
     upgrade(url)

@@ -10,8 +10,9 @@ import logging.config
 import pytest
 
 from app.api import create_app
-from app.logging_setup import JOB_LOGGER, JsonFormatter, TextFormatter, log_job_transition, logging_config
-from app.settings import Settings
+from app.infra.logs import JsonFormatter, TextFormatter, logging_config
+from app.infra.settings import Settings
+from app.jobs.transitions import JOB_LOGGER, log_job_transition
 from tests.app.support import build_tiny, create_test_key, service_settings
 
 SECRET = "Zebra-Quokka secret prompt 4711"

@@ -11,10 +11,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api import create_app
-from app.channels import Channels
-from app.client import JobsClient
-from app.metrics import queue_depth
-from app.redis_client import redis_client
+from app.cli.client import JobsClient
+from app.infra.broker import make_celery, queue_depth, send_run_job
+from app.infra.channels import Channels
+from app.infra.redis_client import kombu_url, redis_client
 from tests.app.support import ServerThread, WorkerProcess, build_tiny, free_port, service_settings
 
 N_JOBS = 12
@@ -180,8 +180,6 @@ def test_queue_depth_counts_every_priority_list(cluster):
     """The gauge reads kombu's lists directly: compare it with kombu's own count for the same queue."""
     from kombu import Connection
 
-    from app.redis_client import kombu_url
-    from worker.celery_app import make_celery, send_run_job
 
     settings, _, _ = cluster
     idle = settings.with_(queue=f"{settings.queue}-idle")   # no worker listens to this one

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from app.infra.db import session_factory
+from app.infra.migrate import upgrade
+from app.jobs.models import Job
 from tests.app.support import free_port
 
 PG_BIN = Path("/usr/lib/postgresql")
@@ -50,10 +53,7 @@ def own_postgres():
 
 
 def test_connections_survive_a_postgres_restart(own_postgres):
-    from app import jobs as store
-    from app.db import session_factory
-    from app.migrate import upgrade
-    from app.models import Job
+    from app.jobs import store
 
     url, restart = own_postgres
     upgrade(url)

@@ -10,8 +10,12 @@ import pytest
 import requests
 
 from app.api import create_app
-from app.idempotency import ClaimState, IdempotencyStore, fingerprint
-from app.redis_client import redis_client
+from app.cli.keys import client_api_key, dev_key_path, ensure_dev_key
+from app.cli.main import main
+from app.infra.redis_client import redis_client
+from app.jobs.models import Job
+from app.tenancy.idempotency import ClaimState, IdempotencyStore, fingerprint
+from app.tenancy.keys import ApiKey, hash_key, revoke_key
 from tests.app.support import ServerThread, build_tiny, create_test_key, service_settings
 
 PROBLEM = "application/problem+json"
@@ -94,7 +98,6 @@ def test_another_keys_job_is_404_everywhere(api, app):
 
 
 def test_revoked_key_is_401(api, app):
-    from app.keys import revoke_key
 
     key = create_test_key(app, "short-lived")
     assert call("GET", f"{api}/v1/jobs", key).status_code == 200
@@ -106,7 +109,6 @@ def test_revoked_key_is_401(api, app):
 def test_key_revoked_after_a_submission_cannot_submit_again(api, app):
     """Submissions take the key from the API's cache (app/api/auth.py); the insert itself still
     refuses a key revoked meanwhile, and nothing is created."""
-    from app.keys import revoke_key
 
     key = create_test_key(app, "cached-then-revoked")
     assert submit(api, key).status_code == 202            # the key is now in the cache
@@ -117,8 +119,6 @@ def test_key_revoked_after_a_submission_cannot_submit_again(api, app):
     with app.extensions["genq"].sessions() as session:
         from sqlalchemy import func, select
 
-        from app.keys import ApiKey, hash_key
-        from app.models import Job
 
         owner = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key)))
         assert session.scalar(select(func.count()).select_from(Job).where(Job.owner == owner)) == 1
@@ -127,7 +127,6 @@ def test_key_revoked_after_a_submission_cannot_submit_again(api, app):
 def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
     import json
 
-    from app.cli import main
 
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     assert main(["keys", "create", "--name", "cli-key", "--rate-limit", "100", "--json"]) == 0
@@ -149,7 +148,6 @@ def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
 def test_only_a_hash_of_the_key_is_stored(app):
     from sqlalchemy import select
 
-    from app.keys import ApiKey, hash_key
 
     key = create_test_key(app, "hashed")
     with app.extensions["genq"].sessions() as session:
@@ -315,8 +313,6 @@ def test_genq_up_dev_key_is_saved_reused_and_used_by_the_cli(settings, api, tmp_
     import os
     import stat
 
-    from app.cli import main
-    from app.keys_cli import client_api_key, dev_key_path, ensure_dev_key
 
     local = settings.with_(home=str(tmp_path / "home"), api_key=None)
     key, created = ensure_dev_key(local)

@@ -10,8 +10,16 @@ import pytest
 import requests
 
 from app.api import create_app
-from app.webhooks import (WebhookVerificationError, generate_secret, refused_reason, retry_delay, sign,
-                          signed_headers, verify)
+from app.infra.broker import webhook_queue
+from app.infra.db import session_factory, utcnow
+from app.infra.webhook_secrets import generate_secret
+from app.jobs.models import Job
+from app.tenancy.keys import create_key
+from app.webhooks.delivery import post, retry_delay, webhook_secret_for
+from app.webhooks.signing import WebhookVerificationError, sign, signed_headers, verify
+from app.webhooks.store import create_event
+from app.webhooks.sweep import sweep_webhooks
+from app.webhooks.targets import refused_reason
 from tests.app.support import ServerThread, service_settings
 from tests.app.webhook_receiver import Receiver
 
@@ -99,7 +107,6 @@ def test_malformed_webhooks_are_422(open_api, body):
 
 
 def test_delivery_refuses_a_private_address_even_if_submission_passed():
-    from worker.webhooks import post
 
     with Receiver() as receiver:
         answer = post(receiver.url + "/ok/x", b"{}", {}, timeout=5, allow_private=False)
@@ -110,8 +117,6 @@ def test_delivery_refuses_a_private_address_even_if_submission_passed():
 
 
 def test_a_job_canceled_while_queued_gets_one_completed_event(open_api, settings):
-    from app.db import session_factory
-    from app.webhook_store import create_event
 
     job = submit(open_api, webhook="http://127.0.0.1:9/hook", webhook_events_filter=["start", "completed"]).json()
     assert requests.post(job["urls"]["cancel"], timeout=30).status_code == 200
@@ -125,7 +130,6 @@ def test_a_job_canceled_while_queued_gets_one_completed_event(open_api, settings
 
 
 def test_delivery_honours_retry_after_and_does_not_follow_redirects():
-    from worker.webhooks import post
 
     with Receiver() as receiver:
         busy = post(receiver.url + "/busy/x", b"{}", {}, timeout=5, allow_private=True)
@@ -148,9 +152,6 @@ def test_sweep_resends_lost_tasks_and_writes_missing_completed_events(open_api, 
 
     from sqlalchemy import update
 
-    from app.db import session_factory, utcnow
-    from app.models import Job
-    from worker.webhooks import sweep, webhook_queue
 
     sessions = session_factory(settings.database_url)
     canceled = submit(open_api, webhook="http://127.0.0.1:9/a").json()
@@ -162,13 +163,13 @@ def test_sweep_resends_lost_tasks_and_writes_missing_completed_events(open_api, 
         session.execute(update(Job).where(Job.id == crashed["id"]).values(
             status="succeeded", output_text="hi", completed_at=utcnow() - timedelta(minutes=5)))
     celery = RecordingCelery()
-    sweep(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
+    sweep_webhooks(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
     [written] = requests.get(f"{crashed['urls']['self']}/webhooks", timeout=10).json()["data"]
     assert written["type"] == "job.completed" and written["status"] == "pending"
     sent = {args for name, args, queue in celery.sent if queue == webhook_queue(settings)}
     assert (lost["id"].removeprefix("msg_"), 1) in sent and (written["id"].removeprefix("msg_"), 1) in sent
     celery.sent.clear()   # a second sweep writes no second completed event
-    sweep(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
+    sweep_webhooks(settings, sessions, celery, grace_seconds=60, now=utcnow() + timedelta(seconds=61))
     assert len(requests.get(f"{crashed['urls']['self']}/webhooks", timeout=10).json()["data"]) == 1
 
 
@@ -179,9 +180,7 @@ def test_the_completed_sweep_is_not_starved_by_webhooks_that_never_want_complete
 
     from sqlalchemy import update
 
-    from app import webhook_store
-    from app.db import session_factory, utcnow
-    from app.models import Job
+    from app.webhooks import store as webhook_store
 
     sessions = session_factory(settings.database_url)
     start_only = [submit(open_api, webhook="http://127.0.0.1:9/s", webhook_events_filter=["start"]).json()["id"]
@@ -201,9 +200,6 @@ def test_the_completed_sweep_is_not_starved_by_webhooks_that_never_want_complete
 def test_deliveries_are_signed_with_the_owning_keys_secret(settings):
     from types import SimpleNamespace
 
-    from app.db import session_factory
-    from app.keys import create_key
-    from app.webhooks import webhook_secret_for
 
     with session_factory(settings.database_url).begin() as session:
         key, _ = create_key(session, "webhook-secret-test")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import redis
 
+from app.infra.channels import Channels
+from app.infra.worker_reports import live_workers
+
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -97,8 +100,6 @@ class Worker:
         return self.process.pid
 
     def wait_ready(self, timeout: float = 180) -> None:
-        from app.channels import Channels
-        from app.worker_stats import live_workers
 
         client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True, socket_connect_timeout=2)
         deadline = time.monotonic() + timeout

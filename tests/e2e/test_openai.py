@@ -13,6 +13,8 @@ import openai
 import pytest
 import requests
 
+from app.infra.db import session_factory
+from app.jobs.models import Job
 from tests.app.support import ServerThread, WorkerProcess, service_settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -204,7 +206,6 @@ class LinesInFlight:
     finished (queued or running) and how many are running; keeps the largest of each."""
 
     def __init__(self, settings, batch_id: str):
-        from app.db import session_factory
 
         self.sessions, self.batch_id = session_factory(settings.database_url), batch_id
         self.max_in_flight = self.max_running = self.samples = 0
@@ -222,7 +223,6 @@ class LinesInFlight:
     def _run(self) -> None:
         from sqlalchemy import select
 
-        from app.models import Job
 
         while not self._stop.is_set():
             with self.sessions() as session:
@@ -276,8 +276,6 @@ def test_a_line_that_fails_or_is_canceled_releases_the_next(genq):
     worker does)."""
     from sqlalchemy import select
 
-    from app.db import session_factory
-    from app.models import Job
 
     settings, url, client = genq
     model, cap = settings.model_name, settings.batch_max_in_flight

@@ -14,9 +14,10 @@ import redis
 import requests
 from sqlalchemy import select
 
-from app.client import JobsClient
-from app.db import session_factory
-from app.models import FINAL_STATUSES, Job, JobStatus
+from app.cli.client import JobsClient
+from app.infra.db import session_factory
+from app.infra.settings import Settings
+from app.jobs.models import FINAL_STATUSES, Job, JobStatus
 from tests.app.support import ServerThread, database_for_tests, primary_database_kind
 from tests.app.webhook_receiver import Receiver
 from tests.e2e.cluster import RedisServer, Worker
@@ -105,7 +106,6 @@ class DoneCounter:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model_dir):
     from app.api import create_app
-    from app.settings import Settings
 
     tmp = tmp_path_factory.mktemp("reliability")
     prefix = f"genqtest-{secrets.token_hex(5)}"

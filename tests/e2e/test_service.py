@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app.client import JobsClient
+from app.cli.client import JobsClient
 from worker.engine import LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)   # a stuck stream fails fast instead of holding CI

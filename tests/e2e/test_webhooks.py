@@ -9,7 +9,11 @@ import time
 import pytest
 import requests
 
-from app.webhooks import WebhookVerificationError, generate_secret, verify
+from app.infra.db import session_factory
+from app.infra.webhook_secrets import generate_secret
+from app.jobs.models import Job
+from app.tenancy.keys import webhook_secret_of_owner
+from app.webhooks.signing import WebhookVerificationError, verify
 from tests.app.support import ServerThread, WorkerProcess, service_settings
 from tests.app.webhook_receiver import Receiver
 
@@ -44,9 +48,6 @@ def submit(api, webhook, **body):
 
 def key_secret(settings, job_id):
     """The webhook secret of the API key that submitted the job (what its deliveries are signed with)."""
-    from app.db import session_factory
-    from app.keys import webhook_secret_of_owner
-    from app.models import Job
 
     with session_factory(settings.database_url)() as session:
         return webhook_secret_of_owner(session, session.get(Job, job_id).owner)

@@ -25,10 +25,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kernels.triton.kv_cache import _store_kv_kernel  # noqa: E402
-from kernels.triton.paged_attention import _launch_config, _merge_splits_kernel, _paged_attention_kernel  # noqa: E402
-from kernels.triton.rms_norm import _rms_norm_kernel  # noqa: E402
-from kernels.triton.rotary import _rotary_kernel  # noqa: E402
+from kernels.triton.kv_cache import _store_kv_kernel
+from kernels.triton.paged_attention import _launch_config, _merge_splits_kernel, _paged_attention_kernel
+from kernels.triton.rms_norm import _rms_norm_kernel
+from kernels.triton.rotary import _rotary_kernel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -10,8 +10,8 @@ engine = pytest.importorskip("worker.engine", reason="worker.engine is not impor
 if not hasattr(engine, "LLM"):
     pytest.skip("worker.engine does not export LLM yet", allow_module_level=True)
 
-from worker.engine import LLM, SamplingParams  # noqa: E402
-from worker.engine.tiny import build_tiny_model  # noqa: E402
+from worker.engine import LLM, SamplingParams
+from worker.engine.tiny import build_tiny_model
 
 PROMPTS = [
     "The quick brown fox",

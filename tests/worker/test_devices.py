@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import Settings
+from app.infra.settings import Settings
 from worker.devices import claim_gpus, release_gpus, select_device
 
 GPUS = ["GPU-aaaa", "GPU-bbbb"]

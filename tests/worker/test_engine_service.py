@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from app.channels import Channels
-from app.events import EventLog
-from app.redis_client import redis_client
+from app.infra.channels import Channels
+from app.infra.redis_client import redis_client
+from app.jobs.event_log import EventLog
 from worker.engine import LLMEngine, SamplingParams
 from worker.engine_service import EngineService, GenerationRequest
 

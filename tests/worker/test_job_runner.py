@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app import hooks
-from app import jobs as store
-from app.models import JobStatus
-from app.schemas import JobCreate
+from app.infra.worker_reports import live_workers
+from app.jobs import store
+from app.jobs import transitions as job_transitions
+from app.api.job_request import JobCreate
+from app.jobs.models import Job
+from app.webhooks.dispatcher import WebhookDispatcher
 from worker.runtime import WorkerRuntime
 
 
@@ -26,9 +28,9 @@ def transitions():
         if event != "output":
             seen.append((event, job_id, details.get("status")))
 
-    hooks.register(hook)
+    job_transitions.register(hook)
     yield seen
-    hooks.unregister(hook)
+    job_transitions.unregister(hook)
 
 
 def create(runtime, **body) -> str:
@@ -118,7 +120,6 @@ def test_missing_job_is_skipped(runtime):
 
 
 def test_worker_reports_its_engine_stats(runtime):
-    from app.worker_stats import live_workers
 
     import time
 
@@ -137,11 +138,9 @@ def test_a_job_whose_lease_another_worker_took_is_released_not_completed(runtime
     let go), not `completed`."""
     from sqlalchemy import update
 
-    from app.models import Job
-    from worker.webhooks import WebhookDispatcher
 
     dispatcher = WebhookDispatcher(runtime.settings, runtime.sessions, celery=None)
-    hooks.register(dispatcher)
+    job_transitions.register(dispatcher)
     job_id = create(runtime, prompt="Once upon a time", max_tokens=4)
     tracked = []
 
@@ -151,12 +150,12 @@ def test_a_job_whose_lease_another_worker_took_is_released_not_completed(runtime
             with runtime.sessions.begin() as session:
                 session.execute(update(Job).where(Job.id == job_id).values(worker_id="another-worker", attempts=2))
 
-    hooks.register(take_over)
+    job_transitions.register(take_over)
     try:
         assert runtime.run_job(job_id) == "superseded"
     finally:
-        hooks.unregister(take_over)
-        hooks.unregister(dispatcher)
+        job_transitions.unregister(take_over)
+        job_transitions.unregister(dispatcher)
     assert tracked == [True], "the dispatcher did not track the job it saw start"
     assert ("released", job_id, None) in transitions
     assert not any(event == "completed" and jid == job_id for event, jid, _ in transitions)

@@ -8,11 +8,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app import jobs as store
-from app.channels import Channels
-from app.db import session_factory, utcnow
-from app.models import Job, JobStatus
-from app.redis_client import redis_client
+from app.infra.broker import make_celery
+from app.infra.channels import Channels
+from app.infra.db import session_factory, utcnow
+from app.infra.redis_client import redis_client
+from app.jobs import store
+from app.jobs.models import Job, JobStatus
+from app.openai.batches import sweep_batches
+from app.openai.models import Batch
 from worker.reconciler import Reconciler, stale_jobs
 
 
@@ -92,7 +95,7 @@ def make_batch(sessions, lines: int, cap: int, *, age=0.0) -> tuple[str, list[st
 
     from sqlalchemy import select
 
-    from app import batches
+    from app.openai import batches
 
     content = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                                   "body": {"model": "tiny", "prompt": "x", "max_tokens": 2}}) + "\n"
@@ -139,7 +142,7 @@ def test_a_sweep_heals_a_lost_release_without_exceeding_the_cap(reco_settings, s
 
 
 def test_a_released_line_whose_task_could_not_be_sent_is_sent_by_the_reconciler(reco_settings, sessions):
-    from app import batches
+    from app.openai import batches
 
     batch_id, jobs = make_batch(sessions, 3, cap=1)
     with sessions.begin() as session:
@@ -167,10 +170,7 @@ def _queued_tasks(redis, settings) -> list[tuple[str, list]]:
 def test_the_batch_sweep_expires_due_batches_and_restarts_stuck_ones(reco_settings, sessions):
     import json
 
-    from app import batches
-    from app.models import Batch
-    from worker.batches import sweep
-    from worker.celery_app import make_celery
+    from app.openai import batches
 
     redis = redis_client(reco_settings.redis_url)
     channels = Channels(reco_settings.key_prefix)
@@ -188,7 +188,7 @@ def test_the_batch_sweep_expires_due_batches_and_restarts_stuck_ones(reco_settin
     control = redis.pubsub(ignore_subscribe_messages=True)
     control.subscribe(channels.control)
     try:
-        expired, restarted = sweep(reco_settings, sessions, redis, channels, celery)
+        expired, restarted = sweep_batches(reco_settings, sessions, redis, channels, celery)
         assert expired >= 1 and restarted >= 1
         message, deadline = None, time.monotonic() + 5
         while message is None and time.monotonic() < deadline:   # (the subscribe confirmation reads as None)
@@ -203,4 +203,4 @@ def test_the_batch_sweep_expires_due_batches_and_restarts_stuck_ones(reco_settin
     with sessions.begin() as session:
         session.execute(update(Job).where(Job.id == jobs[0]).values(status="canceled"))
     assert batches.maybe_finalize(sessions, batch_id) == "expired"
-    assert sweep(reco_settings, sessions, redis, channels, celery)[0] == 0   # final: nothing more to do
+    assert sweep_batches(reco_settings, sessions, redis, channels, celery)[0] == 0   # final: nothing more to do

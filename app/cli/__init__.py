@@ -1,0 +1,1 @@
+"""The `genq` command line (app/cli/main.py): one module per group of commands."""

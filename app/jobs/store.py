@@ -1,0 +1,255 @@
+"""The job store: every read and state transition of a job, as SQL on a caller's session.
+
+Transitions are conditional UPDATEs, so that concurrent API processes and workers agree without
+locks: only one claim of a queued job succeeds, only the worker holding the current attempt writes
+the final result, and a cancel wins or loses cleanly against a finishing job. The caller owns the
+transaction (`with sessions.begin() as session: ...`).
+
+Every lookup a client can cause goes through `get_job(session, job_id, owner)`, so access control
+is one filter in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from sqlalchemy import and_, bindparam, exists, func, insert, literal, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.infra.db import utcnow
+from app.infra.ids import new_id
+from app.jobs.models import FINAL_STATUSES, Job, JobStatus
+from app.tenancy.keys import ApiKey
+
+
+@dataclass(slots=True)
+class JobResult:
+    """What a worker writes when a job ends."""
+    status: JobStatus
+    output_text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    first_token_at: datetime | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    choices: list | None = None          # per-sample outputs (n > 1 or logprobs), see `Job.choices`
+
+    def __post_init__(self) -> None:
+        self.status = JobStatus(self.status)
+        if self.status not in FINAL_STATUSES:
+            raise ValueError(f"a job result must have a final status, got {self.status.value!r}")
+        if self.status is JobStatus.FAILED and not self.error_type:
+            raise ValueError("a failed job result needs an error_type")
+
+
+class CancelOutcome(Enum):
+    CANCELED = "canceled"            # was queued: canceled now, no worker involved
+    REQUESTED = "requested"          # is running: its worker must stop it
+    ALREADY_FINAL = "already_final"  # succeeded, failed or canceled before
+    NOT_FOUND = "not_found"
+
+
+def counting_towards_quota():
+    """The jobs an owner's active-jobs quota counts: queued or running, batch lines not yet released
+    to the queue excepted (they wait outside it). Also used by the submission's own insert."""
+    return (Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)),
+            or_(Job.batch_id.is_(None), Job.released_at.is_not(None)))
+
+
+def active_jobs(session: Session, owner: str | None) -> int:
+    """Queued + running jobs of `owner`."""
+    owned = Job.owner.is_(None) if owner is None else Job.owner == owner
+    return session.scalar(select(func.count()).select_from(Job).where(owned, *counting_towards_quota())) or 0
+
+
+def _owned_by(owner: str | None):
+    return Job.owner.is_(None) if owner is None else Job.owner == owner
+
+
+# The hot path (submit, claim, finish) runs prebuilt Core statements on the session's connection:
+# about a third of the ORM's cost per call, which is most of a job's database time.
+_jobs = Job.__table__
+_column_to_attr = {column.key: attr.key for attr in Job.__mapper__.column_attrs for column in attr.columns}
+_INSERT = insert(_jobs)
+_CLAIM = (update(_jobs)
+          .where(_jobs.c.id == bindparam("b_job_id"),
+                 or_(_jobs.c.status == JobStatus.QUEUED.value,
+                     and_(_jobs.c.status == JobStatus.RUNNING.value, _jobs.c.lease_expires_at < bindparam("b_now"))))
+          .values(status=JobStatus.RUNNING.value, worker_id=bindparam("b_worker_id"), attempts=_jobs.c.attempts + 1,
+                  lease_expires_at=bindparam("b_lease_expires_at"), started_at=bindparam("b_now"), first_token_at=None)
+          .returning(*_jobs.c))
+_FINISH = (update(_jobs)
+           .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status == JobStatus.RUNNING.value,
+                  _jobs.c.worker_id == bindparam("b_worker_id"), _jobs.c.attempts == bindparam("b_attempt"))
+           .values({**{name: bindparam(f"v_{name}") for name in (
+               "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+               "first_token_at", "error_type", "error_message", "completed_at", "choices")}, "lease_expires_at": None}))
+
+
+def _detached_job(row) -> Job:
+    return Job(**{_column_to_attr[key]: value for key, value in row._mapping.items()})
+
+
+class SubmissionRefused(Exception):
+    """`create_job(..., max_active=, live_key=)` inserted nothing: the owner's key is revoked, or
+    the owner already has `max_active` queued or running jobs (`active` is their count now)."""
+
+    def __init__(self, reason: str, active: int | None = None, limit: int | None = None):
+        super().__init__(reason)
+        self.reason = reason            # "key_revoked" or "too_many_active_jobs"
+        self.active = active
+        self.limit = limit
+
+
+_INSERT_COLUMNS = ("id", "owner", "status", "priority", "model", "input", "metadata", "attempts", "created_at")
+
+
+def _guarded_insert(live_key: bool, max_active: bool):
+    """INSERT ... SELECT <the values> WHERE <the key is live> AND <fewer than :b_max_active active
+    jobs>: the submission's checks and its write in one statement, one round trip."""
+    conditions = []
+    if live_key:
+        keys = ApiKey.__table__
+        conditions.append(exists().where(keys.c.id == bindparam("owner"), keys.c.revoked_at.is_(None)))
+    if max_active:
+        # Count at most b_max_active rows: the check costs no more than the limit, however many are queued.
+        capped = (select(literal(1).label("one")).select_from(_jobs)
+                  .where(_jobs.c.owner == bindparam("owner"), *counting_towards_quota())
+                  .limit(bindparam("b_max_active")).subquery())
+        conditions.append(select(func.count()).select_from(capped).scalar_subquery() < bindparam("b_max_active"))
+    values = select(*[bindparam(name, type_=_jobs.c[name].type).label(name)
+                      for name in _INSERT_COLUMNS]).where(*conditions)
+    return insert(_jobs).from_select(list(_INSERT_COLUMNS), values).returning(_jobs.c.id)
+
+
+_GUARDED_INSERTS = {(k, a): _guarded_insert(k, a) for k in (False, True) for a in (False, True) if k or a}
+
+
+def create_job(session: Session, *, model: str, input: dict, owner: str | None = None, priority: int = 0,
+               metadata: dict | None = None, now: datetime | None = None, max_active: int | None = None,
+               live_key: bool = False) -> Job:
+    """Insert a queued job; returns it as a detached object (the insert skips the ORM unit of
+    work: submission is the API's hottest path).
+
+    With `max_active` the owner must have fewer queued + running jobs than that, and with
+    `live_key` the owner must be a key that is not revoked; both are checked by the insert itself
+    (no extra round trip), and a refusal raises `SubmissionRefused`. Concurrent submissions of one
+    owner in separate transactions may each see the count below the limit.
+    """
+    job = Job(id=new_id(), owner=owner, status=JobStatus.QUEUED.value, priority=priority, model=model,
+              input=input, meta=metadata, attempts=0, created_at=now or utcnow())
+    params = {"id": job.id, "owner": owner, "status": job.status, "priority": priority, "model": model,
+              "input": input, "metadata": metadata, "attempts": 0, "created_at": job.created_at}
+    guarded = live_key or max_active is not None
+    if guarded and owner is None:
+        raise ValueError("max_active and live_key need an owner")
+    if not guarded:
+        session.connection().execute(_INSERT, params)
+        return job
+    params["b_max_active"] = max_active
+    inserted = session.connection().execute(_GUARDED_INSERTS[(live_key, max_active is not None)], params).first()
+    if inserted is not None:
+        return job
+    if live_key:
+        if session.scalar(select(ApiKey.id).where(ApiKey.id == owner, ApiKey.revoked_at.is_(None))) is None:
+            raise SubmissionRefused("key_revoked")
+    raise SubmissionRefused("too_many_active_jobs", active=active_jobs(session, owner), limit=max_active)
+
+
+def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:
+    """The job `job_id` if `owner` may see it; None otherwise (callers answer 404 either way)."""
+    return session.scalars(select(Job).where(Job.id == job_id, _owned_by(owner))).one_or_none()
+
+
+def list_jobs(session: Session, owner: str | None, *, status: JobStatus | None = None, limit: int = 20,
+              before: str | None = None) -> list[Job]:
+    """Newest first; `before` is the id of the last job of the previous page."""
+    query = select(Job).where(_owned_by(owner))
+    if status is not None:
+        query = query.where(Job.status == JobStatus(status).value)
+    if before is not None:
+        query = query.where(Job.id < before)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: float,
+              now: datetime | None = None) -> Job | None:
+    """Take a queued job (or a running one whose worker's lease ran out) for `worker_id`.
+
+    Returns the claimed job, or None when the job is missing, final, or leased by a live worker:
+    a redelivered task for such a job must do nothing.
+    """
+    now = now or utcnow()
+    row = session.connection().execute(_CLAIM, {
+        "b_job_id": job_id, "b_worker_id": worker_id, "b_now": now,
+        "b_lease_expires_at": now + timedelta(seconds=lease_seconds)}).one_or_none()
+    return None if row is None else _detached_job(row)
+
+
+def renew_leases(session: Session, worker_id: str, job_ids: list[str], lease_seconds: float,
+                 now: datetime | None = None) -> int:
+    """The worker heartbeat: extend the lease of every listed job this worker still runs."""
+    if not job_ids:
+        return 0
+    now = now or utcnow()
+    result = session.execute(
+        update(Job).where(Job.id.in_(job_ids), Job.worker_id == worker_id,
+                          Job.status == JobStatus.RUNNING.value)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False))
+    return result.rowcount
+
+
+def finish_job(session: Session, job_id: str, worker_id: str, attempt: int, result: JobResult,
+               now: datetime | None = None) -> bool:
+    """Write the one final result of a job; False when this worker's attempt no longer owns it."""
+    now = now or utcnow()
+    written = session.connection().execute(_FINISH, {
+        "b_job_id": job_id, "b_worker_id": worker_id, "b_attempt": attempt, "v_status": result.status.value,
+        "v_output_text": result.output_text, "v_finish_reason": result.finish_reason,
+        "v_prompt_tokens": result.prompt_tokens, "v_completion_tokens": result.completion_tokens,
+        "v_cached_tokens": result.cached_tokens, "v_first_token_at": result.first_token_at,
+        "v_error_type": result.error_type, "v_error_message": result.error_message, "v_completed_at": now,
+        "v_choices": result.choices})
+    return written.rowcount == 1
+
+
+def release_job(session: Session, job_id: str, worker_id: str, attempt: int) -> bool:
+    """Hand a running job back to the queue (its worker is shutting down before it finished)."""
+    released = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                          Job.worker_id == worker_id, Job.attempts == attempt)
+        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False))
+    return released.rowcount == 1
+
+
+def cancel_job(session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> CancelOutcome:
+    """Cancel a queued job at once, or flag a running one for its worker to stop."""
+    now = now or utcnow()
+    queued = session.execute(
+        update(Job).where(Job.id == job_id, _owned_by(owner), Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
+                completion_tokens=0)
+        .execution_options(synchronize_session=False))
+    if queued.rowcount == 1:
+        return CancelOutcome.CANCELED
+    running = session.execute(
+        update(Job).where(Job.id == job_id, _owned_by(owner), Job.status == JobStatus.RUNNING.value)
+        .values(cancel_requested_at=now)
+        .execution_options(synchronize_session=False))
+    if running.rowcount == 1:
+        return CancelOutcome.REQUESTED
+    return CancelOutcome.NOT_FOUND if get_job(session, job_id, owner) is None else CancelOutcome.ALREADY_FINAL
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: count for status, count in rows}

@@ -1,0 +1,1 @@
+"""OpenAI compatibility: request and response formats, streaming chunks, files, batches."""

@@ -1,0 +1,1 @@
+"""Who may submit what: API keys, request rates, idempotency keys, admission checks."""

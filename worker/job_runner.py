@@ -51,7 +51,7 @@ def _run_claimed(rt, job) -> str:
 
     if job.cancel_requested_at is not None or job.id in rt.cancels:
         _publish(rt, job.id, [running])
-        result = JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
+        result = store.canceled_result()
         return _finish(rt, job.id, attempt, result, next_seq=2)
     try:
         spec = GenerationInput.model_validate(job.input)

@@ -1,9 +1,8 @@
-"""What a submission must pass before a job is created, and its idempotency key.
+"""A submission's admission checks and its idempotency key, in the API.
 
-`admit(spec)` applies the calling key's quotas and the global load shedding, cheapest first:
-the key's largest `max_tokens` (422), the model's context (422, with the token counts), the broker
-queue depth (503 + Retry-After). The key's queued + running jobs (429 + Retry-After) are checked
-by the job's insert itself (`refused(...)` turns its refusal into the problem).
+The checks themselves are Flask-free (app/tenancy/admission.py); `admission()` is this app's, and
+`refused(...)` turns the job insert's own refusal (revoked key, too many active jobs) into the
+problem (401, or 429 + Retry-After).
 
 `claim_idempotency(body)` reads `Idempotency-Key`; a replay answers with the original job, a key
 reused with another body is 422, and a twin of a request still in progress is 409. A claimed key is
@@ -18,22 +17,17 @@ from flask import Flask, current_app, g, request
 from redis.exceptions import RedisError
 
 from app.api.auth import current_key, revoked_meanwhile
-from app.api.services import services
-from app.infra.broker import queue_depth
 from app.infra.problems import Problem
-from app.api.job_request import JobCreate
 from app.jobs.store import SubmissionRefused
-from app.tenancy.context_window import ContextWindow
+from app.tenancy.admission import SHED_RETRY_AFTER_SECONDS, Admission
 from app.tenancy.idempotency import Claim, ClaimState, IdempotencyStore, fingerprint, valid_key
 
 log = logging.getLogger(__name__)
 
-SHED_RETRY_AFTER_SECONDS = 5
-
 
 def install(app: Flask) -> None:
     svc = app.extensions["genq"]
-    app.extensions["genq_context_window"] = ContextWindow(svc.settings)
+    app.extensions["genq_admission"] = Admission(svc.settings, svc.redis, svc.channels)
     app.extensions["genq_idempotency"] = IdempotencyStore(svc.redis, svc.settings.key_prefix,
                                                           svc.settings.idempotency_ttl_seconds)
 
@@ -47,43 +41,9 @@ def install(app: Flask) -> None:
                 log.warning("could not release idempotency key (it expires on its own)", exc_info=True)
 
 
-def admit(spec: JobCreate) -> None:
-    """Raise the problem that refuses `spec`, if any. The key's active jobs are checked by the
-    submission's insert itself (`jobs.create_job(max_active=max_active_jobs(), live_key=True)`;
-    its refusal becomes a problem through `refused(...)`)."""
-    svc = services()
-    key = current_key()
-    limit = key.max_tokens or svc.settings.max_tokens_limit
-    if limit is not None and spec.max_tokens > limit:
-        raise Problem(422, f"max_tokens: this key may ask for at most {limit} tokens, got {spec.max_tokens}",
-                      title="Invalid request body", type="validation-error",
-                      errors=[{"field": "max_tokens", "message": f"must be at most {limit} for this key",
-                               "type": "quota_max_tokens"}])
-    texts = [spec.prompt] if spec.prompt is not None else [m.content for m in spec.messages or []]
-    overflow = current_app.extensions["genq_context_window"].overflow(texts, spec.max_tokens)
-    if overflow is not None:
-        field = "prompt" if spec.prompt is not None else "messages"
-        raise Problem(422, f"{field}: the prompt has {overflow.prompt_tokens} tokens; with max_tokens "
-                      f"{overflow.max_tokens} that is more than the model's context of {overflow.max_model_len} tokens",
-                      title="Prompt too long", type="context-length-exceeded",
-                      prompt_tokens=overflow.prompt_tokens, max_tokens=overflow.max_tokens,
-                      max_model_len=overflow.max_model_len,
-                      errors=[{"field": field, "message": "longer than the model's context",
-                               "type": "context_length_exceeded"}])
-    if svc.settings.max_queue_depth:
-        try:
-            depth = queue_depth(svc.redis, svc.channels, svc.settings.queue)
-        except RedisError:
-            depth = 0   # the submission itself will find out (and defer or fail the enqueue)
-        if depth >= svc.settings.max_queue_depth:
-            raise Problem(503, f"the queue holds {depth} jobs (limit {svc.settings.max_queue_depth}); "
-                          "retry later", title="Service overloaded", type="overloaded",
-                          headers={"Retry-After": str(SHED_RETRY_AFTER_SECONDS)})
-
-
-def max_active_jobs() -> int:
-    """The calling key's limit of queued + running jobs."""
-    return current_key().max_active_jobs or services().settings.max_active_jobs
+def admission() -> Admission:
+    """This app's admission checks (app/tenancy/admission.py), for the submit path."""
+    return current_app.extensions["genq_admission"]
 
 
 def _too_many_active(active: int, allowed: int) -> Problem:
@@ -93,7 +53,7 @@ def _too_many_active(active: int, allowed: int) -> Problem:
 
 
 def refused(refusal: SubmissionRefused) -> Problem:
-    """The problem for an insert that `jobs.create_job(max_active=, live_key=)` refused."""
+    """The problem for an insert that `store.create_job(max_active=, live_key=)` refused."""
     if refusal.reason == "key_revoked":
         return revoked_meanwhile(current_key())
     return _too_many_active(refusal.active, refusal.limit)

@@ -9,10 +9,10 @@ from flask import Blueprint, jsonify, request
 from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
-from app.infra.broker import TASK_START_BATCH
+from app.infra.broker import send_start_batch
 from app.infra.db import utcnow
 from app.jobs.inputs import MAX_METADATA_BYTES, plain_text
-from app.openai import batches as store
+from app.openai import batches
 from app.openai import files
 from app.openai.formats import ENDPOINTS, OpenAIError
 
@@ -25,7 +25,7 @@ bp.register_error_handler(OpenAIError, openai_error_response)
 
 
 def _batch_response(session, batch):
-    return jsonify(store.batch_to_dict(batch, store.job_counts(session, batch.id)))
+    return jsonify(batches.batch_to_dict(batch, batches.job_counts(session, batch.id)))
 
 
 @bp.post("")
@@ -39,8 +39,8 @@ def create_batch():
         raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(sorted(unknown))}")
     if endpoint not in ENDPOINTS:
         raise OpenAIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
-    if window not in store.COMPLETION_WINDOWS:
-        raise OpenAIError(400, f"completion_window must be one of {', '.join(store.COMPLETION_WINDOWS)}",
+    if window not in batches.COMPLETION_WINDOWS:
+        raise OpenAIError(400, f"completion_window must be one of {', '.join(batches.COMPLETION_WINDOWS)}",
                           param="completion_window")
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or any(
             not isinstance(v, str) for v in metadata.values()) or len(json.dumps(metadata)) > MAX_METADATA_BYTES):
@@ -54,18 +54,18 @@ def create_batch():
         if file is None or file.purpose != files.BATCH_PURPOSE:
             raise OpenAIError(400 if file is not None else 404, f"no batch input file {file_id!r}",
                               param="input_file_id", code="file_not_found")
-        batch = store.create_batch(session, owner=owner, input_file_id=file.id, endpoint=endpoint,
+        batch = batches.create_batch(session, owner=owner, input_file_id=file.id, endpoint=endpoint,
                                    completion_window=window, metadata=metadata)
         batch_id = batch.id
     try:
-        svc.celery.send_task(TASK_START_BATCH, args=[batch_id], queue=svc.settings.queue, priority=0)
+        send_start_batch(svc.celery, svc.settings, batch_id)
     except Exception as exc:
         # The batch is committed: a worker's reconciler sends its start task once the broker is
         # back (a batch `validating` for GENQ_REQUEUE_AFTER_SECONDS), as for jobs.
         log.warning("could not queue batch %s (%s: %s); it waits in the database", batch_id,
                     type(exc).__name__, exc)
     with svc.sessions() as session:
-        return _batch_response(session, store.get_batch(session, batch_id, owner))
+        return _batch_response(session, batches.get_batch(session, batch_id, owner))
 
 
 @bp.get("")
@@ -77,13 +77,13 @@ def list_batches():
     if not 1 <= limit <= 100:
         raise OpenAIError(400, "limit must be between 1 and 100", param="limit")
     after = request.args.get("after") or None
-    if after is not None and not store.well_formed_id(after, store.BATCH_ID_PREFIX):
+    if after is not None and not batches.well_formed_id(after, batches.BATCH_ID_PREFIX):
         raise OpenAIError(400, "after must be a batch id", param="after")
     with services().sessions() as session:
-        page = store.list_batches(session, current_owner(), limit=limit + 1, after=after)
+        page = batches.list_batches(session, current_owner(), limit=limit + 1, after=after)
         more, page = len(page) > limit, page[:limit]
-        counts = store.jobs_counts(session, [b.id for b in page])
-        data = [store.batch_to_dict(b, counts[b.id]) for b in page]
+        counts = batches.jobs_counts(session, [b.id for b in page])
+        data = [batches.batch_to_dict(b, counts[b.id]) for b in page]
     return jsonify({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                     "last_id": data[-1]["id"] if data else None, "has_more": more})
 
@@ -92,25 +92,25 @@ def list_batches():
 def get_batch(batch_id: str):
     svc = services()
     with svc.sessions() as session:
-        batch = store.get_batch(session, batch_id, current_owner())
+        batch = batches.get_batch(session, batch_id, current_owner())
         if batch is None:
             raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
         due = batch.status in ("validating", "in_progress") and batch.expires_at < utcnow()
         if not due:
             return _batch_response(session, batch)
     # Due: expire it now rather than wait for the reconciler's next batch sweep.
-    store.expire(svc.sessions, svc.redis, svc.channels, batch_id)
+    batches.expire(svc.sessions, svc.redis, svc.channels, batch_id)
     with svc.sessions() as session:
-        return _batch_response(session, store.get_batch(session, batch_id, current_owner()))
+        return _batch_response(session, batches.get_batch(session, batch_id, current_owner()))
 
 
 @bp.post("/<batch_id>/cancel")
 def cancel_batch(batch_id: str):
     svc, owner = services(), current_owner()
     with svc.sessions.begin() as session:
-        batch, running = store.cancel_batch(session, batch_id, owner)
+        batch, running = batches.cancel_batch(session, batch_id, owner)
     if batch is None:
         raise OpenAIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
-    store.stop_lines(svc.sessions, svc.redis, svc.channels, batch_id, running)
+    batches.stop_lines(svc.sessions, svc.redis, svc.channels, batch_id, running)
     with svc.sessions() as session:
-        return _batch_response(session, store.get_batch(session, batch_id, owner))
+        return _batch_response(session, batches.get_batch(session, batch_id, owner))

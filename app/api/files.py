@@ -7,12 +7,12 @@ from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
 from app.jobs.inputs import plain_text
-from app.openai import files as store
+from app.openai import files
 from app.openai.formats import OpenAIError
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 
-PURPOSES = (store.BATCH_PURPOSE,)
+PURPOSES = (files.BATCH_PURPOSE,)
 
 
 bp.register_error_handler(OpenAIError, openai_error_response)
@@ -35,22 +35,22 @@ def upload_file():
     except UnicodeDecodeError:
         raise OpenAIError(400, "a batch file must be UTF-8 JSONL", param="file") from None
     with services().sessions.begin() as session:
-        file = store.create_file(session, owner=current_owner(), purpose=purpose,
+        file = files.create_file(session, owner=current_owner(), purpose=purpose,
                                  filename=filename, content=content)
-        body = store.file_to_dict(file)
+        body = files.file_to_dict(file)
     return jsonify(body)
 
 
 @bp.get("")
 def list_files():
     with services().sessions() as session:
-        data = [store.file_to_dict(f) for f in store.list_files(session, current_owner())]
+        data = [files.file_to_dict(f) for f in files.list_files(session, current_owner())]
     return jsonify({"object": "list", "data": data, "has_more": False})
 
 
 def _find(file_id: str):
     with services().sessions() as session:
-        file = store.get_file(session, file_id, current_owner())
+        file = files.get_file(session, file_id, current_owner())
     if file is None:
         raise OpenAIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
     return file
@@ -58,7 +58,7 @@ def _find(file_id: str):
 
 @bp.get("/<file_id>")
 def get_file(file_id: str):
-    return jsonify(store.file_to_dict(_find(file_id)))
+    return jsonify(files.file_to_dict(_find(file_id)))
 
 
 @bp.get("/<file_id>/content")

@@ -52,6 +52,10 @@ def send_run_job(celery: Celery, settings: Settings, job_id: str, priority: int)
     celery.send_task(TASK_RUN_JOB, args=[job_id], queue=settings.queue, priority=priority)
 
 
+def send_start_batch(celery: Celery, settings: Settings, batch_id: str) -> None:
+    celery.send_task(TASK_START_BATCH, args=[batch_id], queue=settings.queue, priority=0)
+
+
 TASK_DELIVER_WEBHOOK = "genq.deliver_webhook"
 
 

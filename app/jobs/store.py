@@ -227,13 +227,22 @@ def release_job(session: Session, job_id: str, worker_id: str, attempt: int) -> 
     return released.rowcount == 1
 
 
+# What a job canceled before any worker ran it holds.
+_CANCELED_WHILE_QUEUED = {"status": JobStatus.CANCELED.value, "output_text": "", "finish_reason": "abort",
+                          "completion_tokens": 0}
+
+
+def canceled_result() -> JobResult:
+    """The result of a job canceled before it generated anything."""
+    return JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
+
+
 def cancel_job(session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> CancelOutcome:
     """Cancel a queued job at once, or flag a running one for its worker to stop."""
     now = now or utcnow()
     queued = session.execute(
         update(Job).where(Job.id == job_id, _owned_by(owner), Job.status == JobStatus.QUEUED.value)
-        .values(status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
-                completion_tokens=0)
+        .values(completed_at=now, **_CANCELED_WHILE_QUEUED)
         .execution_options(synchronize_session=False))
     if queued.rowcount == 1:
         return CancelOutcome.CANCELED
@@ -253,3 +262,52 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 def count_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
     return {status: count for status, count in rows}
+
+
+def fail_unqueued(session: Session, job_id: str, error_type: str, message: str) -> bool:
+    """Fail a queued job whose task could not be sent (a request that cannot wait for the broker)."""
+    failed = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.FAILED.value, error_type=error_type, error_message=message, completed_at=utcnow())
+        .execution_options(synchronize_session=False))
+    return failed.rowcount == 1
+
+
+# -- batch lines: jobs inserted held, released a few at a time (app/openai/batches.py) -------------
+
+def batch_line_held():
+    """A line not yet released (the terms of the `ix_jobs_batch_held` partial index)."""
+    return (Job.batch_id.is_not(None), Job.released_at.is_(None), Job.status == JobStatus.QUEUED.value)
+
+
+def batch_line_in_flight():
+    """A line released and not finished (the terms of the `ix_jobs_batch_in_flight` partial index)."""
+    return (Job.released_at.is_not(None), Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
+
+
+def insert_batch_lines(session: Session, *, batch_id: str, owner: str | None, model: str, priority: int,
+                       lines: list[tuple[str, dict]], now: datetime) -> None:
+    """One held job per (custom_id, job input)."""
+    rows = [{"id": new_id(), "owner": owner, "status": JobStatus.QUEUED.value, "priority": priority, "model": model,
+             "input": job_input, "metadata": None, "attempts": 0, "created_at": now, "batch_id": batch_id,
+             "custom_id": custom_id} for custom_id, job_input in lines]
+    if rows:
+        session.execute(insert(_jobs), rows)
+
+
+def release_batch_lines(session: Session, job_ids: list[str], now: datetime) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids), *batch_line_held()).values(released_at=now)
+                    .execution_options(synchronize_session=False))
+
+
+def stop_batch_lines(session: Session, batch_id: str, now: datetime) -> list[str]:
+    """Cancel a batch's queued lines and flag its running ones; returns the running ones' ids (their
+    workers are to be told)."""
+    session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
+                    .values(completed_at=now, **_CANCELED_WHILE_QUEUED).execution_options(synchronize_session=False))
+    running = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
+                                                        Job.status == JobStatus.RUNNING.value)))
+    if running:
+        session.execute(update(Job).where(Job.id.in_(running), Job.status == JobStatus.RUNNING.value)
+                        .values(cancel_requested_at=now).execution_options(synchronize_session=False))
+    return running

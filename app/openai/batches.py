@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from app.infra.broker import TASK_START_BATCH
+from app.infra.broker import send_start_batch
 from app.infra.db import utcnow
 from app.infra.ids import new_id, well_formed_id
+from app.jobs import store
+from app.jobs.cancel import tell_workers_to_stop
 from app.jobs.models import Job, JobStatus
 from app.openai import formats as fmt
 from app.openai.files import OUTPUT_PURPOSE, create_file, owned_by, timestamp
@@ -189,12 +191,8 @@ def start_batch(session: Session, batch_id: str, model_name: str, max_in_flight:
         return []
     session.execute(update(Batch).where(Batch.id == batch_id).values(
         status="in_progress", total=parsed.total, line_errors=parsed.errors))
-    rows = [{"id": new_id(), "owner": batch.owner, "status": JobStatus.QUEUED.value,
-             "priority": fmt.BATCH_PRIORITY, "model": model_name, "input": job_input, "metadata": None,
-             "attempts": 0, "created_at": now, "batch_id": batch_id, "custom_id": custom_id}
-            for custom_id, job_input in parsed.jobs]
-    if rows:
-        session.execute(insert(Job.__table__), rows)
+    store.insert_batch_lines(session, batch_id=batch_id, owner=batch.owner, model=model_name,
+                             priority=fmt.BATCH_PRIORITY, lines=parsed.jobs, now=now)
     return release_lines(session, batch_id, max_in_flight, now)
 
 
@@ -216,25 +214,14 @@ def release_lines(session: Session, batch_id: str, max_in_flight: int, now: date
     room = None
     if max_in_flight > 0:
         room = max_in_flight - session.scalar(select(func.count()).select_from(Job).where(
-            Job.batch_id == batch_id, *_in_flight()))
+            Job.batch_id == batch_id, *store.batch_line_in_flight()))
         if room <= 0:
             return []
-    query = select(Job.id).where(Job.batch_id == batch_id, *_held()).order_by(Job.id)
+    query = select(Job.id).where(Job.batch_id == batch_id, *store.batch_line_held()).order_by(Job.id)
     job_ids = list(session.scalars(query if room is None else query.limit(room)))
     if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids), *_held()).values(released_at=now or utcnow())
-                        .execution_options(synchronize_session=False))
+        store.release_batch_lines(session, job_ids, now or utcnow())
     return job_ids
-
-
-def _held():
-    """A line not yet released (the terms of the `ix_jobs_batch_held` partial index)."""
-    return (Job.batch_id.is_not(None), Job.released_at.is_(None), Job.status == JobStatus.QUEUED.value)
-
-
-def _in_flight():
-    """A line released and not finished (the terms of the `ix_jobs_batch_in_flight` partial index)."""
-    return (Job.released_at.is_not(None), Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
 
 
 Send = Callable[[str, int], None]   # (job id, priority): enqueue genq.run_job
@@ -258,10 +245,10 @@ def release_and_send(sessions, batch_id: str, max_in_flight: int, send: Send) ->
 def batches_short_of_lines(session: Session, max_in_flight: int) -> list[str]:
     """Batches in progress with held lines and fewer than `max_in_flight` lines in flight: a line
     ended without releasing the next (its process died between the two)."""
-    held = exists().where(Job.batch_id == Batch.id, *_held())
+    held = exists().where(Job.batch_id == Batch.id, *store.batch_line_held())
     query = select(Batch.id).where(Batch.status == "in_progress", held)
     if max_in_flight > 0:
-        in_flight = (select(func.count()).select_from(Job).where(Job.batch_id == Batch.id, *_in_flight())
+        in_flight = (select(func.count()).select_from(Job).where(Job.batch_id == Batch.id, *store.batch_line_in_flight())
                      .correlate(Batch).scalar_subquery())
         query = query.where(in_flight < max_in_flight)
     return list(session.scalars(query.order_by(Batch.id)))
@@ -290,7 +277,7 @@ def cancel_batch(session: Session, batch_id: str, owner: str | None) -> tuple[Ba
         status="cancelled", cancelling_at=now, cancelled_at=now))
     moved = session.execute(update(Batch).where(*mine, Batch.status == "in_progress").values(
         status="cancelling", cancelling_at=now))
-    running = _stop_jobs(session, batch_id, now) if moved.rowcount == 1 else []
+    running = store.stop_batch_lines(session, batch_id, now) if moved.rowcount == 1 else []
     return get_batch(session, batch_id, owner), running
 
 
@@ -302,7 +289,7 @@ def expire_if_due(session: Session, batch_id: str) -> list[str]:
                     .values(status="expired", expired_at=now))
     moved = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "in_progress",
                                                 Batch.expires_at < now).values(status="cancelling", expired_at=now))
-    return _stop_jobs(session, batch_id, now) if moved.rowcount == 1 else []
+    return store.stop_batch_lines(session, batch_id, now) if moved.rowcount == 1 else []
 
 
 def expire(sessions, redis, channels, batch_id: str) -> str | None:
@@ -319,22 +306,10 @@ def stop_lines(sessions, redis, channels, batch_id: str, running: list[str]) -> 
     the lines run to their end instead; each one's end may finalize the batch."""
     for job_id in running:
         try:
-            redis.publish(channels.control, json.dumps({"type": "cancel", "job_id": job_id}))
+            tell_workers_to_stop(redis, channels, job_id)
         except Exception:
             log.warning("batch %s: could not tell the workers to stop line %s", batch_id, job_id, exc_info=True)
     return maybe_finalize(sessions, batch_id)
-
-
-def _stop_jobs(session: Session, batch_id: str, now: datetime) -> list[str]:
-    session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value).values(
-        status=JobStatus.CANCELED.value, completed_at=now, output_text="", finish_reason="abort",
-        completion_tokens=0).execution_options(synchronize_session=False))
-    running = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id,
-                                                        Job.status == JobStatus.RUNNING.value)))
-    if running:
-        session.execute(update(Job).where(Job.id.in_(running), Job.status == JobStatus.RUNNING.value)
-                        .values(cancel_requested_at=now).execution_options(synchronize_session=False))
-    return running
 
 
 # -- finalizing -----------------------------------------------------------------------------------
@@ -429,7 +404,7 @@ def sweep_batches(settings, sessions, redis, channels, celery) -> tuple[int, int
     for batch_id in expired:
         expire(sessions, redis, channels, batch_id)
     for batch_id in stuck:
-        celery.send_task(TASK_START_BATCH, args=[batch_id], queue=settings.queue, priority=0)
+        send_start_batch(celery, settings, batch_id)
     if expired or stuck:
         log.warning("batch sweep: %d batch(es) expired, %d start task(s) re-sent", len(expired), len(stuck))
     return len(expired), len(stuck)

@@ -1,0 +1,107 @@
+"""The one submit path (`POST /v1/jobs`, `/v1/completions`, `/v1/chat/completions`; batch lines are
+inserted held and enqueued by the same `enqueue`):
+
+    the model is the served one -> admission (key quotas, context, load) -> INSERT, checking the
+    key is live and under its active-jobs limit in the same statement -> subscribe to the job's
+    events if the caller waits -> send its task (or leave it for the reconciler) -> `created`
+
+A job is committed before its task is sent. When the broker is unreachable the job waits in the
+database and a worker's reconciler sends its task later (`ENQUEUE_OR_DEFER`), unless the caller
+cannot wait for that (`ENQUEUE_OR_FAIL`: the job is failed and `EnqueueFailed` raised).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from app.infra.broker import send_run_job
+from app.infra.settings import Settings
+from app.jobs import store, transitions
+from app.jobs.connections import Connections
+from app.jobs.follow import close_quietly, subscribe
+from app.jobs.models import Job
+from app.tenancy.admission import Admission
+from app.tenancy.keys import KeyIdentity
+
+log = logging.getLogger(__name__)
+
+ENQUEUE_OR_DEFER = "defer"
+ENQUEUE_OR_FAIL = "fail"
+
+
+class UnknownModel(Exception):
+    def __init__(self, model: str, served: str):
+        super().__init__(f"unknown model {model!r}: this service serves {served!r}")
+        self.model = model
+        self.served = served
+
+
+class EnqueueFailed(Exception):
+    """The job's task could not be sent and the caller could not wait: the job is failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    key: KeyIdentity                 # the caller: owner of the job, and whose quotas apply
+    model: str | None                # None: the served model
+    input: dict                      # the job's input (`GenerationInput.stored()` form)
+    priority: int = 0
+    metadata: dict | None = None
+
+
+@dataclass(slots=True)
+class Submitted:
+    job: Job
+    deferred: bool                   # stored, but its task waits for the broker (the reconciler sends it)
+    pubsub: object | None = None     # subscribed to the job's events when the caller waits (close it)
+
+    def close(self) -> None:
+        close_quietly(self.pubsub)
+
+
+def submit(conn: Connections, admission: Admission, submission: Submission, *, wait: bool = False,
+           on_enqueue_failure: str = ENQUEUE_OR_DEFER,
+           in_transaction: Callable[[Session, Job], None] | None = None) -> Submitted:
+    """Create and enqueue a job. Raises `UnknownModel`, a `Problem` (admission),
+    `store.SubmissionRefused` (revoked key, too many active jobs) or `EnqueueFailed`.
+    `in_transaction(session, job)` writes what belongs with the job (its webhook registration)."""
+    model = submission.model or conn.settings.model_name
+    if model != conn.settings.model_name:
+        raise UnknownModel(model, conn.settings.model_name)
+    key = submission.key
+    admission.check(key, submission.input)
+    with conn.sessions.begin() as session:
+        # The insert itself checks the key's active jobs and that the key is live (the key may come
+        # from the API's short-lived cache).
+        job = store.create_job(session, owner=key.id, model=model, priority=submission.priority,
+                               input=submission.input, metadata=submission.metadata,
+                               max_active=admission.max_active_jobs(key), live_key=True)
+        if in_transaction is not None:
+            in_transaction(session, job)
+    submitted = Submitted(job, deferred=False, pubsub=subscribe(conn, job.id) if wait else None)
+    error = enqueue(conn.celery, conn.settings, job.id, job.priority)
+    if error is not None:
+        if on_enqueue_failure == ENQUEUE_OR_FAIL:
+            submitted.close()
+            with conn.sessions.begin() as session:
+                store.fail_unqueued(session, job.id, "enqueue_failed", f"{type(error).__name__}: {error}")
+            raise EnqueueFailed(f"the job's task could not be sent ({type(error).__name__})") from error
+        submitted.deferred = True
+    transitions.emit("created", job.id)
+    return submitted
+
+
+def enqueue(celery: Celery, settings: Settings, job_id: str, priority: int) -> Exception | None:
+    """Send a stored job's task; the exception (logged) when the broker is unreachable. The job is
+    not lost: it waits in the database and the reconciler sends it once it has waited
+    `requeue_after_seconds`."""
+    try:
+        send_run_job(celery, settings, job_id, priority)
+    except Exception as exc:
+        log.warning("could not enqueue job %s (%s: %s); it waits in the database", job_id, type(exc).__name__, exc)
+        return exc
+    return None

@@ -3,6 +3,8 @@ finds no 5xx and no response that breaks the document, and a hostile corpus gets
 every time, with the service healthy afterwards."""
 from __future__ import annotations
 
+import re
+
 import json
 
 import pytest
@@ -70,6 +72,16 @@ def test_openapi_document_is_3_1_and_built_from_the_request_models(app):
     for path, item in document["paths"].items():
         for operation in item.values():
             assert "responses" in operation, path
+
+
+def test_every_route_of_the_app_is_in_the_openapi_document(app):
+    """A blueprint's route missing from /openapi.json (as GET /v1/jobs/{id}/webhooks once was) fails here."""
+    document = app.test_client().get("/openapi.json").get_json()
+    documented = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+    routes = {(method, re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule))
+              for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+              for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert routes - {("GET", "/openapi.json")} <= documented, sorted(routes - documented)
 
 
 def test_openapi_document_lists_the_openai_compatible_endpoints(app):

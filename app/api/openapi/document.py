@@ -1,9 +1,7 @@
 """The OpenAPI 3.1 document of the job API, built from the pydantic models that validate requests
-(`app.schemas`) and the response models below, so the document and the validation cannot drift.
-The OpenAI-compatible endpoints (models, completions, files, batches) come from
-`app.openai_openapi`, built the same way.
-
-Served at `/openapi.json`. Endpoints added elsewhere can contribute with `register_path`.
+(`app.api.job_request`) and the response models below, so the document and the validation cannot
+drift. The OpenAI-compatible endpoints (models, completions, files, batches) come from
+`app.api.openapi.openai`, built the same way. Served at `/openapi.json`.
 """
 from __future__ import annotations
 
@@ -93,12 +91,30 @@ class Health(OpenModel):
     status: str
 
 
-_extra_paths: dict[str, dict] = {}
+class WebhookDelivery(OpenModel):
+    attempt: int
+    started_at: str
+    duration_seconds: float
+    status_code: int | None
+    error: str | None
+    next_attempt_at: str | None
 
 
-def register_path(path: str, item: dict) -> None:
-    """Add (or extend) a path item, e.g. from another blueprint's module."""
-    _extra_paths.setdefault(path, {}).update(item)
+class WebhookEvent(OpenModel):
+    id: str
+    type: Literal["job.started", "job.output", "job.completed"]
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    created_at: str
+    next_attempt_at: str | None
+    completed_at: str | None
+    deliveries: list[WebhookDelivery]
+
+
+class JobWebhooks(OpenModel):
+    webhook: str | None
+    webhook_events_filter: list[str] | None
+    data: list[WebhookEvent]
 
 
 def _json(ref: str, description: str) -> dict:
@@ -117,7 +133,7 @@ def _problems(*statuses: int) -> dict:
 
 def _schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (JobCreate, Problem, Job, JobList, WorkerList, Health):
+    for model in (JobCreate, Problem, Job, JobList, JobWebhooks, WorkerList, Health):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -198,6 +214,11 @@ def build_document() -> dict[str, Any]:
             "responses": {"200": {"description": "text/event-stream: status, token, error, done",
                                   "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                           **_problems(400, 404, *COMMON)}}},
+        "/v1/jobs/{job_id}/webhooks": {"get": {
+            "operationId": "jobWebhooks", "summary": "A job's webhook events and every delivery attempt",
+            "parameters": [JOB_ID],
+            "responses": {"200": _json("#/components/schemas/JobWebhooks", "The job's webhook events"),
+                          **_problems(404, *COMMON)}}},
         "/v1/workers": {"get": {
             "operationId": "listWorkers", "summary": "Live workers and their engine stats",
             "responses": {"200": _json("#/components/schemas/WorkerList", "Workers"), **_problems(*COMMON)}}},
@@ -210,7 +231,7 @@ def build_document() -> dict[str, Any]:
                              "responses": {"200": {"description": "Prometheus text format",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
-    for path, item in {**openai_doc.paths(), **_extra_paths}.items():
+    for path, item in openai_doc.paths().items():
         paths.setdefault(path, {}).update(item)
     return {
         "openapi": "3.1.0",

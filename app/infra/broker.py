@@ -12,6 +12,10 @@ from app.infra.channels import Channels
 from app.infra.redis_client import kombu_url
 from app.infra.settings import Settings
 
+TASK_RUN_JOB = "genq.run_job"
+TASK_START_BATCH = "genq.start_batch"
+TASK_DELIVER_WEBHOOK = "genq.deliver_webhook"
+
 # Redis has no native priorities; kombu emulates 10 levels with one list per level, 0 served first.
 PRIORITY_STEPS = list(range(10))
 
@@ -56,15 +60,12 @@ def send_start_batch(celery: Celery, settings: Settings, batch_id: str) -> None:
     celery.send_task(TASK_START_BATCH, args=[batch_id], queue=settings.queue, priority=0)
 
 
-TASK_DELIVER_WEBHOOK = "genq.deliver_webhook"
-
-
-def webhook_queue(settings) -> str:
+def webhook_queue(settings: Settings) -> str:
     """The Celery queue of delivery tasks (workers consume it beside the jobs queue)."""
     return f"{settings.queue}.webhooks"
 
 
-def send_delivery(celery, settings, event_id: str, attempt: int, countdown: float = 0.0) -> None:
+def send_delivery(celery: Celery, settings: Settings, event_id: str, attempt: int, countdown: float = 0.0) -> None:
     celery.send_task(TASK_DELIVER_WEBHOOK, args=[event_id, attempt], queue=webhook_queue(settings),
                      countdown=countdown or None)
 
@@ -80,7 +81,3 @@ def queue_depth(redis: Redis, channels: Channels, queue: str) -> int:
     for name in names:
         pipe.llen(name)
     return sum(pipe.execute())
-
-
-TASK_RUN_JOB = "genq.run_job"
-TASK_START_BATCH = "genq.start_batch"

@@ -12,7 +12,7 @@ def isoformat(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
     return round(max((end - start).total_seconds(), 0.0), 6)
@@ -21,13 +21,13 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 def job_metrics(job: Job) -> dict[str, float | None]:
     """queue: created -> started; time to first token: created -> first token (what the client
     waited); generation: started -> completed; tokens per second: completion tokens / generation."""
-    generation = _seconds(job.started_at, job.completed_at)
+    generation = seconds_between(job.started_at, job.completed_at)
     tokens_per_second = None
     if generation and job.completion_tokens is not None:
         tokens_per_second = round(job.completion_tokens / generation, 3)
     return {
-        "queue_seconds": _seconds(job.created_at, job.started_at),
-        "time_to_first_token_seconds": _seconds(job.created_at, job.first_token_at),
+        "queue_seconds": seconds_between(job.created_at, job.started_at),
+        "time_to_first_token_seconds": seconds_between(job.created_at, job.first_token_at),
         "generation_seconds": generation,
         "tokens_per_second": tokens_per_second,
     }

@@ -47,12 +47,11 @@ def _run_claimed(rt, job) -> str:
         return _finish(rt, job.id, attempt, result, next_seq=1)
     running = JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})
     transitions.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
-               worker_id=rt.worker_id)
+                     worker_id=rt.worker_id)
 
     if job.cancel_requested_at is not None or job.id in rt.cancels:
         _publish(rt, job.id, [running])
-        result = store.canceled_result()
-        return _finish(rt, job.id, attempt, result, next_seq=2)
+        return _finish(rt, job.id, attempt, store.canceled_result(), next_seq=2)
     try:
         spec = GenerationInput.model_validate(job.input)
         params = SamplingParams(**spec.sampling_kwargs())
@@ -72,20 +71,24 @@ def _run_claimed(rt, job) -> str:
     outcome = generation.wait()
 
     if outcome.error_type == "worker_shutdown":
-        with rt.sessions.begin() as session:
-            released = store.release_job(session, job.id, rt.worker_id, attempt)
-        log.warning("job %s: worker stopping mid-generation; %s", job.id,
-                    "requeued" if released else "no longer ours")
-        transitions.emit("released", job.id, reason="worker_shutdown")
-        if released:
-            # A fresh task, so another worker starts it now; the reconciler re-sends it if Redis
-            # is down. This task is acknowledged (a requeue can be lost while the worker stops).
-            try:
-                rt.send_job(job.id, job.priority)
-            except Exception:
-                log.warning("job %s: could not re-send its task; the reconciler will", job.id, exc_info=True)
-        raise Reject("worker shutting down", requeue=False)
+        _hand_back(rt, job, attempt)
     return _finish(rt, job.id, attempt, _job_result(outcome), next_seq=outcome.next_seq)
+
+
+def _hand_back(rt, job, attempt: int) -> None:
+    """The worker is stopping mid-generation: requeue the job for another worker, and reject
+    this task (acknowledged: a requeue can be lost while the worker stops)."""
+    with rt.sessions.begin() as session:
+        released = store.release_job(session, job.id, rt.worker_id, attempt)
+    log.warning("job %s: worker stopping mid-generation; %s", job.id, "requeued" if released else "no longer ours")
+    transitions.emit("released", job.id, reason="worker_shutdown")
+    if released:
+        # A fresh task, so another worker starts it now; the reconciler re-sends it if Redis is down.
+        try:
+            rt.send_job(job.id, job.priority)
+        except Exception:
+            log.warning("job %s: could not re-send its task; the reconciler will", job.id, exc_info=True)
+    raise Reject("worker shutting down", requeue=False)
 
 
 def _job_result(outcome: GenerationResult) -> JobResult:
@@ -123,8 +126,8 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
     events.append(JobEvent(events[-1].id.next, "done", done_event_data(result)))
     _publish(rt, job_id, events)
     transitions.emit("completed", job_id, status=result.status.value, finish_reason=result.finish_reason,
-               prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-               cached_tokens=result.cached_tokens, error_type=result.error_type)
+                     prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                     cached_tokens=result.cached_tokens, error_type=result.error_type)
     return result.status.value
 
 

@@ -22,7 +22,6 @@ class JobCreate(GenerationInput):
 
     @model_validator(mode="after")
     def _check_webhook(self) -> "JobCreate":
-
         if self.webhook is None:
             if self.webhook_events_filter is not None:
                 raise ValueError("`webhook_events_filter` needs a `webhook`")

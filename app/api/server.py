@@ -34,7 +34,6 @@ class GunicornServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-
         return create_app(self.settings)
 
 

@@ -82,7 +82,6 @@ def progress_line(batch: dict) -> str:
 
 
 def cmd_batch(args) -> int:
-
     settings = settings_from_args(args)
     client = BatchClient(settings.api_url, _api_key(settings))
     batch = client.create(client.upload(args.input), args.endpoint)

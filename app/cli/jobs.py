@@ -29,13 +29,11 @@ def add_commands(commands) -> None:
 
 
 def _client(args):
-
     settings = settings_from_args(args)
     return JobsClient(settings.api_url, api_key=client_api_key(settings))
 
 
 def cmd_submit(args) -> int:
-
     client = _client(args)
     body = {"max_tokens": args.max_tokens, "temperature": args.temperature, "priority": args.priority}
     body.update({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt})

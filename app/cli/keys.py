@@ -36,12 +36,10 @@ def add_commands(commands) -> None:
 
 
 def _sessions():
-
     return session_factory(Settings.from_env().database_url)
 
 
 def cmd_create(args) -> int:
-
     try:
         with _sessions().begin() as session:
             key, plaintext = create_key(session, args.name, rate_limit_per_minute=args.rate_limit,
@@ -59,7 +57,6 @@ def cmd_create(args) -> int:
 
 
 def cmd_list(args) -> int:
-
     with _sessions()() as session:
         rows = [{"id": k.id, "name": k.name, "prefix": k.display_prefix, "created_at": k.created_at.isoformat(),
                  "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
@@ -77,7 +74,6 @@ def cmd_list(args) -> int:
 
 
 def cmd_revoke(args) -> int:
-
     try:
         with _sessions().begin() as session:
             revoked = revoke_key(session, args.key)

@@ -96,38 +96,47 @@ def deliver(settings, sessions, celery, event_id: str, attempt: int) -> str:
         if not store.claim_attempt(session, event_id, attempt, lock_seconds):
             return "skipped"
     started_at, clock = utcnow(), time.monotonic()
-    if not secret:
-        answer = Answer(error="no webhook secret: the job has no API key and GENQ_WEBHOOK_SECRET is unset")
-    else:
-        body = event.payload.encode()
-        answer = post(event.url, body, signed_headers(secret, f"msg_{event.id}", body),
-                      timeout=settings.webhook_timeout_seconds, allow_private=settings.webhook_allow_private)
+    answer = _attempt(settings, event, secret)
     duration = time.monotonic() - clock
-    delay = None
-    if answer.status_code is not None and 200 <= answer.status_code < 300:
-        status = store.DELIVERED
-    elif answer.status_code == 410:
-        status, answer.error = store.FAILED, answer.error or "410 Gone: the receiver asked for no more deliveries"
-    else:
-        delay = retry_delay(settings.webhook_retry_schedule, attempt, settings.webhook_retry_jitter,
-                            answer.retry_after)
-        status = store.FAILED if delay is None else store.PENDING
+    status, delay = _outcome(settings, answer, attempt)
     next_attempt_at = None if delay is None else utcnow() + timedelta(seconds=delay)
     with sessions.begin() as session:
         store.record_attempt(session, event_id, attempt, started_at=started_at, duration=duration,
                              status_code=answer.status_code, error=answer.error, status=status,
                              next_attempt_at=next_attempt_at)
     if delay is not None:
-        try:
-            send_delivery(celery, settings, event_id, attempt + 1, countdown=delay)
-        except Exception:
-            log.exception("webhook event %s: could not schedule attempt %d (the sweep re-sends it)", event_id,
-                          attempt + 1)
+        _schedule(settings, celery, event_id, attempt + 1, delay)
         return "retry"
     if status == store.FAILED:
         log.warning("webhook event %s (%s, job %s) failed after %d attempt(s): %s", event_id, event.type,
                     event.job_id, attempt, answer.error or answer.status_code)
     return status
+
+
+def _attempt(settings, event, secret: str | None) -> Answer:
+    if not secret:
+        return Answer(error="no webhook secret: the job has no API key and GENQ_WEBHOOK_SECRET is unset")
+    body = event.payload.encode()
+    return post(event.url, body, signed_headers(secret, f"msg_{event.id}", body),
+                timeout=settings.webhook_timeout_seconds, allow_private=settings.webhook_allow_private)
+
+
+def _outcome(settings, answer: Answer, attempt: int) -> tuple[str, float | None]:
+    """(the event's new status, seconds until the next attempt or None)."""
+    if answer.status_code is not None and 200 <= answer.status_code < 300:
+        return store.DELIVERED, None
+    if answer.status_code == 410:
+        answer.error = answer.error or "410 Gone: the receiver asked for no more deliveries"
+        return store.FAILED, None
+    delay = retry_delay(settings.webhook_retry_schedule, attempt, settings.webhook_retry_jitter, answer.retry_after)
+    return (store.FAILED, None) if delay is None else (store.PENDING, delay)
+
+
+def _schedule(settings, celery, event_id: str, attempt: int, delay: float) -> None:
+    try:
+        send_delivery(celery, settings, event_id, attempt, countdown=delay)
+    except Exception:
+        log.exception("webhook event %s: could not schedule attempt %d (the sweep re-sends it)", event_id, attempt)
 
 
 def _wait_for_earlier_events(sessions, event) -> None:
@@ -145,7 +154,6 @@ def webhook_secret_for(job, settings, session=None) -> str | None:
     the job (`genq keys create` shows it), else the deployment's `GENQ_WEBHOOK_SECRET` (jobs
     without an owner)."""
     if job is not None and job.owner is not None and session is not None:
-
         secret = webhook_secret_of_owner(session, job.owner)
         if secret:
             return secret

@@ -39,7 +39,7 @@ ENV GENQ_HOME=/var/lib/genq \
     HF_HUB_OFFLINE=1 \
     GENQ_LOG_FORMAT=json
 RUN mkdir -p /var/cache/genq \
-    && python -c "from worker.engine.loader import default_model_path, hf_dir_for; print(hf_dir_for(default_model_path()))" \
+    && python -c "from app.infra.settings import Settings; from worker.engine.loader import default_model_path, hf_dir_for; print(hf_dir_for(default_model_path(), Settings.from_env().cache_dir))" \
     && chown -R genq:genq /var/cache/genq /var/lib/genq
 USER genq
 EXPOSE 9400

@@ -5,9 +5,11 @@ PyTorch calls is 2-4x slower per row than at prefill sizes. `paged_decode(...)` 
 rows of paged attention straight from the block-table cache: the PyTorch path must gather every
 sequence's blocks into a padded copy first, which is most of a CPU decode step's attention time.
 `rms_norm`, `silu_and_mul`, `rotary_embedding` and `store_kv` do in one pass what takes PyTorch
-several (and a dispatch each). Only a C compiler is needed (no PyTorch headers): the build takes well under a second and is cached under `$GENQ_CACHE_DIR/kernels` (default
-`~/.cache/genq/kernels`), keyed by the source, the compiler and this CPU's flags (the library is
-built with `-march=native`). Without a compiler the engine warns once and stays on PyTorch.
+several (and a dispatch each). Only a C compiler is needed (no PyTorch headers): the build takes
+well under a second and is cached under the directory the engine sets with `set_cache_dir` (its
+cache_dir + `/kernels`; default `~/.cache/genq/kernels`), keyed by the source, the compiler and
+this CPU's flags (the library is built with `-march=native`). Without a compiler the engine warns
+once and stays on PyTorch.
 """
 from __future__ import annotations
 
@@ -39,12 +41,23 @@ class KernelBuildError(RuntimeError):
     """The C kernels could not be compiled or loaded here."""
 
 
+_build_dir: Path | None = None   # None: ~/.cache/genq/kernels
+
+
+def set_cache_dir(path: str | os.PathLike | None) -> None:
+    """Where builds are cached from now on (None: the default). The engine sets it from its config
+    before the first kernel call; a library already loaded stays in use."""
+    global _build_dir
+    _build_dir = None if path is None else Path(path).expanduser()
+
+
 def _cache_dir() -> Path:
-    return Path(os.environ.get("GENQ_CACHE_DIR") or Path.home() / ".cache" / "genq") / "kernels"
+    return _build_dir or Path.home() / ".cache" / "genq" / "kernels"
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = os.environ.get("CC")   # noqa: TID251 -- the conventional compiler override, not a genq setting
+    return cc or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def _cpu_flags() -> str:

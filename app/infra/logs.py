@@ -101,6 +101,6 @@ def logging_config(settings: Settings, service: str, level: str | None = None) -
 
 
 def configure_logging(settings: Settings, service: str, level: str | None = None) -> None:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")   # noqa: TID251 -- a Python variable, not a genq setting
     logging.config.dictConfig(logging_config(settings, service, level))
     logging.captureWarnings(True)

@@ -30,17 +30,20 @@ MODELS = {"gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_w
 @pytest.fixture(scope="module", params=list(MODELS))
 def engines(request, tiny_models, tmp_path_factory):
     """(name, one-process LLM, two-rank LLM) for one tiny model; one two-rank engine at a time."""
-    os.environ["GENQ_TP_TIMEOUT_SECONDS"] = "30"
     name = request.param
     if MODELS[name] is None:
         model_dir = tiny_models[name]
     else:
         model_dir = build_tiny_model(tmp_path_factory.mktemp("tp") / name, **MODELS[name])
     single = LLM(model=model_dir, **ENGINE_ARGS)
-    tp = LLM(model=model_dir, tensor_parallel_size=2, **ENGINE_ARGS)
+    tp = LLM(model=model_dir, tensor_parallel_size=2, tp_timeout_seconds=30, **ENGINE_ARGS)
     yield name, single, tp
     tp.engine.shutdown()
-    os.environ.pop("GENQ_TP_TIMEOUT_SECONDS", None)
+
+
+def test_the_rank_timeout_comes_from_the_config(engines):
+    _, _, tp = engines
+    assert tp.engine.config.tp_timeout_seconds == 30 and tp.engine.tp.timeout_s == 30
 
 
 def _tokens(outs):
@@ -56,9 +59,9 @@ def test_greedy_outputs_equal_one_process(engines):
     # again: the prompts' full blocks now come from the prefix cache, on every rank alike
     assert _tokens(tp.generate(prompts, params, use_tqdm=False)) == expected
     stats = tp.engine.stats()
-    assert stats["prefix_cache_hits"] > 0 and stats["max_batch_size"] > 1
-    assert stats["tensor_parallel_size"] == 2 and stats["healthy"] is True
-    assert stats["kv_blocks_used"] == 0
+    assert stats.prefix_cache_hits > 0 and stats.max_batch_size > 1
+    assert stats.tensor_parallel_size == 2 and stats.healthy is True
+    assert stats.kv_blocks_used == 0
 
 
 def test_each_rank_holds_about_half_the_parameters(engines):
@@ -106,7 +109,7 @@ def test_killed_rank_fails_the_engine(engines):
     if name == "gqa-untied":
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.join(10)
-        assert engine.stats()["healthy"] is False   # noticed while idle, before any step
+        assert engine.stats().healthy is False   # noticed while idle, before any step
     else:
         engine.step_hook = lambda batch: os.kill(rank1.pid, signal.SIGKILL)
     result = _generate_in_thread(tp, make_prompts(4, seed=5, vocab=319), timeout=60)
@@ -115,7 +118,7 @@ def test_killed_rank_fails_the_engine(engines):
     assert "rank 1" in str(error)
     assert not rank1.is_alive() and rank1.exitcode == -signal.SIGKILL
     stats = engine.stats()
-    assert stats["healthy"] is False and "rank 1" in stats["tensor_parallel_error"]
+    assert stats.healthy is False and "rank 1" in stats.tensor_parallel_error
     # the engine stays down: later work fails at once with the same error
     engine.step_hook = None
     engine.add_request("after", [5, 6, 7], GREEDY)

@@ -82,8 +82,13 @@ def test_float16_falls_back_and_forcing_it_is_a_clear_error(gen):
         kernels.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125, impl="cpu")
 
 
+def _build_in(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_build_dir", None)   # restored after the test
+    cpu_kernels.set_cache_dir(tmp_path / "kernels")
+
+
 def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
-    monkeypatch.setenv("GENQ_CACHE_DIR", str(tmp_path))
+    _build_in(tmp_path, monkeypatch)
     compiler = cpu_kernels._compiler()
     first = cpu_kernels._build(compiler)
     assert first.exists() and first.parent == tmp_path / "kernels"
@@ -96,7 +101,7 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
 
 
 def test_a_broken_build_is_a_typed_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("GENQ_CACHE_DIR", str(tmp_path))
+    _build_in(tmp_path, monkeypatch)
     broken = tmp_path / "cpu_kernels.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)

@@ -1,11 +1,11 @@
 """Engine configuration: what the caller chose, checked once."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30        # GENQ_KV_CACHE_BYTES overrides
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+DEFAULT_TP_TIMEOUT_SECONDS = 300.0          # longest wait for a collective or a rank's answer
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85       # share of free device memory for weights' leftovers
 
 
@@ -24,6 +24,18 @@ class EngineConfig:
     kernel_impl: str | None = None           # force "triton" | "cpu" | "torch" kernels; None: by device
     kv_cache_bytes: int | None = None        # CPU budget when num_kv_blocks is None
     tensor_parallel_size: int = 1
+    tp_timeout_seconds: float = DEFAULT_TP_TIMEOUT_SECONDS
+    cache_dir: str | None = None             # converted GGUF models and built CPU kernels; None: ~/.cache/genq
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """`EngineConfig(**kwargs)`, but an unknown keyword is a TypeError that lists the accepted ones
+        (callers such as LLMEngine take the fields as **kwargs)."""
+        accepted = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -42,5 +54,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kernel_impl not in (None, "triton", "cpu", "torch"):
             raise ValueError(f"kernel_impl must be 'triton', 'cpu', 'torch' or None, got {self.kernel_impl!r}")
+        if self.tp_timeout_seconds <= 0:
+            raise ValueError(f"tp_timeout_seconds must be > 0, got {self.tp_timeout_seconds!r}")
         if self.kv_cache_bytes is None:
-            self.kv_cache_bytes = int(os.environ.get("GENQ_KV_CACHE_BYTES", DEFAULT_CPU_KV_CACHE_BYTES))
+            self.kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES

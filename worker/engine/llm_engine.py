@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu_kernels
 from worker.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.loader import eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
+from worker.engine.loader import cache_root, eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import CompletionOutput, RequestOutput
 from worker.engine.parallel import TensorParallelError, TensorParallelExecutor
@@ -18,6 +19,7 @@ from worker.engine.request import Request, Sequence
 from worker.engine.sampler import Sampler, seed_generator
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler, SchedulerOutput
+from worker.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -25,36 +27,30 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class LLMEngine:
-    def __init__(self, model: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
-                 block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, kernel_impl: str | None = None,
-                 kv_cache_bytes: int | None = None, tensor_parallel_size: int = 1):
-        self.config = EngineConfig(
-            model=None if model is None else str(model), dtype=dtype, device=device, block_size=block_size,
-            num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, kernel_impl=kernel_impl,
-            kv_cache_bytes=kv_cache_bytes, tensor_parallel_size=tensor_parallel_size)
+    def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs):
+        """`engine_kwargs`: the other EngineConfig fields (dtype, device, block_size, ...; docs/engine.md)."""
+        config = self.config = EngineConfig.from_kwargs(model=None if model is None else str(model), **engine_kwargs)
+        cache = cache_root(config.cache_dir)
+        cpu_kernels.set_cache_dir(cache / "kernels")
         path = resolve_model(model)
-        hf_dir = hf_dir_for(path)
+        hf_dir = hf_dir_for(path, cache)
         self.model_path = path
         self.model_name = path.stem if path.is_file() else path.name
-        self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[dtype]
+        self.device = torch.device(config.device)
+        self.dtype = TORCH_DTYPES[config.dtype]
         self.tokenizer = load_tokenizer(hf_dir)
         self.tp: TensorParallelExecutor | None = None   # ranks 1..N-1 when tensor_parallel_size > 1
         self.model, hf_config = self._load_model(hf_dir)
         args = self.model.args
         num_blocks = self.config.num_kv_blocks or self._kv_blocks_for_budget(args)
         model_limit = args.max_position_embeddings
-        self.max_model_len = min(max_model_len or model_limit, model_limit)
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.kv, self._new_sequence)
-        runner_args = (self.model, num_blocks, block_size, self.dtype, self.device, kernel_impl)
+        self.max_model_len = min(config.max_model_len or model_limit, model_limit)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv, self._new_sequence)
+        runner_args = (self.model, num_blocks, config.block_size, self.dtype, self.device, config.kernel_impl)
         self.runner = self.tp.make_runner(*runner_args) if self.tp else ModelRunner(*runner_args)
         self.eos_token_ids = eos_token_ids(hf_dir, hf_config, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids, seed, self.device)
+        self.sampler = Sampler(self.eos_token_ids, config.seed, self.device)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []   # outputs of aborts, handed out by the next step
         self.step_hook = None                      # test-only: called with each SchedulerOutput before the model runs
@@ -231,12 +227,12 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              finished, request.num_cached_tokens, request.error)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         pool = self.kv.pool
-        return {**self.scheduler.stats(), "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.num_blocks,
-                "prefix_cache_hits": pool.hits, "prefix_cache_queries": pool.queries,
-                "preemptions": self.scheduler.num_preemptions, **self.counters,
-                **(self.tp.stats() if self.tp else {})}
+        return EngineStats(**self.scheduler.stats(), kv_blocks_used=pool.num_used, kv_blocks_total=pool.num_blocks,
+                           prefix_cache_hits=pool.hits, prefix_cache_queries=pool.queries,
+                           preemptions=self.scheduler.num_preemptions, **self.counters,
+                           **(self.tp.stats() if self.tp else {}))
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any. The engine cannot step afterwards."""

@@ -36,9 +36,7 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """None: GENQ_MODEL, else the default SmolLM2 GGUF."""
-    if model is None:
-        model = os.environ.get("GENQ_MODEL") or None
+    """None: the default SmolLM2 GGUF."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"model {str(path)!r} not found: give a Hugging Face directory "
@@ -50,16 +48,19 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GENQ_CACHE_DIR") or Path.home() / ".cache" / "genq")
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The engine's cache (converted GGUF models, built CPU kernels): `cache_dir`, else ~/.cache/genq."""
+    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "genq"
 
 
-def hf_dir_for(path: Path) -> Path:
-    """The Hugging Face directory to load: the path itself, or the GGUF's converted copy."""
+def hf_dir_for(path: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory to load: the path itself, or the GGUF's converted copy under
+    `cache_root(cache_dir)`."""
     if path.is_dir():
         return path
     stat = path.stat()
-    target = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    # app/tenancy/context_window.py finds the converted copy by this same rule (it cannot import the engine).
+    target = cache_root(cache_dir) / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if not (target / "model.safetensors").exists():
         convert_gguf(path, target)
     return target

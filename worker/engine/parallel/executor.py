@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
-import os
 import socket
 import time
 import weakref
@@ -31,7 +30,6 @@ from worker.engine.parallel.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 300.0    # GENQ_TP_TIMEOUT_SECONDS: longest wait for a collective or a rank's answer
 LOAD_TIMEOUT_S = 1800.0      # longest wait for a rank to start and load its shard
 
 
@@ -52,11 +50,11 @@ class TensorParallelExecutor:
         `self.sharder` as the loader's sharding hook); `make_runner` then joins them up."""
         from transformers import AutoConfig
 
-        from worker.engine.loader import llama_args
+        from worker.engine.loader import cache_root, llama_args
 
         self.world_size = config.tensor_parallel_size
         self.device = torch.device(config.device)
-        self.timeout_s = float(os.environ.get("GENQ_TP_TIMEOUT_SECONDS") or DEFAULT_TIMEOUT_S)
+        self.timeout_s = config.tp_timeout_seconds   # longest wait for a collective or a rank's answer
         self.sharder = Sharder(0, self.world_size)
         self.error: str | None = None
         self.runner: ParallelModelRunner | None = None
@@ -76,7 +74,8 @@ class TensorParallelExecutor:
                             timeout_s=self.timeout_s, hf_dir=str(hf_dir), dtype=_TORCH_DTYPES[config.dtype],
                             device=str(self._rank_device(rank)), max_positions=max_positions,
                             block_size=config.block_size, kernel_impl=config.kernel_impl,
-                            num_threads=torch.get_num_threads())
+                            num_threads=torch.get_num_threads(),
+                            kernel_cache_dir=str(cache_root(config.cache_dir) / "kernels"))
             process = ctx.Process(target=rank_main, args=(spec, child), name=f"genq-tp-rank{rank}", daemon=True)
             process.start()
             child.close()

@@ -32,6 +32,7 @@ class RankSpec:
     block_size: int
     kernel_impl: str | None
     num_threads: int
+    kernel_cache_dir: str    # the engine's cache_dir/kernels: a spawned process starts with the default
 
 
 def init_group(spec: RankSpec) -> None:
@@ -40,12 +41,14 @@ def init_group(spec: RankSpec) -> None:
 
 
 def rank_main(spec: RankSpec, conn) -> None:
+    from kernels import cpu_kernels
     from worker.engine.loader import load_model
     from worker.engine.parallel.runner import ParallelModelRunner
     from worker.engine.parallel.sharding import Sharder
     from worker.engine.parallel.step_inputs import StepInputs
 
     torch.set_num_threads(spec.num_threads)
+    cpu_kernels.set_cache_dir(spec.kernel_cache_dir)
     device = torch.device(spec.device)
     try:
         if device.type == "cuda":

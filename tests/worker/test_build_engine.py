@@ -1,0 +1,18 @@
+"""The worker's engine gets every engine setting (`Settings.engine_kwargs`) and the device the
+worker picked."""
+from __future__ import annotations
+
+from app.infra.settings import Settings
+from kernels import cpu_kernels
+from worker.runtime import build_engine
+
+
+def test_build_engine_passes_every_engine_setting(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_build_dir", None)   # restored after the test
+    settings = Settings(home=str(tmp_path), model=str(tiny_model_dir), device="cpu", block_size=8, num_kv_blocks=48,
+                        max_num_seqs=4, max_num_batched_tokens=96, max_model_len=100, enable_prefix_caching=False,
+                        seed=7, kv_cache_bytes=1 << 20, tp_timeout_seconds=12.5, cache_dir=str(tmp_path / "cache"))
+    engine = build_engine(settings)
+    assert {name: getattr(engine.config, name) for name in settings.engine_kwargs()} == settings.engine_kwargs()
+    assert engine.config.device == "cpu" and engine.max_model_len == 100
+    assert cpu_kernels._cache_dir() == tmp_path / "cache" / "kernels"

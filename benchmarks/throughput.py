@@ -54,7 +54,7 @@ def run_genq(model, workload, dtype: str, tp: int) -> dict:
     elapsed = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outs] == [n for _, n in workload]
     stats = llm.engine.stats()
-    result = {"seconds": elapsed, "max_batch_size": stats["max_batch_size"], "steps": stats["steps"]}
+    result = {"seconds": elapsed, "max_batch_size": stats.max_batch_size, "steps": stats.steps}
     if llm.engine.tp is None:
         result["params"] = sum(p.numel() for p in llm.engine.model.parameters())
     else:   # rank 0 holds a shard: count the whole model, and report what each rank holds
@@ -87,7 +87,7 @@ def run_hf(model_dir, workload, batch_size: int, limit: int | None = None) -> di
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: GENQ_MODEL or SmolLM2)")
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
     ap.add_argument("--workload", choices=list(WORKLOADS), default="default")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--single-limit", type=int, default=8,

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from app.infra.db import utcnow
 from app.jobs import transitions
 from app.jobs.event_log import EventId, EventLog, JobEvent
-from worker.engine import LLMEngine, RequestOutput, SamplingParams
+from worker.engine import CompletionOutput, LLMEngine, RequestOutput, SamplingParams
+from worker.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("a generation request takes exactly one of prompt or messages")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    """What a worker reports of its engine: the engine's snapshot, and the jobs handed to it."""
+    engine: EngineStats
+    jobs_in_flight: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.engine.as_dict(), "jobs_in_flight": self.jobs_in_flight}
 
 
 @dataclass(slots=True)
@@ -93,7 +104,7 @@ class Generation:
 
 class EngineService:
     def __init__(self, engine: LLMEngine, events: EventLog | None = None, *, stats_interval: float = 0.5,
-                 on_stats: Callable[[dict[str, Any]], None] | None = None):
+                 on_stats: Callable[[ServiceStats], None] | None = None):
         self.engine = engine
         self.events = events
         self.stats_interval = stats_interval
@@ -101,7 +112,7 @@ class EngineService:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._generations: dict[str, Generation] = {}   # loop thread only
         self._announcements: list[tuple[str, tuple[JobEvent, ...]]] = []   # loop thread only
-        self._stats: dict[str, Any] = {}
+        self._stats: ServiceStats | None = None   # None until the loop's first report
         self._last_report = 0.0
         self._thread = threading.Thread(target=self._run, name="genq-engine-loop", daemon=True)
         self._started = False
@@ -132,12 +143,17 @@ class EngineService:
         handle resolves with finish_reason "abort" and the text generated so far."""
         self._inbox.put(("abort", request_id))
 
-    def stats(self) -> dict[str, Any]:
-        return dict(self._stats)
+    def stats(self) -> ServiceStats | None:
+        return self._stats
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine says so (a tensor-parallel engine that lost a rank)."""
+        return self._stats is None or self._stats.engine.healthy
 
     # -- the loop thread ------------------------------------------------------------------------
 
@@ -213,17 +229,27 @@ class EngineService:
         try:
             outputs = self.engine.step()
         except Exception as exc:
-            log.exception("engine step raised; failing its %d request(s)", len(self._generations))
-            for _, generation in list(self._generations.items()):
-                if any(request_id == generation.request.request_id for request_id, _ in self._announcements):
-                    self._announce_now(generation.request)
-            self._announcements.clear()
-            for request_id, generation in list(self._generations.items()):
-                self._abort_quietly(request_id)
-                generation.fail("engine_error", f"{type(exc).__name__}: {exc}")
-            self._generations.clear()
+            self._fail_all(exc)
             return
-        now = utcnow()
+        finished = self._publish(outputs, utcnow())
+        self._resolve(finished)   # after the pipeline ran: a job's last token event precedes its result
+
+    def _fail_all(self, exc: Exception) -> None:
+        """The engine itself raised: every generation fails, its announcements published first."""
+        log.exception("engine step raised; failing its %d request(s)", len(self._generations))
+        pending = {request_id for request_id, _ in self._announcements}
+        for generation in self._generations.values():
+            if generation.request.request_id in pending:
+                self._announce_now(generation.request)
+        self._announcements.clear()
+        for request_id, generation in list(self._generations.items()):
+            self._abort_quietly(request_id)
+            generation.fail("engine_error", f"{type(exc).__name__}: {exc}")
+        self._generations.clear()
+
+    def _publish(self, outputs: list[RequestOutput], now: datetime) -> list[Generation]:
+        """One Redis pipeline per step: the pending announcements, then each generation's new token
+        events (and its `output` transitions). Returns the generations that finished."""
         pipe = self.events.redis.pipeline(transaction=False) if self.events is not None else None
         if pipe is not None:
             for request_id, events in self._announcements:
@@ -235,37 +261,38 @@ class EngineService:
             generation = self._generations.get(output.request_id)
             if generation is None:
                 continue
-            several = generation.request.params.n > 1
-            for completion in output.outputs:
-                if not (completion.new_token_ids or completion.new_text):
-                    continue
-                if generation.first_token_at is None:
-                    generation.first_token_at = now
-                if pipe is not None:
-                    data = {"text": completion.new_text, "token_ids": list(completion.new_token_ids)}
-                    top_k = generation.request.params.logprobs
-                    if top_k is not None and completion.logprobs and completion.new_token_ids:
-                        fresh = len(completion.new_token_ids)   # the last `fresh` tokens are this step's
-                        data["logprobs"] = self._logprob_entries(completion.token_ids[-fresh:],
-                                                                 completion.logprobs[-fresh:], top_k)
-                    if several:
-                        data["index"] = completion.index   # n > 1: each sample's deltas are tagged
-                    event = JobEvent(EventId(generation.request.attempt, generation.next_seq), "token", data)
-                    self.events.append(pipe, output.request_id, event)
-                generation.next_seq += 1
-                if completion.index == 0 and transitions.has_hooks():
-                    transitions.emit("output", output.request_id, text=completion.text)
+            self._publish_tokens(pipe, generation, output, now)
             generation.last = output
             if output.finished:
                 finished.append(generation)
         if pipe is not None and len(pipe):
-            try:
-                for result in pipe.execute(raise_on_error=False):
-                    if isinstance(result, Exception):
-                        log.error("publishing token events failed: %s", result)
-                        break
-            except Exception:
-                log.exception("publishing token events failed (the final text still reaches the database)")
+            _execute(pipe)
+        return finished
+
+    def _publish_tokens(self, pipe, generation: Generation, output: RequestOutput, now: datetime) -> None:
+        for completion in output.outputs:
+            if not (completion.new_token_ids or completion.new_text):
+                continue
+            if generation.first_token_at is None:
+                generation.first_token_at = now
+            if pipe is not None:
+                self.events.append(pipe, output.request_id, self._token_event(generation, completion))
+            generation.next_seq += 1
+            if completion.index == 0 and transitions.has_hooks():
+                transitions.emit("output", output.request_id, text=completion.text)
+
+    def _token_event(self, generation: Generation, completion: CompletionOutput) -> JobEvent:
+        params = generation.request.params
+        data = {"text": completion.new_text, "token_ids": list(completion.new_token_ids)}
+        if params.logprobs is not None and completion.logprobs and completion.new_token_ids:
+            fresh = len(completion.new_token_ids)   # the last `fresh` tokens are this step's
+            data["logprobs"] = self._logprob_entries(completion.token_ids[-fresh:], completion.logprobs[-fresh:],
+                                                     params.logprobs)
+        if params.n > 1:
+            data["index"] = completion.index   # n > 1: each sample's deltas are tagged
+        return JobEvent(EventId(generation.request.attempt, generation.next_seq), "token", data)
+
+    def _resolve(self, finished: list[Generation]) -> None:
         for generation in finished:
             del self._generations[generation.request.request_id]
             generation.resolve(self._result(generation))
@@ -316,12 +343,22 @@ class EngineService:
         if now - self._last_report < self.stats_interval:
             return
         self._last_report = now
-        self._stats = {**self.engine.stats(), "jobs_in_flight": len(self._generations)}
+        self._stats = ServiceStats(self.engine.stats(), len(self._generations))
         if self.on_stats is not None:
             try:
-                self.on_stats(dict(self._stats))
+                self.on_stats(self._stats)
             except Exception:
                 log.exception("reporting engine stats failed")
+
+
+def _execute(pipe) -> None:
+    try:
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception):
+                log.error("publishing token events failed: %s", result)
+                break
+    except Exception:
+        log.exception("publishing token events failed (the final text still reaches the database)")
 
 
 def _finite(logprob: float) -> float:

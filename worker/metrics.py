@@ -20,11 +20,16 @@ import threading
 import time
 from datetime import datetime
 from socketserver import ThreadingMixIn
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from app.infra.worker_reports import EXPORTED_ENGINE_STATS
+
+if TYPE_CHECKING:
+    from worker.engine_service import ServiceStats
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +42,6 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 MAX_TRACKED_JOBS = 100_000   # jobs whose `completed` never comes (worker shutdown) age out past this
-
-# engine.stats() key -> (metric name, help); counters are cumulative in the engine.
-ENGINE_COUNTERS = {
-    "prompt_tokens": ("genq_prompt_tokens", "Prefill tokens processed (recomputed tokens included)"),
-    "generation_tokens": ("genq_generation_tokens", "Generated tokens"),
-    "prefix_cache_queries": ("genq_prefix_cache_queries", "Prefix cache lookups, in full KV blocks"),
-    "prefix_cache_hits": ("genq_prefix_cache_hits", "Prefix cache hits, in full KV blocks"),
-    "preemptions": ("genq_num_preemptions", "Requests preempted (KV blocks ran out) to be recomputed"),
-    "steps": ("genq_engine_steps", "Engine steps run"),
-}
-ENGINE_GAUGES = {
-    "running": ("genq_num_requests_running", "Requests in the engine's running batch"),
-    "waiting": ("genq_num_requests_waiting", "Requests waiting in the engine for KV blocks or a batch slot"),
-    "kv_blocks_used": ("genq_kv_cache_blocks_used", "KV cache blocks in use"),
-    "kv_blocks_total": ("genq_kv_cache_blocks_total", "KV cache blocks in the pool"),
-    "max_batch_size": ("genq_batch_size_max", "Largest batch (requests in one step) so far"),
-    "jobs_in_flight": ("genq_jobs_in_flight", "Jobs this worker has handed to its engine and not finished"),
-}
 
 
 class _JobTiming:
@@ -70,7 +57,7 @@ class WorkerMetrics:
         disable_created_metrics()
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self._stats: Callable[[], dict[str, Any]] | None = None
+        self._stats: Callable[[], ServiceStats | None] | None = None
         self._healthy: Callable[[], bool] = lambda: False
         labels = ["model_name"]
         r = self.registry
@@ -95,7 +82,7 @@ class WorkerMetrics:
         self._timings: dict[str, _JobTiming] = {}
         self._lock = threading.Lock()
 
-    def attach(self, stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool]) -> None:
+    def attach(self, stats: Callable[[], ServiceStats | None], healthy: Callable[[], bool]) -> None:
         """Start reporting an engine: `stats` returns its latest snapshot, `healthy` whether its loop runs."""
         self._stats, self._healthy = stats, healthy
 
@@ -103,7 +90,8 @@ class WorkerMetrics:
         return self._stats is not None and self._healthy()
 
     def engine_stats(self) -> dict[str, Any]:
-        return self._stats() if self._stats is not None else {}
+        snapshot = self._stats() if self._stats is not None else None
+        return snapshot.as_dict() if snapshot is not None else {}
 
     # -- the job hook ---------------------------------------------------------------------------
 
@@ -173,18 +161,20 @@ class _EngineCollector:
         if not stats:
             return
         labels = [self.metrics.model_name]
-        for key, (name, doc) in ENGINE_GAUGES.items():
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(labels, stats.get(key, 0))
-            yield family
+        for key, stat in EXPORTED_ENGINE_STATS.items():
+            if stat.kind == "gauge":
+                family = GaugeMetricFamily(stat.metric, stat.help, labels=["model_name"])
+                family.add_metric(labels, stats.get(key, 0))
+                yield family
         used, total = stats.get("kv_blocks_used", 0), stats.get("kv_blocks_total", 0)
         usage = GaugeMetricFamily("genq_kv_cache_usage_perc", "KV cache usage (1 = full)", labels=["model_name"])
         usage.add_metric(labels, used / total if total else 0.0)
         yield usage
-        for key, (name, doc) in ENGINE_COUNTERS.items():
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(labels, stats.get(key, 0))
-            yield family
+        for key, stat in EXPORTED_ENGINE_STATS.items():
+            if stat.kind == "counter":
+                family = CounterMetricFamily(stat.metric, stat.help, labels=["model_name"])
+                family.add_metric(labels, stats.get(key, 0))
+                yield family
 
 
 # -- the HTTP endpoint ------------------------------------------------------------------------------

@@ -14,15 +14,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily
 
 from app.infra.broker import queue_depth
-from app.infra.worker_reports import live_workers
+from app.infra.worker_reports import EXPORTED_ENGINE_STATS, live_workers
 from app.jobs import store
 from app.jobs.models import ALL_STATUSES
 
 log = logging.getLogger(__name__)
-
-ENGINE_GAUGES = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_cache_hits",
-                 "prefix_cache_queries", "preemptions", "steps", "prompt_tokens", "generation_tokens",
-                 "max_batch_size", "jobs_in_flight")
 
 
 class Metrics:
@@ -64,7 +60,7 @@ class _StateCollector:
     def collect(self):
         jobs = GaugeMetricFamily("genq_jobs", "Jobs in the database by status", labels=["status"])
         engine = {name: GaugeMetricFamily(f"genq_engine_{name}", f"Worker engine stat {name}",
-                                          labels=["worker", "model"]) for name in ENGINE_GAUGES}
+                                          labels=["worker", "model"]) for name in EXPORTED_ENGINE_STATS}
         workers = GaugeMetricFamily("genq_workers", "Workers that reported recently")
         depth = GaugeMetricFamily("genq_queue_depth", "Jobs in the broker queue that no worker has taken yet",
                                   labels=["queue"])
@@ -83,7 +79,7 @@ class _StateCollector:
                 workers.add_metric([], len(reports))
                 for report in reports:
                     labels = [report["worker_id"], str(report.get("model", ""))]
-                    for name in ENGINE_GAUGES:
+                    for name in EXPORTED_ENGINE_STATS:
                         value = report.get("engine", {}).get(name)
                         if isinstance(value, (int, float)):
                             engine[name].add_metric(labels, value)

@@ -96,10 +96,6 @@ def authenticate(session: Session, plaintext: str) -> KeyIdentity | None:
     return KeyIdentity.of(key)
 
 
-def get_key(session: Session, key_id: str) -> ApiKey | None:
-    return session.get(ApiKey, key_id)
-
-
 def list_keys(session: Session, include_revoked: bool = False) -> list[ApiKey]:
     query = select(ApiKey).order_by(ApiKey.created_at)
     if not include_revoked:

@@ -28,18 +28,18 @@ def test_greedy_matches_transformers(tiny_models, config, regime):
     assert got == expected
     stats = llm.engine.stats()
     if regime == "preemption":
-        assert stats["preemptions"] > 0
+        assert stats.preemptions > 0
     if regime == "default":
-        assert stats["max_batch_size"] > 1
+        assert stats.max_batch_size > 1
         # a second pass finds the prompts' full blocks in the prefix cache, and still matches
         again = llm.generate(prompts, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in again] == expected
-        assert llm.engine.stats()["prefix_cache_hits"] > 0
+        assert llm.engine.stats().prefix_cache_hits > 0
         assert sum(o.num_cached_tokens for o in again) > 0
     if regime == "no-prefix-cache":
-        assert stats["prefix_cache_hits"] == 0
-    assert stats["kv_blocks_used"] == 0                # nothing leaked
-    assert stats["running"] == stats["waiting"] == 0
+        assert stats.prefix_cache_hits == 0
+    assert stats.kv_blocks_used == 0   # nothing leaked
+    assert stats.running == stats.waiting == 0
 
 
 def test_requests_added_mid_generation(tiny_model):
@@ -62,7 +62,7 @@ def test_requests_added_mid_generation(tiny_model):
         steps += 1
         assert steps < 1000
     assert [done[i] for i in range(len(prompts))] == expected
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_streamed_deltas_join_to_final(tiny_model):

@@ -98,17 +98,17 @@ def test_abort_frees_blocks_at_once_and_reports_abort(tiny_model):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     for _ in range(3):
         engine.step()
-    used = engine.stats()["kv_blocks_used"]
+    used = engine.stats().kv_blocks_used
     held = len(engine.requests["2"].seqs[0].blocks)
     engine.abort_request("2")
-    assert engine.stats()["kv_blocks_used"] == used - held
+    assert engine.stats().kv_blocks_used == used - held
     outs = {o.request_id: o for o in engine.step()}
     assert outs["2"].finished and outs["2"].outputs[0].finish_reason == "abort"
     assert len(outs["2"].outputs[0].token_ids) == 3
     engine.abort_request("2")          # unknown or finished: ignored
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_parallel_samples_share_the_prompt_copy_on_write(tiny_model):
@@ -122,7 +122,7 @@ def test_parallel_samples_share_the_prompt_copy_on_write(tiny_model):
     seqs = engine.requests["n4"].seqs
     assert len(seqs) == 4
     prompt_blocks = -(-len(prompt + [5]) // 4)
-    assert engine.stats()["kv_blocks_used"] <= prompt_blocks + 1   # not 4 copies
+    assert engine.stats().kv_blocks_used <= prompt_blocks + 1   # not 4 copies
     finals = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -132,7 +132,7 @@ def test_parallel_samples_share_the_prompt_copy_on_write(tiny_model):
     assert [s.index for s in samples] == [0, 1, 2, 3]
     assert all(len(s.token_ids) == 16 for s in samples)
     assert len({tuple(s.token_ids) for s in samples}) > 1
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_greedy_n2_gives_two_identical_transformers_outputs(llm, tiny_model):

@@ -39,7 +39,7 @@ def offline(model_dir, prompts, params) -> list:
 def test_concurrent_requests_share_steps_and_match_offline(service, events, engine, tiny_model_dir):
     prompts = [f"Request {i}: the quick brown fox" for i in range(12)]
     params = SamplingParams(temperature=0, max_tokens=10)
-    steps_before = engine.stats()["steps"]
+    steps_before = engine.stats().steps
     generations, barrier = [None] * len(prompts), threading.Barrier(len(prompts))
 
     def submit(i):
@@ -63,8 +63,8 @@ def test_concurrent_requests_share_steps_and_match_offline(service, events, engi
         assert [str(e.id) for e in logged] == [f"1-{n}" for n in range(2, result.next_seq)]
         assert "".join(e.data["text"] for e in logged) == result.text
         assert [t for e in logged for t in e.data["token_ids"]] == result.token_ids
-    assert engine.stats()["steps"] - steps_before < sum(len(r.token_ids) for r in results)
-    assert engine.stats()["max_batch_size"] > 1
+    assert engine.stats().steps - steps_before < sum(len(r.token_ids) for r in results)
+    assert engine.stats().max_batch_size > 1
 
 
 def test_abort_stops_a_request_and_frees_its_blocks(service, engine):
@@ -77,7 +77,7 @@ def test_abort_stops_a_request_and_frees_its_blocks(service, engine):
     assert result.finish_reason == "abort" and result.error_type is None
     assert 0 < len(result.token_ids) < 1000 and result.text
     service.submit(GenerationRequest("svc-after-abort", SamplingParams(max_tokens=1), prompt="x")).wait(60)
-    assert engine.stats()["kv_blocks_used"] == 0   # the aborted request holds no blocks
+    assert engine.stats().kv_blocks_used == 0   # the aborted request holds no blocks
 
 
 def test_chat_messages_use_the_chat_template(service, engine, tiny_model_dir):
@@ -105,7 +105,7 @@ def test_stats_are_reported(engine, events):
             deadline.wait(0.01)
     finally:
         service.stop()
-    assert {"running", "waiting", "kv_blocks_used", "max_batch_size", "jobs_in_flight"} <= set(reports[-1])
+    assert {"running", "waiting", "kv_blocks_used", "max_batch_size", "jobs_in_flight"} <= set(reports[-1].as_dict())
 
 
 def test_stopped_service_fails_pending_and_new_requests(engine):

@@ -104,7 +104,3 @@ class BlockPool:
             del self._cached[block.block_hash]
             block.block_hash = None
             block.token_ids = ()
-
-    def reset_prefix_cache(self) -> None:
-        for block in list(self._cached.values()):
-            self._evict(block)

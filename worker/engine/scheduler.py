@@ -50,9 +50,6 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         heapq.heappush(self.waiting, (seq.sort_key, seq))
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []

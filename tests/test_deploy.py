@@ -393,7 +393,7 @@ def test_nothing_reads_genq_variables_the_settings_do_not_know():
     settings_vars = set(env_var_names())
     for path in source_files("app", "worker", "kernels"):
         unknown = set(GENQ_NAME.findall(path.read_text())) - settings_vars
-        assert not unknown, f"{path.relative_to(ROOT)} uses {sorted(unknown)}, which app/settings.py does not read"
+        assert not unknown, f"{path.relative_to(ROOT)} uses {sorted(unknown)}, which app/infra/settings.py does not read"
 
 
 def source_files(*packages: str) -> list[Path]:

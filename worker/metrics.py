@@ -3,7 +3,7 @@
 Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `genq_time_to_first_token_seconds`), each
 labelled with `model_name`. Engine gauges and counters are read at scrape time from the engine
 service's latest stats snapshot (taken by its loop thread every GENQ_STATS_INTERVAL_SECONDS, so
-a scrape never touches the engine). Latency histograms are fed by a job hook (`app.hooks`):
+a scrape never touches the engine). Latency histograms are fed by a job hook (`app.jobs.transitions`):
 
     queue time            job created -> claimed by this worker (what the job waited in the queue)
     time to first token   job created -> first token published (what the client waited)

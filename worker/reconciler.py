@@ -12,7 +12,7 @@ the task of every job that
 
 It also tops batches up: a batch in progress with fewer than `batch_max_in_flight` lines in flight
 and lines still held lost a release (the process that ended a line died before releasing the
-next), so the sweep releases and sends them (`app.batches.release_lines`, exact under concurrency).
+next), so the sweep releases and sends them (`app.openai.batches.release_lines`, exact under concurrency).
 
 The task itself decides what happens (`claim_job` is conditional, `job_runner` gives up after
 `max_attempts`), so sending a task twice is always safe. Each job is sent at most once per

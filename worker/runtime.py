@@ -115,28 +115,23 @@ class WorkerRuntime:
             log.warning("could not remove the worker report of %s", self.worker_id)
 
     def run_job(self, job_id: str) -> str:
-
         return run_job(self, job_id)
 
     @property
     def celery(self):
         """A Celery app for sending tasks from this process's own threads."""
-
         if self._celery is None:
             self._celery = make_celery(self.settings, self.redis_url)
         return self._celery
 
     def send_job(self, job_id: str, priority: int = 0) -> None:
         """Enqueue `genq.run_job(job_id)` (the reconciler, and jobs handed back on shutdown)."""
-
         send_run_job(self.celery, self.settings, job_id, priority)
 
     def _sweep_webhooks(self) -> None:
-
         sweep_webhooks(self.settings, self.sessions, self.celery, grace_seconds=self.settings.requeue_after_seconds)
 
     def _sweep_batches(self) -> None:
-
         sweep_batches(self.settings, self.sessions, self.redis, self.channels, self.celery)
 
     def drain(self, timeout: float) -> None:

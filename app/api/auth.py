@@ -1,5 +1,5 @@
 """Who is calling. Every `/v1` request must carry `Authorization: Bearer <key>` (keys: `genq keys
-create`, app/keys.py); anything else is 401 problem+json. The health endpoints (/healthz, /readyz,
+create`, app/tenancy/keys.py); anything else is 401 problem+json. The health endpoints (/healthz, /readyz,
 /metrics) and /openapi.json are open.
 
 For authors of new endpoints:

@@ -1,10 +1,10 @@
 """The input boundary: what no view has to think about.
 
-- `/openapi.json`: the OpenAPI 3.1 document (app/openapi.py), open to everyone.
+- `/openapi.json`: the OpenAPI 3.1 document (app/api/openapi/), open to everyone.
 - Job ids in URLs must look like job ids (26 lowercase base-32 characters); anything else is 404
   before it reaches the database, Redis channel names or logs.
 - Body size (Flask's MAX_CONTENT_LENGTH: 413), content type (415) and JSON parsing (400: invalid
-  UTF-8, NaN/Infinity, nesting deeper than MAX_JSON_DEPTH) are checked in `app.api.requests`.
+  UTF-8, NaN/Infinity, nesting deeper than MAX_JSON_DEPTH) are checked in `app.api.request_parsing`.
 """
 from __future__ import annotations
 

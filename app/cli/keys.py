@@ -94,7 +94,6 @@ def dev_key_path(settings: Settings) -> Path:
 def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
     """The development key of this GENQ_HOME: reused while it is valid, else created and saved
     (mode 0600). Returns (key, created)."""
-
     path = dev_key_path(settings)
     sessions = session_factory(settings.database_url)
     if path.exists():

@@ -34,7 +34,7 @@ class _Pending:
 
 
 class WebhookDispatcher:
-    """The `app.hooks` hook: job transitions -> event rows -> delivery tasks."""
+    """The job-transition hook (`app.jobs.transitions`): job transitions -> event rows -> delivery tasks."""
 
     def __init__(self, settings, sessions, celery):
         self.settings = settings

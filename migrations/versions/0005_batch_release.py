@@ -16,7 +16,7 @@ down_revision = "webhooks"
 branch_labels = None
 depends_on = None
 
-# as app.models.BATCH_HELD / BATCH_IN_FLIGHT (a migration keeps its own copy: the models may change)
+# as app.jobs.models.BATCH_HELD / BATCH_IN_FLIGHT (a migration keeps its own copy: the models may change)
 BATCH_HELD = "batch_id IS NOT NULL AND released_at IS NULL AND status = 'queued'"
 BATCH_IN_FLIGHT = "released_at IS NOT NULL AND status IN ('queued', 'running')"
 

@@ -1,4 +1,4 @@
-"""The batch store (app/batches.py) on SQLite and PostgreSQL: line validation, starting, cancelling
+"""The batch store (app/openai/batches.py) on SQLite and PostgreSQL: line validation, starting, cancelling
 and finalizing, each safe to repeat."""
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def test_due_batches_are_past_their_window_or_stuck_validating(sessions):
 
 def test_held_lines_do_not_count_towards_the_active_jobs_quota(sessions):
     """A batch bigger than its key's active-jobs limit must not lock the key out of interactive
-    jobs: only released lines count (app/quotas.py and the guarded insert in app/jobs.py)."""
+    jobs: only released lines count (app/jobs/store.py: the count and the guarded insert)."""
 
     batch_id = _new_batch(sessions, [_line(i) for i in range(6)])
     with sessions.begin() as session:

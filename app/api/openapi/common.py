@@ -1,4 +1,4 @@
-"""What the two OpenAPI modules (app/openapi.py, app/openai_openapi.py) share."""
+"""What the two OpenAPI modules (document.py: the job API, openai.py: the OpenAI-compatible API) share."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict

@@ -1,6 +1,6 @@
 """The OpenAI-compatible endpoints (/v1/models, completions, files, batches) in the OpenAPI
-document: request bodies from the pydantic models that validate them (`app.openai_format`), response
-shapes from the models below. `app.openapi.build_document` merges `paths()` and `schemas()`.
+document: request bodies from the pydantic models that validate them (`app.openai.formats`), response
+shapes from the models below. `app.api.openapi.document.build_document` merges `paths()` and `schemas()`.
 
 Their errors are OpenAI's `{"error": {...}}` (application/json), except what genq's key layer
 answers before the endpoint runs (401, and the rate limit's 429), which is problem+json.

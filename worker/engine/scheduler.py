@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from worker.engine.config import EngineConfig
 from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.request import Request, Sequence, SeqStatus
+from worker.engine.request import Sequence, SeqStatus
 
 
 @dataclass(slots=True)

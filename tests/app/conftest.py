@@ -2,7 +2,7 @@ import pytest
 
 from app.infra.db import session_factory
 from app.jobs.models import Job
-from tests.app.support import database_for_tests
+from tests.support.service import database_for_tests
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.app.support import ServerThread, WorkerProcess, build_tiny, service_settings
+from tests.support.service import ServerThread, WorkerProcess, build_tiny, service_settings
 
 
 @pytest.fixture(scope="session")

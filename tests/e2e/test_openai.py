@@ -15,7 +15,7 @@ import requests
 
 from app.infra.db import session_factory
 from app.jobs.models import Job
-from tests.app.support import ServerThread, WorkerProcess, service_settings
+from tests.support.service import ServerThread, WorkerProcess, service_settings
 
 pytestmark = pytest.mark.timeout(300)
 

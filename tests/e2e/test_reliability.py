@@ -18,8 +18,8 @@ from app.cli.client import JobsClient
 from app.infra.db import session_factory
 from app.infra.settings import Settings
 from app.jobs.models import FINAL_STATUSES, Job, JobStatus
-from tests.app.support import ServerThread, database_for_tests, primary_database_kind
-from tests.app.webhook_receiver import Receiver
+from tests.support.service import ServerThread, database_for_tests, primary_database_kind
+from tests.support.webhook_receiver import Receiver
 from tests.e2e.cluster import RedisServer, Worker
 
 pytestmark = pytest.mark.timeout(240)

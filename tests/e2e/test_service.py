@@ -141,7 +141,7 @@ def test_a_job_over_the_context_is_422_at_the_api(client):
 def test_a_job_the_engine_rejects_fails_with_error_events(stack):
     # An API that cannot read the model (no GENQ_MODEL here) queues what the engine then refuses.
     from app.api import create_app
-    from tests.app.support import ServerThread
+    from tests.support.service import ServerThread
 
     settings, _, _ = stack
     with ServerThread(create_app(settings.with_(model=None))) as blind:

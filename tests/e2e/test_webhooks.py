@@ -14,8 +14,8 @@ from app.infra.webhook_secrets import generate_secret
 from app.jobs.models import Job
 from app.tenancy.keys import webhook_secret_of_owner
 from app.webhooks.signing import WebhookVerificationError, verify
-from tests.app.support import ServerThread, WorkerProcess, service_settings
-from tests.app.webhook_receiver import Receiver
+from tests.support.service import ServerThread, WorkerProcess, service_settings
+from tests.support.webhook_receiver import Receiver
 
 SECRET = generate_secret()
 

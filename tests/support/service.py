@@ -195,7 +195,6 @@ class WorkerProcess:
         import sys
         import time
 
-
         env = {**os.environ, **self.settings.to_env()}
         self.log = open(self.log_path, "wb")
         root = Path(__file__).resolve().parents[2]

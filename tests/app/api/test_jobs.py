@@ -11,7 +11,7 @@ from app.api import create_app
 from app.api.request_parsing import preferred_wait
 from app.infra.channels import Channels
 from app.infra.redis_client import redis_client
-from tests.app.support import ServerThread, free_port, service_settings
+from tests.support.service import ServerThread, free_port, service_settings
 
 PROBLEM = "application/problem+json"
 JOB_KEYS = {"id", "status", "created_at", "started_at", "completed_at", "input", "output", "usage", "metrics",

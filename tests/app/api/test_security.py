@@ -16,7 +16,7 @@ from app.infra.redis_client import redis_client
 from app.jobs.models import Job
 from app.tenancy.idempotency import ClaimState, IdempotencyStore, fingerprint
 from app.tenancy.keys import ApiKey, hash_key, revoke_key
-from tests.app.support import ServerThread, build_tiny, create_test_key, service_settings
+from tests.support.service import ServerThread, build_tiny, create_test_key, service_settings
 
 PROBLEM = "application/problem+json"
 
@@ -333,7 +333,7 @@ def test_genq_up_dev_key_is_saved_reused_and_used_by_the_cli(settings, api, tmp_
 
 
 def test_an_unreachable_database_is_503_not_500(settings):
-    from tests.app.support import free_port
+    from tests.support.service import free_port
 
     broken = create_app(settings.with_(database_url=f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none"))
     response = broken.test_client().get("/v1/jobs", headers={"Authorization": "Bearer gq_anything"})

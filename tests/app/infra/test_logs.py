@@ -13,7 +13,7 @@ from app.api import create_app
 from app.infra.logs import JsonFormatter, TextFormatter, logging_config
 from app.infra.settings import Settings
 from app.jobs.transitions import JOB_LOGGER, log_job_transition
-from tests.app.support import build_tiny, create_test_key, service_settings
+from tests.support.service import build_tiny, create_test_key, service_settings
 
 SECRET = "Zebra-Quokka secret prompt 4711"
 

@@ -24,7 +24,7 @@ from schemathesis.checks import (
 from app.api import create_app
 from app.api.job_request import JobCreate
 from app.openai.formats import ChatCompletionRequest
-from tests.app.support import ServerThread, build_tiny, create_test_key, service_settings
+from tests.support.service import ServerThread, build_tiny, create_test_key, service_settings
 
 PROBLEM = "application/problem+json"
 

@@ -15,7 +15,7 @@ from app.cli.client import JobsClient
 from app.infra.broker import make_celery, queue_depth, send_run_job
 from app.infra.channels import Channels
 from app.infra.redis_client import kombu_url, redis_client
-from tests.app.support import ServerThread, WorkerProcess, build_tiny, free_port, service_settings
+from tests.support.service import ServerThread, WorkerProcess, build_tiny, free_port, service_settings
 
 N_JOBS = 12
 MAX_TOKENS = 6

@@ -14,7 +14,7 @@ import pytest
 from app.infra.db import session_factory
 from app.infra.migrate import upgrade
 from app.jobs.models import Job
-from tests.app.support import free_port
+from tests.support.service import free_port
 
 PG_BIN = Path("/usr/lib/postgresql")
 

@@ -20,8 +20,8 @@ from app.webhooks.signing import WebhookVerificationError, sign, signed_headers,
 from app.webhooks.store import create_event
 from app.webhooks.sweep import sweep_webhooks
 from app.webhooks.targets import refused_reason
-from tests.app.support import ServerThread, service_settings
-from tests.app.webhook_receiver import Receiver
+from tests.support.service import ServerThread, service_settings
+from tests.support.webhook_receiver import Receiver
 
 SECRET = generate_secret()
 

@@ -18,7 +18,7 @@ from app.jobs import store
 from app.jobs.event_log import EventId, EventLog, JobEvent
 from app.jobs.models import JobStatus
 from app.jobs.store import JobResult
-from tests.app.support import ServerThread, service_settings
+from tests.support.service import ServerThread, service_settings
 
 
 @pytest.fixture(scope="module")

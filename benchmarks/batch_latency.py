@@ -65,7 +65,7 @@ def measure(cap: int, args, model_dir: Path, tmp: Path) -> dict:
     import openai
 
     from app.api import create_app
-    from tests.app.support import ServerThread, WorkerProcess, service_settings
+    from tests.support.service import ServerThread, WorkerProcess, service_settings
 
     with service_settings(tmp / f"cap-{cap}", model=str(model_dir), max_num_seqs=args.max_num_seqs,
                           lease_seconds=30, batch_max_in_flight=cap) as settings, \
@@ -106,7 +106,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no access log lines between the results
 
-    from tests.app.support import build_tiny
+    from tests.support.service import build_tiny
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

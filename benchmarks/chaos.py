@@ -44,8 +44,8 @@ from app.infra.redis_client import redis_client
 from app.infra.settings import Settings
 from app.infra.worker_reports import live_workers
 from app.jobs.models import FINAL_STATUSES, Job
-from tests.app.support import ServerThread  # noqa: E402
-from tests.app.webhook_receiver import Receiver  # noqa: E402
+from tests.support.service import ServerThread  # noqa: E402
+from tests.support.webhook_receiver import Receiver  # noqa: E402
 from tests.e2e.cluster import RedisServer, Worker  # noqa: E402
 
 FINAL = {s.value for s in FINAL_STATUSES}

@@ -16,3 +16,15 @@ def test_build_engine_passes_every_engine_setting(tiny_model_dir, tmp_path, monk
     assert {name: getattr(engine.config, name) for name in settings.engine_kwargs()} == settings.engine_kwargs()
     assert engine.config.device == "cpu" and engine.max_model_len == 100
     assert cpu_kernels._cache_dir() == tmp_path / "cache" / "kernels"
+
+
+def test_the_service_and_the_engine_default_the_same():
+    """The engine's defaults live in EngineConfig; the settings (which the API reads too, and which
+    cannot import the engine) repeat them: they must agree."""
+    import dataclasses
+
+    from worker.engine.config import EngineConfig
+
+    engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    service_defaults = Settings(home="unused").engine_kwargs()
+    assert service_defaults == {name: engine_defaults[name] for name in service_defaults}

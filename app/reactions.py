@@ -16,7 +16,7 @@ from app.webhooks.dispatcher import dispatcher_for
 
 def install(settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
     transitions.register(log_job_transition)
-    transitions.register(dispatcher_for(settings, sessions, celery))
     transitions.register(advance_on_completion(
         sessions, settings.batch_max_in_flight,
         lambda job_id, priority: send_run_job(celery, settings, job_id, priority)))
+    transitions.register(dispatcher_for(settings, sessions, celery))

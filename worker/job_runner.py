@@ -6,6 +6,7 @@ to claim and returns. Only the attempt that holds the claim writes the final res
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 from celery.exceptions import Reject
 
@@ -75,7 +76,7 @@ def _run_claimed(rt, job) -> str:
     return _finish(rt, job.id, attempt, _job_result(outcome), next_seq=outcome.next_seq)
 
 
-def _hand_back(rt, job, attempt: int) -> None:
+def _hand_back(rt, job, attempt: int) -> NoReturn:
     """The worker is stopping mid-generation: requeue the job for another worker, and reject
     this task (acknowledged: a requeue can be lost while the worker stops)."""
     with rt.sessions.begin() as session:

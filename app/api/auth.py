@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PROTECTED_PREFIX = "/v1/"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="genq"'}
 
-# Views whose own write re-checks that the key is live (`jobs.create_job(..., live_key=True)`, in
+# Views whose own write re-checks that the key is live (`store.create_job(..., live_key=True)`, in
 # the same statement as the insert): for them a recently seen key is taken from a per-process cache
 # instead of a SELECT, and a key revoked meanwhile is still refused, by that write. Every other view
 # looks the key up in the database on each request.

@@ -10,6 +10,7 @@ from app.api.auth import current_owner
 from app.api.openai import openai_error_response
 from app.api.services import services
 from app.infra.broker import send_start_batch
+from app.infra.ids import well_formed_id
 from app.infra.db import utcnow
 from app.jobs.inputs import MAX_METADATA_BYTES, plain_text
 from app.openai import batches
@@ -55,7 +56,7 @@ def create_batch():
             raise OpenAIError(400 if file is not None else 404, f"no batch input file {file_id!r}",
                               param="input_file_id", code="file_not_found")
         batch = batches.create_batch(session, owner=owner, input_file_id=file.id, endpoint=endpoint,
-                                   completion_window=window, metadata=metadata)
+                                     completion_window=window, metadata=metadata)
         batch_id = batch.id
     try:
         send_start_batch(svc.celery, svc.settings, batch_id)
@@ -77,7 +78,7 @@ def list_batches():
     if not 1 <= limit <= 100:
         raise OpenAIError(400, "limit must be between 1 and 100", param="limit")
     after = request.args.get("after") or None
-    if after is not None and not batches.well_formed_id(after, batches.BATCH_ID_PREFIX):
+    if after is not None and not well_formed_id(after, batches.BATCH_ID_PREFIX):
         raise OpenAIError(400, "after must be a batch id", param="after")
     with services().sessions() as session:
         page = batches.list_batches(session, current_owner(), limit=limit + 1, after=after)

@@ -1,7 +1,6 @@
 """/v1/jobs: submit, poll, list, cancel, and stream a job's events."""
 from __future__ import annotations
 
-import logging
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
@@ -23,14 +22,12 @@ from app.api.webhooks import register as register_webhook
 from app.infra.problems import Problem
 from app.jobs import store
 from app.jobs.cancel import cancel
-from app.jobs.follow import close_quietly, subscribe, wait_for_final
+from app.jobs.follow import close_quietly, wait_for_final
 from app.jobs.models import ALL_STATUSES, Job, JobStatus
 from app.jobs.serialization import job_to_dict
 from app.jobs.store import CancelOutcome, SubmissionRefused
-from app.jobs.submit import Submission, UnknownModel, submit
+from app.jobs.submit import Submission, UnknownModel, served_model, submit
 from app.tenancy.idempotency import ClaimState
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -62,6 +59,10 @@ def create_job():
     body = json_object_body()
     spec = JobCreate.model_validate(body)
     svc = services()
+    try:
+        served_model(svc.settings, spec.model)
+    except UnknownModel as exc:
+        raise Problem(422, str(exc), title="Unknown model", type="unknown-model") from None
     check_webhook(spec, svc.settings)
     claim = claim_idempotency(body)
     if claim is not None and claim.state is ClaimState.REPLAY:
@@ -73,13 +74,11 @@ def create_job():
     try:
         submitted = submit(svc, admission(), submission, wait=bool(wait),
                            in_transaction=lambda session, job: register_webhook(session, job.id, spec))
-    except UnknownModel as exc:
-        raise Problem(422, str(exc), title="Unknown model", type="unknown-model") from None
     except SubmissionRefused as refusal:
         raise refused(refusal) from None
     job = submitted.job
-    complete_idempotency(job.id)
     try:
+        complete_idempotency(job.id)
         if submitted.deferred:
             # The job is committed: a worker's reconciler sends its task once the broker is back
             # (docs/reliability.md). Accepted, and the answer says so.
@@ -88,7 +87,7 @@ def create_job():
         if wait is None:
             return _job_response(job, 202, **headers)
         headers["Preference-Applied"] = f"wait={wait}"
-        job = wait_for_final(svc, submitted.pubsub, job.id, job.owner, wait) or job
+        job = wait_for_final(svc, submitted.pubsub, job.id, job.owner, wait, poll_database=False) or job
         return _job_response(job, 201 if JobStatus(job.status).is_final else 202, **headers)
     finally:
         submitted.close()
@@ -135,7 +134,8 @@ def get_job(job_id: str):
 @bp.post("/<job_id>/cancel")
 def cancel_job(job_id: str):
     svc = services()
-    pubsub = subscribe(svc, job_id)   # before the cancel: its `done` event cannot be missed
+    pubsub = svc.redis.pubsub()
+    pubsub.subscribe(svc.channels.job_live(job_id))   # before the cancel: its `done` event cannot be missed
     try:
         outcome = cancel(svc, job_id, current_owner())
         if outcome is CancelOutcome.NOT_FOUND:
@@ -147,7 +147,8 @@ def cancel_job(job_id: str):
                           job_status=job.status)
         if outcome is CancelOutcome.CANCELED:
             return _job_response(_find(job_id), 200)
-        job = wait_for_final(svc, pubsub, job_id, current_owner(), CANCEL_WAIT_SECONDS) or _find(job_id)
+        job = wait_for_final(svc, pubsub, job_id, current_owner(), CANCEL_WAIT_SECONDS,
+                             poll_database=False) or _find(job_id)
         return _job_response(job, 200 if JobStatus(job.status).is_final else 202)
     finally:
         close_quietly(pubsub)

@@ -8,7 +8,6 @@ Errors here are in OpenAI's shape, {"error": {"message", "type", "param", "code"
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -21,11 +20,9 @@ from app.infra.problems import Problem
 from app.jobs.follow import wait_for_final
 from app.jobs.models import JobStatus
 from app.jobs.store import SubmissionRefused
-from app.jobs.submit import ENQUEUE_OR_DEFER, ENQUEUE_OR_FAIL, EnqueueFailed, Submission, UnknownModel, submit
+from app.jobs.submit import EnqueueFailed, Submission, UnknownModel, served_model, submit
 from app.openai import formats as fmt
 from app.openai.stream import completion_stream
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -75,16 +72,17 @@ def _generate(endpoint: str):
         raise fmt.OpenAIError(400, "the request body must be JSON (Content-Type: application/json)")
     spec = fmt.parse_request(endpoint, body)
     svc = services()
+    try:
+        served_model(svc.settings, spec.model)
+    except UnknownModel as exc:
+        raise fmt.OpenAIError(404, f"The model '{exc.model}' does not exist (this service serves '{exc.served}')",
+                              param="model", code="model_not_found") from None
     submission = Submission(key=current_key(), model=spec.model, input=spec.job_input(),
                             priority=fmt.INTERACTIVE_PRIORITY, metadata={"user": spec.user} if spec.user else None)
     # A stream is read from Redis, so a streamed request cannot wait out a broker outage (nobody
     # would read the job's tokens): its job fails instead. A plain request waits for the job.
     try:
-        submitted = submit(svc, admission(), submission, wait=not spec.stream,
-                           on_enqueue_failure=ENQUEUE_OR_FAIL if spec.stream else ENQUEUE_OR_DEFER)
-    except UnknownModel as exc:
-        raise fmt.OpenAIError(404, f"The model '{exc.model}' does not exist (this service serves '{exc.served}')",
-                              param="model", code="model_not_found") from None
+        submitted = submit(svc, admission(), submission, wait=not spec.stream, fail_unqueued=spec.stream)
     except SubmissionRefused as refusal:
         raise _as_openai_error(refused(refusal)) from None
     except Problem as problem:

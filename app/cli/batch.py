@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from app.cli.args import settings_from_args
+from app.cli.args import API_URL_HELP, settings_from_args
 from app.cli.keys import client_api_key
 
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -23,16 +23,8 @@ def add_commands(commands) -> None:
     batch.add_argument("--errors", type=Path, help="where failed lines go (default: OUTPUT with .errors.jsonl)")
     batch.add_argument("--endpoint", default="/v1/chat/completions",
                        choices=["/v1/chat/completions", "/v1/completions"])
-    batch.add_argument("--url", help="API base URL (default: GENQ_API_URL or http://127.0.0.1:8000)")
+    batch.add_argument("--url", help=API_URL_HELP)
     batch.set_defaults(func=cmd_batch)
-
-
-def _api_key(settings) -> str | None:
-    try:
-        pass
-    except ImportError:   # a deployment without API keys
-        return getattr(settings, "api_key", None)
-    return client_api_key(settings)
 
 
 class BatchClient:
@@ -83,7 +75,7 @@ def progress_line(batch: dict) -> str:
 
 def cmd_batch(args) -> int:
     settings = settings_from_args(args)
-    client = BatchClient(settings.api_url, _api_key(settings))
+    client = BatchClient(settings.api_url, client_api_key(settings))
     batch = client.create(client.upload(args.input), args.endpoint)
     print(f"genq: batch {batch['id']} ({args.input})", file=sys.stderr)
     try:

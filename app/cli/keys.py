@@ -8,9 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.infra.db import session_factory
 from app.infra.settings import Settings
-from app.tenancy.keys import authenticate, create_key, list_keys, revoke_key
 
 DEV_KEY_FILE = "api_key"
 DEV_KEY_NAME = "development (genq up)"
@@ -35,14 +33,22 @@ def add_commands(commands) -> None:
     revoke.set_defaults(func=cmd_revoke)
 
 
-def _sessions():
-    return session_factory(Settings.from_env().database_url)
+def _store():
+    from app.tenancy import keys  # SQLAlchemy only for the commands that use the database
+
+    return keys
+
+
+def _sessions(settings: Settings | None = None):
+    from app.infra.db import session_factory  # SQLAlchemy only for the commands that use the database
+
+    return session_factory((settings or Settings.from_env()).database_url)
 
 
 def cmd_create(args) -> int:
     try:
         with _sessions().begin() as session:
-            key, plaintext = create_key(session, args.name, rate_limit_per_minute=args.rate_limit,
+            key, plaintext = _store().create_key(session, args.name, rate_limit_per_minute=args.rate_limit,
                                         max_active_jobs=args.max_active_jobs, max_tokens=args.max_tokens)
             key_id, secret = key.id, key.webhook_secret
     except ValueError as exc:
@@ -61,7 +67,7 @@ def cmd_list(args) -> int:
         rows = [{"id": k.id, "name": k.name, "prefix": k.display_prefix, "created_at": k.created_at.isoformat(),
                  "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
                  "rate_limit_per_minute": k.rate_limit_per_minute, "max_active_jobs": k.max_active_jobs,
-                 "max_tokens": k.max_tokens} for k in list_keys(session, include_revoked=args.all)]
+                 "max_tokens": k.max_tokens} for k in _store().list_keys(session, include_revoked=args.all)]
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -76,7 +82,7 @@ def cmd_list(args) -> int:
 def cmd_revoke(args) -> int:
     try:
         with _sessions().begin() as session:
-            revoked = revoke_key(session, args.key)
+            revoked = _store().revoke_key(session, args.key)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,14 +101,14 @@ def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
     """The development key of this GENQ_HOME: reused while it is valid, else created and saved
     (mode 0600). Returns (key, created)."""
     path = dev_key_path(settings)
-    sessions = session_factory(settings.database_url)
+    sessions = _sessions(settings)
     if path.exists():
         saved = path.read_text().strip()
         with sessions() as session:
-            if authenticate(session, saved) is not None:
+            if _store().authenticate(session, saved) is not None:
                 return saved, False
     with sessions.begin() as session:
-        _, plaintext = create_key(session, DEV_KEY_NAME)
+        _, plaintext = _store().create_key(session, DEV_KEY_NAME)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:

@@ -1,5 +1,8 @@
 """Running the service: `genq up` (everything on this machine), `genq api`, `genq worker`, `genq migrate`.
 
+Each command imports the heavy parts it runs (Flask, gunicorn, Alembic, Redis) itself, so that every
+`genq` command, `genq submit` included, starts without loading them.
+
 `genq worker` and `genq up` start the worker as its own program (`python -m worker`): the command
 line, like the API, never imports the worker.
 """
@@ -14,11 +17,8 @@ import sys
 import time
 from typing import Mapping
 
-from app.api.server import serve
 from app.cli.args import settings_from_args
 from app.cli.keys import dev_key_path, ensure_dev_key
-from app.infra.migrate import downgrade, upgrade
-from app.infra.redis_client import resolve_redis_url, shutdown_embedded_redis
 from app.infra.settings import Settings, given_in_env
 from app.infra.webhook_secrets import generate_secret
 
@@ -51,6 +51,8 @@ READY_TIMEOUT_SECONDS = 600   # the first start converts the default GGUF model 
 
 
 def cmd_api(args) -> int:
+    from app.api.server import serve  # Flask and gunicorn only for the command that serves
+
     serve(settings_from_args(args))
     return 0
 
@@ -63,6 +65,8 @@ def cmd_worker(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    from app.infra.migrate import downgrade, upgrade  # Alembic only for the commands that migrate
+
     settings = settings_from_args(args)
     if args.downgrade:
         downgrade(settings.database_url, args.revision)
@@ -73,6 +77,9 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_up(args) -> int:
+    from app.infra.migrate import upgrade
+    from app.infra.redis_client import resolve_redis_url, shutdown_embedded_redis
+
     settings = settings_from_args(args)
     os.makedirs(settings.home, exist_ok=True)
     embedded = settings.redis_url is None

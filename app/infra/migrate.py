@@ -30,7 +30,6 @@ def downgrade(database_url: str, revision: str = "base") -> None:
 def current_revision(database_url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-
     engine = create_db_engine(database_url)
     try:
         with engine.connect() as connection:

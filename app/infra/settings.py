@@ -239,13 +239,14 @@ def env_var_names() -> list[str]:
 
 
 def given_in_env(name: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the environment sets the field `name`, rather than leaving it to its default."""
-    return _given(_FIELDS[name], os.environ if environ is None else environ) is not None
+    """Whether the environment names the field's variable at all (even empty)."""
+    return _FIELDS[name].metadata["env"] in (os.environ if environ is None else environ)
 
 
 def _given(f: Field, env: Mapping[str, str]) -> str | None:
     raw = env.get(f.metadata["env"])
-    if raw is None or (raw == "" and f.metadata["kind"].empty_is_unset):
+    if raw is None or (raw.strip() == "" if f.metadata["kind"] is FLOATS else
+                       raw == "" and f.metadata["kind"].empty_is_unset):
         return None
     return raw
 

@@ -1,5 +1,6 @@
-"""The one cancel path (`POST /v1/jobs/{id}/cancel`, an OpenAI stream whose client hung up, a
-batch that stops).
+"""The one cancel path (`POST /v1/jobs/{id}/cancel`, an OpenAI stream whose client hung up; a batch
+that stops cancels its queued lines in one statement, `store.stop_batch_lines`, and tells the
+workers of its running ones with `tell_workers_to_stop`).
 
 A queued job is canceled in the database at once; no worker ever sees it, so this path writes its
 event log itself (attempt 0: `status` canceled, then `done`) and announces the `completed`

@@ -141,25 +141,31 @@ def close_quietly(pubsub) -> None:
             pass
 
 
-def wait_for_final(conn: Connections, pubsub, job_id: str, owner: str | None, seconds: float) -> Job | None:
-    """The job once it has ended, or None after `seconds`. Its `done` event ends the wait at once;
-    the database is asked every second too, so a lost event or a Redis failure only costs a second
-    (with no `pubsub`, or once it failed, the database is polled)."""
+def wait_for_final(conn: Connections, pubsub, job_id: str, owner: str | None, seconds: float, *,
+                   poll_database: bool = True) -> Job | None:
+    """The job once it has ended, or None after `seconds`. Its `done` event ends the wait at once.
+    With `poll_database` the database is asked every second too, so a lost event or a Redis failure
+    only costs a second (with no `pubsub`, or once it failed, the database is polled); without it
+    (a short wait that answers with the job as it is either way) the wait ends on a Redis failure."""
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
         timeout = min(remaining, 1.0)
         message = None
         if pubsub is None:
+            if not poll_database:
+                return None
             time.sleep(timeout)
         else:
             try:
                 message = pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             except RedisError:
-                log.warning("lost the event channel while waiting for job %s; polling the database", job_id,
-                            exc_info=True)
+                log.warning("lost the event channel while waiting for job %s", job_id, exc_info=True)
                 pubsub = None
+                continue
         if message is not None and not JobEvent.from_message(message["data"]).is_done:
             continue   # a token or status event: keep waiting
+        if message is None and not poll_database:
+            continue
         job = final_job(conn, job_id, owner)
         if job is not None:
             return job

@@ -234,7 +234,8 @@ _CANCELED_WHILE_QUEUED = {"status": JobStatus.CANCELED.value, "output_text": "",
 
 def canceled_result() -> JobResult:
     """The result of a job canceled before it generated anything."""
-    return JobResult(JobStatus.CANCELED, output_text="", finish_reason="abort", completion_tokens=0)
+    values = {k: v for k, v in _CANCELED_WHILE_QUEUED.items() if k != "status"}
+    return JobResult(JobStatus.CANCELED, **values)
 
 
 def cancel_job(session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> CancelOutcome:

@@ -1,13 +1,14 @@
 """The one submit path (`POST /v1/jobs`, `/v1/completions`, `/v1/chat/completions`; batch lines are
-inserted held and enqueued by the same `enqueue`):
+inserted held by the batch itself, app/openai/batches.py):
 
     the model is the served one -> admission (key quotas, context, load) -> INSERT, checking the
     key is live and under its active-jobs limit in the same statement -> subscribe to the job's
     events if the caller waits -> send its task (or leave it for the reconciler) -> `created`
 
-A job is committed before its task is sent. When the broker is unreachable the job waits in the
-database and a worker's reconciler sends its task later (`ENQUEUE_OR_DEFER`), unless the caller
-cannot wait for that (`ENQUEUE_OR_FAIL`: the job is failed and `EnqueueFailed` raised).
+Callers check the model first with `served_model` (before their own checks, as the API always
+did); `submit` checks it again. A job is committed before its task is sent. When the broker is
+unreachable the job waits in the database and a worker's reconciler sends its task later, unless
+the caller cannot wait for that (`fail_unqueued=True`: the job is failed and `EnqueueFailed` raised).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from celery import Celery
 from sqlalchemy.orm import Session
 
 from app.infra.broker import send_run_job
@@ -28,10 +28,6 @@ from app.tenancy.admission import Admission
 from app.tenancy.keys import KeyIdentity
 
 log = logging.getLogger(__name__)
-
-ENQUEUE_OR_DEFER = "defer"
-ENQUEUE_OR_FAIL = "fail"
-
 
 class UnknownModel(Exception):
     def __init__(self, model: str, served: str):
@@ -63,15 +59,20 @@ class Submitted:
         close_quietly(self.pubsub)
 
 
+def served_model(settings: Settings, model: str | None) -> str:
+    """The model a job asks for (None: the served one); `UnknownModel` when this service does not serve it."""
+    model = model or settings.model_name
+    if model != settings.model_name:
+        raise UnknownModel(model, settings.model_name)
+    return model
+
+
 def submit(conn: Connections, admission: Admission, submission: Submission, *, wait: bool = False,
-           on_enqueue_failure: str = ENQUEUE_OR_DEFER,
-           in_transaction: Callable[[Session, Job], None] | None = None) -> Submitted:
+           fail_unqueued: bool = False, in_transaction: Callable[[Session, Job], None] | None = None) -> Submitted:
     """Create and enqueue a job. Raises `UnknownModel`, a `Problem` (admission),
     `store.SubmissionRefused` (revoked key, too many active jobs) or `EnqueueFailed`.
     `in_transaction(session, job)` writes what belongs with the job (its webhook registration)."""
-    model = submission.model or conn.settings.model_name
-    if model != conn.settings.model_name:
-        raise UnknownModel(model, conn.settings.model_name)
+    model = served_model(conn.settings, submission.model)
     key = submission.key
     admission.check(key, submission.input)
     with conn.sessions.begin() as session:
@@ -83,25 +84,18 @@ def submit(conn: Connections, admission: Admission, submission: Submission, *, w
         if in_transaction is not None:
             in_transaction(session, job)
     submitted = Submitted(job, deferred=False, pubsub=subscribe(conn, job.id) if wait else None)
-    error = enqueue(conn.celery, conn.settings, job.id, job.priority)
-    if error is not None:
-        if on_enqueue_failure == ENQUEUE_OR_FAIL:
+    try:
+        send_run_job(conn.celery, conn.settings, job.id, job.priority)
+    except Exception as error:
+        if fail_unqueued:
+            log.exception("could not enqueue job %s", job.id)
             submitted.close()
             with conn.sessions.begin() as session:
                 store.fail_unqueued(session, job.id, "enqueue_failed", f"{type(error).__name__}: {error}")
             raise EnqueueFailed(f"the job's task could not be sent ({type(error).__name__})") from error
+        log.warning("could not enqueue job %s (%s: %s); it waits in the database", job.id, type(error).__name__,
+                    error)
         submitted.deferred = True
     transitions.emit("created", job.id)
     return submitted
 
-
-def enqueue(celery: Celery, settings: Settings, job_id: str, priority: int) -> Exception | None:
-    """Send a stored job's task; the exception (logged) when the broker is unreachable. The job is
-    not lost: it waits in the database and the reconciler sends it once it has waited
-    `requeue_after_seconds`."""
-    try:
-        send_run_job(celery, settings, job_id, priority)
-    except Exception as exc:
-        log.warning("could not enqueue job %s (%s: %s); it waits in the database", job_id, type(exc).__name__, exc)
-        return exc
-    return None

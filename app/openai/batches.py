@@ -1,4 +1,4 @@
-"""Files and batches (OpenAI's Files and Batch APIs) on top of the job store.
+"""Batches (OpenAI's Batch API) on top of the job store; their files are app/openai/files.py.
 
 A batch is a JSONL file of requests. Starting it (a worker task) validates every line, inserts one
 low-priority job per valid line and records the invalid ones; the batch is then `in_progress`.
@@ -42,9 +42,6 @@ COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 MAX_LINES = 50_000
 
 BATCH_ID_PREFIX = "batch_"
-
-
-# -- files ----------------------------------------------------------------------------------------
 
 
 # -- batches --------------------------------------------------------------------------------------

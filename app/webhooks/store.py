@@ -133,7 +133,7 @@ def finished_without_completed_event(session: Session, since: datetime, until: d
     job.completed event (its process died between the final write and the event)."""
     has_event = exists().where(WebhookEvent.job_id == Job.id, WebhookEvent.type == "job.completed")
     # In SQL, before the LIMIT: registrations that never want `completed` never get the event, and
-    # would otherwise fill every page. The filter is a JSON list of fixed names (webhooks.events_filter),
+    # would otherwise fill every page. The filter is a JSON list of fixed names (payloads.events_filter),
     # so its text holds '"completed"' exactly when it asks for it, on every dialect.
     wants_completed = cast(JobWebhook.events_filter, String).like('%"completed"%')
     rows = session.execute(

@@ -22,7 +22,6 @@ def db_url(request):
     """A migrated database of each kind, emptied before the test."""
     from sqlalchemy import delete
 
-
     url = request.getfixturevalue(f"{request.param}_url")
     with session_factory(url).begin() as session:
         session.execute(delete(Job))

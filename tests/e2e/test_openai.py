@@ -223,7 +223,6 @@ class LinesInFlight:
     def _run(self) -> None:
         from sqlalchemy import select
 
-
         while not self._stop.is_set():
             with self.sessions() as session:
                 rows = session.execute(select(Job.status, Job.released_at).where(
@@ -275,7 +274,6 @@ def test_a_line_that_fails_or_is_canceled_releases_the_next(genq):
     context); cancels through the job API, of lines queued (the API releases) or running (the
     worker does)."""
     from sqlalchemy import select
-
 
     settings, url, client = genq
     model, cap = settings.model_name, settings.batch_max_in_flight

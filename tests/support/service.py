@@ -83,7 +83,6 @@ def redis_for_tests(tmp_dir: Path) -> Iterator[tuple[str, str]]:
     """(redis URL, key prefix unique to this use); every key under the prefix is deleted afterwards."""
     import redis
 
-
     url = os.environ.get("REDIS_URL") or start_embedded_redis(str(tmp_dir / "redis"))
     prefix = f"genqtest-{secrets.token_hex(5)}"
     client = redis.Redis.from_url(url)

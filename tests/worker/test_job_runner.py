@@ -138,7 +138,6 @@ def test_a_job_whose_lease_another_worker_took_is_released_not_completed(runtime
     let go), not `completed`."""
     from sqlalchemy import update
 
-
     dispatcher = WebhookDispatcher(runtime.settings, runtime.sessions, celery=None)
     job_transitions.register(dispatcher)
     job_id = create(runtime, prompt="Once upon a time", max_tokens=4)

@@ -180,7 +180,6 @@ def test_queue_depth_counts_every_priority_list(cluster):
     """The gauge reads kombu's lists directly: compare it with kombu's own count for the same queue."""
     from kombu import Connection
 
-
     settings, _, _ = cluster
     idle = settings.with_(queue=f"{settings.queue}-idle")   # no worker listens to this one
     celery = make_celery(idle, settings.redis_url)

@@ -119,14 +119,12 @@ def test_key_revoked_after_a_submission_cannot_submit_again(api, app):
     with app.extensions["genq"].sessions() as session:
         from sqlalchemy import func, select
 
-
         owner = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key)))
         assert session.scalar(select(func.count()).select_from(Job).where(Job.owner == owner)) == 1
 
 
 def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
     import json
-
 
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     assert main(["keys", "create", "--name", "cli-key", "--rate-limit", "100", "--json"]) == 0
@@ -147,7 +145,6 @@ def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
 
 def test_only_a_hash_of_the_key_is_stored(app):
     from sqlalchemy import select
-
 
     key = create_test_key(app, "hashed")
     with app.extensions["genq"].sessions() as session:
@@ -312,7 +309,6 @@ def bob_cannot_use(api, bob, file_id) -> bool:
 def test_genq_up_dev_key_is_saved_reused_and_used_by_the_cli(settings, api, tmp_path, monkeypatch, capsys):
     import os
     import stat
-
 
     local = settings.with_(home=str(tmp_path / "home"), api_key=None)
     key, created = ensure_dev_key(local)

@@ -93,10 +93,12 @@ def test_engine_kwargs_are_the_flagged_fields():
     assert kwargs["cache_dir"] == "/cache" and kwargs["tp_timeout_seconds"] == 30.0
 
 
-def test_given_in_env_follows_how_the_variable_reads():
+def test_given_in_env_is_whether_the_variable_is_there():
+    """`genq up` allows private webhook targets unless the environment names the variable at all
+    (even empty: then the setting reads as its default, False), as it always did."""
     assert given_in_env("webhook_allow_private", {"GENQ_WEBHOOK_ALLOW_PRIVATE": "0"})
     assert not given_in_env("webhook_allow_private", {})
-    assert not given_in_env("webhook_allow_private", {"GENQ_WEBHOOK_ALLOW_PRIVATE": ""})
+    assert given_in_env("webhook_allow_private", {"GENQ_WEBHOOK_ALLOW_PRIVATE": ""})
     assert given_in_env("home", {"GENQ_HOME": ""})
     assert given_in_env("key_prefix", {"GENQ_REDIS_PREFIX": "x"})
 
@@ -108,3 +110,8 @@ def test_local_development_allows_private_webhooks_unless_the_environment_says(t
     assert for_local_development(settings, {})[0].webhook_allow_private is True
     kept, _ = for_local_development(settings, {"GENQ_WEBHOOK_ALLOW_PRIVATE": "0"})
     assert kept.webhook_allow_private is False
+
+
+def test_a_blank_retry_schedule_is_the_default():
+    assert Settings.from_env({"GENQ_WEBHOOK_RETRY_SCHEDULE": "  "}).webhook_retry_schedule == \
+        Settings().webhook_retry_schedule

@@ -112,7 +112,6 @@ def test_an_empty_file_fails_the_batch(sessions):
 def test_a_batch_past_its_window_expires_with_what_finished(sessions):
     from datetime import timedelta
 
-
     batch_id = _new_batch(sessions, [_line(i) for i in range(3)])
     with sessions.begin() as session:
         first, *_ = batches.start_batch(session, batch_id, MODEL)
@@ -258,7 +257,6 @@ def test_batches_short_of_lines(sessions):
 
 def test_due_batches_are_past_their_window_or_stuck_validating(sessions):
     from datetime import timedelta
-
 
     started, validating = _new_batch(sessions, [_line(0)]), _new_batch(sessions, [_line(0)])
     with sessions.begin() as session:

@@ -152,7 +152,6 @@ def test_sweep_resends_lost_tasks_and_writes_missing_completed_events(open_api, 
 
     from sqlalchemy import update
 
-
     sessions = session_factory(settings.database_url)
     canceled = submit(open_api, webhook="http://127.0.0.1:9/a").json()
     requests.post(canceled["urls"]["cancel"], timeout=30)
@@ -199,7 +198,6 @@ def test_the_completed_sweep_is_not_starved_by_webhooks_that_never_want_complete
 
 def test_deliveries_are_signed_with_the_owning_keys_secret(settings):
     from types import SimpleNamespace
-
 
     with session_factory(settings.database_url).begin() as session:
         key, _ = create_key(session, "webhook-secret-test")

@@ -10,14 +10,11 @@ import socket
 import threading
 import time
 
-from app.infra.broker import make_celery, send_run_job
-from app.infra.channels import Channels
-from app.infra.db import session_factory
-from app.infra.redis_client import redis_client, resolve_redis_url
+from app.infra.broker import send_run_job
 from app.infra.settings import Settings
 from app.infra.worker_reports import remove_report, write_report
 from app.jobs import store
-from app.jobs.event_log import EventLog
+from app.jobs.connections import Connections
 from app.openai.batches import sweep_batches
 from app.webhooks.sweep import sweep_webhooks
 from worker.devices import select_device
@@ -71,11 +68,9 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, engine=None):
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.redis_url = resolve_redis_url(settings)
-        self.redis = redis_client(self.redis_url)
-        self.channels = Channels(settings.key_prefix)
-        self.events = EventLog(self.redis, self.channels, settings.event_ttl_seconds)
-        self.sessions = session_factory(settings.database_url)
+        self.connections = conn = Connections.open(settings)
+        self.redis_url, self.redis, self.channels = conn.redis_url, conn.redis, conn.channels
+        self.events, self.sessions = conn.events, conn.sessions
         self.engine = engine if engine is not None else build_engine(settings)
         install_fault(self.engine, settings.fault_injection)   # test only; nothing when unset
         self.service = EngineService(self.engine, self.events, stats_interval=settings.stats_interval_seconds,
@@ -87,7 +82,6 @@ class WorkerRuntime:
         self._threads = [threading.Thread(target=self._heartbeat, name="genq-heartbeat", daemon=True),
                          threading.Thread(target=self._listen_control, name="genq-control", daemon=True)]
         self._control_ready = threading.Event()
-        self._celery = None
         self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job,
                                      extra_sweeps=(self._sweep_webhooks, self._sweep_batches))
 
@@ -120,9 +114,7 @@ class WorkerRuntime:
     @property
     def celery(self):
         """A Celery app for sending tasks from this process's own threads."""
-        if self._celery is None:
-            self._celery = make_celery(self.settings, self.redis_url)
-        return self._celery
+        return self.connections.celery
 
     def send_job(self, job_id: str, priority: int = 0) -> None:
         """Enqueue `genq.run_job(job_id)` (the reconciler, and jobs handed back on shutdown)."""

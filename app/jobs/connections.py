@@ -1,7 +1,6 @@
 """What the job flows (submit, cancel, follow) run on: one process's connections to a deployment.
 
-The API opens one per app (app/api/services.py); anything with the same attributes (the worker's
-runtime) serves as well.
+The API opens one per app (app/api/services.py), the worker one per process (worker/runtime.py).
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from app.jobs.event_log import EventLog
 @dataclass(slots=True)
 class Connections:
     settings: Settings
+    redis_url: str                   # REDIS_URL, or the embedded server's socket
     sessions: sessionmaker[Session]
     redis: Redis
     channels: Channels
@@ -33,6 +33,6 @@ class Connections:
         redis_url = resolve_redis_url(settings)
         redis = redis_client(redis_url)
         channels = Channels(settings.key_prefix)
-        return cls(settings=settings, sessions=session_factory(settings.database_url), redis=redis,
+        return cls(settings=settings, redis_url=redis_url, sessions=session_factory(settings.database_url), redis=redis,
                    channels=channels, events=EventLog(redis, channels, settings.event_ttl_seconds),
                    celery=make_celery(settings, redis_url))

@@ -32,6 +32,7 @@ class EnvKind:
     read: Callable[[str, str], Any]
     write: Callable[[Any], str] = str
     empty_is_unset: bool = True   # False: "" is itself the value, as these strings were always read
+    blank_is_empty: bool = False  # whitespace alone counts as empty too
 
 
 def _read_int(name: str, raw: str) -> int:
@@ -73,7 +74,7 @@ FLOAT = EnvKind(_read_float)
 BOOL = EnvKind(_read_bool, lambda value: "1" if value else "0")
 STR = EnvKind(lambda name, raw: raw)
 VERBATIM = EnvKind(lambda name, raw: raw, empty_is_unset=False)
-FLOATS = EnvKind(_read_floats, lambda values: ",".join(_float_text(v) for v in values))
+FLOATS = EnvKind(_read_floats, lambda values: ",".join(_float_text(v) for v in values), blank_is_empty=True)
 _KIND_OF_DEFAULT = {bool: BOOL, int: INT, float: FLOAT, str: STR, tuple: FLOATS}
 
 
@@ -245,8 +246,8 @@ def given_in_env(name: str, environ: Mapping[str, str] | None = None) -> bool:
 
 def _given(f: Field, env: Mapping[str, str]) -> str | None:
     raw = env.get(f.metadata["env"])
-    if raw is None or (raw.strip() == "" if f.metadata["kind"] is FLOATS else
-                       raw == "" and f.metadata["kind"].empty_is_unset):
+    kind = f.metadata["kind"]
+    if raw is None or (kind.empty_is_unset and (raw.strip() if kind.blank_is_empty else raw) == ""):
         return None
     return raw
 

@@ -18,7 +18,7 @@ from app.jobs.connections import Connections
 from app.openai.batches import sweep_batches
 from app.webhooks.sweep import sweep_webhooks
 from worker.devices import select_device
-from worker.engine import LLMEngine
+from worker.engine import LLMEngine, SamplingParams
 from worker.engine_service import EngineService, ServiceStats
 from worker.faults import install_fault
 from worker.job_runner import run_job
@@ -40,7 +40,22 @@ def build_engine(settings: Settings):
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    return LLMEngine(device=device, **settings.engine_kwargs())
+    engine = LLMEngine(device=device, **settings.engine_kwargs())
+    warm_up(engine)
+    return engine
+
+
+def warm_up(engine: LLMEngine, prompt: str = "Hello", max_tokens: int = 4) -> float:
+    """One short greedy generation (a prefill and a few decode steps) before the worker reports
+    healthy: kernels compiled and caches filled, so the first job does not pay for them."""
+    start = time.monotonic()
+    request_id = f"genq-warm-up-{secrets.token_hex(4)}"
+    engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    seconds = time.monotonic() - start
+    log.info("engine warmed up in %.2f s (%d tokens)", seconds, max_tokens)
+    return seconds
 
 
 class RecentCancels:

@@ -28,3 +28,20 @@ def test_the_service_and_the_engine_default_the_same():
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     service_defaults = Settings(home="unused").engine_kwargs()
     assert service_defaults == {name: engine_defaults[name] for name in service_defaults}
+
+
+def test_a_built_engine_is_warm_and_empty(tiny_model_dir, tmp_path, monkeypatch):
+    """build_engine runs one short generation (the worker reports healthy only after it) and hands
+    over an engine with no request left in it and every KV block free again."""
+    monkeypatch.setattr(cpu_kernels, "_build_dir", None)
+    settings = Settings(home=str(tmp_path), model=str(tiny_model_dir), device="cpu", block_size=8, num_kv_blocks=48,
+                        enable_prefix_caching=False, cache_dir=str(tmp_path / "cache"))
+    steps = []
+    from worker.engine import LLMEngine
+
+    original = LLMEngine.step
+    monkeypatch.setattr(LLMEngine, "step", lambda self: steps.append(1) or original(self))
+    engine = build_engine(settings)
+    assert len(steps) >= 4                      # a prefill and decode steps ran before the engine was returned
+    assert not engine.has_unfinished_requests() and engine.requests == {}
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks

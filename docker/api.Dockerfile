@@ -1,9 +1,11 @@
 # The API image: Flask under gunicorn (threaded workers), `genq migrate`, and (target `flower`) Flower.
 # Slim Python, no torch: the API only enqueues job ids and reads the database and Redis.
 #   docker build -f docker/api.Dockerfile -t genq-api .
-ARG PYTHON_VERSION=3.12
+# PYTHON_IMAGE: any image whose `python` and `pip` come first on PATH (a mirror's python:3.12-slim,
+# or docker/local-bases' stand-in).
+ARG PYTHON_IMAGE=python:3.12-slim
 
-FROM python:${PYTHON_VERSION}-slim AS api
+FROM ${PYTHON_IMAGE} AS api
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -11,8 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 genq \
     && useradd --system --uid 10001 --gid genq --home-dir /var/lib/genq --create-home --shell /usr/sbin/nologin genq
 WORKDIR /opt/genq
-COPY docker/requirements-api.txt /tmp/requirements-api.txt
-RUN pip install -r /tmp/requirements-api.txt
+COPY docker/requirements-api.txt docker/constraints.txt /tmp/
+RUN pip install -r /tmp/requirements-api.txt -c /tmp/constraints.txt
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
@@ -30,7 +32,7 @@ CMD ["genq", "api"]
 # Flower (optional, `docker compose --profile flower up`): the API image plus flower.
 FROM api AS flower
 USER root
-RUN pip install "flower>=2"
+RUN pip install "flower>=2" -c /tmp/constraints.txt
 USER genq
 EXPOSE 5555
 CMD ["celery", "--app", "worker.flower:app", "flower", "--address=0.0.0.0", "--port=5555"]

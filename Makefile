@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install up test test-slow bench clean
+.PHONY: install up test test-slow bench deploy-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+
+# The docker-compose deployment built and run for real (CPU stack, two workers, a kill, a Redis
+# restart), checked through its published ports: docker/smoke/run.sh. Not part of `make test`: it
+# needs a Docker engine (installed if missing, as root) and takes minutes.
+deploy-smoke:
+	bash docker/smoke/run.sh
 
 clean:
 	rm -rf $(VENV) .genq

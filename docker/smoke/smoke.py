@@ -371,7 +371,7 @@ class Smoke:
             raise Failure(f"job.completed webhooks per job != 1 for {len(wrong)} jobs: {list(wrong.items())[:3]}")
         self.compose.run("up", "-d", "--wait", "--wait-timeout", str(WAIT_TIMEOUT), "--scale", "worker=2",
                          timeout=WAIT_TIMEOUT + 120)   # the killed one back, for the next checks
-        return (f"killed {victim['Name'].lstrip('/')} holding {held} running jobs; 40/40 succeeded ({retried} ran "
+        return (f"killed {victim['Name'].lstrip('/')} with {held} jobs in flight; 40/40 succeeded ({retried} ran "
                 f"again on the other worker), the last {recovered:.0f} s after the kill; one job.completed each "
                 f"({deliveries} deliveries)")
 
@@ -484,7 +484,7 @@ class Smoke:
             raise Failure(f"{rerun} jobs ran twice: the stopping worker did not finish what it held")
         self.compose.run("up", "-d", "--wait", "--wait-timeout", str(WAIT_TIMEOUT), "--scale", "worker=2",
                          timeout=WAIT_TIMEOUT + 120)
-        return (f"SIGTERM to {victim['Name'].lstrip('/')} holding {held} running jobs: it finished them and "
+        return (f"SIGTERM to {victim['Name'].lstrip('/')} with {held} jobs in flight: it finished them and "
                 f"exited 0 in {stopped:.1f} s (grace 90 s); 8/8 succeeded, none ran twice")
 
     # 8 -------------------------------------------------------------------------------------------

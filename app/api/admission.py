@@ -17,7 +17,7 @@ from flask import Flask, current_app, g, request
 from redis.exceptions import RedisError
 
 from app.api.auth import current_key, revoked_meanwhile
-from app.infra.problems import Problem
+from app.infra.problems import OUTAGE_RETRY_AFTER_SECONDS, REDIS, Problem, Unavailable
 from app.jobs.store import SubmissionRefused
 from app.tenancy.admission import SHED_RETRY_AFTER_SECONDS, Admission
 from app.tenancy.idempotency import Claim, ClaimState, IdempotencyStore, fingerprint, valid_key
@@ -74,9 +74,8 @@ def claim_idempotency(body: dict) -> Claim | None:
     try:
         claim = store.claim(owner, idem_key, body_fingerprint)
     except RedisError:
-        raise Problem(503, "idempotency keys cannot be checked right now (Redis is unreachable); retry later",
-                      title="Service unavailable", type="idempotency-unavailable",
-                      headers={"Retry-After": str(SHED_RETRY_AFTER_SECONDS)}) from None
+        raise Unavailable(REDIS, "Redis is unavailable, so idempotency keys cannot be checked right now; retry in "
+                          f"{OUTAGE_RETRY_AFTER_SECONDS} s (or send the request without an Idempotency-Key)") from None
     if claim.state is ClaimState.MISMATCH:
         raise Problem(422, "this Idempotency-Key was used with a different request body; use a new key for a "
                       "new request", title="Idempotency key reused", type="idempotency-key-reused")
@@ -93,4 +92,9 @@ def complete_idempotency(job_id: str) -> None:
     pending = g.pop("genq_idempotency_claim", None)
     if pending is not None:
         owner, idem_key = pending
-        current_app.extensions["genq_idempotency"].complete(owner, idem_key, g.genq_idempotency_fingerprint, job_id)
+        try:
+            current_app.extensions["genq_idempotency"].complete(owner, idem_key, g.genq_idempotency_fingerprint,
+                                                                job_id)
+        except RedisError:
+            # The job exists: answer it rather than a 503 that invites a duplicate (the claim expires).
+            log.warning("could not record idempotency key for job %s (Redis)", job_id, exc_info=True)

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.services import services
-from app.infra.problems import Problem
+from app.infra.problems import DATABASE, OUTAGE_RETRY_AFTER_SECONDS, Problem, Unavailable, outage
 from app.tenancy import keys
 from app.tenancy.keys import KeyIdentity
 from app.tenancy.rate_limit import RateLimiter
@@ -104,10 +104,13 @@ def _authenticate() -> KeyIdentity:
     try:
         with svc.sessions() as session:
             key = keys.authenticate(session, token)
-    except SQLAlchemyError:
-        log.warning("cannot check an API key: the database is unreachable", exc_info=True)
-        raise Problem(503, "API keys cannot be checked right now (the database is unreachable); retry later",
-                      title="Service unavailable", type="unavailable", headers={"Retry-After": "5"}) from None
+    except SQLAlchemyError as exc:
+        if outage(exc) is None:
+            raise   # a bug: the generic 500
+        log.warning("cannot check an API key: the database is unreachable (%s: %s)", type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "")
+        raise Unavailable(DATABASE, "the database is unavailable, so API keys cannot be checked right now; retry in "
+                          f"{OUTAGE_RETRY_AFTER_SECONDS} s") from None
     if key is None:
         raise _invalid_key()
     if cacheable:

@@ -7,11 +7,12 @@ import logging
 from flask import Blueprint, jsonify, request
 
 from app.api.auth import current_owner
-from app.api.openai import openai_error_response
+from app.api.openai import openai_error_response, openai_unavailable_response
 from app.api.services import services
 from app.infra.broker import send_start_batch
 from app.infra.ids import well_formed_id
 from app.infra.db import utcnow
+from app.infra.problems import Unavailable
 from app.jobs.inputs import MAX_METADATA_BYTES, plain_text
 from app.openai import batches
 from app.openai import files
@@ -23,6 +24,7 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
 
 bp.register_error_handler(OpenAIError, openai_error_response)
+bp.register_error_handler(Unavailable, openai_unavailable_response)
 
 
 def _batch_response(session, batch):

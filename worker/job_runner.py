@@ -2,6 +2,11 @@
 
 Idempotent: a redelivered task for a job that is final, or leased by a live worker, finds nothing
 to claim and returns. Only the attempt that holds the claim writes the final result.
+
+Through a database outage (PostgreSQL restarting, connections dropped): the claim, the final write
+and the hand-back retry for a while (`app.infra.retry`), and a retry recognises its own earlier write
+whose answer was lost. A result that still cannot be stored is not replaced by an error: the job is
+left `running` on a lease nobody renews, and the reconciler has it run again once that expires.
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import NoReturn
 
 from celery.exceptions import Reject
 
+from app.infra.db import utcnow
+from app.infra.retry import is_outage, retry_outage
 from app.jobs import store, transitions
 from app.jobs.event_log import EventId, JobEvent
 from app.jobs.inputs import GenerationInput
@@ -22,9 +29,19 @@ from worker.engine_service import GenerationRequest, GenerationResult
 log = logging.getLogger(__name__)
 
 
+CLAIM_RETRY_SECONDS = 15.0    # a claim retries through an outage this long (then the reconciler re-sends the task)
+WRITE_RETRY_SECONDS = 30.0    # the final write and a hand-back: this long (then the lease runs out)
+
+
 def run_job(rt, job_id: str) -> str:
-    with rt.sessions.begin() as session:
-        job = store.claim_job(session, job_id, rt.worker_id, rt.settings.lease_seconds)
+    try:
+        job = _claim(rt, job_id)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        # Still queued (or leased to us for a lease's length): the reconciler sends the task again.
+        log.warning("job %s: could not be claimed (the database is unavailable); the reconciler re-sends it", job_id)
+        return "deferred"
     if job is None:
         log.info("job %s: nothing to claim (final, missing, or leased by a live worker)", job_id)
         return "skipped"
@@ -33,6 +50,28 @@ def run_job(rt, job_id: str) -> str:
         return _run_claimed(rt, job)
     finally:
         rt.untrack(job_id)
+
+
+def _claim(rt, job_id: str):
+    """`store.claim_job`, retried through an outage. A try whose commit went through although the
+    error came back has claimed the job: the next try finds it by that try's `started_at`."""
+    unknown: list = []   # the claim times of tries that failed: their outcome is unknown
+
+    def claim():
+        now = utcnow()
+        try:
+            with rt.sessions.begin() as session:
+                job = store.claim_job(session, job_id, rt.worker_id, rt.settings.lease_seconds, now=now)
+                if job is None and unknown:
+                    job = store.claimed_at(session, job_id, rt.worker_id, unknown)
+                    if job is not None:
+                        log.warning("job %s: an earlier try's claim went through; running it", job_id)
+                return job
+        except Exception:
+            unknown.append(now)
+            raise
+
+    return retry_outage(claim, what=f"job {job_id}: claim", seconds=CLAIM_RETRY_SECONDS)
 
 
 def _run_claimed(rt, job) -> str:
@@ -79,8 +118,16 @@ def _run_claimed(rt, job) -> str:
 def _hand_back(rt, job, attempt: int) -> NoReturn:
     """The worker is stopping mid-generation: requeue the job for another worker, and reject
     this task (acknowledged: a requeue can be lost while the worker stops)."""
-    with rt.sessions.begin() as session:
-        released = store.release_job(session, job.id, rt.worker_id, attempt)
+    def release() -> bool:
+        with rt.sessions.begin() as session:
+            return store.release_job(session, job.id, rt.worker_id, attempt)
+
+    try:
+        released = retry_outage(release, what=f"job {job.id}: hand-back", seconds=WRITE_RETRY_SECONDS)
+    except Exception:
+        # Left running on a lease nobody renews: the reconciler sends it again once that expires.
+        log.exception("job %s: could not be handed back; its lease will expire", job.id)
+        released = False
     log.warning("job %s: worker stopping mid-generation; %s", job.id, "requeued" if released else "no longer ours")
     transitions.emit("released", job.id, reason="worker_shutdown")
     if released:
@@ -109,8 +156,15 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
     try:
         written = _write_result(rt, job_id, attempt, result)
     except Exception as exc:
-        # The result itself could not be stored: record the failure rather than leave the job
-        # running. (If the database is down this raises too; the lease then lets a retry run it.)
+        if is_outage(exc):
+            # The database stayed down through the retries: an error written instead would fail
+            # too, and would end a job that can still succeed. Leave it running: nobody renews its
+            # lease now, so the reconciler has it run again once the lease expires.
+            log.error("job %s: attempt %d's result could not be stored (the database is unavailable); "
+                      "the job runs again once its lease expires", job_id, attempt)
+            transitions.emit("released", job_id, reason="result_not_stored")
+            return "not_stored"
+        # The result itself could not be stored: record the failure rather than leave the job running.
         log.exception("job %s: storing the result failed", job_id)
         result = JobResult(JobStatus.FAILED, error_type="internal_error",
                            error_message=f"the result could not be stored ({type(exc).__name__})",
@@ -133,8 +187,23 @@ def _finish(rt, job_id: str, attempt: int, result: JobResult, next_seq: int) -> 
 
 
 def _write_result(rt, job_id: str, attempt: int, result: JobResult) -> bool:
-    with rt.sessions.begin() as session:
-        return store.finish_job(session, job_id, rt.worker_id, attempt, result)
+    """`store.finish_job`, retried through an outage; False when this attempt no longer owns the
+    job. A try whose commit went through although the error came back wrote the result: the next
+    try finds it by that try's `completed_at` (and the events and hooks then follow once)."""
+    unknown: list = []   # the completion times of tries that failed: their outcome is unknown
+
+    def write() -> bool:
+        now = utcnow()
+        try:
+            with rt.sessions.begin() as session:
+                if store.finish_job(session, job_id, rt.worker_id, attempt, result, now=now):
+                    return True
+                return store.finished_at(session, job_id, rt.worker_id, attempt, unknown)
+        except Exception:
+            unknown.append(now)
+            raise
+
+    return retry_outage(write, what=f"job {job_id}: storing its result", seconds=WRITE_RETRY_SECONDS)
 
 
 def _publish(rt, job_id: str, events: list[JobEvent]) -> None:

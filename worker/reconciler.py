@@ -33,6 +33,8 @@ from typing import Callable
 from sqlalchemy import and_, func, or_, select
 
 from app.infra.db import utcnow
+from app.infra.problems import outage
+from app.infra.retry import is_outage
 from app.jobs.models import Job, JobStatus
 from app.openai import batches
 
@@ -84,8 +86,14 @@ class Reconciler:
         while not self._stopping.wait(interval):
             try:
                 self.sweep()
-            except Exception:
-                log.warning("reconciler sweep failed (retrying in %.1f s)", interval, exc_info=True)
+            except Exception as exc:
+                # The thread outlives any failure: a database or Redis outage is one line per sweep,
+                # anything else its traceback; the next sweep tries again.
+                if is_outage(exc):
+                    log.warning("reconciler sweep failed: %s unavailable (%s); retrying in %.1f s",
+                                outage(exc).dependency, type(exc).__name__, interval)
+                else:
+                    log.warning("reconciler sweep failed (retrying in %.1f s)", interval, exc_info=True)
 
     def sweep(self, *, force: bool = False) -> int:
         """One pass; returns how many tasks it sent. Skipped when another worker holds the lock
@@ -127,5 +135,12 @@ class Reconciler:
         for fn in self.extra_sweeps:
             try:
                 fn()
-            except Exception:
-                log.exception("reconciler sweep %r failed", fn)
+            except Exception as exc:
+                if is_outage(exc):
+                    # Retried by the next extra sweep, and sooner: whatever it was sweeping waits.
+                    soon = time.monotonic() + self.settings.reconcile_interval_seconds
+                    self._extras_due = min(self._extras_due, soon)
+                    log.warning("reconciler sweep %s failed: %s unavailable (%s)", getattr(fn, "__name__", fn),
+                                outage(exc).dependency, type(exc).__name__)
+                else:
+                    log.exception("reconciler sweep %r failed", fn)

@@ -12,6 +12,7 @@ import time
 
 from app.infra.broker import send_run_job
 from app.infra.model_reports import model_reported, publish_model
+from app.infra.retry import is_outage
 from app.infra.settings import Settings
 from app.infra.worker_reports import remove_report, write_report
 from app.jobs import store
@@ -28,6 +29,7 @@ from worker.reconciler import Reconciler
 log = logging.getLogger(__name__)
 
 RECENT_CANCEL_SECONDS = 600.0
+HEARTBEAT_RETRY_SECONDS = 0.5   # a failed lease renewal is tried again this soon
 
 _runtime: "WorkerRuntime | None" = None
 _runtime_lock = threading.Lock()
@@ -172,8 +174,13 @@ class WorkerRuntime:
     # -- helper threads ---------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        """Renew the leases of this worker's running jobs every third of a lease; after a failure
+        (the database unavailable) every HEARTBEAT_RETRY_SECONDS, so that a lease outlives an
+        outage shorter than itself and the job is not run a second time elsewhere."""
         interval = max(self.settings.lease_seconds / 3, 0.2)
-        while not self._stopping.wait(interval):
+        wait = interval
+        while not self._stopping.wait(wait):
+            wait = interval
             self.publish_model(only_if_missing=True)
             job_ids = self.active_jobs()
             if not job_ids:
@@ -181,8 +188,13 @@ class WorkerRuntime:
             try:
                 with self.sessions.begin() as session:
                     store.renew_leases(session, self.worker_id, job_ids, self.settings.lease_seconds)
-            except Exception:
-                log.exception("lease heartbeat failed")
+            except Exception as exc:
+                wait = min(interval, HEARTBEAT_RETRY_SECONDS)
+                if is_outage(exc):
+                    log.warning("lease heartbeat failed (the database is unavailable): %s; retrying in %.1f s",
+                                type(exc).__name__, wait)
+                else:
+                    log.exception("lease heartbeat failed")
 
     def _listen_control(self) -> None:
         while not self._stopping.is_set():

@@ -8,6 +8,7 @@ import logging
 from celery import shared_task
 
 from app.infra.broker import TASK_DELIVER_WEBHOOK, TASK_RUN_JOB, TASK_START_BATCH, send_run_job
+from app.infra.retry import retry_outage
 from app.openai import batches
 from app.openai.formats import BATCH_PRIORITY
 from app.webhooks.delivery import deliver
@@ -35,10 +36,22 @@ def start_batch(self, batch_id: str) -> int:
     requests, in the Celery queue and in the engine). A redelivery re-queues the batch's released,
     still-queued jobs."""
     rt = get_runtime()
-    with rt.sessions.begin() as session:
-        job_ids = batches.start_batch(session, batch_id, rt.settings.model_name, rt.settings.batch_max_in_flight)
+
+    def start() -> list[str]:
+        with rt.sessions.begin() as session:
+            return batches.start_batch(session, batch_id, rt.settings.model_name, rt.settings.batch_max_in_flight)
+
+    # Through an outage: retried (a start is conditional: a second one re-sends the released lines);
+    # should the database stay down, the batch stays `validating` and the batch sweep re-sends this task.
+    job_ids = retry_outage(start, what=f"batch {batch_id}: start", seconds=batches.DB_RETRY_SECONDS)
     for job_id in job_ids:
-        send_run_job(self.app, rt.settings, job_id, BATCH_PRIORITY)
-    batches.maybe_finalize(rt.sessions, batch_id)   # a batch of invalid lines only is done already
+        try:
+            send_run_job(self.app, rt.settings, job_id, BATCH_PRIORITY)
+        except Exception:   # released in the database: the reconciler sends it
+            log.warning("batch %s: could not send the task of line %s; the reconciler will", batch_id, job_id,
+                        exc_info=True)
+    # A batch of invalid lines only is done already (else the batch sweep finalizes it).
+    retry_outage(lambda: batches.maybe_finalize(rt.sessions, batch_id), what=f"batch {batch_id}: finalize",
+                 seconds=batches.DB_RETRY_SECONDS)
     log.info("batch %s: %d line(s) queued", batch_id, len(job_ids))
     return len(job_ids)

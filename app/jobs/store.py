@@ -189,6 +189,17 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     return None if row is None else _detached_job(row)
 
 
+def claimed_at(session: Session, job_id: str, worker_id: str, started_at: list[datetime]) -> Job | None:
+    """The job if one of `worker_id`'s claims made at one of `started_at` holds it: a claim whose
+    commit went through although its answer was lost (the connection dropped), found by its retry."""
+    if not started_at:
+        return None
+    row = session.connection().execute(select(_jobs).where(
+        _jobs.c.id == job_id, _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.worker_id == worker_id,
+        _jobs.c.started_at.in_(started_at))).one_or_none()
+    return None if row is None else _detached_job(row)
+
+
 def renew_leases(session: Session, worker_id: str, job_ids: list[str], lease_seconds: float,
                  now: datetime | None = None) -> int:
     """The worker heartbeat: extend the lease of every listed job this worker still runs."""
@@ -215,6 +226,16 @@ def finish_job(session: Session, job_id: str, worker_id: str, attempt: int, resu
         "v_error_type": result.error_type, "v_error_message": result.error_message, "v_completed_at": now,
         "v_choices": result.choices})
     return written.rowcount == 1
+
+
+def finished_at(session: Session, job_id: str, worker_id: str, attempt: int, completed_at: list[datetime]) -> bool:
+    """Whether `finish_job` of this worker's `attempt` wrote the job's result at one of `completed_at`:
+    a write whose commit went through although its answer was lost, found by its retry."""
+    if not completed_at:
+        return False
+    return session.scalar(select(exists().where(
+        _jobs.c.id == job_id, _jobs.c.worker_id == worker_id, _jobs.c.attempts == attempt,
+        _jobs.c.status.in_([s.value for s in FINAL_STATUSES]), _jobs.c.completed_at.in_(completed_at)))) is True
 
 
 def release_job(session: Session, job_id: str, worker_id: str, attempt: int) -> bool:

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from app.infra.broker import send_start_batch
 from app.infra.db import utcnow
 from app.infra.ids import new_id, well_formed_id
+from app.infra.retry import retry_outage
 from app.jobs import store
 from app.jobs.cancel import tell_workers_to_stop
 from app.jobs.models import Job, JobStatus
@@ -42,6 +43,7 @@ COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 MAX_LINES = 50_000
 
 BATCH_ID_PREFIX = "batch_"
+DB_RETRY_SECONDS = 10.0     # a batch step retries through a database outage this long (then the sweeps take over)
 
 
 # -- batches --------------------------------------------------------------------------------------
@@ -251,6 +253,16 @@ def batches_short_of_lines(session: Session, max_in_flight: int) -> list[str]:
     return list(session.scalars(query.order_by(Batch.id)))
 
 
+def batches_to_finalize(session: Session, limit: int = 100) -> list[str]:
+    """Batches in progress, cancelling or finalizing with no line left to run (none queued, held
+    lines included, none running): their last line's end did not finalize them (its process died,
+    or the database was down at that moment)."""
+    unfinished = exists().where(Job.batch_id == Batch.id,
+                                Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
+    return list(session.scalars(select(Batch.id).where(Batch.status.in_(("in_progress", "cancelling", "finalizing")),
+                                                       ~unfinished).order_by(Batch.id).limit(limit)))
+
+
 def batches_due(session: Session, *, expired_before: datetime, stuck_before: datetime) -> tuple[list[str], list[str]]:
     """(batches past their completion window and not final yet, batches still `validating` since
     before `stuck_before`: their start task was never sent or got lost)."""
@@ -319,13 +331,19 @@ def advance_on_completion(sessions, max_in_flight: int, send: Send):
     """A job hook (worker and API): when a line of a batch ends (succeeded, failed or canceled),
     release the next line(s), and finish the batch if it was the last."""
 
-    def hook(event: str, job_id: str, details: dict) -> None:
-        if event != "completed":
-            return
+    def advance(job_id: str) -> None:
         with sessions() as session:
             batch_id = batch_of_job(session, job_id)
         if batch_id is not None and not release_and_send(sessions, batch_id, max_in_flight, send):
             maybe_finalize(sessions, batch_id)   # (a line was released: the batch is not done)
+
+    def hook(event: str, job_id: str, details: dict) -> None:
+        if event != "completed":
+            return
+        # Each step is conditional, so running them again is safe. Should the database stay down,
+        # the reconciler releases what is held (batches_short_of_lines) and `sweep_batches`
+        # finalizes the batch (batches_to_finalize).
+        retry_outage(lambda: advance(job_id), what=f"job {job_id}: advancing its batch", seconds=DB_RETRY_SECONDS)
 
     return hook
 
@@ -392,16 +410,21 @@ def _jsonl(items: list[dict]) -> bytes:
 
 def sweep_batches(settings, sessions, redis, channels, celery) -> tuple[int, int]:
     """The reconciler's batch sweep: expire batches past their completion window (nobody has to
-    read them first), and re-send the start task of batches still `validating` after
-    `requeue_after_seconds` (the API could not queue it, or it was lost). Returns (expired, re-sent)."""
+    read them first), re-send the start task of batches still `validating` after
+    `requeue_after_seconds` (the API could not queue it, or it was lost), and finalize batches whose
+    lines have all ended but which were not finalized (the last line's hook died or met a database
+    outage). Returns (expired, re-sent)."""
     now = utcnow()
     with sessions() as session:
         expired, stuck = batches_due(
             session, expired_before=now, stuck_before=now - timedelta(seconds=settings.requeue_after_seconds))
+        finished = batches_to_finalize(session)
     for batch_id in expired:
         expire(sessions, redis, channels, batch_id)
     for batch_id in stuck:
         send_start_batch(celery, settings, batch_id)
-    if expired or stuck:
-        log.warning("batch sweep: %d batch(es) expired, %d start task(s) re-sent", len(expired), len(stuck))
+    finalized = [batch_id for batch_id in finished if maybe_finalize(sessions, batch_id) is not None]
+    if expired or stuck or finalized:
+        log.warning("batch sweep: %d batch(es) expired, %d start task(s) re-sent, %d finalized", len(expired),
+                    len(stuck), len(finalized))
     return len(expired), len(stuck)

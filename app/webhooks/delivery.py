@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from app.infra.broker import send_delivery
 from app.infra.db import utcnow
+from app.infra.retry import is_outage, retry_outage
 from app.jobs.models import Job
 from app.tenancy.keys import webhook_secret_of_owner
 from app.webhooks import store
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 ORDER_WAIT_SECONDS = 10.0          # a job's later event waits this long at most for an earlier first attempt
 MAX_RESPONSE_BYTES = 64 * 1024
 USER_AGENT = "genq-webhooks/1"
+DB_RETRY_SECONDS = 15.0            # a delivery's database step retries through an outage this long
 
 
 @dataclass(slots=True)
@@ -82,28 +84,35 @@ def _retry_after(value: str | None) -> float | None:
 
 def deliver(settings, sessions, celery, event_id: str, attempt: int) -> str:
     """Attempt `attempt` of one event. Idempotent: a stale or duplicated task finds the attempt made
-    (or in flight) and does nothing. Returns what happened (delivered, retry, failed, skipped)."""
-    with sessions() as session:
-        event = store.get_event(session, event_id)
-        if event is None or event.status != store.PENDING or event.attempts != attempt - 1:
-            return "skipped"
-        secret = webhook_secret_for(session.get(Job, event.job_id), settings, session)
-        session.expunge_all()
+    (or in flight) and does nothing. Returns what happened (delivered, retry, failed, skipped).
+
+    Each database step retries through a short outage (`app.infra.retry`); a longer one raises, and
+    the event, still pending, is the webhook sweep's to re-send (`app/webhooks/sweep.py`)."""
+    def load():
+        with sessions() as session:
+            event = store.get_event(session, event_id)
+            if event is None or event.status != store.PENDING or event.attempts != attempt - 1:
+                return None
+            secret = webhook_secret_for(session.get(Job, event.job_id), settings, session)
+            session.expunge_all()
+            return event, secret
+
+    loaded = retry_outage(load, what=f"webhook event {event_id}: load", seconds=DB_RETRY_SECONDS)
+    if loaded is None:
+        return "skipped"
+    event, secret = loaded
     if attempt == 1:
         _wait_for_earlier_events(sessions, event)
     lock_seconds = settings.webhook_timeout_seconds * 2 + 30
-    with sessions.begin() as session:
-        if not store.claim_attempt(session, event_id, attempt, lock_seconds):
-            return "skipped"
+    if not _claim(sessions, event_id, attempt, lock_seconds):
+        return "skipped"
     started_at, clock = utcnow(), time.monotonic()
     answer = _attempt(settings, event, secret)
     duration = time.monotonic() - clock
     status, delay = _outcome(settings, answer, attempt)
     next_attempt_at = None if delay is None else utcnow() + timedelta(seconds=delay)
-    with sessions.begin() as session:
-        store.record_attempt(session, event_id, attempt, started_at=started_at, duration=duration,
-                             status_code=answer.status_code, error=answer.error, status=status,
-                             next_attempt_at=next_attempt_at)
+    _record(sessions, event_id, attempt, started_at=started_at, duration=duration, status_code=answer.status_code,
+            error=answer.error, status=status, next_attempt_at=next_attempt_at)
     if delay is not None:
         _schedule(settings, celery, event_id, attempt + 1, delay)
         return "retry"
@@ -111,6 +120,46 @@ def deliver(settings, sessions, celery, event_id: str, attempt: int) -> str:
         log.warning("webhook event %s (%s, job %s) failed after %d attempt(s): %s", event_id, event.type,
                     event.job_id, attempt, answer.error or answer.status_code)
     return status
+
+
+def _claim(sessions, event_id: str, attempt: int, lock_seconds: float) -> bool:
+    """`store.claim_attempt`, retried through an outage; a try whose commit went through although
+    the error came back is recognised by the lock it wrote."""
+    unknown: list = []   # the lock ends that failed tries may have written
+
+    def claim() -> bool:
+        now = utcnow()
+        try:
+            with sessions.begin() as session:
+                if store.claim_attempt(session, event_id, attempt, lock_seconds, now=now):
+                    return True
+                return store.attempt_locked_until(session, event_id, attempt,
+                                                  [t + timedelta(seconds=lock_seconds) for t in unknown])
+        except Exception:
+            unknown.append(now)
+            raise
+
+    return retry_outage(claim, what=f"webhook event {event_id}: claim attempt {attempt}", seconds=DB_RETRY_SECONDS)
+
+
+def _record(sessions, event_id: str, attempt: int, **outcome) -> None:
+    """`store.record_attempt`, retried through an outage (once: a try whose commit went through
+    although the error came back recorded it). Should the database stay down, the event stays
+    locked and pending; once the lock ends the sweep sends the attempt again (the same webhook-id)."""
+    tried = False
+
+    def record() -> None:
+        nonlocal tried
+        try:
+            with sessions.begin() as session:
+                if tried and store.attempt_recorded(session, event_id, attempt):
+                    return
+                store.record_attempt(session, event_id, attempt, **outcome)
+        except Exception:
+            tried = True
+            raise
+
+    retry_outage(record, what=f"webhook event {event_id}: record attempt {attempt}", seconds=DB_RETRY_SECONDS)
 
 
 def _attempt(settings, event, secret: str | None) -> Answer:
@@ -143,9 +192,14 @@ def _wait_for_earlier_events(sessions, event) -> None:
     """A job's events go out in order: hold this one while an earlier one awaits its first answer."""
     deadline = time.monotonic() + ORDER_WAIT_SECONDS
     while time.monotonic() < deadline:
-        with sessions() as session:
-            if not store.untried_earlier(session, event):
-                return
+        try:
+            with sessions() as session:
+                if not store.untried_earlier(session, event):
+                    return
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            time.sleep(0.5)   # the claim that follows retries (or gives up) through the outage
         time.sleep(0.05)
 
 

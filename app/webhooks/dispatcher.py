@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from app.infra.broker import send_delivery
 from app.infra.db import utcnow
+from app.infra.retry import retry_outage
 from app.jobs.models import Job
 from app.jobs.serialization import isoformat, job_to_dict
 from app.webhooks import store
@@ -22,6 +23,7 @@ from app.webhooks.payloads import OUTPUT_INTERVAL_SECONDS, payload_body
 
 log = logging.getLogger(__name__)
 COMPLETED_WAIT_SECONDS = 10.0      # the completed hook waits this long for its row to be written
+DB_RETRY_SECONDS = 10.0            # an event's read or write retries through a database outage this long
 _MISSING = object()
 
 
@@ -86,14 +88,22 @@ class WebhookDispatcher:
 
     def _on_completed(self, job_id: str) -> None:
         self._outputs.pop(job_id, None)
-        registration = self._registrations.pop(job_id, _MISSING)
-        with self.sessions() as session:
-            if registration is _MISSING:   # started in another process, or canceled while queued
-                registration = store.registration(session, job_id)
-            if registration is None or not registration.wants("completed"):
-                return
-            job = session.get(Job, job_id)
-            data = job_to_dict(job, registration.base_url)
+        known = self._registrations.pop(job_id, _MISSING)
+
+        def load():
+            with self.sessions() as session:
+                registration = known
+                if registration is _MISSING:   # started in another process, or canceled while queued
+                    registration = store.registration(session, job_id)
+                if registration is None or not registration.wants("completed"):
+                    return None
+                return registration, job_to_dict(session.get(Job, job_id), registration.base_url)
+
+        # (Should the database stay down, the sweep writes the event later: finished_without_completed_event.)
+        loaded = retry_outage(load, what=f"job {job_id}: the job.completed webhook event", seconds=DB_RETRY_SECONDS)
+        if loaded is None:
+            return
+        registration, data = loaded
         pending = self._submit("job.completed", registration, data)
         if not pending.written.wait(COMPLETED_WAIT_SECONDS):
             log.warning("job %s: the job.completed webhook event is not written yet", job_id)
@@ -112,8 +122,10 @@ class WebhookDispatcher:
         while True:
             pending = self._inbox.get()
             try:
-                write_event(self.sessions, self.celery, self.settings, pending.event_type, pending.registration,
-                            pending.data)
+                retry_outage(lambda: write_event(self.sessions, self.celery, self.settings, pending.event_type,
+                                                 pending.registration, pending.data),
+                             what=f"job {pending.registration.job_id}: writing its {pending.event_type} webhook event",
+                             seconds=DB_RETRY_SECONDS)
             except Exception:
                 log.exception("job %s: could not write the %s webhook event", pending.registration.job_id,
                               pending.event_type)

@@ -78,6 +78,21 @@ def claim_attempt(session: Session, event_id: str, attempt: int, lock_seconds: f
     return claimed.rowcount == 1
 
 
+def attempt_locked_until(session: Session, event_id: str, attempt: int, locked_until: list[datetime]) -> bool:
+    """Whether attempt `attempt` is claimed with one of these lock ends: a claim whose commit went
+    through although its answer was lost, found by its retry."""
+    if not locked_until:
+        return False
+    return session.scalar(select(exists().where(
+        WebhookEvent.id == event_id, WebhookEvent.status == PENDING, WebhookEvent.attempts == attempt - 1,
+        WebhookEvent.locked_until.in_(locked_until)))) is True
+
+
+def attempt_recorded(session: Session, event_id: str, attempt: int) -> bool:
+    return session.scalar(select(exists().where(WebhookAttempt.event_id == event_id,
+                                                WebhookAttempt.attempt == attempt))) is True
+
+
 def record_attempt(session: Session, event_id: str, attempt: int, *, started_at: datetime, duration: float,
                    status_code: int | None, error: str | None, status: str,
                    next_attempt_at: datetime | None) -> None:

@@ -319,3 +319,34 @@ def test_a_page_of_batches_is_counted_in_one_query(sessions):
         assert counts == {first: {"succeeded": 2}, second: {"failed": 1}, empty: {}}
         assert counts[first] == batches.job_counts(session, first)
         assert batches.jobs_counts(session, []) == {}
+
+
+def test_the_batch_sweep_finalizes_a_batch_whose_last_line_ended_unnoticed(sessions):
+    """The last line ended while the database was down (or its process died) before its hook
+    finalized the batch: the reconciler's batch sweep finalizes it, in progress or half-finalized."""
+    from app.infra.settings import Settings
+
+    class Celery:
+        sent: list = []
+
+        def send_task(self, name, args, queue, priority=None, countdown=None):
+            self.sent.append((name, tuple(args)))
+
+    done, stopped_halfway, running = (_new_batch(sessions, [_line(i) for i in range(3)]) for _ in range(3))
+    for batch_id in (done, stopped_halfway, running):
+        with sessions.begin() as session:
+            batches.start_batch(session, batch_id, MODEL)
+    _finish_all(sessions, done)
+    _finish_all(sessions, stopped_halfway)
+    with sessions.begin() as session:   # the first step of maybe_finalize went through, the second did not
+        session.execute(update(Batch).where(Batch.id == stopped_halfway).values(status="finalizing",
+                                                                                  finalizing_at=utcnow()))
+    with sessions() as session:
+        due = batches.batches_to_finalize(session)
+    assert done in due and stopped_halfway in due and running not in due
+    batches.sweep_batches(Settings(), sessions, None, None, Celery())
+    with sessions() as session:
+        assert {b: session.get(Batch, b).status for b in (done, stopped_halfway, running)} == {
+            done: "completed", stopped_halfway: "completed", running: "in_progress"}
+        assert session.get(Batch, done).output_file_id is not None
+        assert batches.batches_to_finalize(session) == []

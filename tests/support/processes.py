@@ -107,10 +107,21 @@ def run_processes(token: str | None = None, dirs: Iterable[Path | str] = ()) -> 
         info = process.info
         if info["pid"] in mine or info["status"] == psutil.STATUS_ZOMBIE:
             continue
+        if _own_resource_tracker(process, info["cmdline"]):
+            continue   # multiprocessing's helper of this interpreter: it ends when this process does
         marked = bool(token) and token in ((info["environ"] or {}).get(RUN_VARIABLE) or "").split()
         if marked or any(_under(info["cwd"], d) or any(d in arg for arg in info["cmdline"] or ()) for d in dirs):
             found.append(process)
     return found
+
+
+def _own_resource_tracker(process: psutil.Process, cmdline: list[str] | None) -> bool:
+    if not any("multiprocessing.resource_tracker" in arg for arg in cmdline or ()):
+        return False
+    try:
+        return process.ppid() == os.getpid()
+    except psutil.Error:
+        return False
 
 
 def _under(path: str | None, directory: str) -> bool:

@@ -1,6 +1,7 @@
 """LLMEngine: one step = schedule, run the model, sample, update. Not thread-safe: one thread owns it."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from worker.engine.sampler import Sampler, seed_generator
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler, SchedulerOutput
 from worker.engine.stats import EngineStats
+from worker.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ class LLMEngine:
         self.runner = self.tp.make_runner(*runner_args) if self.tp else ModelRunner(*runner_args)
         self.eos_token_ids = eos_token_ids(hf_dir, hf_config, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, config.seed, self.device)
+        self.structured = StructuredOutputs(self.tokenizer, args.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self._grammar_waiting: dict[str, Request] = {}   # requests whose grammar is being compiled
         self._pending: list[RequestOutput] = []   # outputs of aborts, handed out by the next step
         self.step_hook = None                      # test-only: called with each SchedulerOutput before the model runs
         self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0,
@@ -113,6 +117,11 @@ class LLMEngine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds the whole KV cache ({capacity} tokens)")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, priority)
+        constraint = params.structured
+        if constraint is not None:   # compiled off this thread; the scheduler skips it until then
+            request.grammar = self.structured.compile(*constraint)
+            request.grammar_pending = True
+            self._grammar_waiting[request_id] = request
         self.requests[request_id] = request
         self.scheduler.add(self._new_sequence(request, 0, list(ids)))
 
@@ -123,6 +132,8 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens),
             generator=None if p.seed is None else seed_generator(p.seed, index, self.device),
             logprobs=[] if p.logprobs is not None else None)
+        if index > 0 and request.seqs and request.seqs[0].grammar is not None:
+            seq.grammar = request.seqs[0].grammar.fork()   # a fork copies the matcher as it shares blocks
         request.seqs.append(seq)
         return seq
 
@@ -132,6 +143,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        self._grammar_waiting.pop(request_id, None)
         for seq in request.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
@@ -144,22 +156,28 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        if self._grammar_waiting:
+            outputs += self._resolve_grammars()
         batch = self.scheduler.schedule()
         if batch.empty:
+            if self._grammar_waiting and not outputs:   # only compiles to wait for: do not spin
+                concurrent.futures.wait([r.grammar for r in self._grammar_waiting.values()], timeout=0.02,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
             return outputs
         try:
             if self.step_hook is not None:
                 self.step_hook(batch)
+            masks = self.structured.masks(batch.samples) if self.structured.in_use else None
             logits, row_of = self.runner.run(batch)
-            sampled = self.sampler(logits, batch.samples, row_of) if batch.samples else []
+            sampled = self.sampler(logits, batch.samples, row_of, masks) if batch.samples else []
         except TensorParallelError:
             raise   # a lost rank takes the whole engine down, not just this step's requests
         except Exception as exc:  # a faulty step fails its requests, not the engine
             log.exception("engine step failed; failing %d request(s)", len({s.seq.request.request_id for s in batch.scheduled}))
             return outputs + self._fail(batch, exc)
-        return outputs + self._update(batch, sampled)
+        return outputs + self._update(batch, sampled, masks)
 
-    def _update(self, batch: SchedulerOutput, sampled) -> list[RequestOutput]:
+    def _update(self, batch: SchedulerOutput, sampled, masks=None) -> list[RequestOutput]:
         c = self.counters
         c["steps"] += 1
         c["max_batch_size"] = max(c["max_batch_size"], len(batch.scheduled))
@@ -170,8 +188,13 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self.kv.cache_computed_blocks(seq)
         touched: dict[str, Request] = {}
-        for (seq, _), (token, logprobs) in zip(batch.samples, sampled):
-            self._append(seq, token, logprobs)
+        for i, ((seq, _), (token, logprobs)) in enumerate(zip(batch.samples, sampled)):
+            if seq.finished:
+                continue                      # its request failed earlier in this loop
+            if token is None:                 # its grammar allows no token (or failed): the request fails
+                self._drop_failed(seq.request, f"StructuredOutputError: {masks.dead[i]}")
+            else:
+                self._append(seq, token, logprobs)
             touched[seq.request.request_id] = seq.request
         c["generation_tokens"] += len(batch.samples)
         outputs = []
@@ -187,9 +210,15 @@ class LLMEngine:
         seq.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+        grammar = seq.grammar
+        if grammar is not None and not grammar.accept(token):   # cannot happen: the mask allowed it
+            self._drop_failed(seq.request, f"StructuredOutputError: the grammar rejected token {token}")
+            return
         n = seq.num_output_tokens
         reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif grammar is not None and grammar.terminated:   # EOS where the grammar ends, even with ignore_eos
             reason = "stop"
         elif seq.detok.add(token, check_stop=n >= p.min_tokens) is not None:
             reason = "stop"
@@ -214,6 +243,39 @@ class LLMEngine:
             outputs.append(self._output(request, finished=True))
         return outputs
 
+    def _resolve_grammars(self) -> list[RequestOutput]:
+        """Requests whose compile is done: ready to schedule, or failed alone with the library's message."""
+        outputs = []
+        for request_id, request in list(self._grammar_waiting.items()):
+            future = request.grammar
+            if not future.done():
+                continue
+            del self._grammar_waiting[request_id]
+            try:
+                compiled = future.result()
+            except Exception as exc:
+                log.info("request %s: structured output rejected: %s", request_id, exc)
+                outputs.append(self._fail_request(request, f"{type(exc).__name__}: {exc}"))
+                continue
+            request.grammar = compiled
+            request.grammar_pending = False
+            for seq in request.seqs:          # sample 0 only: the others fork from it later
+                seq.grammar = self.structured.new_state(compiled)
+        return outputs
+
+    def _fail_request(self, request: Request, error: str) -> RequestOutput:
+        """One request fails alone: finished with reason 'abort' and `error`, as a failed step's are."""
+        self._drop_failed(request, error)
+        return self._output(request, finished=True)
+
+    def _drop_failed(self, request: Request, error: str) -> None:
+        request.error = error
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        self.requests.pop(request.request_id, None)
+        self._grammar_waiting.pop(request.request_id, None)
+
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         completions = []
         for seq in request.seqs:
@@ -236,5 +298,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any. The engine cannot step afterwards."""
+        self.structured.shutdown()
         if self.tp is not None:
             self.tp.shutdown()

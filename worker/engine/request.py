@@ -37,6 +37,10 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
+    # structured output: the compiled grammar (a Future until the compile pool is done with it); the
+    # scheduler leaves the request waiting while grammar_pending
+    grammar: object = None
+    grammar_pending: bool = False
 
     @property
     def finished(self) -> bool:
@@ -59,6 +63,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     output_counts: dict[int, int] = field(default_factory=dict)  # generated token -> count (penalties)
     sent_tokens: int = 0                     # generated tokens already reported to the caller
+    grammar: object = None                   # structured.GrammarState: the matcher over its output tokens
 
     @property
     def num_prompt_tokens(self) -> int:

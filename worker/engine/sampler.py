@@ -3,7 +3,9 @@
 Greedy batches take one argmax. Anything else is processed row by row in float32: min_tokens
 masking, repetition / presence / frequency penalties, temperature, top-k, top-p, min-p, then a draw
 from the sequence's own generator when it has a seed (so a seeded request samples the same tokens
-whatever else shares its batch) or from the engine's generator.
+whatever else shares its batch) or from the engine's generator. Structured-output masks (the
+grammar's allowed ids, structured.py) come first of all, so greedy, sampling and logprobs all see the
+masked distribution; a batch without a constrained sample does not pay for them.
 """
 from __future__ import annotations
 
@@ -25,17 +27,22 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, samples: list[tuple[Sequence, int]],
-                 row_of: list[int]) -> list[tuple[int, dict[int, float] | None]]:
-        """logits: [num_rows, vocab] float32; row_of[i]: the row sample i draws from."""
+                 row_of: list[int], masks=None) -> list[tuple[int | None, dict[int, float] | None]]:
+        """logits: [num_rows, vocab] float32; row_of[i]: the row sample i draws from. masks: the
+        step's structured.GrammarMasks or None. A sample whose grammar allows no token gets None."""
         seqs = [seq for seq, _ in samples]
-        if all(self._plain_greedy(s) for s in seqs):
+        plain = all(self._plain_greedy(s) for s in seqs)
+        if plain and masks is None:
             tokens = logits.argmax(dim=-1).tolist()
             return [(tokens[r], None) for r in row_of]
-        rows = logits.index_select(0, torch.tensor(row_of, device=logits.device))
-        results = []
-        for i, seq in enumerate(seqs):
-            results.append(self._sample_row(rows[i], seq))
-        return results
+        rows = logits.index_select(0, torch.tensor(row_of, device=logits.device))  # one row per sample
+        if masks is not None:
+            masks.apply(rows)
+        dead = masks.dead if masks is not None else ()
+        if plain:
+            tokens = rows.argmax(dim=-1).tolist()
+            return [(None, None) if i in dead else (t, None) for i, t in enumerate(tokens)]
+        return [(None, None) if i in dead else self._sample_row(rows[i], seq) for i, seq in enumerate(seqs)]
 
     def _plain_greedy(self, seq: Sequence) -> bool:
         p = seq.request.params
@@ -50,6 +57,8 @@ class Sampler:
             banned = self.eos_token_ids + p.stop_token_ids
             if banned:
                 logits[torch.tensor(banned, device=logits.device)] = float("-inf")
+                if seq.grammar is not None and not torch.isfinite(logits).any():
+                    logits = raw.clone()   # the grammar is complete and allows only EOS: it wins
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
             vals = logits[seen]
@@ -67,6 +76,8 @@ class Sampler:
             lp = torch.log_softmax(raw, dim=-1)
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
             logprobs = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+            if seq.grammar is not None:   # fewer allowed ids than asked for: no -inf entries
+                logprobs = {t: v for t, v in logprobs.items() if v != float("-inf")}
             logprobs[token] = float(lp[token])
         return token, logprobs
 

@@ -70,8 +70,12 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Admitting new work while running work is being preempted would only thrash.
+        deferred = []   # requests whose grammar is still compiling wait without blocking the others
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0][1]
+            if seq.request.grammar_pending:
+                deferred.append(heapq.heappop(self.waiting))
+                continue
             cached = self.kv.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
             if not self.kv.admit(seq, cached, n):
@@ -83,6 +87,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        for entry in deferred:
+            heapq.heappush(self.waiting, entry)
         samples = []
         for row, item in enumerate(scheduled):
             seq = item.seq

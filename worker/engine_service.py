@@ -317,7 +317,9 @@ class EngineService:
             first_token_at=generation.first_token_at, next_seq=generation.next_seq, choices=choices)
         if output.error is not None:
             result.finish_reason = None
-            result.error_type, result.error_message = "engine_error", output.error
+            # a constraint the grammar library rejects (or that allows no token) is the request's fault
+            kind = "invalid_request" if output.error.startswith("StructuredOutputError") else "engine_error"
+            result.error_type, result.error_message = kind, output.error
         return result
 
     def _logprob_entries(self, token_ids, logprobs, top_k: int) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ from app.jobs.inputs import MAX_METADATA_BYTES, GenerationInput, has_control_cha
 from app.webhooks.payloads import events_filter
 from app.webhooks.targets import check_url_form
 
+JOB_FIELDS = ("model", "priority", "metadata", "webhook", "webhook_events_filter")   # not the generation's
+
 
 class JobCreate(GenerationInput):
     """`POST /v1/jobs`."""
@@ -45,10 +47,8 @@ class JobCreate(GenerationInput):
         return self
 
     def generation_input(self) -> GenerationInput:
-        return GenerationInput.model_validate(self.model_dump(
-            exclude={"model", "priority", "metadata", "webhook", "webhook_events_filter"}, exclude_none=True))
+        return GenerationInput.model_validate(self.stored_input())
 
     def stored_input(self) -> dict[str, Any]:
         """The job's `input` column (what `generation_input().stored()` gives, without revalidating)."""
-        return self.model_dump(mode="json", exclude={"model", "priority", "metadata", "webhook",
-                                                      "webhook_events_filter"}, exclude_none=True)
+        return self.stored(exclude=set(JOB_FIELDS))

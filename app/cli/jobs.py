@@ -18,6 +18,11 @@ def add_commands(commands) -> None:
     submit.add_argument("--max-tokens", type=int, default=128)
     submit.add_argument("--temperature", type=float, default=0.7)
     submit.add_argument("--priority", type=int, default=0)
+    shape = submit.add_mutually_exclusive_group()   # structured output (docs/structured-outputs.md)
+    shape.add_argument("--json-schema", metavar="FILE", help="answer JSON valid against the JSON Schema in FILE")
+    shape.add_argument("--json", action="store_true", help="answer any JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="answer text the regular expression matches")
+    shape.add_argument("--choice", metavar="TEXT", action="append", help="answer one of these (repeat the option)")
     submit.add_argument("--url", help=API_URL_HELP)
     submit.set_defaults(func=cmd_submit)
 
@@ -37,6 +42,13 @@ def cmd_submit(args) -> int:
     client = _client(args)
     body = {"max_tokens": args.max_tokens, "temperature": args.temperature, "priority": args.priority}
     body.update({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt})
+    try:
+        response_format = _response_format(args)
+    except (OSError, ValueError) as exc:
+        print(f"error: --json-schema {args.json_schema}: {exc}", file=sys.stderr)
+        return 2
+    if response_format is not None:
+        body["response_format"] = response_format
     response = client.submit(body, wait=60 if args.wait and not args.stream else None)
     job = response.json()
     if response.status_code >= 400:
@@ -63,6 +75,22 @@ def cmd_submit(args) -> int:
         return 0 if job["status"] == "succeeded" else 1
     print(json.dumps({"id": job["id"], "status": job["status"], "urls": job["urls"]}, indent=2))
     return 0
+
+
+def _response_format(args) -> dict | None:
+    if args.json_schema:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+        name = "".join(c if c.isalnum() or c in "_-" else "_" for c in
+                       args.json_schema.rsplit("/", 1)[-1].rsplit(".", 1)[0])[:64] or "schema"
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    if args.json:
+        return {"type": "json_object"}
+    if args.regex:
+        return {"type": "regex", "pattern": args.regex}
+    if args.choice:
+        return {"type": "choice", "choices": args.choice}
+    return None
 
 
 def _print_summary(job: dict) -> None:

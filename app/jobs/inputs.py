@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
+
+from app.jobs import response_format as formats
+from app.jobs.response_format import ResponseFormat
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_METADATA_BYTES = 16 * 1024
@@ -80,6 +84,7 @@ class GenerationInput(BaseModel):
     ignore_eos: StrictBool = False
     n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None           # samples per job (None: 1)
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None    # top-k log-probabilities per token
+    response_format: ResponseFormat | None = None                        # structured output (app/jobs/response_format.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +95,13 @@ class GenerationInput(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("stop"), str):
             data = {**data, "stop": [data["stop"]]}
         return data
+
+    @field_validator("response_format")
+    @classmethod
+    def _buildable(cls, value):
+        if value is not None:
+            formats.check(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "GenerationInput":
@@ -110,9 +122,14 @@ class GenerationInput(BaseModel):
             "frequency_penalty": float(self.frequency_penalty),
             "repetition_penalty": float(self.repetition_penalty), "seed": self.seed,
             "stop": list(self.stop or []), "ignore_eos": self.ignore_eos, "n": self.n or 1,
-            "logprobs": self.logprobs,
+            "logprobs": self.logprobs, **formats.sampling_kwargs(self.response_format),
         }
 
-    def stored(self) -> dict[str, Any]:
-        """The job's `input` column: everything, defaults included, without the unused prompt form."""
-        return self.model_dump(mode="json", exclude_none=True)
+    def stored(self, exclude: set[str] | None = None) -> dict[str, Any]:
+        """The job's `input` column: everything, defaults included, without the unused prompt form
+        (and without `exclude`: a subclass's own fields)."""
+        stored = self.model_dump(mode="json", exclude_none=True, by_alias=True, exclude=exclude)
+        if self.response_format is not None:   # a schema's own nulls (`"default": null`) are not "unset"
+            stored["response_format"] = self.response_format.model_dump(mode="json", by_alias=True,
+                                                                        exclude_unset=True)
+        return stored

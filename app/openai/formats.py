@@ -61,6 +61,9 @@ class _Common(BaseModel):
     repetition_penalty: StrictFloat | None = None
     ignore_eos: StrictBool | None = None
     logit_bias: dict[str, Any] | None = None
+    # text, json_object, json_schema as OpenAI has them (the SDK's `.parse()` sends json_schema); regex,
+    # choice and grammar as genq's jobs API (app/jobs/response_format.py)
+    response_format: dict[str, Any] | None = None
 
     def _sampling(self) -> dict[str, Any]:
         if self.logit_bias:
@@ -72,6 +75,8 @@ class _Common(BaseModel):
             values["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.n != 1:
             values["n"] = self.n
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            values["response_format"] = self.response_format
         return values
 
     @property
@@ -102,11 +107,8 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    response_format: dict[str, Any] | None = None
 
     def job_input(self) -> dict[str, Any]:
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         values = {"messages": [m.plain() for m in self.messages], **self._sampling()}

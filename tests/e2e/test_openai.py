@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import statistics
 import threading
 import time
+import typing
 
 import openai
+import pydantic
 import pytest
 import requests
 
@@ -379,3 +382,57 @@ def test_cli_batch_writes_results_and_errors(genq, tmp_path):
     assert sorted(r["custom_id"] for r in results) == [f"req-{i}" for i in range(5)]
     errors = [json.loads(line) for line in (tmp_path / "output.errors.jsonl").read_text().splitlines()]
     assert [e["error"]["code"] for e in errors] == ["invalid_json_line"]
+
+
+# -- structured outputs -------------------------------------------------------------------------------
+# The tiny model is random: whatever it "wants", the engine's grammar masks leave it only tokens that
+# keep the output inside the constraint, and EOS only once the output is complete.
+
+class Verdict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    answer: typing.Literal["yes", "no", "unsure"]
+    confidence: typing.Annotated[int, pydantic.Field(ge=0, le=9)]
+
+
+def test_the_sdk_parse_helper_gets_a_validated_object(genq):
+    settings, _, client = genq
+    for seed in range(4):
+        completion = client.chat.completions.parse(model=settings.model_name, messages=CHAT, response_format=Verdict,
+                                                   max_tokens=40, temperature=1.0, seed=seed)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", choice
+        assert isinstance(choice.message.parsed, Verdict)
+        assert Verdict.model_validate_json(choice.message.content) == choice.message.parsed
+
+
+def test_json_object_regex_and_choice_on_both_endpoints(genq):
+    settings, url, client = genq
+    plain = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=60, temperature=0,
+                                           response_format={"type": "json_object"})
+    if plain.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(plain.choices[0].message.content), dict)
+    regex = requests.post(f"{url}/v1/completions", json={
+        "model": settings.model_name, "prompt": "Phone:", "max_tokens": 20, "temperature": 1.0, "seed": 3,
+        "response_format": {"type": "regex", "pattern": r"[0-9]{3}-[0-9]{4}"}}, timeout=120).json()
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", regex["choices"][0]["text"]), regex
+    choice = client.completions.create(model=settings.model_name, prompt="Pick:", max_tokens=10, temperature=1.0,
+                                       extra_body={"response_format": {"type": "choice",
+                                                                       "choices": ["red", "green", "blue"]}})
+    assert choice.choices[0].text in ("red", "green", "blue") and choice.choices[0].finish_reason == "stop"
+
+
+def test_a_batch_carries_the_schema_per_line(genq):
+    settings, _, client = genq
+    schema = {"name": "verdict", "schema": Verdict.model_json_schema(), "strict": True}
+    lines = [_chat_line(settings.model_name, i, 40, temperature=1.0, seed=i,
+                        response_format={"type": "json_schema", "json_schema": schema}) for i in range(12)]
+    lines[5]["body"].pop("response_format")                     # a free-text line in the same batch
+    batch = client.batches.create(input_file_id=_batch_file(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    batch = _wait(client, batch.id, {"completed", "failed"})
+    assert batch.request_counts.model_dump() == {"total": 12, "completed": 12, "failed": 0}
+    for result in _jsonl(client, batch.output_file_id):
+        choice = result["response"]["body"]["choices"][0]
+        if result["custom_id"] != "req-5":
+            assert choice["finish_reason"] == "stop"
+            Verdict.model_validate_json(choice["message"]["content"])

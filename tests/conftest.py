@@ -47,6 +47,20 @@ def _run_temp_dir(tmp_path_factory):
     _run_dirs.append(tmp_path_factory.getbasetemp())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_job_hooks():
+    """The apps and workers a test module creates register job-transition hooks (webhook dispatcher,
+    batch progress) for their own deployment; they go when the module ends, so a later module's jobs
+    never reach a deployment that is gone (one whose database was a closed port retries each event)."""
+    from app.jobs import transitions
+
+    before = transitions.hooks()
+    yield
+    for hook in transitions.hooks():
+        if hook not in before:
+            transitions.unregister(hook)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session):
     from tests.support import processes

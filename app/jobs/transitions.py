@@ -33,6 +33,11 @@ def unregister(hook: JobHook) -> None:
         _hooks.remove(hook)
 
 
+def hooks() -> list[JobHook]:
+    """The registered hooks, in order (a copy)."""
+    return list(_hooks)
+
+
 def has_hooks() -> bool:
     return bool(_hooks)
 

@@ -22,10 +22,15 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "pattern":
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
+def server(tmp_path_factory):
     with service_settings(tmp_path_factory.mktemp("formats"), model_name="tiny") as settings, \
             ServerThread(create_app(settings)) as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return server.url
 
 
 def submit(api, response_format, **body):
@@ -124,3 +129,26 @@ def test_the_engine_receives_the_constraint():
     assert kwargs({"type": "regex", "pattern": "a+"}) == {"regex": "a+"}
     assert kwargs({"type": "choice", "choices": ["x", "y"]}) == {"choice": ["x", "y"]}
     assert kwargs({"type": "grammar", "grammar": 'start: "a"'}) == {"grammar": 'start: "a"'}
+
+
+def test_genq_submit_json_schema_file(api, server, tmp_path):
+    import subprocess
+    import sys
+
+    schema_file = tmp_path / "person card.json"
+    schema_file.write_text(json.dumps(PERSON))
+    env = {"PATH": "/usr/bin:/bin", "GENQ_HOME": str(tmp_path / "home"), "GENQ_API_KEY": server.api_key}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "submit", "--url", api, "--chat", "--json-schema",
+                           str(schema_file), "Describe Ada"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    job = requests.get(json.loads(done.stdout)["urls"]["self"], timeout=10).json()
+    assert job["input"]["response_format"] == {"type": "json_schema",
+                                               "json_schema": {"name": "person_card", "schema": PERSON}}
+    schema_file.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "strng"}}}))
+    bad_run = subprocess.run([sys.executable, "-m", "app.cli", "submit", "--url", api, "--json-schema",
+                              str(schema_file), "x"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad_run.returncode == 1 and "error 422" in bad_run.stderr and "strng" in bad_run.stderr
+    schema_file.write_text("{not json")
+    unreadable = subprocess.run([sys.executable, "-m", "app.cli", "submit", "--url", api, "--json-schema",
+                                 str(schema_file), "x"], capture_output=True, text=True, env=env, timeout=60)
+    assert unreadable.returncode == 2 and "--json-schema" in unreadable.stderr

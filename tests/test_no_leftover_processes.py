@@ -99,7 +99,17 @@ def _inner_run(tmp_path: Path, token: str, extra_env: dict[str, str] | None = No
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
          "--rootdir", str(tmp_path / "inner"), "--basetemp", str(tmp_path / "base"), *args, str(test_file)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_default_signals)   # noqa: PLW1509 -- called from the main thread
+
+
+def _default_signals() -> None:
+    """The inner run starts as from a shell: no signal blocked or ignored. (A disposition of SIG_IGN and
+    the signal mask are inherited across exec, and an earlier test of this process may leave either:
+    Python then never turns SIGINT into KeyboardInterrupt, and the interrupted run would not stop.)"""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _assert_nothing_left(token: str, tmp_path: Path, output: str) -> None:

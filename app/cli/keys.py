@@ -3,7 +3,9 @@ and the development key `genq up` makes on first start (kept in `<GENQ_HOME>/api
 `genq submit` / `genq jobs` when GENQ_API_KEY is not set)."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,9 @@ def add_commands(commands) -> None:
     create.add_argument("--rate-limit", type=int, help="requests per minute (default: GENQ_RATE_LIMIT_PER_MINUTE)")
     create.add_argument("--max-active-jobs", type=int, help="queued + running jobs (default: GENQ_MAX_ACTIVE_JOBS)")
     create.add_argument("--max-tokens", type=int, help="largest max_tokens (default: GENQ_MAX_TOKENS_LIMIT)")
+    create.add_argument("--weight", type=_weight, default=1.0,
+                        help="share under contention: a key of weight 2 gets about twice the tokens of a key of "
+                             "weight 1 (> 0, at most 100; default 1)")
     create.add_argument("--json", action="store_true", help='print {"key": ..., "webhook_secret": ...}')
     create.set_defaults(func=cmd_create)
     listing = actions.add_parser("list", help="list keys (never their secrets)")
@@ -31,6 +36,20 @@ def add_commands(commands) -> None:
     revoke = actions.add_parser("revoke", help="revoke a key by id (key_...) or displayed prefix")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_revoke)
+
+
+MAX_WEIGHT = 100.0   # as app.tenancy.keys.MAX_WEIGHT (this module imports SQLAlchemy only when it must)
+
+
+def _weight(text: str) -> float:
+    """argparse type of --weight: a clear usage error for 0, negatives, > MAX_WEIGHT and non-numbers."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= {MAX_WEIGHT:g}, got {text!r}")
+    return value
 
 
 def _store():
@@ -49,15 +68,18 @@ def cmd_create(args) -> int:
     try:
         with _sessions().begin() as session:
             key, plaintext = _store().create_key(session, args.name, rate_limit_per_minute=args.rate_limit,
-                                        max_active_jobs=args.max_active_jobs, max_tokens=args.max_tokens)
-            key_id, secret = key.id, key.webhook_secret
+                                        max_active_jobs=args.max_active_jobs, max_tokens=args.max_tokens,
+                                        weight=args.weight)
+            key_id, secret, weight = key.id, key.webhook_secret, key.weight
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"id": key_id, "name": args.name, "key": plaintext, "webhook_secret": secret}))
+        print(json.dumps({"id": key_id, "name": args.name, "key": plaintext, "webhook_secret": secret,
+                          "weight": weight}))
     else:
         print(f"id:             {key_id}\nkey:            {plaintext}\nwebhook secret: {secret}\n"
+              f"weight:         {weight:g}\n"
               "Store the key now: it is not shown again (the database keeps only its hash).")
     return 0
 
@@ -67,12 +89,14 @@ def cmd_list(args) -> int:
         rows = [{"id": k.id, "name": k.name, "prefix": k.display_prefix, "created_at": k.created_at.isoformat(),
                  "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
                  "rate_limit_per_minute": k.rate_limit_per_minute, "max_active_jobs": k.max_active_jobs,
-                 "max_tokens": k.max_tokens} for k in _store().list_keys(session, include_revoked=args.all)]
+                 "max_tokens": k.max_tokens, "weight": k.weight}
+                for k in _store().list_keys(session, include_revoked=args.all)]
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = [("ID", "NAME", "PREFIX", "CREATED", "REVOKED")] + [
-        (r["id"], r["name"], r["prefix"] + "…", r["created_at"][:19], (r["revoked_at"] or "")[:19]) for r in rows]
+    table = [("ID", "NAME", "PREFIX", "WEIGHT", "CREATED", "REVOKED")] + [
+        (r["id"], r["name"], r["prefix"] + "…", f"{r['weight']:g}", r["created_at"][:19], (r["revoked_at"] or "")[:19])
+        for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -3,7 +3,8 @@
 A key is shown once, when it is created (`gq_` + 43 URL-safe characters, 256 random bits); the
 database keeps only its SHA-256 (a key has the entropy of a random token, so a fast hash is as good
 as a slow one, and lookups stay one indexed SELECT). A key's id (`key_...`) is the owner of the jobs
-it submits. Each key carries the secret its jobs' webhooks are signed with (Standard Webhooks:
+it submits. Its weight is its share of the engine under contention (fair sharing, docs/engine.md):
+a key of weight 2 gets about twice the tokens of a key of weight 1. Each key carries the secret its jobs' webhooks are signed with (Standard Webhooks:
 `whsec_` + base64 of 32 random bytes), which must be kept in clear to sign, and its own quotas (None
 means the service-wide default from the settings).
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Integer, String, select, update
+from sqlalchemy import Float, Integer, String, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.infra.db import Base, UTCDateTime, utcnow
@@ -24,6 +26,8 @@ from app.infra.webhook_secrets import generate_secret
 
 KEY_PREFIX = "gq_"
 DISPLAY_CHARS = 10          # what `genq keys list` shows of a key: "gq_" + 7 characters
+DEFAULT_WEIGHT = 1.0        # a key's share under contention; jobs without a key count as weight 1 too
+MAX_WEIGHT = 100.0          # a sane upper bound: one key may not starve everyone else out
 
 
 class ApiKey(Base):
@@ -37,6 +41,7 @@ class ApiKey(Base):
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_active_jobs: Mapped[int | None] = mapped_column(Integer)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
+    weight: Mapped[float] = mapped_column(Float, default=DEFAULT_WEIGHT, server_default=text("1.0"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
@@ -54,19 +59,32 @@ class KeyIdentity:
     rate_limit_per_minute: int | None
     max_active_jobs: int | None
     max_tokens: int | None
+    weight: float = DEFAULT_WEIGHT
 
     @classmethod
     def of(cls, key: ApiKey) -> "KeyIdentity":
         return cls(key.id, key.name, key.webhook_secret, key.rate_limit_per_minute, key.max_active_jobs,
-                   key.max_tokens)
+                   key.max_tokens, DEFAULT_WEIGHT if key.weight is None else float(key.weight))
 
 
 def hash_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def check_weight(weight: float) -> float:
+    """A valid key weight as a float: finite, > 0 and <= MAX_WEIGHT (ValueError otherwise)."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight must be a number, got {weight!r}") from None
+    if isinstance(weight, bool) or not math.isfinite(value) or not 0 < value <= MAX_WEIGHT:
+        raise ValueError(f"weight must be > 0 and <= {MAX_WEIGHT:g}, got {weight!r}")
+    return value
+
+
 def create_key(session: Session, name: str, *, rate_limit_per_minute: int | None = None,
-               max_active_jobs: int | None = None, max_tokens: int | None = None) -> tuple[ApiKey, str]:
+               max_active_jobs: int | None = None, max_tokens: int | None = None,
+               weight: float = DEFAULT_WEIGHT) -> tuple[ApiKey, str]:
     """Insert a new key; returns it and its plaintext (shown once, never stored)."""
     if not name or len(name) > 255:
         raise ValueError("a key name must be 1 to 255 characters")
@@ -74,11 +92,12 @@ def create_key(session: Session, name: str, *, rate_limit_per_minute: int | None
                          ("max_tokens", max_tokens)):
         if value is not None and value <= 0:
             raise ValueError(f"{label} must be > 0, got {value}")
+    weight = check_weight(weight)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(id=new_id("key_"), name=name, key_hash=hash_key(plaintext),
                  display_prefix=plaintext[:DISPLAY_CHARS], webhook_secret=generate_secret(),
                  rate_limit_per_minute=rate_limit_per_minute, max_active_jobs=max_active_jobs,
-                 max_tokens=max_tokens, created_at=utcnow())
+                 max_tokens=max_tokens, weight=weight, created_at=utcnow())
     session.add(key)
     session.flush()
     return key, plaintext
@@ -125,3 +144,13 @@ def webhook_secret_of_owner(session: Session, owner: str | None) -> str | None:
     if owner is None:
         return None
     return session.scalar(select(ApiKey.webhook_secret).where(ApiKey.id == owner))
+
+
+def key_weight(session: Session, key_id: str | None) -> float:
+    """A job owner's weight for fair sharing (one indexed SELECT of one column, for the worker at claim
+    time): DEFAULT_WEIGHT for jobs without an owner and for unknown keys. A revoked key keeps its weight:
+    its jobs already admitted still run."""
+    if key_id is None:
+        return DEFAULT_WEIGHT
+    weight = session.scalar(select(ApiKey.weight).where(ApiKey.id == key_id))
+    return DEFAULT_WEIGHT if weight is None else float(weight)

@@ -143,6 +143,60 @@ def test_keys_cli_create_list_revoke(settings, monkeypatch, capsys, api):
     assert_problem(call("GET", f"{api}/v1/jobs", created["key"]), 401)
 
 
+def test_keys_cli_weight_is_stored_listed_and_carried_by_the_key(settings, monkeypatch, capsys, app):
+    from app.tenancy import keys
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["keys", "create", "--name", "heavy", "--weight", "2", "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert created["weight"] == 2.0
+    assert main(["keys", "create", "--name", "plain", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["weight"] == 1.0
+    assert main(["keys", "list", "--json"]) == 0
+    listed = {k["id"]: k for k in json.loads(capsys.readouterr().out)}
+    assert listed[created["id"]]["weight"] == 2.0 and listed[plain["id"]]["weight"] == 1.0
+    assert main(["keys", "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["ID", "NAME", "PREFIX", "WEIGHT"]
+    heavy_row = next(line for line in table if line.startswith(created["id"]))
+    assert heavy_row.split()[3] == "2"
+    with app.extensions["genq"].sessions() as session:
+        assert keys.authenticate(session, created["key"]).weight == 2.0      # what the API caches
+        assert keys.authenticate(session, plain["key"]).weight == 1.0
+        assert keys.key_weight(session, created["id"]) == 2.0                # what the worker reads
+        assert keys.key_weight(session, "key_unknown") == 1.0
+        assert keys.key_weight(session, None) == 1.0
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", "100.5", "1e9", "two", "nan", "inf", ""])
+def test_keys_cli_refuses_invalid_weights(settings, monkeypatch, capsys, app, weight):
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    with app.extensions["genq"].sessions() as session:
+        before = session.query(ApiKey).count()
+    with pytest.raises(SystemExit) as exited:
+        main(["keys", "create", "--name", f"bad-{weight}", "--weight", weight])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "--weight" in error and ("must be a number" in error or "must be > 0 and <= 100" in error)
+    with app.extensions["genq"].sessions() as session:
+        assert session.query(ApiKey).count() == before
+
+
+@pytest.mark.parametrize("weight", [0, -1, 100.5, float("nan"), float("inf"), "two", None, True])
+def test_create_key_refuses_invalid_weights(app, weight):
+    from app.tenancy.keys import create_key
+
+    with app.extensions["genq"].sessions.begin() as session, pytest.raises(ValueError, match="weight must be"):
+        create_key(session, "bad", weight=weight)
+
+
+def test_key_identity_defaults_to_weight_1():
+    from app.tenancy.keys import KeyIdentity
+
+    assert KeyIdentity("key_x", "x", "whsec_x", None, None, None).weight == 1.0
+
+
 def test_only_a_hash_of_the_key_is_stored(app):
     from sqlalchemy import select
 

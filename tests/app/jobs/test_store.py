@@ -46,6 +46,42 @@ def test_migration_downgrades_and_upgrades(tmp_path):
     assert current_revision(url) == head_revision()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_key_weight_migration_gives_existing_keys_weight_1_and_downgrades(kind, tmp_path):
+    """0006 adds api_keys.weight (server default 1.0, so keys created before it get 1.0) and drops it again."""
+    from contextlib import nullcontext
+
+    from sqlalchemy import text
+
+    from tests.support.service import fresh_postgres_schema, postgres_base_url
+
+    where = (nullcontext(f"sqlite:///{tmp_path / 'weights.db'}") if kind == "sqlite"
+             else fresh_postgres_schema(postgres_base_url()))
+    with where as url:
+        upgrade(url, "batch_release")
+        with get_engine(url).begin() as connection:
+            connection.execute(text(
+                "INSERT INTO api_keys (id, name, key_hash, display_prefix, webhook_secret, created_at) "
+                "VALUES ('key_old', 'old', :hash, 'gq_old', 'whsec_x', :now)"), {"hash": "0" * 64, "now": utcnow()})
+        upgrade(url)
+        assert current_revision(url) == head_revision()
+        with session_factory(url)() as session:
+            assert app.tenancy.keys.key_weight(session, "key_old") == 1.0
+        with session_factory(url).begin() as session:
+            key, _ = app.tenancy.keys.create_key(session, "heavy", weight=2.5)
+            heavy = key.id
+        with session_factory(url)() as session:
+            assert app.tenancy.keys.key_weight(session, heavy) == 2.5
+        downgrade(url, "batch_release")
+        columns = {c["name"] for c in inspect(get_engine(url)).get_columns("api_keys")}
+        assert "weight" not in columns and "max_tokens" in columns
+        with get_engine(url).connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM api_keys")).scalar() == 2
+        upgrade(url)
+        with session_factory(url)() as session:
+            assert app.tenancy.keys.key_weight(session, heavy) == 1.0     # the downgrade dropped it
+
+
 def test_ids_are_url_safe_and_time_ordered():
     ids = [new_id() for _ in range(1000)]
     assert len(set(ids)) == 1000

@@ -34,6 +34,8 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None   # chat: templated by the loop thread
     priority: int = 0                               # lower = more urgent
+    tenant: str | None = None                       # fair sharing: whose job (the API key id); None: anonymous
+    weight: float = 1.0                             # ... and its share relative to other tenants'
     attempt: int = 1                                # token event ids are `<attempt>-<seq>`
     first_seq: int = 1
     announce: tuple[JobEvent, ...] = ()             # published with the first step's tokens, before them
@@ -205,7 +207,8 @@ class EngineService:
         request = generation.request
         try:
             prompt = request.prompt if request.messages is None else self.engine.apply_chat_template(request.messages)
-            self.engine.add_request(request.request_id, prompt, request.params, request.priority)
+            self.engine.add_request(request.request_id, prompt, request.params, request.priority,
+                                    tenant=request.tenant, weight=request.weight)
         except ValueError as exc:
             self._announce_now(request)
             generation.fail("invalid_request", str(exc))

@@ -23,6 +23,7 @@ from app.jobs.inputs import GenerationInput
 from app.jobs.models import JobStatus
 from app.jobs.serialization import done_event_data
 from app.jobs.store import JobResult
+from app.tenancy.keys import DEFAULT_WEIGHT, key_weight
 from worker.engine import SamplingParams
 from worker.engine_service import GenerationRequest, GenerationResult
 
@@ -105,7 +106,7 @@ def _run_claimed(rt, job) -> str:
     messages = [m.model_dump() for m in spec.messages] if spec.messages is not None else None
     generation = rt.service.submit(GenerationRequest(
         request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=job.priority,
-        attempt=attempt, first_seq=2, announce=(running,)))
+        tenant=job.owner, weight=_fair_share_weight(rt, job), attempt=attempt, first_seq=2, announce=(running,)))
     if job.id in rt.cancels:   # the cancel arrived between the claim and the submission
         rt.service.abort(job.id)
     outcome = generation.wait()
@@ -113,6 +114,18 @@ def _run_claimed(rt, job) -> str:
     if outcome.error_type == "worker_shutdown":
         _hand_back(rt, job, attempt)
     return _finish(rt, job.id, attempt, _job_result(outcome), next_seq=outcome.next_seq)
+
+
+def _fair_share_weight(rt, job) -> float:
+    """The engine's fair-sharing weight of the job's owner (its API key's `weight`, `genq keys create
+    --weight`) against other keys'; 1.0 for a job without a key, or when the database cannot say (the
+    job runs either way: fairness never fails a job)."""
+    try:
+        with rt.sessions() as session:
+            return key_weight(session, job.owner)
+    except Exception as exc:
+        log.warning("job %s: the weight of key %s is unknown (%s); using 1.0", job.id, job.owner, exc)
+        return DEFAULT_WEIGHT
 
 
 def _hand_back(rt, job, attempt: int) -> NoReturn:

@@ -22,6 +22,7 @@ DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0, 21600.0)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_WAIT_SECONDS = 60
 LOG_FORMATS = ("text", "json")
+SCHEDULING = ("fair", "fifo")   # the engine's scheduling choices (worker/engine/config.py repeats them)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -103,6 +104,8 @@ class Settings:
     max_model_len: int | None = setting("GENQ_MAX_MODEL_LEN", None, INT, engine=True)
     enable_prefix_caching: bool = setting("GENQ_ENABLE_PREFIX_CACHING", True, engine=True)
     seed: int = setting("GENQ_SEED", 0, engine=True)
+    # waiting jobs of one priority: "fair" (shares between API keys, docs/engine.md#fair-sharing) | "fifo"
+    scheduling: str = setting("GENQ_SCHEDULING", "fair", engine=True)
     # GPUs (processes) one engine spans; see docs/tensor-parallel.md
     tensor_parallel_size: int = setting("GENQ_TENSOR_PARALLEL_SIZE", 1, engine=True)
     # longest wait on a tensor-parallel rank before the engine fails
@@ -167,6 +170,8 @@ class Settings:
             raise ValueError(f"setting api_port must be a TCP port, got {self.api_port!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"setting metrics_port must be a TCP port or 0, got {self.metrics_port!r}")
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"setting scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.log_level.upper() not in LOG_LEVELS:

@@ -73,7 +73,7 @@ def test_preemption_takes_the_least_urgent_latest_and_recomputes_it():
     out = s.schedule()            # position 8 needs a third block each: "second" is preempted
     assert [p.request.request_id for p in out.preempted] == ["second"]
     assert [i.seq.request.request_id for i in out.scheduled] == ["first"]
-    second = s.waiting[0][1]
+    second = s.waiting.peek()
     assert second.num_computed_tokens == 0 and second.blocks == []
     assert second.num_tokens == 9    # its generated tokens are kept and will be recomputed
     assert s.num_preemptions == 1

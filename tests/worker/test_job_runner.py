@@ -161,3 +161,27 @@ def test_a_job_whose_lease_another_worker_took_is_released_not_completed(runtime
     assert job_id not in dispatcher._registrations and job_id not in dispatcher._outputs
     job = load(runtime, job_id)
     assert job.status == "running" and job.worker_id == "another-worker"   # untouched: the other attempt's
+
+
+def test_the_engine_gets_the_owner_key_as_tenant_and_its_weight(runtime, engine, monkeypatch):
+    """Fair sharing in the engine: a job's tenant is its API key, weighted by the key's `weight`."""
+    from app.tenancy.keys import create_key
+
+    with runtime.sessions.begin() as session:
+        key, _ = create_key(session, name="heavy", weight=3.0)
+        key_id = key.id
+    spec = JobCreate.model_validate({"max_tokens": 3, "temperature": 0, "prompt": "Hello"})
+    with runtime.sessions.begin() as session:
+        owned = store.create_job(session, model="tiny", owner=key_id, input=spec.generation_input().stored()).id
+    anonymous = create(runtime, prompt="Hello")
+    seen = {}
+    original = engine.add_request
+
+    def add_request(request_id, prompt, params=None, priority=0, **fair):
+        seen[request_id] = fair
+        return original(request_id, prompt, params, priority, **fair)
+
+    monkeypatch.setattr(engine, "add_request", add_request)
+    assert runtime.run_job(owned) == "succeeded" and runtime.run_job(anonymous) == "succeeded"
+    assert seen[owned] == {"tenant": key_id, "weight": 3.0}
+    assert seen[anonymous] == {"tenant": None, "weight": 1.0}

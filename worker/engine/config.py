@@ -7,6 +7,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DEFAULT_TP_TIMEOUT_SECONDS = 300.0          # longest wait for a collective or a rank's answer
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85       # share of free device memory for weights' leftovers
+SCHEDULING = ("fair", "fifo")
 
 
 @dataclass(slots=True)
@@ -26,6 +27,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     tp_timeout_seconds: float = DEFAULT_TP_TIMEOUT_SECONDS
     cache_dir: str | None = None             # converted GGUF models and built CPU kernels; None: ~/.cache/genq
+    # waiting requests of one priority: "fair" (tenants by their virtual token counters, fairness.py) or
+    # "fifo" (by arrival alone)
+    scheduling: str = "fair"
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -56,5 +60,7 @@ class EngineConfig:
             raise ValueError(f"kernel_impl must be 'triton', 'cpu', 'torch' or None, got {self.kernel_impl!r}")
         if self.tp_timeout_seconds <= 0:
             raise ValueError(f"tp_timeout_seconds must be > 0, got {self.tp_timeout_seconds!r}")
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.kv_cache_bytes is None:
             self.kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES

@@ -16,7 +16,7 @@ from worker.engine.loader import cache_root, eos_token_ids, hf_dir_for, load_mod
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import CompletionOutput, RequestOutput
 from worker.engine.parallel import TensorParallelError, TensorParallelExecutor
-from worker.engine.request import Request, Sequence
+from worker.engine.request import Request, Sequence, check_weight
 from worker.engine.sampler import Sampler, seed_generator
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler, SchedulerOutput
@@ -101,8 +101,11 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, tenant: str | None = None, weight: float = 1.0) -> None:
+        """`tenant`: whose request this is, for fair sharing (None: the anonymous tenant ""); `weight`:
+        its share relative to other tenants' (> 0; InvalidWeightError, a ValueError, otherwise)."""
         params = params or SamplingParams()
+        weight = check_weight(weight)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         ids = self.encode(prompt)
@@ -116,7 +119,8 @@ class LLMEngine:
         if total > capacity:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds the whole KV cache ({capacity} tokens)")
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, priority)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, priority,
+                          tenant=tenant, weight=weight)
         constraint = params.structured
         if constraint is not None:   # compiled off this thread; the scheduler skips it until then
             request.grammar = self.structured.compile(*constraint)
@@ -185,7 +189,14 @@ class LLMEngine:
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 c["prompt_tokens"] += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            # its tenant pays for the prompt tokens computed (not those found in the prefix cache), once:
+            # not again when a preemption recomputes them
+            start = max(seq.num_computed_tokens, seq.charged_prompt_tokens)
             seq.num_computed_tokens += item.num_new_tokens
+            end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            if end > start:
+                self.scheduler.charge(seq, end - start, 0)
+                seq.charged_prompt_tokens = end
             self.kv.cache_computed_blocks(seq)
         touched: dict[str, Request] = {}
         for i, ((seq, _), (token, logprobs)) in enumerate(zip(batch.samples, sampled)):
@@ -194,6 +205,7 @@ class LLMEngine:
             if token is None:                 # its grammar allows no token (or failed): the request fails
                 self._drop_failed(seq.request, f"StructuredOutputError: {masks.dead[i]}")
             else:
+                self.scheduler.charge(seq, 0, 1)
                 self._append(seq, token, logprobs)
             touched[seq.request.request_id] = seq.request
         c["generation_tokens"] += len(batch.samples)
@@ -295,6 +307,10 @@ class LLMEngine:
                            prefix_cache_hits=pool.hits, prefix_cache_queries=pool.queries,
                            preemptions=self.scheduler.num_preemptions, **self.counters,
                            **(self.tp.stats() if self.tp else {}))
+
+    def tenant_tokens(self) -> dict[str, int]:
+        """Tokens served per tenant so far (prompt tokens computed + output tokens; fair sharing's input)."""
+        return dict(self.scheduler.vtc.served)
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any. The engine cannot step afterwards."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,17 @@ class SeqStatus(enum.Enum):
 
 
 _arrivals = itertools.count()
+ANONYMOUS = ""       # the tenant of requests added without one (fair sharing: fairness.py)
+
+
+class InvalidWeightError(ValueError):
+    """A request's fair-share weight is not a finite number > 0."""
+
+
+def check_weight(weight: float) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise InvalidWeightError(f"weight must be a finite number > 0, got {weight!r}")
+    return float(weight)
 
 
 @dataclass(slots=True, eq=False)
@@ -41,6 +53,13 @@ class Request:
     # scheduler leaves the request waiting while grammar_pending
     grammar: object = None
     grammar_pending: bool = False
+    # fair sharing (fairness.py): whose service this is, and its share relative to other tenants'
+    tenant: str | None = ANONYMOUS           # None: the anonymous tenant ""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.tenant = ANONYMOUS if self.tenant is None else str(self.tenant)
+        self.weight = check_weight(self.weight)
 
     @property
     def finished(self) -> bool:
@@ -64,6 +83,7 @@ class Sequence:
     output_counts: dict[int, int] = field(default_factory=dict)  # generated token -> count (penalties)
     sent_tokens: int = 0                     # generated tokens already reported to the caller
     grammar: object = None                   # structured.GrammarState: the matcher over its output tokens
+    charged_prompt_tokens: int = 0           # prompt positions already charged to its tenant (not again on recompute)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,15 +5,19 @@ Each step every running sequence catches its computed tokens up to its token cou
 first, most urgent first; waiting ones are admitted by (priority, arrival) while the budget and
 the KV pool allow. When a running sequence cannot get a block, the least urgent, latest running
 sequence is preempted: its blocks are freed and it waits to be recomputed from its tokens.
+
+With `scheduling="fair"` (the default) waiting requests of one priority are admitted by their
+tenants' virtual token counters first (fairness.py), arrival second; running sequences are ordered
+(and preempted, from the end) the same way. `"fifo"` is (priority, arrival) alone.
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 from worker.engine.config import EngineConfig
+from worker.engine.fairness import W_IN, FairQueue, FifoQueue, VirtualTokenCounter
 from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.request import Sequence, SeqStatus
+from worker.engine.request import SeqStatus, Sequence
 
 
 @dataclass(slots=True)
@@ -42,19 +46,37 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.new_sequence = new_sequence   # (request, index, token_ids) -> Sequence
-        self.waiting: list[tuple[tuple[int, int, int], Sequence]] = []
+        self.fair = config.scheduling == "fair"
+        self.waiting: FairQueue | FifoQueue = FairQueue() if self.fair else FifoQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.vtc = VirtualTokenCounter()   # charged under "fifo" too (tokens served per tenant)
 
     def add(self, seq: Sequence) -> None:
+        """A new sequence waits (its tenant turns active, lifted from idle)."""
+        self.vtc.arrive(seq.request.tenant)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        heapq.heappush(self.waiting, (seq.sort_key, seq))
+        self.waiting.push(seq)
+
+    def charge(self, seq: Sequence, prompt_tokens: int, output_tokens: int) -> None:
+        """What a step served `seq`: to its tenant's counter."""
+        request = seq.request
+        self.vtc.charge(request.tenant, request.weight, prompt_tokens, output_tokens)
+
+    def _order(self, seq: Sequence):
+        if not self.fair:
+            return seq.sort_key
+        request = seq.request
+        return (request.priority, self.vtc.counter(request.tenant), request.arrival, seq.index)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
-        self.running.sort(key=lambda s: s.sort_key)
+        self.running.sort(key=self._order)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -71,24 +93,34 @@ class Scheduler:
                 i += 1
         # Admitting new work while running work is being preempted would only thrash.
         deferred = []   # requests whose grammar is still compiling wait without blocking the others
+        # under "fair", this step's prompt tokens count toward the choice before they are charged, so
+        # one step's admissions alternate between tenants rather than all going to the lowest counter
+        planned: dict[str, float] = {}
+        if self.fair:
+            for item in scheduled:
+                self._plan(planned, item)
+        score = (lambda tenant: self.vtc.counter(tenant) + planned.get(tenant, 0.0)) if self.fair else None
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0][1]
+            seq = self.waiting.peek(score)
             if seq.request.grammar_pending:
-                deferred.append(heapq.heappop(self.waiting))
+                self.waiting.pop(seq)
+                deferred.append(seq)
                 continue
             cached = self.kv.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
             if not self.kv.admit(seq, cached, n):
                 break
-            heapq.heappop(self.waiting)
+            self.waiting.pop(seq)
             if seq.index == 0 and seq.request.num_cached_tokens == 0:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        for entry in deferred:
-            heapq.heappush(self.waiting, entry)
+            if self.fair:
+                self._plan(planned, scheduled[-1])
+        for seq in deferred:
+            self.waiting.push(seq)
         samples = []
         for row, item in enumerate(scheduled):
             seq = item.seq
@@ -98,6 +130,11 @@ class Scheduler:
             samples.extend((fork, row) for fork in self._fork(seq, item.num_new_tokens))
         return SchedulerOutput(scheduled, samples, self.kv.take_copies(),
                                self.config.max_num_batched_tokens - budget, preempted)
+
+    @staticmethod
+    def _plan(planned: dict[str, float], item: ScheduledSeq) -> None:
+        request = item.seq.request
+        planned[request.tenant] = planned.get(request.tenant, 0.0) + W_IN * item.num_new_tokens / request.weight
 
     def _fork(self, leader: Sequence, num_new_tokens: int) -> list[Sequence]:
         """When the first sample of an n > 1 request finishes its prompt, the others are born
@@ -111,6 +148,8 @@ class Scheduler:
             self.kv.fork(leader, child)
             child.num_computed_tokens = leader.num_computed_tokens + num_new_tokens
             child.status = SeqStatus.RUNNING
+            child.charged_prompt_tokens = child.num_computed_tokens   # the leader's prompt: charged to it
+            self.vtc.arrive(request.tenant)
             self.running.append(child)
             forks.append(child)
         return forks
@@ -119,7 +158,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         self.num_preemptions += 1
-        self.add(seq)
+        self._enqueue(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out of scheduling and give its blocks back."""
@@ -127,8 +166,9 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            self.waiting = [(k, s) for k, s in self.waiting if s is not seq]
-            heapq.heapify(self.waiting)
+            self.waiting.remove(seq)
+        if seq.status is not SeqStatus.FINISHED:
+            self.vtc.leave(seq.request.tenant)
         seq.status = SeqStatus.FINISHED
         self.kv.free(seq)
 

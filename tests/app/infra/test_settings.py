@@ -12,11 +12,11 @@ from app.infra.webhook_secrets import generate_secret
 # A valid value other than the default, as environment text, for each kind of variable.
 SAMPLES = {INT: "7", FLOAT: "2.5", STR: "text", VERBATIM: "verbatim", FLOATS: "0,1.5,30"}
 # Fields whose checks need a particular value.
-SPECIAL = {"log_level": "DEBUG", "log_format": "json", "webhook_retry_jitter": "0.5"}
+SPECIAL = {"log_level": "DEBUG", "log_format": "json", "webhook_retry_jitter": "0.5", "scheduling": "fifo"}
 
 ENGINE_FIELDS = {"model", "dtype", "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
                  "max_model_len", "enable_prefix_caching", "seed", "kv_cache_bytes", "tensor_parallel_size",
-                 "cache_dir", "tp_timeout_seconds"}
+                 "cache_dir", "tp_timeout_seconds", "scheduling"}
 
 
 def _sample(f) -> str:

@@ -1,0 +1,221 @@
+"""Fair sharing between tenants (worker/engine/fairness.py): the virtual token counters, and the
+engine's admission order under "fair" and "fifo"."""
+import random
+
+import pytest
+
+from tests.engine.conftest import hf_greedy
+from tests.engine.test_scheduler import finish_step, new_sequence
+from worker.engine import LLMEngine, SamplingParams
+from worker.engine.config import EngineConfig
+from worker.engine.fairness import W_IN, W_OUT, FairQueue, VirtualTokenCounter
+from worker.engine.kv_cache_manager import KVCacheManager
+from worker.engine.request import InvalidWeightError, Request
+from worker.engine.scheduler import Scheduler
+
+# -- the policy on exact counters -----------------------------------------------------------------
+
+def test_counters_charge_weighted_tokens_divided_by_the_weight():
+    assert (W_IN, W_OUT) == (1, 2)
+    vtc = VirtualTokenCounter()
+    vtc.arrive("a")
+    vtc.arrive("b")
+    vtc.charge("a", 1.0, prompt_tokens=10, output_tokens=3)   # 10 * 1 + 3 * 2
+    vtc.charge("b", 2.0, prompt_tokens=10, output_tokens=3)   # the same service at weight 2 counts half
+    vtc.charge("b", 2.0, prompt_tokens=0, output_tokens=1)
+    assert vtc.counters == {"a": 16.0, "b": 9.0}
+    assert vtc.served == {"a": 13, "b": 14}
+
+
+def test_a_tenant_back_from_idle_is_lifted_to_the_smallest_active_counter():
+    vtc = VirtualTokenCounter()
+    for tenant in ("a", "b", "c"):
+        vtc.arrive(tenant)
+    vtc.charge("a", 1.0, 100, 0)
+    vtc.charge("b", 1.0, 40, 0)
+    vtc.leave("c")                       # idle at 0 while the others are served
+    vtc.charge("b", 1.0, 20, 0)
+    vtc.arrive("c")                      # no banked credit: up to min(a=100, b=60)
+    assert vtc.counter("c") == 60.0
+    vtc.leave("a")
+    vtc.arrive("a")                      # a counter above the others' is kept (no lift down)
+    assert vtc.counter("a") == 100.0
+    vtc.arrive("a")                      # a second sequence of an active tenant: no lift at all
+    assert vtc.counters == {"a": 100.0, "b": 60.0, "c": 60.0}
+
+
+def test_with_no_tenant_active_a_newcomer_starts_from_the_last_to_leave():
+    vtc = VirtualTokenCounter()
+    vtc.arrive("a")
+    vtc.charge("a", 1.0, 500, 0)
+    vtc.leave("a")
+    vtc.arrive("b")
+    assert vtc.counter("b") == 500.0
+
+
+def _request(rid, tenant, priority=0, n_tokens=4, weight=1.0):
+    return Request(rid, None, list(range(100, 100 + n_tokens)), SamplingParams(max_tokens=8), priority,
+                   tenant=tenant, weight=weight)
+
+
+def test_fair_queue_orders_by_priority_then_counter_then_arrival():
+    q = FairQueue()
+    seqs = {}
+    for rid, tenant, priority in [("a1", "a", 0), ("a2", "a", 0), ("b1", "b", 0), ("c1", "c", 1), ("b2", "b", 0)]:
+        seqs[rid] = new_sequence(_request(rid, tenant, priority), 0, [1, 2])
+        q.push(seqs[rid])
+    counters = {"a": 5.0, "b": 5.0, "c": 0.0}
+    order = []
+    while len(q):
+        seq = q.peek(counters.__getitem__)
+        q.pop(seq)
+        order.append(seq.request.request_id)
+        counters[seq.request.tenant] += 10     # as if served
+    # equal counters: the earlier head (a1) first; then b; then a, then b again; priority 1 last
+    assert order == ["a1", "b1", "a2", "b2", "c1"]
+
+
+def _scheduler(scheduling="fair", num_blocks=64, block_size=4, **cfg):
+    config = EngineConfig(block_size=block_size, scheduling=scheduling, **cfg)
+    return Scheduler(config, KVCacheManager(num_blocks, block_size), new_sequence)
+
+
+def test_scheduler_admits_the_smallest_counter_first_and_interleaves_one_step():
+    s = _scheduler(max_num_seqs=3)
+    for i in range(3):
+        s.add(new_sequence(_request(f"a{i}", "a"), 0, list(range(4))))
+    s.vtc.charge("a", 1.0, 3, 0)          # a is ahead by 3
+    for i in range(3):
+        s.add(new_sequence(_request(f"b{i}", "b"), 0, list(range(4))))
+    assert s.vtc.counter("b") == 3.0      # lifted to a's counter on arrival
+    out = s.schedule()
+    # tie at 3: a0 arrived first; a's planned 4 tokens then make b the smaller twice over
+    assert [i.seq.request.request_id for i in out.scheduled] == ["a0", "b0", "a1"]
+
+
+def test_preemption_under_fair_takes_the_largest_counter_of_the_lowest_priority():
+    s = _scheduler(num_blocks=4, max_num_batched_tokens=64)
+    s.add(new_sequence(_request("rich", "rich", n_tokens=7), 0, list(range(7))))
+    s.add(new_sequence(_request("poor", "poor", n_tokens=7), 0, list(range(7))))
+    finish_step(s, s.schedule())
+    finish_step(s, s.schedule())
+    s.vtc.charge("rich", 1.0, 100, 0)
+    out = s.schedule()                    # each needs a third block: the richer tenant, though earlier, goes
+    assert [p.request.request_id for p in out.preempted] == ["rich"]
+    fifo = _scheduler("fifo", num_blocks=4, max_num_batched_tokens=64)
+    fifo.add(new_sequence(_request("rich", "rich", n_tokens=7), 0, list(range(7))))
+    fifo.add(new_sequence(_request("poor", "poor", n_tokens=7), 0, list(range(7))))
+    finish_step(fifo, fifo.schedule())
+    finish_step(fifo, fifo.schedule())
+    fifo.vtc.charge("rich", 1.0, 100, 0)
+    assert [p.request.request_id for p in fifo.schedule().preempted] == ["poor"]   # the latest, as before
+
+
+def test_weight_and_scheduling_are_checked():
+    with pytest.raises(InvalidWeightError):
+        _request("x", "a", weight=0)
+    with pytest.raises(ValueError, match="weight"):
+        _request("x", "a", weight=float("nan"))
+    with pytest.raises(ValueError, match="scheduling"):
+        EngineConfig(scheduling="lottery")
+    assert _request("x", None).tenant == ""
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def _engine(tiny_model, scheduling, **cfg):
+    engine = LLMEngine(model=tiny_model, scheduling=scheduling, **cfg)
+    admitted: dict[str, int] = {}
+    finished: dict[str, int] = {}
+
+    def hook(batch):
+        for item in batch.scheduled:
+            admitted.setdefault(item.seq.request.request_id, engine.counters["steps"])
+    engine.step_hook = hook
+    return engine, admitted, finished
+
+
+def _step(engine, finished):
+    for out in engine.step():
+        if out.finished:
+            finished[out.request_id] = engine.counters["steps"]
+
+
+def _prompt(rng, n=8):
+    return [rng.randrange(3, 300) for _ in range(n)]
+
+
+@pytest.mark.parametrize("scheduling", ["fair", "fifo"])
+def test_a_late_tenant_is_not_stuck_behind_a_backlog(tiny_model, scheduling):
+    engine, admitted, finished = _engine(tiny_model, scheduling, max_num_seqs=4)
+    rng = random.Random(0)
+    a = [f"a{i}" for i in range(40)]
+    b = [f"b{i}" for i in range(5)]
+    for rid in a:
+        engine.add_request(rid, _prompt(rng), PARAMS, tenant="A")
+    for _ in range(3):
+        _step(engine, finished)
+    for rid in b:
+        engine.add_request(rid, _prompt(rng), PARAMS, tenant="B")
+    while engine.has_unfinished_requests():
+        _step(engine, finished)
+    last_a = max(admitted[r] for r in a)
+    if scheduling == "fair":
+        assert max(admitted[r] for r in b) < last_a
+        # B and A share the 4 slots about evenly: 5 requests of 6 steps each, ~2 slots -> ~20 steps
+        assert max(finished[r] for r in b) <= 3 + 24
+        assert max(finished[r] for r in b) < max(finished[r] for r in a) / 2
+    else:
+        assert min(admitted[r] for r in b) >= last_a
+
+
+def test_weights_share_tokens_in_proportion(tiny_model):
+    engine, _, _ = _engine(tiny_model, "fair", max_num_seqs=4)
+    rng = random.Random(1)
+    prompt = _prompt(rng)
+    for i in range(30):
+        engine.add_request(f"a{i}", prompt, PARAMS, tenant="A", weight=2.0)
+        engine.add_request(f"b{i}", prompt, PARAMS, tenant="B", weight=1.0)
+    for _ in range(60):
+        engine.step()
+    served = engine.tenant_tokens()
+    assert served["A"] / served["B"] == pytest.approx(2.0, rel=0.15)
+    assert engine.has_unfinished_requests()   # both still backlogged when measured
+
+
+def test_fifo_admits_by_priority_then_arrival_as_before(tiny_model):
+    engine, admitted, _ = _engine(tiny_model, "fifo", max_num_seqs=3)
+    rng = random.Random(2)
+    workload = []
+    for i in range(18):
+        rid, tenant, priority = f"r{i}", rng.choice("ABC"), rng.choice([0, 0, 5, -1])
+        prompt = _prompt(rng, rng.randint(3, 20))
+        workload.append((rid, prompt, priority))
+        engine.add_request(rid, prompt, PARAMS, priority=priority, tenant=tenant, weight=rng.choice([1.0, 3.0]))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+    expected = [rid for rid, _, _ in sorted(workload, key=lambda w: (w[2], int(w[0][1:])))]
+    assert sorted(admitted, key=lambda rid: (admitted[rid], expected.index(rid))) == expected
+    # admission steps never go backwards along (priority, arrival)
+    steps = [admitted[rid] for rid in expected]
+    assert steps == sorted(steps)
+    assert [outputs[rid] for rid, _, _ in workload] == hf_greedy(tiny_model, [p for _, p, _ in workload], 6)
+
+
+def test_priority_beats_any_counter(tiny_model):
+    engine, admitted, finished = _engine(tiny_model, "fair", max_num_seqs=1)
+    rng = random.Random(3)
+    for i in range(5):
+        engine.add_request(f"a{i}", _prompt(rng), PARAMS, priority=5, tenant="A")
+    engine.scheduler.vtc.counters["B"] = 1e9        # B has been served far more than A
+    engine.add_request("b0", _prompt(rng), PARAMS, priority=0, tenant="B")
+    while engine.has_unfinished_requests():
+        _step(engine, finished)
+    order = sorted(admitted, key=admitted.get)
+    assert order == ["b0", "a0", "a1", "a2", "a3", "a4"]

@@ -11,7 +11,8 @@ import time
 
 from flask import Flask, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from app.infra.broker import queue_depth
 from app.infra.worker_reports import EXPORTED_ENGINE_STATS, live_workers
@@ -19,6 +20,10 @@ from app.jobs import store
 from app.jobs.models import ALL_STATUSES
 
 log = logging.getLogger(__name__)
+
+# genq_key_queue_wait_seconds: fixed buckets, over this many of the most recently submitted started jobs.
+KEY_WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300)
+KEY_WAIT_WINDOW = 10_000
 
 
 class Metrics:
@@ -64,13 +69,32 @@ class _StateCollector:
         workers = GaugeMetricFamily("genq_workers", "Workers that reported recently")
         depth = GaugeMetricFamily("genq_queue_depth", "Jobs in the broker queue that no worker has taken yet",
                                   labels=["queue"])
+        key_jobs = GaugeMetricFamily("genq_key_jobs", "Jobs in the database by API key (\"\": no key) and status",
+                                     labels=["key", "status"])
+        key_prompt = CounterMetricFamily("genq_key_prompt_tokens", "Prompt tokens of each API key's finished jobs",
+                                         labels=["key"])
+        key_completion = CounterMetricFamily("genq_key_completion_tokens",
+                                             "Completion tokens of each API key's finished jobs", labels=["key"])
+        key_wait = HistogramMetricFamily(
+            "genq_key_queue_wait_seconds",
+            f"Queue wait (started_at - created_at) by API key, over the {KEY_WAIT_WINDOW} most recently "
+            "submitted jobs that have started (a window recomputed at each scrape, not a running counter)",
+            labels=["key"])
         with self.app.app_context():
             svc = self.services_getter()
             try:
                 with svc.sessions() as session:
                     counts = store.count_by_status(session)
+                    usage = store.usage_by_owner(session)
+                    waits = store.recent_queue_waits(session, KEY_WAIT_WINDOW)
                 for status in ALL_STATUSES:
                     jobs.add_metric([status], counts.get(status, 0))
+                for key, figures in sorted(usage.items()):
+                    for status in ALL_STATUSES:
+                        key_jobs.add_metric([key, status], figures.jobs.get(status, 0))
+                    key_prompt.add_metric([key], figures.prompt_tokens)
+                    key_completion.add_metric([key], figures.completion_tokens)
+                _add_wait_histograms(key_wait, waits)
             except Exception:
                 log.exception("metrics: could not count jobs")
             try:
@@ -86,6 +110,19 @@ class _StateCollector:
             except Exception:
                 log.exception("metrics: could not read worker stats")
         yield jobs
+        yield key_jobs
+        yield key_prompt
+        yield key_completion
+        yield key_wait
         yield workers
         yield depth
         yield from engine.values()
+
+
+def _add_wait_histograms(family: HistogramMetricFamily, waits: list[tuple[str, float]]) -> None:
+    by_key: dict[str, list[float]] = {}
+    for key, seconds in waits:
+        by_key.setdefault(key, []).append(seconds)
+    for key, seconds in sorted(by_key.items()):
+        buckets = [(floatToGoString(bound), sum(1 for s in seconds if s <= bound)) for bound in KEY_WAIT_BUCKETS]
+        family.add_metric([key], buckets + [("+Inf", len(seconds))], sum(seconds))

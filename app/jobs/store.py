@@ -286,6 +286,40 @@ def count_by_status(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
+@dataclass(slots=True)
+class KeyUsage:
+    """One owner's figures for /metrics: jobs by status, and tokens summed over its final jobs."""
+    jobs: dict[str, int]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def usage_by_owner(session: Session) -> dict[str, KeyUsage]:
+    """Every owner's jobs by status and tokens of its final jobs, in one GROUP BY; owner None is ""."""
+    final = [s.value for s in FINAL_STATUSES]
+    rows = session.execute(
+        select(Job.owner, Job.status, func.count(),
+               func.sum(Job.prompt_tokens), func.sum(Job.completion_tokens))
+        .group_by(Job.owner, Job.status))
+    usage: dict[str, KeyUsage] = {}
+    for owner, status, count, prompt, completion in rows:
+        key = usage.setdefault(owner or "", KeyUsage(jobs={}))
+        key.jobs[status] = key.jobs.get(status, 0) + count
+        if status in final:
+            key.prompt_tokens += prompt or 0
+            key.completion_tokens += completion or 0
+    return usage
+
+
+def recent_queue_waits(session: Session, limit: int) -> list[tuple[str, float]]:
+    """(owner or "", seconds from created_at to started_at) of the `limit` most recently submitted
+    jobs that have started (newest ids first: the primary key index, no sort of the table)."""
+    rows = session.execute(
+        select(Job.owner, Job.created_at, Job.started_at)
+        .where(Job.started_at.is_not(None)).order_by(Job.id.desc()).limit(limit))
+    return [(owner or "", max(0.0, (started - created).total_seconds())) for owner, created, started in rows]
+
+
 def fail_unqueued(session: Session, job_id: str, error_type: str, message: str) -> bool:
     """Fail a queued job whose task could not be sent (a request that cannot wait for the broker)."""
     failed = session.execute(

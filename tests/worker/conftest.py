@@ -20,3 +20,13 @@ def engine(settings):
     from worker.runtime import build_engine
 
     return build_engine(settings)
+
+
+@pytest.fixture(scope="module")
+def runtime(settings, engine):
+    """A started worker runtime (engine, connections, heartbeat, control listener) on the module's engine."""
+    from worker.runtime import WorkerRuntime
+
+    runtime = WorkerRuntime(settings, engine=engine).start()
+    yield runtime
+    runtime.stop()

@@ -10,14 +10,6 @@ from app.jobs import transitions as job_transitions
 from app.api.job_request import JobCreate
 from app.jobs.models import Job
 from app.webhooks.dispatcher import WebhookDispatcher
-from worker.runtime import WorkerRuntime
-
-
-@pytest.fixture(scope="module")
-def runtime(settings, engine):
-    runtime = WorkerRuntime(settings, engine=engine).start()
-    yield runtime
-    runtime.stop()
 
 
 @pytest.fixture

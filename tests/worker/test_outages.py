@@ -16,14 +16,6 @@ from app.api.job_request import JobCreate
 from tests.support.outages import always_drops, commits_then_drops, dropped_connection
 from worker import job_runner
 from worker.reconciler import Reconciler
-from worker.runtime import WorkerRuntime
-
-
-@pytest.fixture(scope="module")
-def runtime(settings, engine):
-    runtime = WorkerRuntime(settings, engine=engine).start()
-    yield runtime
-    runtime.stop()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ tests/support/processes.py)."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,13 +17,24 @@ import time
 from pathlib import Path
 
 import redis
+from sqlalchemy import select
 
 from app.infra.channels import Channels
+from app.jobs.models import FINAL_STATUSES, Job
 from app.infra.worker_reports import live_workers
 from tests.support.processes import start_child, stop_child
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to a child and its whole process group at once (a crash), then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(30)
 
 
 def free_port() -> int:
@@ -201,11 +213,7 @@ class PostgresServer:
     def kill(self) -> None:
         """A crash: SIGKILL to the server and every backend (its process group)."""
         if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(30)
+            kill_group(self.process)
         self._reap()
 
     def restart(self) -> None:
@@ -283,11 +291,7 @@ class ApiServer:
     def kill(self) -> None:
         """SIGKILL to the arbiter and its workers at once: connections drop mid-response."""
         if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(30)
+            kill_group(self.process)
             stop_child(self.process)
             self._log.close()
             self.process = None
@@ -373,3 +377,37 @@ class Worker:
             self.terminate(30)
         if self.process is not None:
             self._log.close()
+
+
+class Cluster:
+    """What a fault test's cluster holds in common: its `genq worker` processes and its jobs as the
+    database has them. A subclass sets `settings`, `tmp` (for worker logs), `sessions` and `workers`."""
+
+    final_timeout = 150.0        # wait_final's default, seconds
+    final_poll = 0.3
+
+    def ensure_workers(self, n: int = 2) -> None:
+        self.workers = [w for w in self.workers if w.alive]
+        fresh = [Worker(self.settings, self.tmp / f"worker-{secrets.token_hex(3)}.log").start(wait=False)
+                 for _ in range(n - len(self.workers))]
+        for worker in fresh:
+            worker.wait_ready()
+        self.workers += fresh
+
+    def jobs(self, ids) -> dict[str, Job]:
+        with self.sessions() as session:
+            return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(ids))))}
+
+    def wait_final(self, ids, timeout: float | None = None) -> dict[str, Job]:
+        final = {s.value for s in FINAL_STATUSES}
+        deadline = time.monotonic() + (self.final_timeout if timeout is None else timeout)
+        while True:
+            jobs = self.jobs(ids)
+            pending = [i for i in ids if jobs[i].status not in final]
+            if not pending:
+                return jobs
+            if time.monotonic() > deadline:
+                logs = "\n".join(w.output()[-3000:] for w in self.workers)
+                raise AssertionError(f"{len(pending)} job(s) never finished, e.g. {jobs[pending[0]]!r} "
+                                     f"attempts={jobs[pending[0]].attempts}\n{logs}")
+            time.sleep(self.final_poll)

@@ -35,7 +35,7 @@ from app.infra.migrate import upgrade
 from app.infra.settings import Settings
 from app.jobs.models import FINAL_STATUSES, Job, JobStatus
 from app.tenancy.keys import create_key
-from tests.e2e.cluster import ApiServer, PostgresServer, RedisServer, Worker
+from tests.e2e.cluster import ApiServer, Cluster, PostgresServer, RedisServer, Worker
 from tests.support.webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -157,7 +157,10 @@ class Traffic:
             thread.join(60)
 
 
-class Matrix:
+class Matrix(Cluster):
+    final_timeout = 90.0
+    final_poll = 0.2
+
     def __init__(self, settings: Settings, pg: PostgresServer, redis_server: RedisServer, api: ApiServer,
                  receiver: Receiver, tmp, api_key: str):
         self.settings, self.pg, self.redis, self.api = settings, pg, redis_server, api
@@ -165,14 +168,6 @@ class Matrix:
         self.sessions = session_factory(settings.database_url)
         self.workers: list[Worker] = []
         self.config = None        # pytest's, for printing past the capture
-
-    def ensure_workers(self, n: int = 2) -> None:
-        self.workers = [w for w in self.workers if w.alive]
-        fresh = [Worker(self.settings, self.tmp / f"worker-{secrets.token_hex(3)}.log").start(wait=False)
-                 for _ in range(n - len(self.workers))]
-        for worker in fresh:
-            worker.wait_ready()
-        self.workers += fresh
 
     def ensure_healthy(self) -> None:
         """What the previous test may have left down is up again: every test starts on a whole cluster."""
@@ -215,19 +210,6 @@ class Matrix:
         while (len(self.running_on(on)) if on else len(self.running())) < at_least:
             assert time.monotonic() < deadline, f"jobs never started: {why}"
             time.sleep(0.05)
-
-    def wait_final(self, ids, timeout: float = 90) -> dict[str, Job]:
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = self.jobs(ids)
-            pending = [i for i in ids if jobs[i].status not in FINAL]
-            if not pending:
-                return jobs
-            if time.monotonic() > deadline:
-                logs = "\n".join(w.output()[-3000:] for w in self.workers)
-                raise AssertionError(f"{len(pending)} job(s) never finished, e.g. {jobs[pending[0]]!r} "
-                                     f"attempts={jobs[pending[0]].attempts}\n{logs}")
-            time.sleep(0.2)
 
     def completed_webhooks(self, path: str, ids, timeout: float = 60) -> tuple[dict[str, set[str]], Counter]:
         """(job id -> the distinct webhook-ids of its job.completed deliveries, job id -> deliveries),

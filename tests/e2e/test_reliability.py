@@ -20,6 +20,7 @@ from app.infra.settings import Settings
 from app.jobs.models import FINAL_STATUSES, Job, JobStatus
 from tests.support.service import ServerThread, database_for_tests, primary_database_kind
 from tests.support.webhook_receiver import Receiver
+from tests.e2e.cluster import Cluster as ClusterBase
 from tests.e2e.cluster import RedisServer, Worker
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,7 +29,7 @@ FAULT_MARKER = "EXPLODE"
 FINAL = {s.value for s in FINAL_STATUSES}
 
 
-class Cluster:
+class Cluster(ClusterBase):
     """The API (real HTTP), two workers and a redis-server of our own, on the primary database."""
 
     def __init__(self, settings, api_url, redis_server, tmp, receiver):
@@ -41,36 +42,11 @@ class Cluster:
         self.sessions = session_factory(settings.database_url)
         self.workers: list[Worker] = []
 
-    def ensure_workers(self, n: int = 2) -> None:
-        self.workers = [w for w in self.workers if w.alive]
-        fresh = [Worker(self.settings, self.tmp / f"worker-{secrets.token_hex(3)}.log").start(wait=False)
-                 for _ in range(n - len(self.workers))]
-        for worker in fresh:
-            worker.wait_ready()
-        self.workers += fresh
-
     def submit(self, prompts, **body) -> list[str]:
         with ThreadPoolExecutor(max_workers=16) as pool:
             responses = list(pool.map(lambda p: self.client.submit({"prompt": p, **body}), prompts))
         assert [r.status_code for r in responses] == [202] * len(prompts), [r.text for r in responses]
         return [r.json()["id"] for r in responses]
-
-    def jobs(self, ids) -> dict[str, Job]:
-        with self.sessions() as session:
-            return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(ids))))}
-
-    def wait_final(self, ids, timeout: float = 150) -> dict[str, Job]:
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = self.jobs(ids)
-            pending = [i for i in ids if jobs[i].status not in FINAL]
-            if not pending:
-                return jobs
-            if time.monotonic() > deadline:
-                logs = "\n".join(w.output()[-3000:] for w in self.workers)
-                raise AssertionError(f"{len(pending)} job(s) never finished, e.g. {jobs[pending[0]]!r} "
-                                     f"attempts={jobs[pending[0]].attempts}\n{logs}")
-            time.sleep(0.3)
 
     def running_on(self, worker: Worker) -> int:
         with self.sessions() as session:

@@ -17,7 +17,7 @@ from celery.exceptions import Reject
 
 from app.infra.db import utcnow
 from app.infra.retry import is_outage, retry_outage
-from app.jobs import store, transitions
+from app.jobs import fair_queue, store, transitions
 from app.jobs.event_log import EventId, JobEvent
 from app.jobs.inputs import GenerationInput
 from app.jobs.models import JobStatus
@@ -46,28 +46,36 @@ def run_job(rt, job_id: str) -> str:
     if job is None:
         log.info("job %s: nothing to claim (final, missing, or leased by a live worker)", job_id)
         return "skipped"
-    rt.track(job_id, job.attempts)
+    rt.track(job.id, job.attempts)
     try:
         return _run_claimed(rt, job)
     finally:
-        rt.untrack(job_id)
+        rt.untrack(job.id)
 
 
 def _claim(rt, job_id: str):
-    """`store.claim_job`, retried through an outage. A try whose commit went through although the
-    error came back has claimed the job: the next try finds it by that try's `started_at`."""
+    """The job this wake-up runs, retried through an outage: with fair scheduling the one the fair
+    order puts first (`fair_queue.claim_next`; `job_id` only says which task woke us), with `fifo` the
+    task's own job (`store.claim_job`). A try whose commit went through although the error came back
+    has claimed a job: the next try finds it by that try's `started_at`."""
     unknown: list = []   # the claim times of tries that failed: their outcome is unknown
+    fair = rt.settings.scheduling == "fair"
 
     def claim():
         now = utcnow()
         try:
             with rt.sessions.begin() as session:
-                job = store.claim_job(session, job_id, rt.worker_id, rt.settings.lease_seconds, now=now)
-                if job is None and unknown:
-                    job = store.claimed_at(session, job_id, rt.worker_id, unknown)
+                if unknown:
+                    job = store.claimed_at(session, None if fair else job_id, rt.worker_id, unknown)
                     if job is not None:
-                        log.warning("job %s: an earlier try's claim went through; running it", job_id)
-                return job
+                        log.warning("job %s: an earlier try's claim went through; running it", job.id)
+                        return job
+                if fair:
+                    job = fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, hint=job_id, now=now)
+                    if job is not None and job.id != job_id:
+                        log.debug("task of job %s runs job %s (fair order)", job_id, job.id)
+                    return job
+                return store.claim_job(session, job_id, rt.worker_id, rt.settings.lease_seconds, now=now)
         except Exception:
             unknown.append(now)
             raise
@@ -105,7 +113,7 @@ def _run_claimed(rt, job) -> str:
     # one Redis round trip fewer before the first token.
     messages = [m.model_dump() for m in spec.messages] if spec.messages is not None else None
     generation = rt.service.submit(GenerationRequest(
-        request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=job.priority,
+        request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=_engine_priority(rt, job),
         tenant=job.owner, weight=_fair_share_weight(rt, job), attempt=attempt, first_seq=2, announce=(running,)))
     if job.id in rt.cancels:   # the cancel arrived between the claim and the submission
         rt.service.abort(job.id)
@@ -114,6 +122,14 @@ def _run_claimed(rt, job) -> str:
     if outcome.error_type == "worker_shutdown":
         _hand_back(rt, job, attempt)
     return _finish(rt, job.id, attempt, _job_result(outcome), next_seq=outcome.next_seq)
+
+
+def _engine_priority(rt, job) -> int:
+    """The engine's order key: with fair scheduling the lane first (flex after every default job),
+    then the priority; with `fifo` the priority alone, as before service tiers."""
+    if rt.settings.scheduling == "fair":
+        return (job.lane or 0) * 10 + job.priority
+    return job.priority
 
 
 def _fair_share_weight(rt, job) -> float:
@@ -210,6 +226,8 @@ def _write_result(rt, job_id: str, attempt: int, result: JobResult) -> bool:
         try:
             with rt.sessions.begin() as session:
                 if store.finish_job(session, job_id, rt.worker_id, attempt, result, now=now):
+                    fair_queue.settle(session, job_id, result.prompt_tokens, result.cached_tokens,
+                                      result.completion_tokens)
                     return True
                 return store.finished_at(session, job_id, rt.worker_id, attempt, unknown)
         except Exception:

@@ -11,13 +11,15 @@ from app.jobs.inputs import MAX_METADATA_BYTES, GenerationInput, has_control_cha
 from app.webhooks.payloads import events_filter
 from app.webhooks.targets import check_url_form
 
-JOB_FIELDS = ("model", "priority", "metadata", "webhook", "webhook_events_filter")   # not the generation's
+JOB_FIELDS = ("model", "priority", "service_tier", "metadata", "webhook", "webhook_events_filter")   # not the generation's
 
 
 class JobCreate(GenerationInput):
     """`POST /v1/jobs`."""
     model: Annotated[StrictStr, Field(min_length=1, max_length=255)] | None = None
     priority: Annotated[StrictInt, Field(ge=0, le=9)] = 0
+    # The lane (docs/fairness.md): "flex" waits behind every "default" job (fair scheduling)
+    service_tier: Literal["default", "flex"] = "default"
     metadata: dict[StrictStr, Any] | None = None
     webhook: Annotated[StrictStr, Field(min_length=1, max_length=2048)] | None = None   # docs/webhooks.md
     webhook_events_filter: Annotated[list[Literal["start", "output", "completed"]], Field(min_length=1)] | None = None

@@ -70,7 +70,7 @@ def create_job():
                              Location=url_for("jobs.get_job", job_id=claim.job_id, _external=True))
     wait = preferred_wait()
     submission = Submission(key=current_key(), model=spec.model, input=spec.stored_input(), priority=spec.priority,
-                            metadata=spec.metadata)
+                            metadata=spec.metadata, service_tier=spec.service_tier)
     try:
         submitted = submit(svc, admission(), submission, wait=bool(wait),
                            in_transaction=lambda session, job: register_webhook(session, job.id, spec))

@@ -87,7 +87,8 @@ def _generate(endpoint: str):
         raise fmt.OpenAIError(404, f"The model '{exc.model}' does not exist (this service serves '{exc.served}')",
                               param="model", code="model_not_found") from None
     submission = Submission(key=current_key(), model=spec.model, input=spec.job_input(),
-                            priority=fmt.INTERACTIVE_PRIORITY, metadata={"user": spec.user} if spec.user else None)
+                            priority=fmt.INTERACTIVE_PRIORITY, metadata={"user": spec.user} if spec.user else None,
+                            service_tier=spec.lane)
     # A stream is read from Redis, so a streamed request cannot wait out a broker outage (nobody
     # would read the job's tokens): its job fails instead. A plain request waits for the job.
     try:

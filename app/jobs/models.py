@@ -6,7 +6,9 @@ from datetime import datetime
 from enum import Enum
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
+    Float,
     Index,
     Integer,
     String,
@@ -37,6 +39,14 @@ ALL_STATUSES = tuple(s.value for s in JobStatus)
 # The predicates of the batch-line indexes; queries that should use them repeat these terms.
 BATCH_HELD = "batch_id IS NOT NULL AND released_at IS NULL AND status = 'queued'"
 BATCH_IN_FLIGHT = "released_at IS NOT NULL AND status IN ('queued', 'running')"
+# A job a worker may claim now: queued, and (a batch line) released. The fair claim's partial index.
+CLAIMABLE = "status = 'queued' AND (batch_id IS NULL OR released_at IS NOT NULL)"
+
+# Service tiers (OpenAI's `service_tier`): the lane a job waits in. With fair scheduling every job of
+# the `default` lane is served before any of the `flex` lane (batch lines' default), whatever their
+# priorities; priority orders jobs within a lane.
+SERVICE_TIERS = {"default": 0, "flex": 1}
+TIER_OF_LANE = {lane: tier for tier, lane in SERVICE_TIERS.items()}
 
 
 class Job(Base):
@@ -46,6 +56,7 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(64))      # API key id (security issue)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(Integer, default=0)   # lower = more urgent
+    lane: Mapped[int] = mapped_column(Integer, default=0)       # SERVICE_TIERS: 0 default, 1 flex
     model: Mapped[str] = mapped_column(String(255))
     input: Mapped[dict] = mapped_column(JSONType)               # prompt | messages + sampling params
     meta: Mapped[dict | None] = mapped_column("metadata", JSONType)  # the client's own metadata
@@ -73,6 +84,10 @@ class Job(Base):
     # GENQ_BATCH_MAX_IN_FLIGHT lines of a batch are released and unfinished at once. NULL on a
     # batch line means held; jobs outside batches never use it.
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Fair sharing (app/jobs/fair_queue.py): the cost charged to the owner's counter for this job, in
+    # token units before the key's weight: an estimate from the claim on, the tokens served once final.
+    # Set once per job, so a re-run after a lost worker is not charged twice.
+    fair_charge: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')",
@@ -88,11 +103,30 @@ class Job(Base):
               postgresql_where=sql_text(BATCH_HELD)),
         Index("ix_jobs_batch_in_flight", "batch_id", sqlite_where=sql_text(BATCH_IN_FLIGHT),
               postgresql_where=sql_text(BATCH_IN_FLIGHT)),
+        # The claimable jobs in fair-claim order: the top (lane, priority), its owners, each one's oldest.
+        Index("ix_jobs_claimable", "lane", "priority", "owner", "id", sqlite_where=sql_text(CLAIMABLE),
+              postgresql_where=sql_text(CLAIMABLE)),
     )
 
     @property
     def job_status(self) -> JobStatus:
         return JobStatus(self.status)
 
+    @property
+    def service_tier(self) -> str:
+        return TIER_OF_LANE.get(self.lane or 0, "default")
+
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.status}>"
+
+
+class FairShare(Base):
+    """One tenant's virtual token counter for the fair claim (app/jobs/fair_queue.py). The tenant is
+    the jobs' owner (an API key id; "" for jobs without one); the row `*` holds the queue's virtual
+    time, the floor a tenant back from idle is lifted to."""
+    __tablename__ = "fair_shares"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    counter: Mapped[float] = mapped_column(Float, default=0.0)           # weighted cost served (charged)
+    served_tokens: Mapped[int] = mapped_column(BigInteger, default=0)    # prompt + output tokens of its final jobs
+    last_claim_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

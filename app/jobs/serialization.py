@@ -45,6 +45,7 @@ def job_to_dict(job: Job, base_url: str) -> dict[str, Any]:
         "status": job.status,
         "model": job.model,
         "priority": job.priority,
+        "service_tier": job.service_tier,
         "created_at": isoformat(job.created_at),
         "started_at": isoformat(job.started_at),
         "completed_at": isoformat(job.completed_at),

@@ -104,7 +104,7 @@ class SubmissionRefused(Exception):
         self.limit = limit
 
 
-_INSERT_COLUMNS = ("id", "owner", "status", "priority", "model", "input", "metadata", "attempts", "created_at")
+_INSERT_COLUMNS = ("id", "owner", "status", "priority", "lane", "model", "input", "metadata", "attempts", "created_at")
 
 
 def _guarded_insert(live_key: bool, max_active: bool):
@@ -130,7 +130,7 @@ _GUARDED_INSERTS = {(k, a): _guarded_insert(k, a) for k in (False, True) for a i
 
 def create_job(session: Session, *, model: str, input: dict, owner: str | None = None, priority: int = 0,
                metadata: dict | None = None, now: datetime | None = None, max_active: int | None = None,
-               live_key: bool = False) -> Job:
+               live_key: bool = False, lane: int = 0) -> Job:
     """Insert a queued job; returns it as a detached object (the insert skips the ORM unit of
     work: submission is the API's hottest path).
 
@@ -139,9 +139,9 @@ def create_job(session: Session, *, model: str, input: dict, owner: str | None =
     (no extra round trip), and a refusal raises `SubmissionRefused`. Concurrent submissions of one
     owner in separate transactions may each see the count below the limit.
     """
-    job = Job(id=new_id(), owner=owner, status=JobStatus.QUEUED.value, priority=priority, model=model,
+    job = Job(id=new_id(), owner=owner, status=JobStatus.QUEUED.value, priority=priority, lane=lane, model=model,
               input=input, meta=metadata, attempts=0, created_at=now or utcnow())
-    params = {"id": job.id, "owner": owner, "status": job.status, "priority": priority, "model": model,
+    params = {"id": job.id, "owner": owner, "status": job.status, "priority": priority, "lane": lane, "model": model,
               "input": input, "metadata": metadata, "attempts": 0, "created_at": job.created_at}
     guarded = live_key or max_active is not None
     if guarded and owner is None:
@@ -189,14 +189,16 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     return None if row is None else _detached_job(row)
 
 
-def claimed_at(session: Session, job_id: str, worker_id: str, started_at: list[datetime]) -> Job | None:
+def claimed_at(session: Session, job_id: str | None, worker_id: str, started_at: list[datetime]) -> Job | None:
     """The job if one of `worker_id`'s claims made at one of `started_at` holds it: a claim whose
-    commit went through although its answer was lost (the connection dropped), found by its retry."""
+    commit went through although its answer was lost (the connection dropped), found by its retry.
+    `job_id` None: whichever job such a claim took (the fair claim chooses the job itself)."""
     if not started_at:
         return None
+    which = [] if job_id is None else [_jobs.c.id == job_id]
     row = session.connection().execute(select(_jobs).where(
-        _jobs.c.id == job_id, _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.worker_id == worker_id,
-        _jobs.c.started_at.in_(started_at))).one_or_none()
+        *which, _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.worker_id == worker_id,
+        _jobs.c.started_at.in_(started_at)).limit(1)).one_or_none()
     return None if row is None else _detached_job(row)
 
 
@@ -294,13 +296,15 @@ class KeyUsage:
     completion_tokens: int = 0
 
 
-def usage_by_owner(session: Session) -> dict[str, KeyUsage]:
-    """Every owner's jobs by status and tokens of its final jobs, in one GROUP BY; owner None is ""."""
+def usage_by_owner(session: Session, owner: str | None = None) -> dict[str, KeyUsage]:
+    """Every owner's jobs by status and tokens of its final jobs, in one GROUP BY; owner None is "".
+    With `owner`, that owner's alone (its index range)."""
     final = [s.value for s in FINAL_STATUSES]
-    rows = session.execute(
-        select(Job.owner, Job.status, func.count(),
-               func.sum(Job.prompt_tokens), func.sum(Job.completion_tokens))
-        .group_by(Job.owner, Job.status))
+    query = (select(Job.owner, Job.status, func.count(), func.sum(Job.prompt_tokens), func.sum(Job.completion_tokens))
+             .group_by(Job.owner, Job.status))
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    rows = session.execute(query)
     usage: dict[str, KeyUsage] = {}
     for owner, status, count, prompt, completion in rows:
         key = usage.setdefault(owner or "", KeyUsage(jobs={}))
@@ -311,12 +315,14 @@ def usage_by_owner(session: Session) -> dict[str, KeyUsage]:
     return usage
 
 
-def recent_queue_waits(session: Session, limit: int) -> list[tuple[str, float]]:
+def recent_queue_waits(session: Session, limit: int, owner: str | None = None) -> list[tuple[str, float]]:
     """(owner or "", seconds from created_at to started_at) of the `limit` most recently submitted
-    jobs that have started (newest ids first: the primary key index, no sort of the table)."""
-    rows = session.execute(
-        select(Job.owner, Job.created_at, Job.started_at)
-        .where(Job.started_at.is_not(None)).order_by(Job.id.desc()).limit(limit))
+    jobs that have started (newest ids first: the primary key index, no sort of the table); with
+    `owner`, of that owner's jobs only."""
+    query = select(Job.owner, Job.created_at, Job.started_at).where(Job.started_at.is_not(None))
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    rows = session.execute(query.order_by(Job.id.desc()).limit(limit))
     return [(owner or "", max(0.0, (started - created).total_seconds())) for owner, created, started in rows]
 
 
@@ -342,11 +348,12 @@ def batch_line_in_flight():
 
 
 def insert_batch_lines(session: Session, *, batch_id: str, owner: str | None, model: str, priority: int,
-                       lines: list[tuple[str, dict]], now: datetime) -> None:
-    """One held job per (custom_id, job input)."""
-    rows = [{"id": new_id(), "owner": owner, "status": JobStatus.QUEUED.value, "priority": priority, "model": model,
+                       lines: list[tuple[str, dict, int]], now: datetime) -> None:
+    """One held job per (custom_id, job input, lane): batch lines take the flex lane unless they ask."""
+    rows = [{"id": new_id(), "owner": owner, "status": JobStatus.QUEUED.value, "priority": priority,
+             "lane": lane, "model": model,
              "input": job_input, "metadata": None, "attempts": 0, "created_at": now, "batch_id": batch_id,
-             "custom_id": custom_id} for custom_id, job_input in lines]
+             "custom_id": custom_id} for custom_id, job_input, lane in lines]
     if rows:
         session.execute(insert(_jobs), rows)
 

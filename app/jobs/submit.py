@@ -23,7 +23,7 @@ from app.infra.settings import Settings
 from app.jobs import store, transitions
 from app.jobs.connections import Connections
 from app.jobs.follow import close_quietly, subscribe
-from app.jobs.models import Job
+from app.jobs.models import SERVICE_TIERS, Job
 from app.tenancy.admission import Admission
 from app.tenancy.keys import KeyIdentity
 
@@ -47,6 +47,7 @@ class Submission:
     input: dict                      # the job's input (`GenerationInput.stored()` form)
     priority: int = 0
     metadata: dict | None = None
+    service_tier: str = "default"    # the lane (SERVICE_TIERS): "default" or "flex"
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ def submit(conn: Connections, admission: Admission, submission: Submission, *, w
         # The insert itself checks the key's active jobs and that the key is live (the key may come
         # from the API's short-lived cache).
         job = store.create_job(session, owner=key.id, model=model, priority=submission.priority,
+                               lane=SERVICE_TIERS[submission.service_tier],
                                input=submission.input, metadata=submission.metadata,
                                max_active=admission.max_active_jobs(key), live_key=True)
         if in_transaction is not None:

@@ -32,7 +32,7 @@ from app.infra.ids import new_id, well_formed_id
 from app.infra.retry import retry_outage
 from app.jobs import store
 from app.jobs.cancel import tell_workers_to_stop
-from app.jobs.models import Job, JobStatus
+from app.jobs.models import SERVICE_TIERS, Job, JobStatus
 from app.openai import formats as fmt
 from app.openai.files import OUTPUT_PURPOSE, create_file, owned_by, timestamp
 from app.openai.models import Batch, File
@@ -110,7 +110,7 @@ def batch_to_dict(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class ParsedLines:
-    jobs: list[tuple[str, dict]]            # (custom_id, job input)
+    jobs: list[tuple[str, dict, int]]       # (custom_id, job input, lane)
     errors: list[dict[str, Any]]            # {line, custom_id, code, message}
     total: int
 
@@ -118,7 +118,7 @@ class ParsedLines:
 def parse_lines(content: bytes, endpoint: str, model_name: str) -> ParsedLines:
     """Every non-blank line of a batch file, validated as OpenAI does; a bad line is an error entry,
     never an exception."""
-    jobs: list[tuple[str, dict]] = []
+    jobs: list[tuple[str, dict, int]] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
     total = 0
@@ -150,7 +150,10 @@ def parse_lines(content: bytes, endpoint: str, model_name: str) -> ParsedLines:
             if spec.model != model_name:
                 raise fmt.OpenAIError(400, f"model {spec.model!r} is not served here (serving {model_name!r})",
                                       param="body.model", code="model_not_found")
-            jobs.append((custom_id, spec.job_input()))
+            # A line waits in the flex lane unless its body asks for "default" (then beside interactive calls).
+            spec.lane   # an unknown tier is the line's error
+            lane = SERVICE_TIERS["default" if spec.service_tier == "default" else "flex"]
+            jobs.append((custom_id, spec.job_input(), lane))
         except ValueError:
             errors.append({"line": number, "custom_id": custom_id, "code": "invalid_json_line",
                            "message": "the line is not valid JSON"})

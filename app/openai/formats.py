@@ -64,6 +64,19 @@ class _Common(BaseModel):
     # text, json_object, json_schema as OpenAI has them (the SDK's `.parse()` sends json_schema); regex,
     # choice and grammar as genq's jobs API (app/jobs/response_format.py)
     response_format: dict[str, Any] | None = None
+    # OpenAI's lanes: "auto" and "default" are interactive, "flex" waits behind them (docs/fairness.md)
+    service_tier: StrictStr | None = None
+
+    @property
+    def lane(self) -> str:
+        """The job's service tier: "default" or "flex" (OpenAIError for a tier genq does not have)."""
+        tier = self.service_tier or "auto"
+        if tier in ("auto", "default"):
+            return "default"
+        if tier == "flex":
+            return "flex"
+        raise OpenAIError(400, f"service_tier must be one of 'auto', 'default', 'flex', got {tier!r}",
+                          param="service_tier")
 
     def _sampling(self) -> dict[str, Any]:
         if self.logit_bias:
@@ -236,7 +249,7 @@ def response_body(endpoint: str, job: Job) -> dict[str, Any]:
     return {"id": response_id(endpoint, job.id),
             "object": "chat.completion" if endpoint == CHAT_ENDPOINT else "text_completion",
             "created": created(job), "model": job.model, "system_fingerprint": None, "choices": choices,
-            "usage": usage(job)}
+            "service_tier": job.service_tier, "usage": usage(job)}
 
 
 def chunk(endpoint: str, job: Job, choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None,

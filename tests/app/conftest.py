@@ -1,7 +1,7 @@
 import pytest
 
 from app.infra.db import session_factory
-from app.jobs.models import Job
+from app.jobs.models import FairShare, Job
 from tests.support.service import database_for_tests
 
 
@@ -25,6 +25,7 @@ def db_url(request):
     url = request.getfixturevalue(f"{request.param}_url")
     with session_factory(url).begin() as session:
         session.execute(delete(Job))
+        session.execute(delete(FairShare))
     return url
 
 

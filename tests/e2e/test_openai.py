@@ -177,6 +177,19 @@ def test_errors_are_in_openai_shape(genq):
     raw = requests.post(f"{url}/v1/chat/completions", json={"model": settings.model_name}, headers=headers,
                         timeout=30)
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as tier:
+        client.chat.completions.create(model=settings.model_name, messages=CHAT, service_tier="scale")
+    assert tier.value.body["param"] == "service_tier"
+
+
+def test_service_tier_flex_is_the_lower_lane_and_is_echoed(genq):
+    settings, url, client = genq
+    flex = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=4, service_tier="flex")
+    plain = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=4)
+    assert (flex.service_tier, plain.service_tier) == ("flex", "default")
+    job = requests.get(f"{url}/v1/jobs/{flex.id.removeprefix('chatcmpl-')}",
+                       headers={"Authorization": f"Bearer {client.api_key}"}, timeout=10).json()
+    assert job["service_tier"] == "flex"
 
 
 def _batch_file(client, lines) -> str:

@@ -152,6 +152,51 @@ def test_sigkill_mid_batch_loses_nothing_and_answers_each_job_once(cluster):
     assert {job_id: len(events) for job_id, events in completed.items() if len(events) != 1} == {}
 
 
+def test_sigkill_with_two_keys_sharing_fairly_loses_nothing_and_charges_each_job_once(cluster):
+    """Fair ordering on (the default): a worker killed while two keys' jobs are interleaved. Every
+    job succeeds, none is answered twice, and each key's counter settled each job exactly once."""
+    from app.jobs.fair_queue import served_cost
+    from app.jobs.models import FairShare
+    from app.tenancy.keys import create_key
+
+    assert cluster.settings.scheduling == "fair"
+    cluster.ensure_workers()
+    victim = cluster.workers[0]
+    with cluster.sessions.begin() as session:
+        key_a, secret_a = create_key(session, "fair-a")
+        key_b, secret_b = create_key(session, "fair-b", weight=2)
+    done = DoneCounter(cluster.settings.redis_url, cluster.settings.key_prefix)
+    try:
+        clients = {key_a.id: JobsClient(cluster.url, api_key=secret_a), key_b.id: JobsClient(cluster.url, api_key=secret_b)}
+        body = {"max_tokens": 48, "ignore_eos": True, "temperature": 0}
+        ids = {key_a.id: [], key_b.id: []}
+        for i in range(40):
+            owner = key_a.id if i % 4 else key_b.id
+            response = clients[owner].submit({"prompt": f"fair job {i}", **body})
+            assert response.status_code == 202, response.text
+            ids[owner].append(response.json()["id"])
+        every = ids[key_a.id] + ids[key_b.id]
+        deadline = time.monotonic() + 60
+        while cluster.running_on(victim) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.kill()
+        jobs = cluster.wait_final(every)
+        time.sleep(1.0)   # the last done events
+    finally:
+        done.close()
+    assert {job.status for job in jobs.values()} == {"succeeded"}, {j.id: j.error_message for j in jobs.values()}
+    assert any(job.attempts > 1 for job in jobs.values()), "the kill hit no running job"
+    assert [job_id for job_id in every if done.counts[job_id] > 1] == []
+    with cluster.sessions() as session:
+        for owner, owned in ids.items():
+            share = session.get(FairShare, owner)
+            tokens = sum(jobs[i].prompt_tokens + jobs[i].completion_tokens for i in owned)
+            assert share.served_tokens == tokens            # each job settled once, re-runs included
+            for job_id in owned:
+                job = jobs[job_id]
+                assert job.fair_charge == served_cost(job.prompt_tokens, job.cached_tokens, job.completion_tokens)
+
+
 def completed_webhooks(receiver, path, ids, timeout: float = 60) -> dict[str, set[str]]:
     """job id -> the distinct webhook-ids of its job.completed deliveries, once every job has one
     (or the timeout passed)."""

@@ -15,7 +15,7 @@ from tests.support.service import ServerThread, free_port, service_settings
 
 PROBLEM = "application/problem+json"
 JOB_KEYS = {"id", "status", "created_at", "started_at", "completed_at", "input", "output", "usage", "metrics",
-            "error", "urls", "model", "priority", "metadata", "attempts"}
+            "error", "urls", "model", "priority", "service_tier", "metadata", "attempts"}
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,21 @@ def test_parse_lines_reports_each_bad_line_and_keeps_the_rest():
              {**_line(3), "custom_id": "r0"}, _line(4, model="other"), {**_line(5), "method": "GET"},
              {"method": "POST", "url": "/v1/completions", "body": {}}, "", _line(6, stream=True), _line(7, n=2)]
     parsed = batches.parse_lines(_content(lines), "/v1/completions", MODEL)
-    assert [custom_id for custom_id, _ in parsed.jobs] == ["r0", "r7"]
+    assert [custom_id for custom_id, _, _ in parsed.jobs] == ["r0", "r7"]
     assert parsed.jobs[1][1]["n"] == 2 and parsed.jobs[0][1]["max_tokens"] == 2
     assert parsed.total == 10   # the blank line is not a request
     codes = {e["line"]: e["code"] for e in parsed.errors}
     assert codes == {2: "invalid_json_line", 3: "invalid_value", 4: "mismatched_url", 5: "duplicate_custom_id",
                      6: "model_not_found", 7: "invalid_method", 8: "missing_required_parameter",
                      10: "invalid_request"}
+
+
+def test_lines_wait_in_the_flex_lane_unless_they_ask_for_default():
+    lines = [_line(0), _line(1, service_tier="default"), _line(2, service_tier="flex"), _line(3, service_tier="auto"),
+             _line(4, service_tier="scale")]
+    parsed = batches.parse_lines(_content(lines), "/v1/completions", MODEL)
+    assert [(custom_id, lane) for custom_id, _, lane in parsed.jobs] == [("r0", 1), ("r1", 0), ("r2", 1), ("r3", 1)]
+    assert [(e["line"], "service_tier" in e["message"]) for e in parsed.errors] == [(5, True)]
 
 
 def _new_batch(sessions, lines) -> str:

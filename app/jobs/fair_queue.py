@@ -1,0 +1,234 @@
+"""The fair order of the queue between the API and the workers (`GENQ_SCHEDULING=fair`).
+
+The fair order lives in the database, the record, and the claim applies it: a worker's Celery task
+is only a wake-up that says "one more job is waiting". Whatever its job id, the woken worker claims
+the job the fair order puts first (`claim_next`), in one transaction:
+
+1. the most urgent level among claimable jobs: lane (service tier: `default` before `flex`), then
+   priority (0 first);
+2. among the owners (API keys) with jobs at that level, the one with the smallest virtual token
+   counter (the Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language Models",
+   OSDI 2024), then the one whose oldest job is oldest;
+3. that owner's oldest job at that level (arrival order within a key).
+
+Counters are kept in `fair_shares`, one row per tenant. A claim charges the job's estimated cost
+(`W_IN` per prompt token, roughly 4 characters, plus `W_OUT` per requested output token, divided
+by the key's weight); when the job ends (`settle`) the charge is replaced by the tokens actually
+served (prompt tokens computed, cached ones not, and output tokens). A tenant that was idle when its
+oldest waiting job arrived (no claim of it since) is lifted to the queue's virtual time (the row
+`*`: the smallest effective counter at the latest claim), so idling banks no credit and a new key
+starts level with the busy ones. Every job is charged once (`jobs.fair_charge` is written with the
+charge, in the claim's transaction), so a job re-run after its worker was lost costs its owner
+nothing more: no drift.
+
+Why the claim and not Redis: each job has one task, so tasks and claimable jobs stay in step
+(a task whose own job was taken by an earlier wake-up claims another one; a spare task finds
+nothing and ends). Several workers claim concurrently: on PostgreSQL the chosen job row is locked
+`FOR UPDATE SKIP LOCKED`, so a concurrent claim takes the next job instead of waiting; the counter
+updates are relative (`counter + charge`), so concurrent charges add up. A worker that dies
+mid-job keeps its charge; the reconciler re-sends the job once the lease expires and the re-run is
+not charged again. A Redis restart loses tasks, not order: the reconciler re-sends a task for every
+job queued longer than `GENQ_REQUEUE_AFTER_SECONDS`, and the counters were never in Redis.
+
+`GENQ_SCHEDULING=fifo` bypasses all of this: a task claims its own job (`store.claim_job`), the
+Celery queue's (priority, arrival) order, as before fair sharing.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import case, func, insert, literal, select, text, update
+from sqlalchemy.orm import Session
+
+from app.infra.db import utcnow
+from app.jobs import store
+from app.jobs.models import CLAIMABLE, FairShare, Job, JobStatus
+from app.tenancy.keys import key_weight
+
+log = logging.getLogger(__name__)
+
+W_IN = 1.0              # a prompt token's cost (worker/engine/fairness.py charges the engine's the same)
+W_OUT = 2.0             # an output token's cost
+CHARS_PER_TOKEN = 4     # the claim's prompt estimate (the job's text; its tokens are counted by the worker)
+FLOOR = "*"             # the fair_shares row holding the queue's virtual time
+CLAIM_TRIES = 8         # a claim that loses every race this many times gives up (the task claims nothing)
+
+_jobs = Job.__table__
+_shares = FairShare.__table__
+_claimable = text(CLAIMABLE)
+
+
+def tenant_of(owner: str | None) -> str:
+    return owner or ""
+
+
+def estimated_cost(job_input: dict) -> float:
+    """A job's cost before it runs: its text's length in tokens (about), and every output token it
+    asks for (`max_tokens` per sample). An input the worker cannot read (it fails the job) costs 1."""
+    try:
+        if job_input.get("messages") is not None:
+            chars = sum(len(str(m.get("content") or "")) for m in job_input["messages"] if isinstance(m, dict))
+        else:
+            chars = len(str(job_input.get("prompt") or ""))
+        samples = int(job_input.get("n") or 1)
+        return W_IN * max(1, chars // CHARS_PER_TOKEN) + W_OUT * int(job_input.get("max_tokens") or 1) * samples
+    except (AttributeError, TypeError, ValueError):
+        return 1.0
+
+
+def served_cost(prompt_tokens: int | None, cached_tokens: int | None, completion_tokens: int | None) -> float:
+    """What a finished job cost: the prompt tokens computed (not those from the prefix cache) and
+    every output token."""
+    computed = max((prompt_tokens or 0) - (cached_tokens or 0), 0)
+    return W_IN * computed + W_OUT * (completion_tokens or 0)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One owner with claimable jobs at the top level, and where it stands."""
+    tenant: str
+    owner: str | None
+    oldest_id: str
+    oldest_created_at: datetime
+    counter: float            # as stored (0 for a tenant never charged)
+    returning: bool           # idle when its oldest waiting job arrived: lifted to the floor
+
+    def effective(self, floor: float) -> float:
+        return max(self.counter, floor) if self.returning else self.counter
+
+
+def candidates(session: Session) -> tuple[tuple[int, int] | None, list[Candidate], float]:
+    """The top (lane, priority) among claimable jobs, its owners as candidates, and the floor."""
+    level = session.execute(select(_jobs.c.lane, _jobs.c.priority).where(_claimable)
+                            .order_by(_jobs.c.lane, _jobs.c.priority).limit(1)).first()
+    if level is None:
+        return None, [], 0.0
+    lane, priority = level
+    # The oldest job per owner (ids are time-ordered), then its arrival time.
+    oldest = (select(_jobs.c.owner, func.min(_jobs.c.id).label("oldest_id"))
+              .where(_claimable, _jobs.c.lane == lane, _jobs.c.priority == priority)
+              .group_by(_jobs.c.owner).subquery())
+    rows = session.execute(select(oldest.c.owner, oldest.c.oldest_id, _jobs.c.created_at)
+                           .join(_jobs, _jobs.c.id == oldest.c.oldest_id)).all()
+    tenants = [tenant_of(owner) for owner, _, _ in rows]
+    shares = {row.tenant: row for row in session.execute(
+        select(_shares.c.tenant, _shares.c.counter, _shares.c.last_claim_at)
+        .where(_shares.c.tenant.in_([*tenants, FLOOR])))}
+    floor = shares[FLOOR].counter if FLOOR in shares else 0.0
+    found = []
+    for (owner, oldest_id, created_at), tenant in zip(rows, tenants):
+        share = shares.get(tenant)
+        returning = share is None or share.last_claim_at is None or share.last_claim_at < created_at
+        found.append(Candidate(tenant, owner, oldest_id, created_at, share.counter if share else 0.0, returning))
+    return (lane, priority), found, floor
+
+
+def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: str | None = None,
+               now: datetime | None = None) -> Job | None:
+    """Claim the job the fair order puts first, for `worker_id`; None when no job is claimable.
+
+    `hint` is the id the waking task carries: when that job is running on an expired lease (its
+    worker was lost), it is claimed first, as `store.claim_job` would (it was chosen fairly before).
+    """
+    now = now or utcnow()
+    _ensure_rows(session, [FLOOR])
+    if hint is not None:
+        orphan = session.scalar(select(_jobs.c.id).where(
+            _jobs.c.id == hint, _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.lease_expires_at < now))
+        if orphan is not None:
+            return store.claim_job(session, hint, worker_id, lease_seconds, now=now)
+    for _ in range(CLAIM_TRIES):
+        level, found, floor = candidates(session)
+        if not found:
+            return None
+        best = min(found, key=lambda c: (c.effective(floor), c.oldest_id))
+        owner_is = _jobs.c.owner.is_(None) if best.owner is None else _jobs.c.owner == best.owner
+        job_id = session.scalar(
+            select(_jobs.c.id).where(_claimable, _jobs.c.lane == level[0], _jobs.c.priority == level[1], owner_is)
+            .order_by(_jobs.c.id).limit(1).with_for_update(skip_locked=True))
+        if job_id is None:
+            continue      # all taken by concurrent claims since: look again
+        job = store.claim_job(session, job_id, worker_id, lease_seconds, now=now)
+        if job is None:
+            continue
+        _charge(session, job, best, floor, now)
+        return job
+    log.warning("fair claim: lost %d races in a row; this wake-up claims nothing", CLAIM_TRIES)
+    return None
+
+
+def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: datetime) -> None:
+    """The claim's bookkeeping: lift the tenant if it is back from idle, charge the job's estimate
+    once, advance the queue's virtual time."""
+    effective = chosen.effective(floor)
+    cost = 0.0
+    if job.fair_charge is None:
+        cost = estimated_cost(job.input)
+        # Conditional: of two claims of one job (possible only across a lost lease), one charges.
+        charged = session.execute(update(Job).where(Job.id == job.id, Job.fair_charge.is_(None))
+                                  .values(fair_charge=cost).execution_options(synchronize_session=False))
+        if charged.rowcount != 1:
+            cost = 0.0
+        job.fair_charge = cost
+    weight = key_weight(session, chosen.owner) if cost else 1.0
+    _ensure_rows(session, [chosen.tenant])
+    session.execute(update(FairShare).where(FairShare.tenant == chosen.tenant).values(
+        counter=_at_least(FairShare.counter, effective) + cost / weight, last_claim_at=now)
+        .execution_options(synchronize_session=False))
+    session.execute(update(FairShare).where(FairShare.tenant == FLOOR).values(
+        counter=_at_least(FairShare.counter, effective), last_claim_at=now)
+        .execution_options(synchronize_session=False))
+
+
+def settle(session: Session, job_id: str, prompt_tokens: int | None, cached_tokens: int | None,
+           completion_tokens: int | None) -> None:
+    """A job ended (in the transaction that wrote its result): replace its estimated charge by what
+    it was served, and count the tokens. Nothing for a job the fair claim never charged."""
+    row = session.execute(select(_jobs.c.owner, _jobs.c.fair_charge).where(_jobs.c.id == job_id)).first()
+    if row is None or row.fair_charge is None:
+        return
+    served = served_cost(prompt_tokens, cached_tokens, completion_tokens)
+    tenant = tenant_of(row.owner)
+    weight = key_weight(session, row.owner)
+    _ensure_rows(session, [tenant])
+    session.execute(update(FairShare).where(FairShare.tenant == tenant).values(
+        counter=FairShare.counter + (served - row.fair_charge) / weight,
+        served_tokens=FairShare.served_tokens + (prompt_tokens or 0) + (completion_tokens or 0))
+        .execution_options(synchronize_session=False))
+    session.execute(update(Job).where(Job.id == job_id).values(fair_charge=served)
+                    .execution_options(synchronize_session=False))
+
+
+def shares(session: Session, tenant: str | None = None) -> dict[str, dict]:
+    """Every tenant's counter and tokens served ("" is jobs without a key), or `tenant`'s alone."""
+    which = _shares.c.tenant != FLOOR if tenant is None else _shares.c.tenant == tenant
+    rows = session.execute(select(_shares.c.tenant, _shares.c.counter, _shares.c.served_tokens,
+                                  _shares.c.last_claim_at).where(which))
+    return {r.tenant: {"counter": r.counter, "served_tokens": r.served_tokens, "last_claim_at": r.last_claim_at}
+            for r in rows}
+
+
+def _at_least(column, value: float):
+    """max(column, value) in SQL on every dialect."""
+    return case((column < literal(value), literal(value)), else_=column)
+
+
+def _ensure_rows(session: Session, tenants: list[str]) -> None:
+    """Create the missing counter rows (0) in one statement that a concurrent creation cannot fail.
+    It is a write: the claim starts with it, so that on SQLite the claim holds the write lock from
+    its first statement (a read first would have to upgrade, and could find the database locked)."""
+    missing = tenants
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:   # pragma: no cover - genq runs on these two
+        dialect_insert = None
+    rows = [{"tenant": t, "counter": 0.0, "served_tokens": 0} for t in missing]
+    if dialect_insert is None:
+        session.execute(insert(_shares), rows)
+    else:
+        session.execute(dialect_insert(_shares).values(rows).on_conflict_do_nothing(index_elements=["tenant"]))

@@ -16,7 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 from app.infra.broker import queue_depth
 from app.infra.worker_reports import EXPORTED_ENGINE_STATS, live_workers
-from app.jobs import store
+from app.jobs import fair_queue, store
 from app.jobs.models import ALL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,12 @@ class _StateCollector:
                                          labels=["key"])
         key_completion = CounterMetricFamily("genq_key_completion_tokens",
                                              "Completion tokens of each API key's finished jobs", labels=["key"])
+        key_served = CounterMetricFamily(
+            "genq_key_served_tokens", "Tokens (prompt computed + output) each API key's jobs were served, as the "
+            "fair queue settled them (GENQ_SCHEDULING=fair)", labels=["key"])
+        key_counter = GaugeMetricFamily(
+            "genq_key_fair_counter", "Each API key's virtual token counter in the fair queue (weighted service; "
+            "the smallest is served next)", labels=["key"])
         key_wait = HistogramMetricFamily(
             "genq_key_queue_wait_seconds",
             f"Queue wait (started_at - created_at) by API key, over the {KEY_WAIT_WINDOW} most recently "
@@ -87,6 +93,7 @@ class _StateCollector:
                     counts = store.count_by_status(session)
                     usage = store.usage_by_owner(session)
                     waits = store.recent_queue_waits(session, KEY_WAIT_WINDOW)
+                    shares = fair_queue.shares(session)
                 for status in ALL_STATUSES:
                     jobs.add_metric([status], counts.get(status, 0))
                 for key, figures in sorted(usage.items()):
@@ -95,6 +102,9 @@ class _StateCollector:
                     key_prompt.add_metric([key], figures.prompt_tokens)
                     key_completion.add_metric([key], figures.completion_tokens)
                 _add_wait_histograms(key_wait, waits)
+                for key, share in sorted(shares.items()):
+                    key_served.add_metric([key], share["served_tokens"])
+                    key_counter.add_metric([key], share["counter"])
             except Exception:
                 log.exception("metrics: could not count jobs")
             try:
@@ -114,6 +124,8 @@ class _StateCollector:
         yield key_prompt
         yield key_completion
         yield key_wait
+        yield key_served
+        yield key_counter
         yield workers
         yield depth
         yield from engine.values()

@@ -64,6 +64,7 @@ class Job(OpenModel):
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     model: str
     priority: int
+    service_tier: Literal["default", "flex"]
     created_at: str
     started_at: str | None
     completed_at: str | None
@@ -111,6 +112,30 @@ class WebhookEvent(OpenModel):
     deliveries: list[WebhookDelivery]
 
 
+class FairShareFigures(OpenModel):
+    counter: float
+    served_tokens: int
+
+
+class QueueWait(OpenModel):
+    window: int
+    p50: float | None
+    p95: float | None
+    max: float | None
+
+
+class KeyUsage(OpenModel):
+    object: Literal["usage"]
+    key: str
+    weight: float
+    scheduling: Literal["fair", "fifo"]
+    jobs: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    fair_share: FairShareFigures
+    queue_wait_seconds: QueueWait
+
+
 class JobWebhooks(OpenModel):
     webhook: str | None
     webhook_events_filter: list[str] | None
@@ -133,7 +158,7 @@ def _problems(*statuses: int) -> dict:
 
 def _schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (JobCreate, Problem, Job, JobList, JobWebhooks, WorkerList, Health):
+    for model in (JobCreate, Problem, Job, JobList, JobWebhooks, WorkerList, KeyUsage, Health):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -222,6 +247,9 @@ def build_document() -> dict[str, Any]:
         "/v1/workers": {"get": {
             "operationId": "listWorkers", "summary": "Live workers and their engine stats",
             "responses": {"200": _json("#/components/schemas/WorkerList", "Workers"), **_problems(*COMMON)}}},
+        "/v1/usage": {"get": {
+            "operationId": "getUsage", "summary": "What the calling key got: jobs, tokens, fair share, queue waits",
+            "responses": {"200": _json("#/components/schemas/KeyUsage", "The key's figures"), **_problems(*COMMON)}}},
         "/healthz": {"get": {"operationId": "healthz", "security": [], "summary": "The process is alive",
                              "responses": {"200": _json("#/components/schemas/Health", "Alive")}}},
         "/readyz": {"get": {"operationId": "readyz", "security": [], "summary": "Database and Redis answer",

@@ -16,8 +16,8 @@ Counters are kept in `fair_shares`, one row per tenant. A claim charges the job'
 by the key's weight); when the job ends (`settle`) the charge is replaced by the tokens actually
 served (prompt tokens computed, cached ones not, and output tokens). A tenant that was idle when its
 oldest waiting job arrived (no claim of it since) is lifted to the queue's virtual time (the row
-`*`: the smallest effective counter at the latest claim), so idling banks no credit and a new key
-starts level with the busy ones. Every job is charged once (`jobs.fair_charge` is written with the
+`*`: the smallest effective counter at the latest claim, which follows the backlogged keys' counters
+down as well as up), so idling banks no credit and a new key starts level with the busy ones. Every job is charged once (`jobs.fair_charge` is written with the
 charge, in the claim's transaction), so a job re-run after its worker was lost costs its owner
 nothing more: no drift.
 
@@ -177,9 +177,11 @@ def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: da
     session.execute(update(FairShare).where(FairShare.tenant == chosen.tenant).values(
         counter=_at_least(FairShare.counter, effective) + cost / weight, last_claim_at=now)
         .execution_options(synchronize_session=False))
-    session.execute(update(FairShare).where(FairShare.tenant == FLOOR).values(
-        counter=_at_least(FairShare.counter, effective), last_claim_at=now)
-        .execution_options(synchronize_session=False))
+    # The virtual time is the smallest effective counter at this claim, not a running maximum: a
+    # settlement that lowers the backlogged keys' counters (a job served fewer tokens than its
+    # estimate) lowers it too, so a key back from idle is never lifted above them.
+    session.execute(update(FairShare).where(FairShare.tenant == FLOOR).values(counter=effective, last_claim_at=now)
+                    .execution_options(synchronize_session=False))
 
 
 def settle(session: Session, job_id: str, prompt_tokens: int | None, cached_tokens: int | None,

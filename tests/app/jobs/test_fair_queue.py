@@ -89,6 +89,21 @@ def test_a_key_back_from_idle_is_lifted_and_banks_no_credit(sessions):
     assert counters(sessions)["key-b"] >= 9 * COST
 
 
+def test_a_key_back_from_idle_is_not_lifted_above_keys_whose_jobs_cost_less_than_estimated(sessions):
+    submit(sessions, "key-a", 20)
+    running = [claim(sessions) for _ in range(6)]          # six in flight, each charged its estimate
+    for job in running:                                      # each served far below it: 1 + 1 tokens
+        with sessions.begin() as s:
+            store.finish_job(s, job.id, "w1", 1, store.JobResult(JobStatus.SUCCEEDED, prompt_tokens=1,
+                                                                 completion_tokens=1))
+            settle(s, job.id, prompt_tokens=1, cached_tokens=0, completion_tokens=1)
+    assert counters(sessions)["key-a"] == 6 * served_cost(1, 0, 1)
+    late = submit(sessions, "key-b")[0]
+    # The virtual time follows A's counter down: B waits at most one claim of A (a running maximum
+    # would lift B to A's counter with six estimates in it, and A would be served 4 more times first).
+    assert late in [claim(sessions).id for _ in range(2)]
+
+
 def test_settle_replaces_the_estimate_and_a_rerun_is_not_charged_again(sessions):
     job_id = submit(sessions, "key-a")[0]
     job = claim(sessions)

@@ -1,5 +1,7 @@
 """/healthz (the process is alive), /readyz (its database and Redis answer; else 503 + Retry-After,
-its `checks` saying which is down), /metrics."""
+its `checks` saying which is down), /health (that, and a worker's engine is loaded and warm: the
+service can generate now; what vLLM, TGI and SGLang serve, so standard clients and load balancers
+accept genq as it is), /metrics."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -9,6 +11,7 @@ from sqlalchemy import text
 from app.api.problems import problem_response
 from app.api.services import services
 from app.infra.problems import OUTAGE_RETRY_AFTER_SECONDS
+from app.infra.worker_reports import live_workers
 
 bp = Blueprint("health", __name__)
 
@@ -20,7 +23,37 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
+    checks, failures = _dependencies(services())
+    if failures:
+        return _not_ready(checks, failures)
+    return jsonify({"status": "ready", "checks": checks})
+
+
+@bp.get("/health")
+def health():
     svc = services()
+    checks, failures = _dependencies(svc)
+    workers = 0
+    if not failures:
+        try:
+            workers = len(live_workers(svc.redis, svc.channels))
+        except Exception as exc:
+            failures.append(f"workers: {type(exc).__name__}: {exc}")
+        checks["workers"] = workers
+        if workers == 0 and not failures:
+            failures.append("no worker has its engine loaded yet (a worker reports once its engine is warm)")
+    if failures:
+        return _not_ready(checks, failures)
+    return jsonify({"status": "ok", "checks": checks})
+
+
+def _not_ready(checks: dict, failures: list[str]):
+    return problem_response(503, "; ".join(failures), title="Not ready", type="not-ready", checks=checks,
+                            headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)})
+
+
+def _dependencies(svc) -> tuple[dict, list[str]]:
+    """Whether the database and Redis answer: ({name: "ok" | "unreachable"}, failure texts)."""
     checks, failures = {}, []
     try:
         with svc.sessions() as session:
@@ -35,10 +68,7 @@ def readyz():
     except Exception as exc:
         checks["redis"] = "unreachable"
         failures.append(f"redis: {type(exc).__name__}: {exc}")
-    if failures:
-        return problem_response(503, "; ".join(failures), title="Not ready", type="not-ready", checks=checks,
-                                headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)})
-    return jsonify({"status": "ready", "checks": checks})
+    return checks, failures
 
 
 @bp.get("/metrics")

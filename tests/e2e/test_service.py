@@ -163,3 +163,10 @@ def test_metrics_show_worker_engine_and_jobs(stack):
     text = requests.get(f"{url}/metrics", timeout=10).text
     assert 'genq_jobs{status="succeeded"}' in text
     assert "genq_engine_max_batch_size{" in text and "genq_workers 1.0" in text
+
+
+def test_health_is_ok_once_a_worker_is_warm(stack):
+    _, url, _ = stack
+    health = requests.get(f"{url}/health", timeout=10)   # what vLLM-style clients probe
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok", "workers": 1}}

@@ -252,6 +252,10 @@ def build_document() -> dict[str, Any]:
             "responses": {"200": _json("#/components/schemas/KeyUsage", "The key's figures"), **_problems(*COMMON)}}},
         "/healthz": {"get": {"operationId": "healthz", "security": [], "summary": "The process is alive",
                              "responses": {"200": _json("#/components/schemas/Health", "Alive")}}},
+        "/health": {"get": {"operationId": "health", "security": [], "summary": "The service can generate now: "
+                            "database and Redis answer and a worker's engine is loaded and warm",
+                            "responses": {"200": _json("#/components/schemas/Health", "Ready to generate"),
+                                          **_problems(503)}}},
         "/readyz": {"get": {"operationId": "readyz", "security": [], "summary": "Database and Redis answer",
                             "responses": {"200": _json("#/components/schemas/Health", "Ready"),
                                           **_problems(503)}}},

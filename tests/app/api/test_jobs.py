@@ -192,6 +192,10 @@ def test_health_ready_and_metrics(api):
     assert requests.get(f"{api}/healthz", timeout=10).json() == {"status": "ok"}
     ready = requests.get(f"{api}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    health = requests.get(f"{api}/health", timeout=10)   # no worker yet: cannot generate
+    assert health.status_code == 503 and health.headers["Retry-After"]
+    assert health.json()["checks"] == {"database": "ok", "redis": "ok", "workers": 0}
+    assert "no worker" in health.json()["detail"]
     submit(api)
     metrics = requests.get(f"{api}/metrics", timeout=10)
     assert metrics.status_code == 200

@@ -245,6 +245,7 @@ class WorkerRuntime:
     def _report(self, stats: ServiceStats) -> None:
         write_report(self.redis, self.channels, self.worker_id, {
             "model": getattr(self.engine, "model_name", None), "pid": os.getpid(),
+            "device": str(getattr(self.engine, "device", "")) or None,
             "concurrency": self.settings.worker_concurrency, "engine": stats.as_dict(),
             "max_num_seqs": self.settings.max_num_seqs})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Flask
 
 from app import reactions
-from app.api import admission, auth, batches, boundary, files, health, jobs, openai, usage, webhooks, workers
+from app.api import admission, auth, batches, boundary, console, files, health, jobs, openai, usage, webhooks, workers
 from app.api.metrics import Metrics
 from app.api.problems import register_error_handlers
 from app.api.services import genq, services
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     boundary.install(app)                # /openapi.json; ids that cannot be job ids are 404
     for blueprint in (health.bp, jobs.bp, webhooks.bp, workers.bp, usage.bp, openai.bp, files.bp, batches.bp):
         app.register_blueprint(blueprint)
+    console.init_app(app)                # the web console under /ui, signed in by cookie (docs/console.md)
     connections = app.extensions[genq.name]
     # the log line, webhook events, and (a batch line canceled while queued) batch progress
     reactions.install(settings, connections.sessions, connections.celery)

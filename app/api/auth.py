@@ -146,6 +146,12 @@ def _check_rate(key: KeyIdentity) -> None:
                       headers={"Retry-After": str(decision.retry_after_seconds)})
 
 
+def charge_request(key: KeyIdentity) -> None:
+    """Count one request against `key`'s rate limit (429 problem when over it), for views that
+    authenticate another way (the web console's session, app/api/console/)."""
+    _check_rate(key)
+
+
 def require_api_key(view):
     """For views outside /v1: authenticate (and rate-limit) before the view runs."""
     @functools.wraps(view)

@@ -44,14 +44,19 @@ def job_webhooks(job_id: str):
         job = store.get_job(session, job_id, current_owner())
         if job is None:
             raise Problem(404, f"no job with id {job_id!r}", title="Job not found", type="job-not-found")
-        registration = webhook_store.registration(session, job_id)
-        events = webhook_store.list_events(session, job_id)
-        body = {
-            "webhook": registration.url if registration else None,
-            "webhook_events_filter": list(registration.events_filter) if registration else None,
-            "data": [_event_dict(event, attempts) for event, attempts in events],
-        }
+        body = webhooks_body(session, job_id)
     return jsonify(body)
+
+
+def webhooks_body(session: Session, job_id: str) -> dict:
+    """A job's webhook, its events and their delivery attempts (the job's owner is checked already)."""
+    registration = webhook_store.registration(session, job_id)
+    events = webhook_store.list_events(session, job_id)
+    return {
+        "webhook": registration.url if registration else None,
+        "webhook_events_filter": list(registration.events_filter) if registration else None,
+        "data": [_event_dict(event, attempts) for event, attempts in events],
+    }
 
 
 def _event_dict(event, attempts) -> dict:

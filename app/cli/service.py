@@ -162,6 +162,7 @@ def _print_banner(settings: Settings) -> None:
     body = json.dumps({"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0})
     print(f"""
 genq is up: {url}   (model {settings.model_name}; Ctrl-C stops everything)
+  web console: {url}/ui/   (sign in with the API key below)
 
   export GENQ_API_KEY={settings.api_key}
   curl -s {url}/v1/jobs -H "Authorization: Bearer $GENQ_API_KEY" -H 'Content-Type: application/json' \\

@@ -39,6 +39,11 @@ class Channels:
         """Sorted set of worker ids scored by when they last reported."""
         return f"{self.prefix}:workers"
 
+    def console_session(self, digest: str) -> str:
+        """A web console sign-in (JSON with a TTL), under the SHA-256 of its cookie's value
+        (app/api/console/sessions.py)."""
+        return f"{self.prefix}:console:session:{digest}"
+
     @property
     def kombu_prefix(self) -> str:
         """Prefix of Celery's own keys (queues, bindings), via kombu's `global_keyprefix`."""

@@ -46,11 +46,23 @@ def run_job(rt, job_id: str) -> str:
     if job is None:
         log.info("job %s: nothing to claim (final, missing, or leased by a live worker)", job_id)
         return "skipped"
-    rt.track(job.id, job.attempts)
+    return run_claimed(rt, job)
+
+
+def run_claimed(rt, job) -> str:
+    """Run a job this worker has claimed (by a task, or by the newcomer reserve) to its end."""
+    rt.track(job.id, job.attempts, job.owner)
     try:
         return _run_claimed(rt, job)
     finally:
         rt.untrack(job.id)
+
+
+def claim_newcomer(rt, exclude: frozenset[str]):
+    """The newcomer reserve's claim: the first job in fair order of a key not in `exclude` (the
+    keys this worker is serving), or None. Not retried: the reserve polls again soon."""
+    with rt.sessions.begin() as session:
+        return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude)
 
 
 def _claim(rt, job_id: str):

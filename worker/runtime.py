@@ -10,6 +10,8 @@ import socket
 import threading
 import time
 
+from celery.exceptions import Reject
+
 from app.infra.broker import send_run_job
 from app.infra.model_reports import model_reported, publish_model
 from app.infra.retry import is_outage
@@ -23,13 +25,14 @@ from worker.devices import select_device
 from worker.engine import LLMEngine, SamplingParams
 from worker.engine_service import EngineService, ServiceStats
 from worker.faults import install_fault
-from worker.job_runner import run_job
+from worker.job_runner import claim_newcomer, run_claimed, run_job
 from worker.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
 RECENT_CANCEL_SECONDS = 600.0
 HEARTBEAT_RETRY_SECONDS = 0.5   # a failed lease renewal is tried again this soon
+NEWCOMER_POLL_SECONDS = 0.25    # how often a busy worker looks for a key it serves nothing of
 
 _runtime: "WorkerRuntime | None" = None
 _runtime_lock = threading.Lock()
@@ -94,11 +97,15 @@ class WorkerRuntime:
         self.service = EngineService(self.engine, self.events, stats_interval=settings.stats_interval_seconds,
                                      on_stats=self._report)
         self.cancels = RecentCancels()
-        self._active: dict[str, int] = {}          # job id -> attempt, for the heartbeat
+        self._active: dict[str, tuple[int, str]] = {}   # job id -> (attempt, tenant), for the heartbeat
+        self._newcomers = 0                        # jobs the newcomer reserve runs now
         self._active_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._draining = threading.Event()          # no new newcomer claims once a drain began
         self._threads = [threading.Thread(target=self._heartbeat, name="genq-heartbeat", daemon=True),
                          threading.Thread(target=self._listen_control, name="genq-control", daemon=True)]
+        if settings.newcomer_reserve:
+            self._threads.append(threading.Thread(target=self._newcomer_reserve, name="genq-newcomers", daemon=True))
         self._control_ready = threading.Event()
         self._tokenizer_json: str | None = None      # the engine's tokenizer, for the API (publish_model)
         self.reconciler = Reconciler(settings, self.sessions, self.redis, self.channels, self.send_job,
@@ -115,6 +122,7 @@ class WorkerRuntime:
         return self
 
     def stop(self) -> None:
+        self._draining.set()
         self._stopping.set()
         self.reconciler.stop()
         self.service.stop()
@@ -149,6 +157,7 @@ class WorkerRuntime:
     def drain(self, timeout: float) -> None:
         """Graceful shutdown (Celery takes no new tasks by now): let running jobs finish for up to
         `timeout` seconds, then stop the engine, which hands the rest back to the queue at once."""
+        self._draining.set()
         deadline = time.monotonic() + timeout
         while self.active_jobs() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -159,9 +168,9 @@ class WorkerRuntime:
 
     # -- bookkeeping for the heartbeat ------------------------------------------------------------
 
-    def track(self, job_id: str, attempt: int) -> None:
+    def track(self, job_id: str, attempt: int, owner: str | None = None) -> None:
         with self._active_lock:
-            self._active[job_id] = attempt
+            self._active[job_id] = (attempt, owner or "")
 
     def untrack(self, job_id: str) -> None:
         with self._active_lock:
@@ -171,7 +180,46 @@ class WorkerRuntime:
         with self._active_lock:
             return list(self._active)
 
+    def active_tenants(self) -> frozenset[str]:
+        with self._active_lock:
+            return frozenset(tenant for _, tenant in self._active.values())
+
     # -- helper threads ---------------------------------------------------------------------------
+
+    def _newcomer_reserve(self) -> None:
+        """Fair scheduling's newcomer reserve: while this worker's task threads are all busy
+        (`max_num_seqs` jobs in flight), every NEWCOMER_POLL_SECONDS it claims the first job in fair
+        order of a key it serves nothing of, into one of `settings.newcomer_reserve` engine slots kept
+        for that; so a key that arrives while another floods the service starts at once instead of
+        waiting for a running job to end. The job's own task later finds it taken and claims
+        whatever is next (or nothing)."""
+        reserve = self.settings.newcomer_reserve
+        while not self._stopping.wait(NEWCOMER_POLL_SECONDS):
+            busy = len(self.active_jobs()) - self._newcomers
+            if self._draining.is_set() or self._newcomers >= reserve or busy < self.settings.worker_concurrency:
+                continue
+            try:
+                job = claim_newcomer(self, self.active_tenants())
+            except Exception as exc:
+                log.warning("newcomer reserve: claim failed (%s: %s)", type(exc).__name__, exc)
+                continue
+            if job is None:
+                continue
+            log.info("job %s: started in the newcomer reserve (key %s has nothing running here)", job.id, job.owner)
+            with self._active_lock:
+                self._newcomers += 1
+            threading.Thread(target=self._run_newcomer, args=(job,), name=f"genq-newcomer-{job.id}").start()
+
+    def _run_newcomer(self, job) -> None:
+        try:
+            run_claimed(self, job)
+        except Reject:   # handed back on shutdown (no task to reject: the job is queued again)
+            pass
+        except Exception:
+            log.exception("job %s: the newcomer reserve's run failed", job.id)
+        finally:
+            with self._active_lock:
+                self._newcomers -= 1
 
     def _heartbeat(self) -> None:
         """Renew the leases of this worker's running jobs every third of a lease; after a failure

@@ -111,6 +111,10 @@ class Settings:
     # longest wait on a tensor-parallel rank before the engine fails
     tp_timeout_seconds: float = setting("GENQ_TP_TIMEOUT_SECONDS", 300.0, engine=True)
     worker_concurrency: int | None = setting("GENQ_WORKER_CONCURRENCY", None, INT)  # Celery threads; None: max_num_seqs
+    # fair: engine slots beyond max_num_seqs kept for keys with nothing running on the worker (a
+    # newcomer starts without waiting for a slot to free up; docs/fairness.md); None: max_num_seqs / 8
+    # (at least 1); 0 turns it off. Unused with fifo.
+    fair_reserve_seqs: int | None = setting("GENQ_FAIR_RESERVE_SEQS", None, INT)
     queue: str = setting("GENQ_QUEUE", "genq", VERBATIM)              # Celery queue name
     key_prefix: str = setting("GENQ_REDIS_PREFIX", "genq", VERBATIM)  # prefix of every genq Redis key (and kombu's)
     event_ttl_seconds: int = setting("GENQ_EVENT_TTL_SECONDS", 24 * 3600)   # how long a job's events stay replayable
@@ -198,6 +202,10 @@ class Settings:
             self.model_name = derive_model_name(self.model)
         if self.worker_concurrency is None:
             self.worker_concurrency = self.max_num_seqs
+        if self.fair_reserve_seqs is None:
+            self.fair_reserve_seqs = max(1, self.max_num_seqs // 8)
+        if self.fair_reserve_seqs < 0:
+            raise ValueError(f"setting fair_reserve_seqs must be >= 0, got {self.fair_reserve_seqs!r}")
         if self.api_url is None:
             self.api_url = f"http://{self.api_host}:{self.api_port}"
 
@@ -232,8 +240,16 @@ class Settings:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's keyword arguments (`LLMEngine(device=..., **settings.engine_kwargs())`); the
-        device is the worker's choice (worker/devices.py), so it is not among them."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["engine"]}
+        device is the worker's choice (worker/devices.py), so it is not among them. With fair
+        scheduling the engine's batch holds the newcomer reserve beyond `max_num_seqs`."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["engine"]}
+        kwargs["max_num_seqs"] += self.newcomer_reserve
+        return kwargs
+
+    @property
+    def newcomer_reserve(self) -> int:
+        """Engine slots kept for keys with nothing running on a worker (fair scheduling only)."""
+        return (self.fair_reserve_seqs or 0) if self.scheduling == "fair" else 0
 
 
 _FIELDS: dict[str, Field] = {f.name: f for f in fields(Settings)}

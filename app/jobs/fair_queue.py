@@ -39,7 +39,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, func, insert, literal, select, text, update
+from sqlalchemy import case, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from app.infra.db import utcnow
@@ -99,16 +99,19 @@ class Candidate:
         return max(self.counter, floor) if self.returning else self.counter
 
 
-def candidates(session: Session) -> tuple[tuple[int, int] | None, list[Candidate], float]:
-    """The top (lane, priority) among claimable jobs, its owners as candidates, and the floor."""
-    level = session.execute(select(_jobs.c.lane, _jobs.c.priority).where(_claimable)
+def candidates(session: Session, exclude: frozenset[str] = frozenset()
+               ) -> tuple[tuple[int, int] | None, list[Candidate], float]:
+    """The top (lane, priority) among claimable jobs, its owners as candidates, and the floor.
+    `exclude`: tenants not to consider at all (their jobs are as if absent)."""
+    allowed = _allowed(exclude)
+    level = session.execute(select(_jobs.c.lane, _jobs.c.priority).where(_claimable, *allowed)
                             .order_by(_jobs.c.lane, _jobs.c.priority).limit(1)).first()
     if level is None:
         return None, [], 0.0
     lane, priority = level
     # The oldest job per owner (ids are time-ordered), then its arrival time.
     oldest = (select(_jobs.c.owner, func.min(_jobs.c.id).label("oldest_id"))
-              .where(_claimable, _jobs.c.lane == lane, _jobs.c.priority == priority)
+              .where(_claimable, _jobs.c.lane == lane, _jobs.c.priority == priority, *allowed)
               .group_by(_jobs.c.owner).subquery())
     rows = session.execute(select(oldest.c.owner, oldest.c.oldest_id, _jobs.c.created_at)
                            .join(_jobs, _jobs.c.id == oldest.c.oldest_id)).all()
@@ -125,12 +128,24 @@ def candidates(session: Session) -> tuple[tuple[int, int] | None, list[Candidate
     return (lane, priority), found, floor
 
 
+def _allowed(exclude: frozenset[str]) -> list:
+    if not exclude:
+        return []
+    named = [t for t in exclude if t]
+    terms = [_jobs.c.owner.is_not(None)] if "" in exclude else []
+    if named:
+        terms.append(or_(_jobs.c.owner.is_(None), _jobs.c.owner.not_in(named)))
+    return terms
+
+
 def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: str | None = None,
-               now: datetime | None = None) -> Job | None:
+               exclude: frozenset[str] = frozenset(), now: datetime | None = None) -> Job | None:
     """Claim the job the fair order puts first, for `worker_id`; None when no job is claimable.
 
     `hint` is the id the waking task carries: when that job is running on an expired lease (its
     worker was lost), it is claimed first, as `store.claim_job` would (it was chosen fairly before).
+    `exclude`: tenants whose jobs are not to be claimed (a worker's newcomer reserve takes only keys
+    it is not serving already).
     """
     now = now or utcnow()
     _ensure_rows(session, [FLOOR])
@@ -140,7 +155,7 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
         if orphan is not None:
             return store.claim_job(session, hint, worker_id, lease_seconds, now=now)
     for _ in range(CLAIM_TRIES):
-        level, found, floor = candidates(session)
+        level, found, floor = candidates(session, exclude)
         if not found:
             return None
         best = min(found, key=lambda c: (c.effective(floor), c.oldest_id))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import requests
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.infra.db import session_factory
 from app.jobs.models import FINAL_STATUSES, Job
@@ -62,7 +62,7 @@ def started_after(jobs: dict[str, Job], ids: list[str], job_id: str) -> int:
 def test_a_second_keys_later_jobs_run_before_the_first_keys_backlog(narrow_stack):
     settings, server = narrow_stack
     key_a, key_b = create_test_key(server.app, "flood"), create_test_key(server.app, "late")
-    flood = submit(server, key_a, 16)
+    flood = submit(server, key_a, 16, max_tokens=200)   # long enough to be still queued when B submits
     late = submit(server, key_b, 2)                 # submitted after all of A's
     jobs = wait_final(settings, flood + late)
     # FIFO would start both after all 16 (minus the two already running); fair order starts each
@@ -74,7 +74,7 @@ def test_a_second_keys_later_jobs_run_before_the_first_keys_backlog(narrow_stack
 def test_a_keys_flex_jobs_wait_behind_its_interactive_ones(narrow_stack):
     settings, server = narrow_stack
     key = create_test_key(server.app, "tiers")
-    flex = submit(server, key, 10, service_tier="flex")
+    flex = submit(server, key, 10, service_tier="flex", max_tokens=200)
     interactive = submit(server, key, 2)
     jobs = wait_final(settings, flex + interactive)
     assert {jobs[i].service_tier for i in flex} == {"flex"}
@@ -96,3 +96,25 @@ def test_each_key_sees_what_it_got_and_metrics_show_every_key(narrow_stack):
     metrics = requests.get(f"{server.url}/metrics", timeout=10).text
     assert f'genq_key_served_tokens_total{{key="{owner}"}} {float(tokens)}' in metrics
     assert f'genq_key_fair_counter{{key="{owner}"}}' in metrics
+
+
+def test_a_newcomer_starts_without_waiting_for_a_running_job_to_end(narrow_stack):
+    """The worker runs two jobs at a time, both the first key's long ones, with more queued; the
+    second key's job starts in the newcomer reserve before either running job ends."""
+    settings, server = narrow_stack
+    assert settings.newcomer_reserve == 1
+    key_a, key_b = create_test_key(server.app, "long"), create_test_key(server.app, "newcomer")
+    long = submit(server, key_a, 4, max_tokens=600)
+    sessions = session_factory(settings.database_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:       # both task threads busy with A's jobs
+        with sessions() as session:
+            if session.scalar(select(func.count()).select_from(Job).where(Job.id.in_(long), Job.status == "running")) == 2:
+                break
+        time.sleep(0.05)
+    newcomer = submit(server, key_b, 1, max_tokens=8)[0]
+    jobs = wait_final(settings, long + [newcomer])
+    running_then = [jobs[i] for i in long if jobs[i].started_at < jobs[newcomer].created_at]
+    assert len(running_then) == 2
+    assert jobs[newcomer].started_at < min(job.completed_at for job in running_then), \
+        [(j.started_at, j.completed_at) for j in running_then] + [jobs[newcomer].started_at]

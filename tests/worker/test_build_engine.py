@@ -26,7 +26,8 @@ def test_the_service_and_the_engine_default_the_same():
     from worker.engine.config import EngineConfig
 
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
-    service_defaults = Settings(home="unused").engine_kwargs()
+    # (without the newcomer reserve, which the service adds to the engine's max_num_seqs)
+    service_defaults = Settings(home="unused", fair_reserve_seqs=0).engine_kwargs()
     assert service_defaults == {name: engine_defaults[name] for name in service_defaults}
 
 

@@ -93,6 +93,18 @@ def test_engine_kwargs_are_the_flagged_fields():
     assert kwargs["cache_dir"] == "/cache" and kwargs["tp_timeout_seconds"] == 30.0
 
 
+def test_fair_scheduling_adds_the_newcomer_reserve_to_the_engines_batch():
+    fair = Settings(max_num_seqs=64)
+    assert (fair.fair_reserve_seqs, fair.newcomer_reserve, fair.worker_concurrency) == (8, 8, 64)
+    assert fair.engine_kwargs()["max_num_seqs"] == 72           # the Celery threads fill 64 of them
+    assert Settings(max_num_seqs=4).newcomer_reserve == 1
+    assert Settings(max_num_seqs=64, fair_reserve_seqs=0).engine_kwargs()["max_num_seqs"] == 64
+    fifo = Settings(max_num_seqs=64, scheduling="fifo")
+    assert fifo.newcomer_reserve == 0 and fifo.engine_kwargs()["max_num_seqs"] == 64   # as before
+    with pytest.raises(ValueError, match="fair_reserve_seqs"):
+        Settings(fair_reserve_seqs=-1)
+
+
 def test_given_in_env_is_whether_the_variable_is_there():
     """`genq up` allows private webhook targets unless the environment names the variable at all
     (even empty: then the setting reads as its default, False), as it always did."""

@@ -104,6 +104,16 @@ def test_a_key_back_from_idle_is_not_lifted_above_keys_whose_jobs_cost_less_than
     assert late in [claim(sessions).id for _ in range(2)]
 
 
+def test_excluded_keys_are_passed_over(sessions):
+    submit(sessions, "key-a", 3)
+    anonymous = submit(sessions, None)[0]
+    b = submit(sessions, "key-b")[0]
+    assert claim(sessions, exclude=frozenset({"key-a", ""})).id == b          # the newcomer reserve's claim
+    assert claim(sessions, exclude=frozenset({"key-a", "key-b"})).id == anonymous
+    assert claim(sessions, exclude=frozenset({"key-a", "key-b", ""})) is None
+    assert claim(sessions).owner == "key-a"
+
+
 def test_settle_replaces_the_estimate_and_a_rerun_is_not_charged_again(sessions):
     job_id = submit(sessions, "key-a")[0]
     job = claim(sessions)

@@ -139,8 +139,9 @@ def test_the_documented_openai_responses_are_what_the_endpoints_answer(api, key,
                                          "components": document["components"]})
 
 
-# A valid request to these waits for its job's result, and no worker runs here.
-WAIT_FOR_A_WORKER = {"/v1/completions", "/v1/chat/completions"}
+# A valid request to these waits for its job's result, or (/health: 503 until a worker is warm, tested
+# in test_jobs.py and tests/e2e/test_service.py) reports on the workers, and no worker runs here.
+WAIT_FOR_A_WORKER = {"/v1/completions", "/v1/chat/completions", "/health"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]
 

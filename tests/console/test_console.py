@@ -70,9 +70,10 @@ def text_of(driver, element_id: str) -> str | None:
 
 
 def as_html_text(text: str) -> str:
-    """`text` as a page's DOM holds it after the HTML parser read it (CR LF and CR become LF, NUL
-    becomes U+FFFD); text set from a script (textContent) is kept as it is."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "\ufffd")
+    """`text` as a page's DOM holds it after the HTML parser read it as body text: CR LF and CR become
+    LF, and a NUL character is dropped (the "in body" insertion mode ignores U+0000; a random model's
+    output has them); text set from a script (textContent) is kept as it is."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
 
 
 def severe_logs(driver) -> list[dict]:

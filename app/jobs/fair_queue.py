@@ -168,15 +168,17 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
         job = store.claim_job(session, job_id, worker_id, lease_seconds, now=now)
         if job is None:
             continue
-        _charge(session, job, best, floor, now)
+        _charge(session, job, best, floor, now, advance_floor=not exclude)
         return job
     log.warning("fair claim: lost %d races in a row; this wake-up claims nothing", CLAIM_TRIES)
     return None
 
 
-def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: datetime) -> None:
+def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: datetime,
+            advance_floor: bool = True) -> None:
     """The claim's bookkeeping: lift the tenant if it is back from idle, charge the job's estimate
-    once, advance the queue's virtual time."""
+    once, advance the queue's virtual time (not from a claim that left some keys out: its choice
+    is not the smallest counter of all)."""
     effective = chosen.effective(floor)
     cost = 0.0
     if job.fair_charge is None:
@@ -195,8 +197,9 @@ def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: da
     # The virtual time is the smallest effective counter at this claim, not a running maximum: a
     # settlement that lowers the backlogged keys' counters (a job served fewer tokens than its
     # estimate) lowers it too, so a key back from idle is never lifted above them.
-    session.execute(update(FairShare).where(FairShare.tenant == FLOOR).values(counter=effective, last_claim_at=now)
-                    .execution_options(synchronize_session=False))
+    if advance_floor:
+        session.execute(update(FairShare).where(FairShare.tenant == FLOOR).values(counter=effective, last_claim_at=now)
+                        .execution_options(synchronize_session=False))
 
 
 def settle(session: Session, job_id: str, prompt_tokens: int | None, cached_tokens: int | None,

@@ -114,6 +114,17 @@ def test_excluded_keys_are_passed_over(sessions):
     assert claim(sessions).owner == "key-a"
 
 
+def test_a_claim_that_leaves_keys_out_does_not_move_the_virtual_time(sessions):
+    submit(sessions, "key-a", 2)
+    submit(sessions, "key-b", 2)
+    claim(sessions), claim(sessions)                       # one each: both backlogged, counters COST
+    with sessions.begin() as s:                            # B has been served far more than A
+        s.execute(update(FairShare).where(FairShare.tenant == "key-b").values(counter=10 * COST))
+    floor = counters(sessions)[FLOOR]
+    assert claim(sessions, exclude=frozenset({"key-a"})).owner == "key-b"
+    assert counters(sessions)[FLOOR] == floor             # not B's 10 x COST: A, left out, is far below
+
+
 def test_settle_replaces_the_estimate_and_a_rerun_is_not_charged_again(sessions):
     job_id = submit(sessions, "key-a")[0]
     job = claim(sessions)

@@ -46,7 +46,8 @@ def _job_response(job: Job, status: int, **headers: str) -> Response:
     return response
 
 
-def _find(job_id: str) -> Job:
+def find_job(job_id: str) -> Job:
+    """The calling key's job `job_id`, or a 404 Problem (another key's job is as missing)."""
     with services().sessions() as session:
         job = store.get_job(session, job_id, current_owner())
     if job is None:
@@ -66,7 +67,7 @@ def create_job():
     check_webhook(spec, svc.settings)
     claim = claim_idempotency(body)
     if claim is not None and claim.state is ClaimState.REPLAY:
-        return _job_response(_find(claim.job_id), 202, Idempotent_Replayed="true",
+        return _job_response(find_job(claim.job_id), 202, Idempotent_Replayed="true",
                              Location=url_for("jobs.get_job", job_id=claim.job_id, _external=True))
     wait = preferred_wait()
     submission = Submission(key=current_key(), model=spec.model, input=spec.stored_input(), priority=spec.priority,
@@ -128,7 +129,7 @@ def list_jobs():
 
 @bp.get("/<job_id>")
 def get_job(job_id: str):
-    return _job_response(_find(job_id), 200)
+    return _job_response(find_job(job_id), 200)
 
 
 @bp.post("/<job_id>/cancel")
@@ -141,14 +142,14 @@ def cancel_job(job_id: str):
         if outcome is CancelOutcome.NOT_FOUND:
             raise Problem(404, f"no job with id {job_id!r}", title="Job not found", type="job-not-found")
         if outcome is CancelOutcome.ALREADY_FINAL:
-            job = _find(job_id)
+            job = find_job(job_id)
             raise Problem(409, f"job {job_id} already finished with status {job.status!r}; only queued or "
                           "running jobs can be canceled", title="Job already finished", type="job-finished",
                           job_status=job.status)
         if outcome is CancelOutcome.CANCELED:
-            return _job_response(_find(job_id), 200)
+            return _job_response(find_job(job_id), 200)
         job = wait_for_final(svc, pubsub, job_id, current_owner(), CANCEL_WAIT_SECONDS,
-                             poll_database=False) or _find(job_id)
+                             poll_database=False) or find_job(job_id)
         return _job_response(job, 200 if JobStatus(job.status).is_final else 202)
     finally:
         close_quietly(pubsub)
@@ -156,7 +157,7 @@ def cancel_job(job_id: str):
 
 @bp.get("/<job_id>/events")
 def job_events(job_id: str):
-    job = _find(job_id)
+    job = find_job(job_id)
     after = last_event_id()
     return Response(sse_stream(services(), job.id, current_owner(), after),
                     mimetype="text/event-stream",

@@ -24,6 +24,7 @@ from app.api.console import forms
 from app.api.console.guard import CSRF_FIELD, add_security_headers, check_csrf
 from app.api.console.sessions import SessionStore, live_key
 from app.api.job_request import JobCreate
+from app.api.jobs import find_job
 from app.api.problems import validation_problem
 from app.api.request_parsing import decode_cursor, encode_cursor, last_event_id
 from app.api.services import services
@@ -258,17 +259,9 @@ def _excerpt(job: Job, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _find(job_id: str) -> Job:
-    with services().sessions() as db:
-        job = store.get_job(db, job_id, current_owner())
-    if job is None:
-        raise Problem(404, f"no job with id {job_id}", title="Job not found", type="job-not-found")
-    return job
-
-
 @bp.get("/jobs/<job_id>")
 def job(job_id: str):
-    found = _find(job_id)
+    found = find_job(job_id)
     with services().sessions() as db:
         webhooks = webhooks_body(db, job_id)
     params = {name: value for name, value in found.input.items() if name not in ("prompt", "messages")}
@@ -281,7 +274,7 @@ def job(job_id: str):
 
 @bp.get("/jobs/<job_id>/state")
 def job_state(job_id: str):
-    found = _find(job_id)
+    found = find_job(job_id)
     with services().sessions() as db:
         webhooks = webhooks_body(db, job_id)
     return jsonify({"job": job_to_dict(found, request.host_url), "webhooks": webhooks})
@@ -291,7 +284,7 @@ def job_state(job_id: str):
 def job_events(job_id: str):
     """The job's SSE stream (as GET /v1/jobs/{id}/events), signed in by cookie; the browser resumes
     with Last-Event-ID, a second after a drop."""
-    found = _find(job_id)
+    found = find_job(job_id)
     stream = sse_stream(services(), found.id, current_owner(), last_event_id())
 
     def with_retry():

@@ -90,6 +90,16 @@ def test_heuristic_splits_long_context(poison, gen):
     check(gen, seqs, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16)
 
 
+def test_heuristic_aims_for_two_waves():
+    # 132 SMs (an H200): 64 sequences x 8 KV heads fill one wave of ~4 programs per SM but not two,
+    # and two splits measured faster there; a grid of two waves or more is never split; a short
+    # context is never cut below MIN_TOKENS_PER_SPLIT.
+    assert pa._choose_num_splits(busy_programs=512, max_context=2048, num_sms=132) == 2
+    assert pa._choose_num_splits(busy_programs=1056, max_context=2048, num_sms=132) == 1
+    assert pa._choose_num_splits(busy_programs=8, max_context=8192, num_sms=132) == pa.MAX_SPLITS
+    assert pa._choose_num_splits(busy_programs=8, max_context=2 * pa.MIN_TOKENS_PER_SPLIT, num_sms=132) == 2
+
+
 def test_strided_q_and_empty_sequence(poison, gen):
     # A sequence with no new tokens this step (q_len 0) sits between two others.
     seqs = [(30, 1), (12, 0), (3, 17)]

@@ -112,6 +112,7 @@ def library() -> ctypes.CDLL:
         "genq_linear": [p, i64, p, p, p, i64, i, i, i, i, i],
         "genq_store_kv": [p, i64, p, i64, p, p, p, i64, i64, i, i],
         "genq_linear_supported": [],
+        "genq_linear_native_bf16": [],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -263,12 +264,23 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 # Up to this many rows of x, `linear` beats the BLAS (benchmarks/cpu_linear.py, on a 2-core AVX-512
 # Xeon: 1.8-2.4x faster from 4 to 48 rows, even at 1-2 rows and at 64, slower above).
 LINEAR_MAX_ROWS = 48
+# bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
+# uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
+# (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon).
+LINEAR_MAX_ROWS_NATIVE_BF16 = 32
 
 
 @functools.cache
 def linear_available() -> bool:
     """Whether this build has the linear kernel (it needs AVX-512) and it loads."""
     return available() and bool(library().genq_linear_supported())
+
+
+@functools.cache
+def linear_native_bfloat16() -> bool:
+    """Whether the linear kernel multiplies bfloat16 with vdpbf16ps here (AVX512-BF16), rather than
+    widening the weights to float32."""
+    return linear_available() and bool(library().genq_linear_native_bf16())
 
 
 @functools.cache

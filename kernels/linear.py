@@ -10,7 +10,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            impl: str | None = None) -> torch.Tensor:
     """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.LINEAR_MAX_ROWS`
     rows) of float32, and of bfloat16 where the CPU has no bfloat16 arithmetic, go to the compiled
-    kernel; larger bfloat16 batches on such a CPU are multiplied in float32 (exact widening, float32
+    kernel, as do bfloat16 batches of at most LINEAR_MAX_ROWS_NATIVE_BF16 rows where it has
+    (vdpbf16ps); larger bfloat16 batches on a CPU without it are multiplied in float32 (exact widening, float32
     sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated bfloat16
     one). Everything else, and impl="torch" or "triton" (cuBLAS does this well), is
     torch.nn.functional.linear."""
@@ -21,6 +22,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.dtype == torch.float32 or emulated_bf16:
             if cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
                 return cpu_kernels.linear_unchecked(x, weight, bias)
+        elif (x.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16 * x.shape[-1]
+              and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_native_bfloat16()):
+            return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)

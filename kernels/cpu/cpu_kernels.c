@@ -570,6 +570,15 @@ int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads
  * is read, so it crosses the memory bus at half float32's bytes). AVX-512 only;
  * genq_linear_supported() says whether it is here. */
 
+/* 1 where bfloat16 goes through vdpbf16ps (AVX512-BF16), 0 where it is widened to float32. */
+int genq_linear_native_bf16(void) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int genq_linear_supported(void) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
     return 1;
@@ -675,6 +684,82 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+/* bfloat16 on a CPU with AVX512-BF16: x and W stay bfloat16 and vdpbf16ps takes 32 of their
+ * products per instruction into 16 float32 lanes (lane i: x[2i] w[2i] + x[2i+1] w[2i+1] + acc), so
+ * a tile crosses the memory bus at bfloat16's bytes and is never widened into scratch. The
+ * instruction rounds to nearest even and treats bfloat16 subnormals as zero; sums stay float32
+ * and y is rounded once, as in the widening path. MT rows of x against NT = 4 or 1 weight rows. */
+static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
+                                                                       int64_t K, const float *bias, uint16_t *y,
+                                                                       int64_t ldy, const int MT, const int NT,
+                                                                       const uint16_t *next) {
+    __m512 acc[LIN_ROWS][4];
+    const int64_t full = K & ~(int64_t)31;
+    const __mmask32 tail = (__mmask32)((1ull << (K & 31)) - 1ull);
+    for (int m = 0; m < MT; m++)
+        for (int j = 0; j < NT; j++) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 32) {
+        __m512i wv[4];
+        if (next != NULL)
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T0);
+        for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(w + j * K + k);
+        for (int m = 0; m < MT; m++) {
+            const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
+            for (int j = 0; j < NT; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xv, (__m512bh)wv[j]);
+        }
+    }
+    if (tail) {
+        __m512i wv[4];
+        for (int j = 0; j < NT; j++) wv[j] = _mm512_maskz_loadu_epi16(tail, w + j * K + full);
+        for (int m = 0; m < MT; m++) {
+            const __m512i xv = _mm512_maskz_loadu_epi16(tail, x + m * ldx + full);
+            for (int j = 0; j < NT; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xv, (__m512bh)wv[j]);
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        float sums[4];
+        if (NT == 4) {
+            const __m512 s = lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+            const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+            __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
+            _mm_storeu_ps(sums, q);
+        } else {
+            for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
+        }
+        for (int j = 0; j < NT; j++) y[m * ldy + j] = f32_to_bf16(sums[j]);
+    }
+}
+
+/* linear_columns for the vdpbf16ps path: every row of x against NT weight rows, balanced blocks. */
+static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, const uint16_t *bias,
+                                  uint16_t *y, int64_t ldy, int M, int NT) {
+    const int blocks = (M + LIN_ROWS - 1) / LIN_ROWS;
+    float bias_wide[4];
+    const float *bf = NULL;
+    if (bias != NULL) {
+        for (int j = 0; j < NT; j++) bias_wide[j] = bf16_to_f32(bias[j]);
+        bf = bias_wide;
+    }
+    for (int b = 0, m = 0; b < blocks; b++) {
+        const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
+        const uint16_t *xm = x + m * ldx, *ahead = b == 0 ? w + NT * K : NULL;
+        uint16_t *ym = y + (size_t)m * ldy;
+#define LIN_CASE(R) case R: {                                                                   \
+            if (NT == 4) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, ahead);               \
+            else linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, NULL);                        \
+        } break;
+        switch (rows) {
+        LIN_CASE(6) LIN_CASE(5) LIN_CASE(4) LIN_CASE(3) LIN_CASE(2) LIN_CASE(1)
+        }
+#undef LIN_CASE
+        m += rows;
+    }
+}
+#define GENQ_LINEAR_DPBF16 1
+#endif
+
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M, n < N; x rows ldx elements apart, y rows
  * ldy apart, w and bias contiguous, all of element type dtype (0 float32, 1 bfloat16). Returns 0;
  * 1 if out of memory; 2 where this build has no such kernel. */
@@ -683,6 +768,24 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
     const int tiles = N / 4, BF = dtype == 1;
     const size_t esize = BF ? 2 : 4;
+    if (num_threads < 1) num_threads = 1;
+#if defined(GENQ_LINEAR_DPBF16)
+    if (BF) {
+        const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w, *bb = (const uint16_t *)bias;
+        uint16_t *yb = (uint16_t *)y;
+#pragma omp parallel num_threads(num_threads)
+        {
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < tiles; t++)
+                linear_columns_dpbf16(xb, ldx, wb + (size_t)t * 4 * K, K, bb != NULL ? bb + (size_t)t * 4 : NULL,
+                                      yb + (size_t)t * 4, ldy, M, 4);
+#pragma omp for schedule(static)
+            for (int n = tiles * 4; n < N; n++)
+                linear_columns_dpbf16(xb, ldx, wb + (size_t)n * K, K, bb != NULL ? bb + n : NULL, yb + n, ldy, M, 1);
+        }
+        return 0;
+    }
+#endif
     const float *xf = (const float *)x;
     float *widened = NULL;
     if (BF) {   /* x is small (M x K): widen it once, so the inner loop loads float32 rows */
@@ -692,7 +795,6 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
         xf = widened;
         ldx = K;
     }
-    if (num_threads < 1) num_threads = 1;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {

@@ -233,17 +233,35 @@ def test_linear_dispatch(gen, monkeypatch):
     assert torch.equal(kernels.linear(large, w), torch.nn.functional.linear(large, w))
     assert torch.equal(kernels.linear(small, w, impl="torch"), torch.nn.functional.linear(small, w))
     assert calls == [1]
-    # bfloat16: PyTorch's own where the CPU has bfloat16 arithmetic; else the kernel (small) or
-    # float32 arithmetic (large), which agree with the exact product to bfloat16's precision
+    # bfloat16: decode-sized batches go to the kernel (vdpbf16ps where the CPU has AVX512-BF16, else
+    # widened to float32); larger ones to PyTorch's own bfloat16 matmul where the CPU has bfloat16
+    # arithmetic, else to float32 arithmetic. All agree with the exact product to bfloat16's precision.
     for x in (small, large):
         got = kernels.linear(x.bfloat16(), w.bfloat16())
         exact = torch.nn.functional.linear(x.bfloat16().double(), w.bfloat16().double())
-        if cpu_kernels.native_bfloat16():
+        if x is large and cpu_kernels.native_bfloat16():
             assert torch.equal(got, torch.nn.functional.linear(x.bfloat16(), w.bfloat16()))
         else:
             assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
-    assert calls == [1] if cpu_kernels.native_bfloat16() else calls == [1, 1]
+    small_bf16_to_kernel = cpu_kernels.linear_native_bfloat16() or not cpu_kernels.native_bfloat16()
+    assert calls == ([1, 1] if small_bf16_to_kernel else [1])
     assert torch.equal(kernels.linear(small.half(), w.half()), torch.nn.functional.linear(small.half(), w.half()))
+
+
+@pytest.mark.skipif(not cpu_kernels.linear_native_bfloat16(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, cpu_kernels.LINEAR_MAX_ROWS])
+@pytest.mark.parametrize("in_features", [576, 577, 31, 64, 1536])
+def test_linear_vdpbf16ps_matches_float32_sums(gen, rows, in_features):
+    # K tails of 0, 1 and 31 elements (32 per instruction); 4-row tiles and single rows; bias or none.
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    w = torch.randn(70, in_features, generator=gen).bfloat16()
+    b = torch.randn(70, generator=gen).bfloat16()
+    for bias in (None, b):
+        got = cpu_kernels.linear(x, w, bias)
+        exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+        blas = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float()).bfloat16()
+        assert (got == blas).float().mean().item() > 0.97
 
 
 @needs_linear

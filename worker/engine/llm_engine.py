@@ -11,6 +11,7 @@ import torch
 from kernels import cpu_kernels
 from worker.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.host_memory import retain_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.loader import cache_root, eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
 from worker.engine.model_runner import ModelRunner
@@ -39,6 +40,8 @@ class LLMEngine:
         self.model_path = path
         self.model_name = path.stem if path.is_file() else path.name
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.dtype = TORCH_DTYPES[config.dtype]
         self.tokenizer = load_tokenizer(hf_dir)
         self.tp: TensorParallelExecutor | None = None   # ranks 1..N-1 when tensor_parallel_size > 1

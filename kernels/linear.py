@@ -1,6 +1,8 @@
 """Linear layers: y = x W^T + b, W in nn.Linear's [out_features, in_features] layout."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels._dispatch import resolve_impl
@@ -13,8 +15,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel, as do bfloat16 batches of at most LINEAR_MAX_ROWS_NATIVE_BF16 rows where it has
     (vdpbf16ps); larger bfloat16 batches on a CPU without it are multiplied in float32 (exact widening, float32
     sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated bfloat16
-    one). Everything else, and impl="torch" or "triton" (cuBLAS does this well), is
-    torch.nn.functional.linear."""
+    one); larger float32 batches go to oneDNN (`onednn_available`). Everything else, and
+    impl="torch" or "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
     if resolve_impl(impl, x) == "cpu":
         from kernels import cpu_kernels
 
@@ -27,4 +29,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+        if x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available():
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether PyTorch's oneDNN linear op runs here. Float32 batches above the kernel's row limit go
+    to it rather than to torch.nn.functional.linear, which calls MKL's sgemm: on an AMD EPYC with
+    AVX-512 (2 cores) MKL ran SmolLM2's prefill matmuls at ~200 GFLOP/s and oneDNN at ~450, and on
+    the 2-core Xeon the two are level (benchmarks/cpu_linear.py). The op is PyTorch's internal one
+    (what torch.compile's CPU backend emits), so it is tried once and left alone if it fails."""
+    try:
+        x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4)
+        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), torch.full((2, 4), 3.0)))
+    except Exception:   # no oneDNN in this build, or the op changed
+        return False

@@ -1,6 +1,7 @@
 """The compiled CPU decode kernel (kernels/cpu_kernels.py) against the PyTorch reference."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -11,6 +12,8 @@ from kernels import cpu_kernels
 from kernels.paged_attention import paged_attention_cpu, paged_attention_torch
 from tests.kernels.helpers import assert_close
 from tests.kernels.test_paged_attention import DECODE, MIXED, make_batch
+
+linear_module = importlib.import_module("kernels.linear")
 
 if not cpu_kernels.available():
     pytest.skip("no C compiler here: the engine runs the PyTorch path", allow_module_level=True)
@@ -229,8 +232,15 @@ def test_linear_dispatch(gen, monkeypatch):
     small, large = torch.randn(8, 32, generator=gen), torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32, generator=gen)
     assert_close(kernels.linear(small, w), torch.nn.functional.linear(small, w))
     assert calls == [1], "a decode-sized float32 batch did not reach the kernel"
-    # prefill-sized float32 batches and impl="torch" stay on PyTorch, bit for bit
-    assert torch.equal(kernels.linear(large, w), torch.nn.functional.linear(large, w))
+    # prefill-sized float32 batches go to oneDNN where it runs (the BLAS's result up to summation
+    # order), never to the kernel; impl="torch" stays on PyTorch, bit for bit
+    onednn = linear_module.onednn_available()   # (its own probe call is made before counting)
+    onednn_calls = []
+    real_onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: onednn_calls.append(1) or real_onednn(*a), raising=False)
+    assert_close(kernels.linear(large, w), torch.nn.functional.linear(large, w))
+    assert onednn_calls == ([1] if onednn else [])
     assert torch.equal(kernels.linear(small, w, impl="torch"), torch.nn.functional.linear(small, w))
     assert calls == [1]
     # bfloat16: decode-sized batches go to the kernel (vdpbf16ps where the CPU has AVX512-BF16, else

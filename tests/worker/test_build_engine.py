@@ -2,6 +2,8 @@
 worker picked."""
 from __future__ import annotations
 
+import pytest
+
 from app.infra.settings import Settings
 from kernels import cpu_kernels
 from worker.runtime import build_engine
@@ -46,3 +48,26 @@ def test_a_built_engine_is_warm_and_empty(tiny_model_dir, tmp_path, monkeypatch)
     assert len(steps) >= 4                      # a prefill and decode steps ran before the engine was returned
     assert not engine.has_unfinished_requests() and engine.requests == {}
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+
+
+def test_the_engine_is_loaded_in_a_thread_that_ends(tiny_model_dir, tmp_path, monkeypatch):
+    """Loading and warming up run in a short-lived thread, not the caller's: the caller (the worker's
+    main thread) then holds no OpenMP pool, and the engine loop's pool is the process's only one
+    (worker/runtime.py build_engine says why that matters). A failure there is raised in the caller."""
+    import threading
+
+    from worker.engine import LLMEngine
+
+    monkeypatch.setattr(cpu_kernels, "_build_dir", None)
+    settings = Settings(home=str(tmp_path), model=str(tiny_model_dir), device="cpu", num_kv_blocks=48,
+                        cache_dir=str(tmp_path / "cache"))
+    threads = []
+    original = LLMEngine.step
+    monkeypatch.setattr(LLMEngine, "step", lambda self: threads.append(threading.current_thread()) or original(self))
+    build_engine(settings)
+    assert threads and {t.name for t in threads} == {"genq-engine-build"}
+    assert threading.current_thread() not in threads and not threads[0].is_alive()
+
+    monkeypatch.setattr(LLMEngine, "step", lambda self: (_ for _ in ()).throw(RuntimeError("warm-up broke")))
+    with pytest.raises(RuntimeError, match="warm-up broke"):
+        build_engine(settings)

@@ -145,13 +145,10 @@ def _wait_until_ready(settings: Settings, children, stopping) -> bool:
         if any(child.poll() is not None for child in children):
             print("genq: a child process failed to start", file=sys.stderr)
             return False
-        try:
-            ready = requests.get(f"{settings.api_url}/readyz", timeout=2).status_code == 200
-            workers = requests.get(f"{settings.api_url}/v1/workers", timeout=2,
-                                   headers={"Authorization": f"Bearer {settings.api_key}"}).json()["data"] if ready else []
-            if workers:
+        try:   # /health: the database and Redis answer and a worker reported its engine loaded and warm
+            if requests.get(f"{settings.api_url}/health", timeout=2).status_code == 200:
                 return True
-        except (requests.RequestException, ValueError, KeyError):
+        except requests.RequestException:
             pass
         time.sleep(0.5)
     return False

@@ -11,6 +11,10 @@ DECODE_GROUP = 16
 # Up to this many KV heads, decode scores come from one batched matmul against a block-diagonal
 # query (wasting kv_heads x the FLOPs, which are cheap here, to read the cache once, unpermuted).
 BLOCK_DIAGONAL_MAX_KV_HEADS = 4
+# On the CPU, prefill chunks over at most this many cached tokens (the chunk included) run in the
+# compiled decode kernel, one query row per token, rather than through SDPA: 10-35% faster up to
+# ~330 tokens and level at ~1,000 (SmolLM2's 9/3 heads, head dim 64, float32 and bfloat16, 2 threads).
+PREFILL_IN_KERNEL_MAX_CONTEXT = 512
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -81,11 +85,12 @@ def _prefill_chunk_sdpa(q, k, v, scale, context_before: int):
 
 
 def _prefill_rows(q, k_cache, v_cache, tables, lens: list[int], starts: list[int], scale, out,
-                  chunk=_prefill_chunk) -> None:
-    """Each prefill chunk (more than one new token) attends over exactly its own sequence's cache."""
+                  chunk=_prefill_chunk, min_context: int = 0) -> None:
+    """Each prefill chunk (more than one new token) over at least `min_context` cached tokens attends
+    over exactly its own sequence's cache."""
     for i, seq_len in enumerate(lens):
         a, b = starts[i], starts[i + 1]
-        if b - a > 1:
+        if b - a > 1 and seq_len >= min_context:
             k = _gather_context(k_cache, tables[i], seq_len)
             v = _gather_context(v_cache, tables[i], seq_len)
             out[a:b] = chunk(q[a:b], k, v, scale, seq_len - (b - a)).to(q.dtype)
@@ -121,11 +126,26 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    rows = [starts[i] if starts[i + 1] - starts[i] == 1 else -1 for i in range(len(lens))]
-    if any(row >= 0 for row in rows):
-        cpu_kernels.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, torch.tensor(rows), scale, out)
-    if any(row < 0 for row in rows):
-        _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out, _prefill_chunk_sdpa)
+    # Every decode row, and every token of a prefill chunk over a short context, is one row of the
+    # compiled kernel: a chunk's token j is a query over the first (len - q_len + j + 1) cached
+    # tokens of its sequence, which is causal attention. Chunks over longer contexts go to SDPA.
+    rows, seq_of, row_lens, long_chunks = [], [], [], False
+    for i, seq_len in enumerate(lens):
+        a, b = starts[i], starts[i + 1]
+        if b - a == 1 or (b - a > 1 and seq_len <= PREFILL_IN_KERNEL_MAX_CONTEXT):
+            rows.extend(range(a, b))
+            seq_of.extend([i] * (b - a))
+            row_lens.extend(range(seq_len - (b - a) + 1, seq_len + 1))
+        elif b - a > 1:
+            long_chunks = True
+    if rows:
+        tables = block_tables if len(seq_of) == len(lens) and seq_of == list(range(len(lens))) \
+            else block_tables.index_select(0, torch.tensor(seq_of, device=block_tables.device))
+        cpu_kernels.paged_decode(q, k_cache, v_cache, tables, torch.tensor(row_lens, dtype=torch.int32),
+                                 torch.tensor(rows), scale, out)
+    if long_chunks:
+        _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out, _prefill_chunk_sdpa,
+                      min_context=PREFILL_IN_KERNEL_MAX_CONTEXT + 1)
     return out
 
 

@@ -36,6 +36,10 @@ def run_both(gen, seqs, threads=1, **shape):
 
 
 LONG = [(0, 1), (15, 1), (16, 1), (47, 1), (300, 1), (129, 1), (2, 1), (64, 1)]
+# Prefill chunks both sides of PREFILL_IN_KERNEL_MAX_CONTEXT (512): short ones (first chunks and
+# continuations) run in the compiled kernel a token a row, long ones through SDPA; beside decode rows
+# and a sequence with no new token.
+PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), (600, 25), (8, 1), (0, 513)]
 
 
 @pytest.mark.parametrize("seqs,num_heads,num_kv_heads,head_dim,block_size,dtype,threads", [
@@ -47,8 +51,10 @@ LONG = [(0, 1), (15, 1), (16, 1), (47, 1), (300, 1), (129, 1), (2, 1), (64, 1)]
     (LONG, 12, 4, 16, 32, torch.float32, 3),        # more threads than the work splits evenly into
     (LONG, 28, 2, 128, 8, torch.float32, 2),        # 14 query heads a KV head (AVX-512 path: groups of 6, 6, 2)
     (LONG, 10, 2, 192, 16, torch.float32, 1),       # head_dim 192: not the AVX-512 path's 64 or 128
+    (PREFILL_BOTH_WAYS, 9, 3, 64, 16, torch.float32, 2),
+    (PREFILL_BOTH_WAYS, 9, 3, 64, 16, torch.bfloat16, 2),
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
-        "long-3threads", "long-g14-d128", "long-d192"])
+        "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16"])
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype)
@@ -303,3 +309,23 @@ def test_store_kv_matches_reference_on_strided_rows(gen, dtype):
     with pytest.raises(IndexError, match="past the cache"):
         cpu_kernels.store_kv(k, v, caches[0], caches[1], torch.tensor([3, 0, 24, -1, 7, 8, 9, -1, 12]))
     assert torch.equal(caches[0], before[0]) and torch.equal(caches[1], before[1]), "nothing written"
+
+
+def test_short_prefill_chunks_run_in_the_kernel(gen, monkeypatch):
+    """Every token of a chunk over at most PREFILL_IN_KERNEL_MAX_CONTEXT cached tokens is a row of the
+    compiled kernel (one call, beside the decode rows); longer chunks go to SDPA."""
+    pa = importlib.import_module("kernels.paged_attention")
+
+    kernel_rows, sdpa_chunks = [], []
+    real_decode, real_sdpa = cpu_kernels.paged_decode, pa._prefill_chunk_sdpa
+    monkeypatch.setattr(cpu_kernels, "paged_decode",
+                        lambda q, kc, vc, t, lens, rows, *a: kernel_rows.append(len(rows)) or real_decode(q, kc, vc, t, lens, rows, *a))
+    monkeypatch.setattr(pa, "_prefill_chunk_sdpa", lambda q, *a: sdpa_chunks.append(q.shape[0]) or real_sdpa(q, *a))
+    out, ref = run_both(gen, PREFILL_BOTH_WAYS, 2, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+                        dtype=torch.float32)
+    assert_close(out, ref)
+    short = [n for before, n in PREFILL_BOTH_WAYS if n > 1 and before + n <= pa.PREFILL_IN_KERNEL_MAX_CONTEXT]
+    decode = [n for _, n in PREFILL_BOTH_WAYS if n == 1]
+    assert kernel_rows == [sum(short) + len(decode)]
+    assert sorted(sdpa_chunks) == sorted(n for before, n in PREFILL_BOTH_WAYS
+                                         if n > 1 and before + n > pa.PREFILL_IN_KERNEL_MAX_CONTEXT)

@@ -309,18 +309,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return linear_unchecked(x, weight, bias)
 
 
-def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     float32_out: bool = False) -> torch.Tensor:
     """`linear` for a caller that has checked `linear_supports` itself (kernels.linear, every
-    projection of every step) or wants no row limit (benchmarks/cpu_linear.py)."""
+    projection of every step) or wants no row limit (benchmarks/cpu_linear.py, the LM head).
+    float32_out: bfloat16 tensors in, the float32 sums out unrounded (needs `linear_native_bfloat16`)."""
     n, k = weight.shape
     rows = x.reshape(-1, k)
     if k and rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = x.new_empty(*x.shape[:-1], n)
+    out = x.new_empty(*x.shape[:-1], n, dtype=torch.float32 if float32_out else x.dtype)
+    dtype_code = 2 if float32_out else DTYPES[x.dtype]
     if rows.shape[0] and n:
         status = library().genq_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
                                        None if bias is None else bias.data_ptr(), out.data_ptr(), n,
-                                       rows.shape[0], n, k, DTYPES[x.dtype], _threads())
+                                       rows.shape[0], n, k, dtype_code, _threads())
         if status != 0:
             raise RuntimeError(f"linear failed (status {status})")
     return out

@@ -34,6 +34,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear_float32_out(x: torch.Tensor, weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """x W^T as float32 (the LM head: logits). Where the CPU kernel multiplies bfloat16 with vdpbf16ps,
+    bfloat16 x and W give the kernel's float32 sums unrounded, at any number of rows (each row's sums
+    do not depend on the others', so a request's logits are the same whatever it is batched with);
+    rounding logits to bfloat16 first would leave ties and flipped near-ties for greedy sampling to
+    pick from (a bfloat16 step near a logit of 16 is 0.125). Elsewhere `linear(x, weight).float()`."""
+    if x.dtype == torch.bfloat16 and resolve_impl(impl, x) == "cpu":
+        from kernels import cpu_kernels
+
+        if cpu_kernels.linear_supports(x[:1], weight, None) and cpu_kernels.linear_native_bfloat16():
+            return cpu_kernels.linear_unchecked(x, weight, None, float32_out=True)
+    return linear(x, weight, impl=impl).float()
+
+
 @functools.cache
 def onednn_available() -> bool:
     """Whether PyTorch's oneDNN linear op runs here. Float32 batches above the kernel's row limit go

@@ -691,9 +691,9 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
  * instruction rounds to nearest even and treats bfloat16 subnormals as zero; sums stay float32
  * and y is rounded once, as in the widening path. MT rows of x against NT = 4 or 1 weight rows. */
 static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
-                                                                       int64_t K, const float *bias, uint16_t *y,
+                                                                       int64_t K, const float *bias, void *y,
                                                                        int64_t ldy, const int MT, const int NT,
-                                                                       const uint16_t *next) {
+                                                                       const int OUTF, const uint16_t *next) {
     __m512 acc[LIN_ROWS][4];
     const int64_t full = K & ~(int64_t)31;
     const __mmask32 tail = (__mmask32)((1ull << (K & 31)) - 1ull);
@@ -728,13 +728,16 @@ static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint
         } else {
             for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
         }
-        for (int j = 0; j < NT; j++) y[m * ldy + j] = f32_to_bf16(sums[j]);
+        for (int j = 0; j < NT; j++) {
+            if (OUTF) ((float *)y)[m * ldy + j] = sums[j];
+            else ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
+        }
     }
 }
 
 /* linear_columns for the vdpbf16ps path: every row of x against NT weight rows, balanced blocks. */
 static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, const uint16_t *bias,
-                                  uint16_t *y, int64_t ldy, int M, int NT) {
+                                  void *y, int64_t ldy, int M, int NT, int OUTF) {
     const int blocks = (M + LIN_ROWS - 1) / LIN_ROWS;
     float bias_wide[4];
     const float *bf = NULL;
@@ -745,10 +748,12 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
     for (int b = 0, m = 0; b < blocks; b++) {
         const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
         const uint16_t *xm = x + m * ldx, *ahead = b == 0 ? w + NT * K : NULL;
-        uint16_t *ym = y + (size_t)m * ldy;
+        void *ym = (char *)y + (size_t)m * ldy * (OUTF ? 4 : 2);
 #define LIN_CASE(R) case R: {                                                                   \
-            if (NT == 4) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, ahead);               \
-            else linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, NULL);                        \
+            if (NT == 4 && OUTF) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, 1, ahead);    \
+            else if (NT == 4) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, 0, ahead);       \
+            else if (OUTF) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, 1, NULL);          \
+            else linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, 0, NULL);                    \
         } break;
         switch (rows) {
         LIN_CASE(6) LIN_CASE(5) LIN_CASE(4) LIN_CASE(3) LIN_CASE(2) LIN_CASE(1)
@@ -761,8 +766,9 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 #endif
 
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M, n < N; x rows ldx elements apart, y rows
- * ldy apart, w and bias contiguous, all of element type dtype (0 float32, 1 bfloat16). Returns 0;
- * 1 if out of memory; 2 where this build has no such kernel. */
+ * ldy apart, w and bias contiguous, all of element type dtype (0 float32, 1 bfloat16; 2: bfloat16
+ * x, W and bias with float32 y, the unrounded sums, where vdpbf16ps is built in). Returns 0; 1 if
+ * out of memory; 2 where this build has no such kernel. */
 int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, void *y, int64_t ldy,
                 int M, int N, int K, int dtype, int num_threads) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
@@ -770,22 +776,25 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
     const size_t esize = BF ? 2 : 4;
     if (num_threads < 1) num_threads = 1;
 #if defined(GENQ_LINEAR_DPBF16)
-    if (BF) {
+    if (BF || dtype == 2) {
         const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w, *bb = (const uint16_t *)bias;
-        uint16_t *yb = (uint16_t *)y;
+        const int OUTF = dtype == 2;
+        const size_t ysize = OUTF ? 4 : 2;
 #pragma omp parallel num_threads(num_threads)
         {
 #pragma omp for schedule(static) nowait
             for (int t = 0; t < tiles; t++)
                 linear_columns_dpbf16(xb, ldx, wb + (size_t)t * 4 * K, K, bb != NULL ? bb + (size_t)t * 4 : NULL,
-                                      yb + (size_t)t * 4, ldy, M, 4);
+                                      (char *)y + (size_t)t * 4 * ysize, ldy, M, 4, OUTF);
 #pragma omp for schedule(static)
             for (int n = tiles * 4; n < N; n++)
-                linear_columns_dpbf16(xb, ldx, wb + (size_t)n * K, K, bb != NULL ? bb + n : NULL, yb + n, ldy, M, 1);
+                linear_columns_dpbf16(xb, ldx, wb + (size_t)n * K, K, bb != NULL ? bb + n : NULL,
+                                      (char *)y + (size_t)n * ysize, ldy, M, 1, OUTF);
         }
         return 0;
     }
 #endif
+    if (dtype == 2) return 2;   /* float32 output of bfloat16 inputs: the vdpbf16ps path only */
     const float *xf = (const float *)x;
     float *widened = NULL;
     if (BF) {   /* x is small (M x K): widen it once, so the inner loop loads float32 rows */

@@ -329,3 +329,18 @@ def test_short_prefill_chunks_run_in_the_kernel(gen, monkeypatch):
     assert kernel_rows == [sum(short) + len(decode)]
     assert sorted(sdpa_chunks) == sorted(n for before, n in PREFILL_BOTH_WAYS
                                          if n > 1 and before + n > pa.PREFILL_IN_KERNEL_MAX_CONTEXT)
+
+
+@pytest.mark.skipif(not cpu_kernels.linear_native_bfloat16(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 7, cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16 + 9])
+def test_linear_float32_out_keeps_the_unrounded_sums(gen, rows):
+    # The LM head on a bfloat16 model: float32 logits at any number of rows, each the float32 sum the
+    # bfloat16 output would have been rounded from; a row's logits do not depend on its batch.
+    x = torch.randn(rows, 577, generator=gen).bfloat16()
+    w = torch.randn(70, 577, generator=gen).bfloat16()
+    got = kernels.linear_float32_out(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, 70)
+    exact = torch.nn.functional.linear(x.double(), w.double())
+    assert ((got.double() - exact).abs() <= 1e-5 * (1 + exact.abs())).all()
+    assert torch.equal(got.bfloat16(), cpu_kernels.linear_unchecked(x, w))
+    assert torch.equal(kernels.linear_float32_out(x[:1], w), got[:1])

@@ -128,4 +128,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         h = kernels.rms_norm(hidden, self.norm, self.args.rms_norm_eps, impl=impl)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return kernels.linear(h, weight, impl=impl).float()
+        return kernels.linear_float32_out(h, weight, impl=impl)

@@ -113,6 +113,8 @@ def library() -> ctypes.CDLL:
         "genq_store_kv": [p, i64, p, i64, p, p, p, i64, i64, i, i],
         "genq_linear_supported": [],
         "genq_linear_native_bf16": [],
+        "genq_decode_layers": [p, i, p, p, p, p, p, p, p, i64, i, i, i, i, i, f, p, p, i64, p, i64, p, i64, p, p, i,
+                               i, f, i, i, i, i, i, i],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -327,3 +329,74 @@ def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if status != 0:
             raise RuntimeError(f"linear failed (status {status})")
     return out
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "gate_up_w", "gate_up_b", "down_w", "down_b",
+        "k_cache", "v_cache")]
+
+
+class DecodeLayers:
+    """A Llama model's decoder layers for `genq_decode_layers`: every layer of a step of few tokens in
+    one call, through the same kernels as the per-op path (bit for bit its results). Built once per
+    model and KV cache: it holds the tensors whose addresses it passes."""
+
+    def __init__(self, layers: list[dict[str, torch.Tensor | None]], *, num_heads: int, num_kv_heads: int,
+                 head_dim: int, eps: float, cos_sin: torch.Tensor):
+        first = layers[0]
+        self.dtype = first["qkv_w"].dtype
+        self.hidden = first["qkv_w"].shape[1]
+        self.inter = first["down_w"].shape[1]
+        self.num_heads, self.num_kv_heads, self.head_dim, self.eps = num_heads, num_kv_heads, head_dim, eps
+        self.cos_sin = cos_sin
+        self._tensors = layers            # keeps every passed tensor alive
+        self._array = (_Layer * len(layers))(*[
+            _Layer(*[None if layer[name] is None else layer[name].data_ptr() for name, _ in _Layer._fields_])
+            for layer in layers])
+        self.k_cache = first["k_cache"]
+        if self.dtype == torch.bfloat16 and linear_native_bfloat16():
+            self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS_NATIVE_BF16, DTYPES[self.dtype]
+        else:
+            self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS, DTYPES[self.dtype]
+
+    @staticmethod
+    def usable(layers: list[dict[str, torch.Tensor | None]], cos_sin: torch.Tensor) -> bool:
+        """CPU float32 or bfloat16 tensors the kernels take (contiguous, one dtype), and the linear
+        kernel built here (bfloat16 on a CPU without vdpbf16ps widens, as the per-op path does)."""
+        if not (layers and available() and linear_available()):
+            return False
+        dtype = layers[0]["qkv_w"].dtype
+        if dtype not in DTYPES or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+            return False
+        return all(t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous())
+                   for layer in layers for t in layer.values())
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, rows, scale: float):
+        """x: [tokens, hidden] embeddings (overwritten). Returns (x, residual) after the last layer.
+        rows: kernels.paged_attention.KernelRows covering every token."""
+        tokens, hidden = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        new = functools.partial(torch.empty, dtype=x.dtype)
+        x = x.contiguous()
+        residual, h = new(tokens, hidden), new(tokens, hidden)
+        qkv, attn = new(tokens, q_size + 2 * kv_size), new(tokens, q_size)
+        gate_up, act = new(tokens, 2 * self.inter), new(tokens, self.inter)
+        positions = positions.to(torch.int64).contiguous()
+        slots = slots.contiguous()
+        row = self.k_cache.shape[2] * self.k_cache.shape[3]
+        status = library().genq_decode_layers(
+            self._array, len(self._tensors), x.data_ptr(), residual.data_ptr(), h.data_ptr(), qkv.data_ptr(),
+            attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), tokens, hidden, self.num_heads, self.num_kv_heads,
+            self.head_dim, self.inter, float(self.eps), positions.data_ptr(), self.cos_sin.data_ptr(),
+            self.cos_sin.shape[0], slots.data_ptr(), self.k_cache.numel() // max(row, 1),
+            rows.tables.data_ptr(), rows.tables.stride(0), rows.lens.data_ptr(), rows.rows.data_ptr(), rows.count,
+            self.k_cache.shape[1], float(scale), DTYPES[x.dtype], self.linear_dtype, _threads(),
+            _threads(tokens * hidden), _threads(tokens * (q_size + kv_size)), _threads(tokens * 2 * self.inter))
+        if status == 33:
+            raise IndexError(f"position {int(positions.max())} is past the RoPE table ({self.cos_sin.shape[0]})")
+        if status == 43:
+            raise IndexError(f"slot {int(slots.max())} is past the cache")
+        if status != 0:
+            raise RuntimeError(f"decode_layers failed (status {status})")
+        return x, residual

@@ -1,6 +1,8 @@
 """Paged attention over a block-table KV cache, for a mixed batch of decode rows and prefill chunks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels._dispatch import resolve_impl
@@ -116,19 +118,21 @@ def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_sta
     return out
 
 
-def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
-    """The CPU path: decode rows in the compiled kernel (kernels/cpu_kernels.py: straight from the
-    paged cache, no gather), prefill chunks through PyTorch's fused attention."""
-    from kernels import cpu_kernels
+@dataclass(slots=True)
+class KernelRows:
+    """The compiled kernel's rows of one step: row i is the query q[rows[i]] over the first lens[i]
+    cached tokens of the sequence whose block table is tables[i]."""
+    tables: torch.Tensor      # [count, blocks] int32
+    lens: torch.Tensor        # [count] int32
+    rows: torch.Tensor        # [count] int64
+    count: int
+    long_chunks: bool         # some prefill chunk is over a longer context: SDPA takes it
 
-    if not cpu_kernels.q_rows_ok(q):
-        q = q.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    # Every decode row, and every token of a prefill chunk over a short context, is one row of the
-    # compiled kernel: a chunk's token j is a query over the first (len - q_len + j + 1) cached
-    # tokens of its sequence, which is causal attention. Chunks over longer contexts go to SDPA.
+
+def kernel_rows(block_tables: torch.Tensor, lens: list[int], starts: list[int]) -> KernelRows:
+    """Every decode row, and every token of a prefill chunk over at most PREFILL_IN_KERNEL_MAX_CONTEXT
+    cached tokens, is one row of the compiled kernel: a chunk's token j is a query over the first
+    (len - q_len + j + 1) cached tokens of its sequence, which is causal attention."""
     rows, seq_of, row_lens, long_chunks = [], [], [], False
     for i, seq_len in enumerate(lens):
         a, b = starts[i], starts[i + 1]
@@ -138,12 +142,27 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
             row_lens.extend(range(seq_len - (b - a) + 1, seq_len + 1))
         elif b - a > 1:
             long_chunks = True
-    if rows:
-        tables = block_tables if len(seq_of) == len(lens) and seq_of == list(range(len(lens))) \
-            else block_tables.index_select(0, torch.tensor(seq_of, device=block_tables.device))
-        cpu_kernels.paged_decode(q, k_cache, v_cache, tables, torch.tensor(row_lens, dtype=torch.int32),
-                                 torch.tensor(rows), scale, out)
-    if long_chunks:
+    tables = block_tables if seq_of == list(range(len(lens))) \
+        else block_tables.index_select(0, torch.tensor(seq_of, dtype=torch.int64, device=block_tables.device))
+    return KernelRows(tables.to(torch.int32).contiguous(), torch.tensor(row_lens, dtype=torch.int32),
+                      torch.tensor(rows, dtype=torch.int64), len(rows), long_chunks)
+
+
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """The CPU path: decode rows and short prefill chunks in the compiled kernel (kernels/cpu_kernels.py:
+    straight from the paged cache, no gather; `kernel_rows`), longer prefill chunks through PyTorch's
+    fused attention."""
+    from kernels import cpu_kernels
+
+    if not cpu_kernels.q_rows_ok(q):
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    rows = kernel_rows(block_tables, lens, starts)
+    if rows.count:
+        cpu_kernels.paged_decode(q, k_cache, v_cache, rows.tables, rows.lens, rows.rows, scale, out)
+    if rows.long_chunks:
         _prefill_rows(q, k_cache, v_cache, block_tables.long(), lens, starts, scale, out, _prefill_chunk_sdpa,
                       min_context=PREFILL_IN_KERNEL_MAX_CONTEXT + 1)
     return out

@@ -848,3 +848,68 @@ int genq_store_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stri
     }
     return 0;
 }
+
+/* ---- A whole decode step's decoder layers in one call ------------------------------------------
+ * For a step of few tokens (decode rows, short prefill chunks) every op of a Llama layer already has
+ * a compiled kernel above, and the Python between them (a dozen calls a layer, each checking its
+ * tensors and crossing ctypes) cost about as much as the ops themselves at batch 1. This runs the
+ * same kernels, in the same order, with the same arguments and thread counts, for every layer:
+ * results are bit for bit those of the per-op path (kernels.fused_decode checks that).
+ *
+ * Per layer (as worker/engine/models/llama.py): h = norm(x [+ residual]); qkv = h Wqkv^T (+ b);
+ * rotary on q, k in place; k, v into the cache; attn = paged attention of q; x = attn Wo^T;
+ * h = norm(x + residual); x = silu_mul(h Wgu^T (+ b)) Wdown^T (+ b). The first layer takes residual
+ * = x. On return x and residual hold the last layer's output and residual stream. */
+typedef struct {
+    const void *input_norm, *post_norm, *qkv_w, *qkv_b, *o_w, *gate_up_w, *gate_up_b, *down_w, *down_b;
+    void *k_cache, *v_cache;
+} genq_layer_t;
+
+int genq_decode_layers(const genq_layer_t *layers, int num_layers, void *x, void *residual, void *h, void *qkv,
+                       void *attn, void *gate_up, void *act, int64_t tokens, int hidden, int num_heads,
+                       int num_kv_heads, int head_dim, int inter, float eps, const int64_t *positions,
+                       const float *cos_sin, int64_t max_position, const int64_t *slots, int64_t num_slots,
+                       const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+                       const int64_t *rows, int num_rows, int block_size, float scale, int dtype,
+                       int linear_dtype, int threads, int norm_threads, int rotary_threads, int silu_threads) {
+    const size_t esize = dtype == 0 ? 4 : 2;
+    const int q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
+    const int M = (int)tokens;
+    char *qkv_bytes = (char *)qkv;
+    int status;
+    for (int l = 0; l < num_layers; l++) {
+        const genq_layer_t *L = &layers[l];
+        if (l == 0) {
+            memcpy(residual, x, (size_t)tokens * hidden * esize);
+            status = genq_rms_norm(x, NULL, L->input_norm, h, NULL, tokens, hidden, eps, dtype, norm_threads);
+        } else {
+            status = genq_rms_norm(x, residual, L->input_norm, h, residual, tokens, hidden, eps, dtype, norm_threads);
+        }
+        if (status) return 10 + status;
+        if ((status = genq_linear(h, hidden, L->qkv_w, L->qkv_b, qkv, qkv_size, M, qkv_size, hidden, linear_dtype, threads)))
+            return 20 + status;
+        if ((status = genq_rotary(positions, qkv, qkv_size, num_heads, qkv_bytes + (size_t)q_size * esize, qkv_size,
+                                  num_kv_heads, cos_sin, max_position, head_dim, tokens, dtype, rotary_threads)))
+            return 30 + status;
+        if ((status = genq_store_kv(qkv_bytes + (size_t)q_size * esize, qkv_size,
+                                    qkv_bytes + (size_t)(q_size + kv_size) * esize, qkv_size, L->k_cache, L->v_cache,
+                                    slots, tokens, num_slots, kv_size, dtype)))
+            return 40 + status;
+        if ((status = genq_paged_decode(qkv, qkv_size, L->k_cache, L->v_cache, attn, dtype, block_tables, table_stride,
+                                        seq_lens, rows, num_rows, num_heads, num_kv_heads, head_dim, block_size, scale,
+                                        threads)))
+            return 50 + status;
+        if ((status = genq_linear(attn, q_size, L->o_w, NULL, x, hidden, M, hidden, q_size, linear_dtype, threads)))
+            return 60 + status;
+        if ((status = genq_rms_norm(x, residual, L->post_norm, h, residual, tokens, hidden, eps, dtype, norm_threads)))
+            return 70 + status;
+        if ((status = genq_linear(h, hidden, L->gate_up_w, L->gate_up_b, gate_up, 2 * inter, M, 2 * inter, hidden,
+                                  linear_dtype, threads)))
+            return 80 + status;
+        if ((status = genq_silu_mul(gate_up, act, tokens, inter, dtype, silu_threads)))
+            return 90 + status;
+        if ((status = genq_linear(act, inter, L->down_w, L->down_b, x, hidden, M, hidden, inter, linear_dtype, threads)))
+            return 100 + status;
+    }
+    return 0;
+}

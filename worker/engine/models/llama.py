@@ -120,10 +120,57 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden] before the
         final norm (applied in compute_logits to the rows that are sampled only)."""
         x = self.embed_tokens(input_ids)
+        fused = self._decode_layers_for(x, kv_caches, meta)
+        if fused is not None:
+            plan, rows = fused
+            x, residual = plan.run(x, positions, meta.slot_mapping, rows, self.layers[0].self_attn.scale)
+            return x + residual
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_cache, meta)
         return x + residual
+
+    def _decode_layers_for(self, x, kv_caches, meta: AttentionMetadata):
+        """On the CPU, a step of few tokens whose every attention row the compiled kernel takes runs all
+        layers in one call (kernels/cpu_kernels.py DecodeLayers): (plan, attention rows), else None."""
+        if x.device.type != "cpu" or meta.kernel_impl not in (None, "cpu"):
+            return None
+        cached = self.__dict__.get("_decode_layers")
+        if cached is None or cached[0] is not kv_caches:
+            cached = (kv_caches, self._build_decode_layers(kv_caches))
+            self.__dict__["_decode_layers"] = cached
+        plan = cached[1]
+        if plan is None or x.shape[0] > plan.max_tokens:
+            return None
+        rows = kernels.kernel_rows(meta.block_tables, meta.seq_lens.tolist(), meta.query_start_loc.tolist())
+        if rows.long_chunks or rows.count != x.shape[0]:
+            return None
+        return plan, rows
+
+    def _build_decode_layers(self, kv_caches):
+        from kernels import cpu_kernels
+
+        attn = self.layers[0].self_attn
+        if not all(type(m) is Linear for layer in self.layers
+                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                             layer.mlp.down_proj)):
+            return None   # tensor-parallel shards: their layers all-reduce between ops
+        if attn.num_heads % attn.num_kv_heads or not cpu_kernels.supports(
+                torch.empty(1, attn.num_heads, attn.head_dim, dtype=kv_caches[0][0].dtype), kv_caches[0][0]):
+            return None
+        layers = [{"input_norm": layer.input_layernorm.data, "post_norm": layer.post_attention_layernorm.data,
+                   "qkv_w": layer.self_attn.qkv_proj.weight.data,
+                   "qkv_b": None if layer.self_attn.qkv_proj.bias is None else layer.self_attn.qkv_proj.bias.data,
+                   "o_w": layer.self_attn.o_proj.weight.data, "gate_up_w": layer.mlp.gate_up_proj.weight.data,
+                   "gate_up_b": None if layer.mlp.gate_up_proj.bias is None else layer.mlp.gate_up_proj.bias.data,
+                   "down_w": layer.mlp.down_proj.weight.data,
+                   "down_b": None if layer.mlp.down_proj.bias is None else layer.mlp.down_proj.bias.data,
+                   "k_cache": k_cache, "v_cache": v_cache}
+                  for layer, (k_cache, v_cache) in zip(self.layers, kv_caches)]
+        if not cpu_kernels.DecodeLayers.usable(layers, self.cos_sin_cache):
+            return None
+        return cpu_kernels.DecodeLayers(layers, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+                                        head_dim=attn.head_dim, eps=self.layers[0].eps, cos_sin=self.cos_sin_cache)
 
     def compute_logits(self, hidden: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         h = kernels.rms_norm(hidden, self.norm, self.args.rms_norm_eps, impl=impl)

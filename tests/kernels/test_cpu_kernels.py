@@ -344,3 +344,34 @@ def test_linear_float32_out_keeps_the_unrounded_sums(gen, rows):
     assert ((got.double() - exact).abs() <= 1e-5 * (1 + exact.abs())).all()
     assert torch.equal(got.bfloat16(), cpu_kernels.linear_unchecked(x, w))
     assert torch.equal(kernels.linear_float32_out(x[:1], w), got[:1])
+
+
+@pytest.mark.skipif(not linear_module.onednn_available(), reason="PyTorch's oneDNN linear op does not run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [cpu_kernels.LINEAR_MAX_ROWS + 1, 300])
+def test_prepacked_weights_give_the_same_results(gen, dtype, rows):
+    """A projection's oneDNN-packed copy (prefill batches) changes the speed, not one bit of y."""
+    w = torch.randn(200, 96, generator=gen).to(dtype)
+    b = torch.randn(200, generator=gen).to(dtype)
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    packed = linear_module.prepack(w)
+    if dtype == torch.bfloat16 and not cpu_kernels.native_bfloat16():
+        assert packed is None            # bfloat16 without bfloat16 arithmetic is multiplied in float32
+        return
+    assert packed is not None
+    for bias in (None, b):
+        plain = kernels.linear(x, w, bias)
+        assert torch.equal(kernels.linear(x, w, bias, packed=packed), plain)
+        exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert ((plain.double() - exact).abs() <= 2e-2 * (1 + exact.abs())).all()
+
+
+def test_an_engine_on_the_cpu_packs_its_projections(tmp_path):
+    from worker.engine import LLMEngine
+    from worker.engine.models.llama import Linear
+    from worker.engine.tiny import build_tiny_model
+
+    engine = LLMEngine(str(build_tiny_model(tmp_path / "m")), num_kv_blocks=16)
+    linears = [m for m in engine.model.modules() if type(m) is Linear]
+    assert linears
+    assert all((m.packed_weight is not None) == linear_module.onednn_available() for m in linears)

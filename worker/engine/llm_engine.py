@@ -15,6 +15,7 @@ from worker.engine.host_memory import retain_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.loader import cache_root, eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
 from worker.engine.model_runner import ModelRunner
+from worker.engine.models.llama import prepack_cpu_weights
 from worker.engine.outputs import CompletionOutput, RequestOutput
 from worker.engine.parallel import TensorParallelError, TensorParallelExecutor
 from worker.engine.request import Request, Sequence, check_weight
@@ -46,6 +47,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(hf_dir)
         self.tp: TensorParallelExecutor | None = None   # ranks 1..N-1 when tensor_parallel_size > 1
         self.model, hf_config = self._load_model(hf_dir)
+        if self.device.type == "cpu" and self.tp is None and config.kernel_impl in (None, "cpu"):
+            prepack_cpu_weights(self.model)
         args = self.model.args
         num_blocks = self.config.num_kv_blocks or self._kv_blocks_for_budget(args)
         model_limit = args.max_position_embeddings

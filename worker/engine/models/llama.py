@@ -32,10 +32,34 @@ class LlamaArgs:
 
 class Linear(nn.Linear):
     """nn.Linear through `kernels.linear` (on the CPU, a compiled kernel for decode-sized batches,
-    where the BLAS is slow)."""
+    where the BLAS is slow; oneDNN with the weight's packed copy, when `prepack_cpu_weights` made one,
+    for larger ones)."""
+
+    packed_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, impl: str | None = None) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias, impl=impl)
+        return kernels.linear(x, self.weight, self.bias, impl=impl, packed=self.packed_weight)
+
+
+# Packing doubles the projections' memory: above this many bytes of them, the model stays unpacked.
+PREPACK_MAX_BYTES = 4 << 30
+
+
+def prepack_cpu_weights(model: nn.Module) -> int:
+    """Give every projection of a CPU model its oneDNN-packed copy (kernels.linear.prepack), when the
+    projections' weights total at most PREPACK_MAX_BYTES. Returns the bytes packed."""
+    from kernels.linear import prepack
+
+    linears = [m for m in model.modules() if type(m) is Linear]
+    total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if total > PREPACK_MAX_BYTES:
+        return 0
+    packed = 0
+    for m in linears:
+        m.packed_weight = prepack(m.weight.data)
+        if m.packed_weight is not None:
+            packed += m.weight.numel() * m.weight.element_size()
+    return packed
 
 
 @dataclass(slots=True)

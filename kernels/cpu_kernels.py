@@ -369,6 +369,8 @@ class DecodeLayers:
         dtype = layers[0]["qkv_w"].dtype
         if dtype not in DTYPES or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
             return False
+        if dtype == torch.bfloat16 and native_bfloat16() and not linear_native_bfloat16():
+            return False   # a bfloat16 CPU whose compiler lacks vdpbf16ps: kernels.linear takes oneDNN there
         return all(t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous())
                    for layer in layers for t in layer.values())
 
@@ -382,8 +384,10 @@ class DecodeLayers:
         residual, h = new(tokens, hidden), new(tokens, hidden)
         qkv, attn = new(tokens, q_size + 2 * kv_size), new(tokens, q_size)
         gate_up, act = new(tokens, 2 * self.inter), new(tokens, self.inter)
+        if x.dtype != self.dtype:
+            raise ValueError(f"decode_layers: {x.dtype} activations for {self.dtype} weights")
         positions = positions.to(torch.int64).contiguous()
-        slots = slots.contiguous()
+        slots = slots.to(torch.int64).contiguous()
         row = self.k_cache.shape[2] * self.k_cache.shape[3]
         status = library().genq_decode_layers(
             self._array, len(self._tensors), x.data_ptr(), residual.data_ptr(), h.data_ptr(), qkv.data_ptr(),

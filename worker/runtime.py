@@ -57,7 +57,8 @@ def build_engine(settings: Settings):
         except BaseException as exc:   # re-raised in the caller's thread
             built["error"] = exc
 
-    thread = threading.Thread(target=build, name="genq-engine-build")
+    # daemon: a Ctrl-C during a long load interrupts join() and the process exits without waiting for it
+    thread = threading.Thread(target=build, name="genq-engine-build", daemon=True)
     thread.start()
     thread.join()
     if "error" in built:

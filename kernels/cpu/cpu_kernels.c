@@ -360,6 +360,14 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
 #endif
 
 /* Returns 0 on success. */
+/* qsort order of work items (length, sequence, first head, end head): longest first, then by position */
+static int by_length_descending(const void *a, const void *b) {
+    const int32_t *x = (const int32_t *)a, *y = (const int32_t *)b;
+    if (x[0] != y[0]) return x[0] > y[0] ? -1 : 1;
+    if (x[1] != y[1]) return x[1] < y[1] ? -1 : 1;
+    return x[2] < y[2] ? -1 : (x[2] > y[2]);
+}
+
 int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out, int dtype,
                       const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                       const int64_t *rows, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
@@ -378,22 +386,28 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
     const int span = num_decode >= 4 * num_threads ? num_kv_heads : 1;
     const int per_seq = num_kv_heads / span;
     int num_items = 0;
+    int32_t *sorted = malloc(sizeof(int32_t) * 4 * ((size_t)num_decode * per_seq + 1));
     int32_t *items = malloc(sizeof(int32_t) * 3 * ((size_t)num_decode * per_seq + 1));
-    if (items == NULL) return 1;
-    /* longest contexts first, so that the dynamic schedule ends with the short items */
+    if (sorted == NULL || items == NULL) {
+        free(sorted);
+        free(items);
+        return 1;
+    }
+    /* longest contexts first, so that the dynamic schedule ends with the short items (a sort: a
+     * step's prefill rows come thousands at a time, in ascending lengths within each chunk) */
     for (int s = 0; s < num_seqs; s++) {
         if (rows[s] < 0) continue;
         for (int h = 0; h < num_kv_heads; h += span) {
-            int at = num_items++;
-            while (at > 0 && seq_lens[items[3 * (at - 1)]] < seq_lens[s]) {
-                memcpy(items + 3 * at, items + 3 * (at - 1), 3 * sizeof(int32_t));
-                at--;
-            }
-            items[3 * at] = s;
-            items[3 * at + 1] = h;
-            items[3 * at + 2] = h + span;
+            int32_t *it = sorted + 4 * num_items++;
+            it[0] = seq_lens[s];
+            it[1] = s;
+            it[2] = h;
+            it[3] = h + span;
         }
     }
+    qsort(sorted, (size_t)num_items, 4 * sizeof(int32_t), by_length_descending);
+    for (int i = 0; i < num_items; i++) memcpy(items + 3 * i, sorted + 4 * i + 1, 3 * sizeof(int32_t));
+    free(sorted);
     const job_t job = {q, k_cache, v_cache, q_stride, out, block_tables, seq_lens, rows, table_stride, num_heads,
                        num_kv_heads, head_dim, block_size, dtype, scale};
     const size_t NH = (size_t)span * (num_heads / num_kv_heads);

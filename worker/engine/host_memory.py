@@ -34,9 +34,10 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):   # not glibc (musl, macOS): leave the allocator alone
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = all(mallopt(param, value) == 1 for param, value in (
+    results = [mallopt(param, value) == 1 for param, value in (   # each tried, whatever the others say
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
-        (_M_TOP_PAD, TOP_PAD_BYTES)))
+        (_M_TOP_PAD, TOP_PAD_BYTES))]
+    done = all(results)
     if not done:
         log.warning("mallopt refused the heap thresholds; large activations will be mmapped per step")
     return done

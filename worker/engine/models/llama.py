@@ -50,7 +50,8 @@ def prepack_cpu_weights(model: nn.Module) -> int:
     projections' weights total at most PREPACK_MAX_BYTES. Returns the bytes packed."""
     from kernels.linear import prepack
 
-    linears = [m for m in model.modules() if type(m) is Linear]
+    # (not an untied LM head: compute_logits takes its weight directly, through the C kernel)
+    linears = [m for m in model.modules() if type(m) is Linear and m is not getattr(model, "lm_head", None)]
     total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if total > PREPACK_MAX_BYTES:
         return 0

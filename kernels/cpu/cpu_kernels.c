@@ -604,6 +604,34 @@ int genq_linear_supported(void) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define LIN_ROWS 6   /* rows of x per register block */
 
+/* The epilogue of a register block: y[m, j] = the 16 lanes of acc[m][j] summed (+ bias[j]), as
+ * float32 or rounded once to bfloat16 (BF). NT = 4: the four sums of a row at once (per-lane
+ * partials, then the four lanes added). */
+static inline __attribute__((always_inline)) void store_block_sums(__m512 acc[LIN_ROWS][4], const int MT, const int NT,
+                                                                    const float *bias, void *y, int64_t ldy,
+                                                                    const int BF) {
+    for (int m = 0; m < MT; m++) {
+        float sums[4];
+        if (NT == 4) {
+            const __m512 s = lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+            const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+            __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
+            if (!BF) {
+                _mm_storeu_ps((float *)y + m * ldy, q);
+                continue;
+            }
+            _mm_storeu_ps(sums, q);
+        } else {
+            for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
+        }
+        for (int j = 0; j < NT; j++) {
+            if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
+            else ((float *)y)[m * ldy + j] = sums[j];
+        }
+    }
+}
+
 /* y[m, 0..NT) for MT rows of x (float32, row stride ldx) against NT float32 weight rows (K apart),
  * NT = 4 or 1; y of element type float32 (BF = 0) or bfloat16 (BF = 1); bias: NT floats or NULL.
  * `next`, when not NULL, is prefetched into L1 alongside: the next tile's weight rows, so that
@@ -636,27 +664,7 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
             for (int j = 0; j < NT; j++) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
         }
     }
-    for (int m = 0; m < MT; m++) {
-        float sums[4];
-        if (NT == 4) {
-            /* the four 16-lane sums at once: per-lane partials, then the four lanes added */
-            const __m512 s = lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-            const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-            __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
-            if (!BF) {
-                _mm_storeu_ps((float *)y + m * ldy, q);
-                continue;
-            }
-            _mm_storeu_ps(sums, q);
-        } else {
-            for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
-        }
-        for (int j = 0; j < NT; j++) {
-            if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
-            else ((float *)y)[m * ldy + j] = sums[j];
-        }
-    }
+    store_block_sums(acc, MT, NT, bias, y, ldy, BF);
 }
 
 /* Every row of x against NT weight rows (element type float32, or bfloat16 when BF: those are
@@ -731,22 +739,7 @@ static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint
             for (int j = 0; j < NT; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xv, (__m512bh)wv[j]);
         }
     }
-    for (int m = 0; m < MT; m++) {
-        float sums[4];
-        if (NT == 4) {
-            const __m512 s = lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-            const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-            __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
-            _mm_storeu_ps(sums, q);
-        } else {
-            for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
-        }
-        for (int j = 0; j < NT; j++) {
-            if (OUTF) ((float *)y)[m * ldy + j] = sums[j];
-            else ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
-        }
-    }
+    store_block_sums(acc, MT, NT, bias, y, ldy, !OUTF);
 }
 
 /* linear_columns for the vdpbf16ps path: every row of x against NT weight rows, balanced blocks. */

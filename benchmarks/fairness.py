@@ -26,7 +26,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
+from app.infra.children import stop_all  # noqa: E402
 from app.infra.db import session_factory  # noqa: E402
 from app.infra.migrate import upgrade  # noqa: E402
 from app.infra.redis_client import resolve_redis_url  # noqa: E402
@@ -118,14 +118,7 @@ class Stack:
         raise RuntimeError("the stack did not become ready")
 
     def __exit__(self, *exc) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(self.processes)
         self.log.close()
         self.sessions.kw["bind"].dispose()
         if self.database:

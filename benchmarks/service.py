@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from app.cli.client import JobsClient, iter_sse
+from app.infra.children import stop_all
 from app.infra.db import session_factory
 from app.infra.migrate import upgrade
 from app.infra.redis_client import resolve_redis_url
@@ -124,14 +125,7 @@ class Stack:
         return requests.get(f"{self.url}/v1/workers", headers=self.auth, timeout=10).json()["data"][0]["engine"]
 
     def __exit__(self, *exc) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(self.processes)
         self.log.close()
         import redis
 

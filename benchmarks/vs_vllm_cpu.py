@@ -495,19 +495,13 @@ class Server:
         group); what it started in other sessions (found by the marker) gets `grace` more seconds,
         then SIGKILL. Then `ps` must list none of the processes ever seen. Returns the seconds it took,
         what had to be killed and what `ps` still lists."""
+        from app.infra.children import terminate_group  # (the driver's side: genq's venv, the repo on sys.path)
+
         start = time.perf_counter()
         self.seen.update(self.pids())
         killed = []
-        if self.proc is not None:
-            if self.proc.returncode is None:
-                _killpg(self.proc.pid, signal.SIGTERM)
-                if not _exited(self.proc, timeout):
-                    killed.append(f"{self.proc.pid} (the server, after {timeout:.0f} s)")
-                    _killpg(self.proc.pid, signal.SIGKILL)
-                    _exited(self.proc, timeout)
-                # the leader exited but is not reaped yet: its pid still names its group
-                _killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None and not terminate_group(self.proc, timeout):
+            killed.append(f"{self.proc.pid} (the server, after {timeout:.0f} s)")
         deadline = time.monotonic() + grace
         while (left := self.pids()) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -533,28 +527,6 @@ def serve_snapshot(server: Server):
         ours = own.user + own.system + own.children_user + own.children_system
         return wall, ours + process_cpu_seconds(server.pids()), busy, steal
     return snapshot
-
-
-def _exited(proc: subprocess.Popen, timeout: float) -> bool:
-    """Whether `proc` exits within `timeout` seconds, leaving it unreaped (as app/cli/service.py)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:   # reaped already
-            proc.poll()
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill(pid: int) -> None:
@@ -713,6 +685,8 @@ def run_guidellm(args, server: Server, model: str, model_dir: Path, rate: int, t
     """One guidellm run (one concurrency) against a ready server; returns its metrics (`guidellm_metrics`),
     wall time, CPU seconds, and the shares of the machine that the server, guidellm and other processes
     took while guidellm measured (`measured_share`) and during the whole run (`interference`: others)."""
+    from app.infra.children import exited, signal_group
+
     tag = f"{server.kind}-{server.dtype}-c{rate}"
     scenario = tmp / f"guidellm-{tag}.json"
     out = log_path.with_name(f"vs_vllm_cpu-serve-guidellm-{tag}.json")   # guidellm's own report, kept
@@ -738,11 +712,11 @@ def run_guidellm(args, server: Server, model: str, model_dir: Path, rate: int, t
         samples = CpuSampler(server=server.pids, guidellm=lambda: owned_pids(client_token, proc.pid))
         samples.start()
         try:
-            if not _exited(proc, args.serve_timeout):
+            if not exited(proc, args.serve_timeout):
                 raise RuntimeError(f"guidellm ran past --serve-timeout ({args.serve_timeout:.0f} s)")
         finally:
             samples.stop()
-            _killpg(proc.pid, signal.SIGKILL)   # its worker processes, should any outlive it (none, normally)
+            signal_group(proc.pid, signal.SIGKILL)   # its worker processes, should any outlive it (none, normally)
             proc.wait()
             for pid in owned_pids(client_token, proc.pid):
                 _kill(pid)

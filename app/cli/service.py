@@ -15,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from app.cli.args import settings_from_args
 from app.cli.keys import dev_key_path, ensure_dev_key
+from app.infra.children import terminate_group
 from app.infra.settings import Settings, given_in_env
 from app.infra.webhook_secrets import generate_secret
 
@@ -130,7 +131,7 @@ def cmd_up(args) -> int:
     finally:
         print("\ngenq: stopping...", file=sys.stderr)
         for child in reversed(children):
-            _terminate(child)
+            terminate_group(child)
         if embedded:
             shutdown_embedded_redis()
         print("genq: stopped", file=sys.stderr)
@@ -167,43 +168,6 @@ genq is up: {url}   (model {settings.model_name}; Ctrl-C stops everything)
        -d {shlex.quote(body)}
   genq submit --stream "Write a haiku about queues"
 """, flush=True)
-
-
-def _terminate(child: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM to the child's process group (it leads one: start_new_session), SIGKILL after
-    `timeout`; then SIGKILL to whatever it left in its group, while its pid (the group's id) is
-    still its own: exited but not yet reaped."""
-    if child.returncode is not None:
-        return
-    _signal_group(child.pid, signal.SIGTERM)
-    if not _exited(child, timeout):
-        _signal_group(child.pid, signal.SIGKILL)
-        _exited(child, timeout)
-    if child.returncode is None:
-        _signal_group(child.pid, signal.SIGKILL)
-    child.wait()
-
-
-def _exited(child: subprocess.Popen, timeout: float) -> bool:
-    """Whether the child exits within `timeout` seconds; an exited child is left unreaped."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:   # reaped already
-            child.poll()
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _die_with_parent():

@@ -148,10 +148,12 @@ def kernel_rows(block_tables: torch.Tensor, lens: list[int], starts: list[int]) 
                       torch.tensor(rows, dtype=torch.int64), len(rows), long_chunks)
 
 
-def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                        rows: KernelRows | None = None):
     """The CPU path: decode rows and short prefill chunks in the compiled kernel (kernels/cpu_kernels.py:
     straight from the paged cache, no gather; `kernel_rows`), longer prefill chunks through PyTorch's
-    fused attention."""
+    fused attention. `rows`: this step's `kernel_rows`, when the caller computed them once for
+    every layer."""
     from kernels import cpu_kernels
 
     if not cpu_kernels.q_rows_ok(q):
@@ -159,7 +161,8 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    rows = kernel_rows(block_tables, lens, starts)
+    if rows is None:
+        rows = kernel_rows(block_tables, lens, starts)
     if rows.count:
         cpu_kernels.paged_decode(q, k_cache, v_cache, rows.tables, rows.lens, rows.rows, scale, out)
     if rows.long_chunks:
@@ -170,11 +173,12 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                    scale: float, impl: str | None = None) -> torch.Tensor:
+                    scale: float, impl: str | None = None, rows: KernelRows | None = None) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] (the batch's new tokens, flat);
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (cached tokens,
-    new ones included); query_start_loc: [num_seqs + 1] int32. Returns [num_tokens, num_heads, head_dim]."""
+    new ones included); query_start_loc: [num_seqs + 1] int32. Returns [num_tokens, num_heads, head_dim].
+    rows: on the CPU, the step's `kernel_rows` (the same for every layer), else computed here."""
     which = resolve_impl(impl, q)
     if which == "triton":
         from kernels.triton.paged_attention import paged_attention_triton
@@ -183,7 +187,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         from kernels import cpu_kernels
 
         if cpu_kernels.supports(q, k_cache) and (impl == "cpu" or cpu_kernels.available()):
-            return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+            return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, rows)
         if impl == "cpu":
             raise ValueError(f"impl='cpu' takes CPU float32/bfloat16 tensors, got {q.dtype} on {q.device}")
     return paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)

@@ -70,6 +70,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor          # [num_seqs] int32: tokens in the cache, new ones included
     query_start_loc: torch.Tensor   # [num_seqs + 1] int32
     kernel_impl: str | None = None
+    kernel_rows: object = None      # on the CPU: the step's kernels.kernel_rows, computed once for every layer
 
 
 class Attention(nn.Module):
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=meta.kernel_impl)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                      meta.query_start_loc, self.scale, impl=meta.kernel_impl)
+                                      meta.query_start_loc, self.scale, impl=meta.kernel_impl, rows=meta.kernel_rows)
         return self.o_proj(out.reshape(-1, self.q_size), meta.kernel_impl)
 
 
@@ -145,32 +146,30 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden] before the
         final norm (applied in compute_logits to the rows that are sampled only)."""
         x = self.embed_tokens(input_ids)
-        fused = self._decode_layers_for(x, kv_caches, meta)
-        if fused is not None:
-            plan, rows = fused
-            x, residual = plan.run(x, positions, meta.slot_mapping, rows, self.layers[0].self_attn.scale)
-            return x + residual
+        if x.device.type == "cpu" and meta.kernel_impl in (None, "cpu"):
+            meta.kernel_rows = kernels.kernel_rows(meta.block_tables, meta.seq_lens.tolist(),
+                                                   meta.query_start_loc.tolist())
+            plan = self._decode_layers_for(x, kv_caches, meta.kernel_rows)
+            if plan is not None:
+                x, residual = plan.run(x, positions, meta.slot_mapping, meta.kernel_rows, self.layers[0].self_attn.scale)
+                return x + residual
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_cache, meta)
         return x + residual
 
-    def _decode_layers_for(self, x, kv_caches, meta: AttentionMetadata):
-        """On the CPU, a step of few tokens whose every attention row the compiled kernel takes runs all
-        layers in one call (kernels/cpu_kernels.py DecodeLayers): (plan, attention rows), else None."""
-        if x.device.type != "cpu" or meta.kernel_impl not in (None, "cpu"):
-            return None
+    def _decode_layers_for(self, x, kv_caches, rows):
+        """On the CPU, a step of few tokens whose every attention row (`rows`: kernels.kernel_rows) the
+        compiled kernel takes runs all layers in one call (kernels/cpu_kernels.py DecodeLayers): that
+        plan, else None."""
         cached = self.__dict__.get("_decode_layers")
         if cached is None or cached[0] is not kv_caches:
             cached = (kv_caches, self._build_decode_layers(kv_caches))
             self.__dict__["_decode_layers"] = cached
         plan = cached[1]
-        if plan is None or x.shape[0] > plan.max_tokens:
+        if plan is None or x.shape[0] > plan.max_tokens or rows.long_chunks or rows.count != x.shape[0]:
             return None
-        rows = kernels.kernel_rows(meta.block_tables, meta.seq_lens.tolist(), meta.query_start_loc.tolist())
-        if rows.long_chunks or rows.count != x.shape[0]:
-            return None
-        return plan, rows
+        return plan
 
     def _build_decode_layers(self, kv_caches):
         from kernels import cpu_kernels

@@ -15,6 +15,9 @@ from tests.support.service import ServerThread, WorkerProcess, create_test_key, 
 pytestmark = pytest.mark.timeout(180)
 
 BODY = {"max_tokens": 24, "ignore_eos": True, "temperature": 0}
+# Jobs long enough to be still queued when the later ones arrive: 200 tokens were, until the engine's
+# one-call decode step made the tiny model's steps a few times faster (then the backlog drained first).
+LONG = 800
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def started_after(jobs: dict[str, Job], ids: list[str], job_id: str) -> int:
 def test_a_second_keys_later_jobs_run_before_the_first_keys_backlog(narrow_stack):
     settings, server = narrow_stack
     key_a, key_b = create_test_key(server.app, "flood"), create_test_key(server.app, "late")
-    flood = submit(server, key_a, 16, max_tokens=200)   # long enough to be still queued when B submits
+    flood = submit(server, key_a, 16, max_tokens=LONG)   # long enough to be still queued when B submits
     late = submit(server, key_b, 2)                 # submitted after all of A's
     jobs = wait_final(settings, flood + late)
     # FIFO would start both after all 16 (minus the two already running); fair order starts each
@@ -74,7 +77,7 @@ def test_a_second_keys_later_jobs_run_before_the_first_keys_backlog(narrow_stack
 def test_a_keys_flex_jobs_wait_behind_its_interactive_ones(narrow_stack):
     settings, server = narrow_stack
     key = create_test_key(server.app, "tiers")
-    flex = submit(server, key, 10, service_tier="flex", max_tokens=200)
+    flex = submit(server, key, 10, service_tier="flex", max_tokens=LONG)
     interactive = submit(server, key, 2)
     jobs = wait_final(settings, flex + interactive)
     assert {jobs[i].service_tier for i in flex} == {"flex"}

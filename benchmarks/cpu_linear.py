@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not cpu_kernels.linear_available():
-        print("the linear kernel is not available here (it needs AVX-512 and a C compiler)")
+        print("the linear kernel is not available here (it needs AVX-512 or AVX2 with FMA, and a C compiler)")
         return
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)

@@ -263,9 +263,11 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
 
 
-# Up to this many rows of x, `linear` beats the BLAS (benchmarks/cpu_linear.py, on a 2-core AVX-512
-# Xeon: 1.8-2.4x faster from 4 to 48 rows, even at 1-2 rows and at 64, slower above).
-LINEAR_MAX_ROWS = 48
+# Up to this many rows of x, `linear` beats the BLAS: on a 2-core AVX-512 Xeon 1.8-2.4x faster from 4
+# to 48 rows, even at 1-2 rows and at 64, slower above (benchmarks/cpu_linear.py). With AVX2 (8-lane
+# vectors, a 3-row register block) it beats oneDNN with packed weights up to about 28 rows on a
+# 2-core AVX2 EPYC (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
+LINEAR_MAX_ROWS = 48 if "avx512f" in _cpu_flags().split() else 32
 # bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
 # uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
 # (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon).
@@ -274,7 +276,7 @@ LINEAR_MAX_ROWS_NATIVE_BF16 = 32
 
 @functools.cache
 def linear_available() -> bool:
-    """Whether this build has the linear kernel (it needs AVX-512) and it loads."""
+    """Whether this build has the linear kernel (it needs AVX-512, or AVX2 with FMA) and it loads."""
     return available() and bool(library().genq_linear_supported())
 
 

@@ -29,7 +29,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
               and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_native_bfloat16()):
             return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+            bias32 = None if bias is None else bias.float()
+            if packed is not None and packed.dtype == torch.float32:   # prepack's widened copy
+                return torch.ops.mkldnn._linear_pointwise(x.float(), packed, bias32, "none", [], "").to(x.dtype)
+            return torch.nn.functional.linear(x.float(), weight.float(), bias32).to(x.dtype)
         if (x.dtype in ONEDNN_DTYPES and x.device.type == "cpu" and weight.dtype == x.dtype
                 and (bias is None or bias.dtype == x.dtype) and onednn_available()):
             return torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias, "none", [], "")
@@ -44,14 +47,16 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a CPU weight, for `linear(..., packed=)` on batches above the kernel's
     row limit (prefill): the same results bit for bit, faster because the GEMM no longer re-blocks
     the weight on every call (2-core EPYC: float32 +5% at 1,024 rows to +55% at 49; bfloat16 +15% to
-    +60%). Costs a second copy of the weight. None where oneDNN does not run or the dtype is not one
-    it multiplies natively here."""
+    +60%). Costs a second copy of the weight. A bfloat16 weight on a CPU without bfloat16 arithmetic
+    is packed widened to float32 (twice its bytes): `linear` multiplies its large batches in float32
+    anyway, and would otherwise widen the whole weight on every call (2-core AVX2 EPYC, bfloat16
+    prefill of SmolLM2-135M: see docs/engine.md). None where oneDNN does not run."""
     from kernels import cpu_kernels
 
     if weight.device.type != "cpu" or weight.dtype not in ONEDNN_DTYPES or not onednn_available():
         return None
     if weight.dtype == torch.bfloat16 and not cpu_kernels.native_bfloat16():
-        return None
+        weight = weight.float()
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_BATCH_HINT)
     except Exception:   # the op changed or refuses this weight: the plain weight still works

@@ -110,6 +110,11 @@ static inline void load_row(const void *base, int64_t index, int n, int dtype, f
             const __m256i h = _mm256_loadu_si256((const __m256i *)(src + i));
             _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
         }
+#elif defined(__AVX2__)
+        for (; i + 8 <= n; i += 8) {
+            const __m128i h = _mm_loadu_si128((const __m128i *)(src + i));
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+        }
 #endif
         for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
     }
@@ -581,8 +586,15 @@ int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads
  * the weight rows. Each output is a K-long dot product summed in vector lanes, so results differ
  * from the BLAS's by rounding only. float32, or bfloat16 (x, W, bias and y; products summed in
  * float32 and rounded once, as the BLAS does: each tile of W is widened into a float32 scratch as it
- * is read, so it crosses the memory bus at half float32's bytes). AVX-512 only;
+ * is read, so it crosses the memory bus at half float32's bytes). AVX-512, or AVX2 with FMA (8-lane
+ * vectors, 16 registers: blocks of up to 3 rows of x by the 4 weight rows, 12 accumulators);
  * genq_linear_supported() says whether it is here. */
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#define GENQ_LIN_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define GENQ_LIN_AVX2 1
+#endif
 
 /* 1 where bfloat16 goes through vdpbf16ps (AVX512-BF16), 0 where it is widened to float32. */
 int genq_linear_native_bf16(void) {
@@ -594,14 +606,14 @@ int genq_linear_native_bf16(void) {
 }
 
 int genq_linear_supported(void) {
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#if defined(GENQ_LIN_AVX512) || defined(GENQ_LIN_AVX2)
     return 1;
 #else
     return 0;
 #endif
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#if defined(GENQ_LIN_AVX512)
 #define LIN_ROWS 6   /* rows of x per register block */
 
 /* The epilogue of a register block: y[m, j] = the 16 lanes of acc[m][j] summed (+ bias[j]), as
@@ -667,6 +679,77 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     store_block_sums(acc, MT, NT, bias, y, ldy, BF);
 }
 
+#endif
+
+#if defined(GENQ_LIN_AVX2)
+#define LIN_ROWS 3   /* rows of x per register block: 12 accumulators + 3 x + 1 w = the 16 registers */
+
+/* the epilogue of a register block, as the AVX-512 one: [sum a, sum b, sum c, sum d] of four 8-lane
+ * vectors by horizontal adds (NT = 4), or one vector's sum (NT = 1) */
+static inline __m128 sums4_8(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static inline __attribute__((always_inline)) void store_block_sums(__m256 acc[LIN_ROWS][4], const int MT, const int NT,
+                                                                    const float *bias, void *y, int64_t ldy,
+                                                                    const int BF) {
+    for (int m = 0; m < MT; m++) {
+        float sums[4];
+        if (NT == 4) {
+            __m128 q = sums4_8(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
+            if (!BF) {
+                _mm_storeu_ps((float *)y + m * ldy, q);
+                continue;
+            }
+            _mm_storeu_ps(sums, q);
+        } else {
+            const __m128 q = sums4_8(acc[m][0], _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            sums[0] = _mm_cvtss_f32(q) + (bias != NULL ? bias[0] : 0.0f);
+        }
+        for (int j = 0; j < NT; j++) {
+            if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
+            else ((float *)y)[m * ldy + j] = sums[j];
+        }
+    }
+}
+
+/* linear_block with 8-lane vectors: each k step loads the MT rows of x once, then each weight row
+ * in turn (one register) into its MT accumulators. The tail (K % 8) by masked loads. */
+static inline __attribute__((always_inline)) void linear_block(const float *x, int64_t ldx, const float *w, int64_t K,
+                                                                const float *bias, void *y, int64_t ldy,
+                                                                const int MT, const int NT, const int BF,
+                                                                const float *next) {
+    __m256 acc[LIN_ROWS][4];
+    const int64_t full = K & ~(int64_t)7;
+    for (int m = 0; m < MT; m++)
+        for (int j = 0; j < NT; j++) acc[m][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < full; k += 8) {
+        __m256 xv[LIN_ROWS];
+        if (next != NULL && (k & 15) == 0)
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T0);
+        for (int m = 0; m < MT; m++) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+        for (int j = 0; j < NT; j++) {
+            const __m256 wv = _mm256_loadu_ps(w + j * K + k);
+            for (int m = 0; m < MT; m++) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
+        }
+    }
+    if (K & 7) {
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K & 7)), lanes);
+        __m256 xv[LIN_ROWS];
+        for (int m = 0; m < MT; m++) xv[m] = _mm256_maskload_ps(x + m * ldx + full, tail);
+        for (int j = 0; j < NT; j++) {
+            const __m256 wv = _mm256_maskload_ps(w + j * K + full, tail);
+            for (int m = 0; m < MT; m++) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
+        }
+    }
+    store_block_sums(acc, MT, NT, bias, y, ldy, BF);
+}
+#endif
+
+#if defined(GENQ_LIN_AVX512) || defined(GENQ_LIN_AVX2)
 /* Every row of x against NT weight rows (element type float32, or bfloat16 when BF: those are
  * widened into `wide`, NT * K floats, first), in register blocks of at most LIN_ROWS rows of
  * balanced sizes (32 rows: 6,6,5,5,5,5, not 6,6,6,6,6,2). */
@@ -698,7 +781,10 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
             else linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 0, NULL);                           \
         } break;
         switch (rows) {
-        LIN_CASE(6) LIN_CASE(5) LIN_CASE(4) LIN_CASE(3) LIN_CASE(2) LIN_CASE(1)
+#if LIN_ROWS == 6
+        LIN_CASE(6) LIN_CASE(5) LIN_CASE(4)
+#endif
+        LIN_CASE(3) LIN_CASE(2) LIN_CASE(1)
         }
 #undef LIN_CASE
         m += rows;
@@ -778,7 +864,7 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
  * out of memory; 2 where this build has no such kernel. */
 int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, void *y, int64_t ldy,
                 int M, int N, int K, int dtype, int num_threads) {
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#if defined(GENQ_LIN_AVX512) || defined(GENQ_LIN_AVX2)
     const int tiles = N / 4, BF = dtype == 1;
     const size_t esize = BF ? 2 : 4;
     if (num_threads < 1) num_threads = 1;

@@ -48,18 +48,23 @@ PREPACK_MAX_BYTES = 4 << 30
 def prepack_cpu_weights(model: nn.Module) -> int:
     """Give every projection of a CPU model its oneDNN-packed copy (kernels.linear.prepack), when the
     projections' weights total at most PREPACK_MAX_BYTES. Returns the bytes packed."""
+    from kernels import cpu_kernels
     from kernels.linear import prepack
+
+    widen = not cpu_kernels.native_bfloat16()   # bfloat16 weights are packed as float32 copies there
+
+    def packed_bytes(weight: torch.Tensor) -> int:
+        return weight.numel() * (4 if widen and weight.dtype == torch.bfloat16 else weight.element_size())
 
     # (not an untied LM head: compute_logits takes its weight directly, through the C kernel)
     linears = [m for m in model.modules() if type(m) is Linear and m is not getattr(model, "lm_head", None)]
-    total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if total > PREPACK_MAX_BYTES:
+    if sum(packed_bytes(m.weight) for m in linears) > PREPACK_MAX_BYTES:
         return 0
     packed = 0
     for m in linears:
         m.packed_weight = prepack(m.weight.data)
         if m.packed_weight is not None:
-            packed += m.weight.numel() * m.weight.element_size()
+            packed += packed_bytes(m.weight)
     return packed
 
 

@@ -2,7 +2,9 @@
 processes (Celery) as subprocesses, Redis (REDIS_URL or embedded) and the database (DATABASE_URL or a
 fresh SQLite file). Not part of `make test`.
 
-Phases (each stack fresh; the fair stack runs `solo`, `flood` and `weights`, the fifo stack `flood`):
+Phases (each stack fresh; the fair stack runs `solo`, `fair` (the flood) and `weights`, the fifo stack
+`fifo` (the flood), and a fair stack with GENQ_FAIR_STEP_SHARE=0 `fair-wide` (the flood); the
+default runs all but `fair-wide`):
 - solo: key B alone submits 20 jobs, one every 2 s (`--late-every`);
 - flood: key A submits 400 jobs at once; 5 s later key B starts its 20 jobs, at that pace. B's queue
   wait (created -> started) and end-to-end time (created -> completed), median and p95, and the
@@ -68,7 +70,7 @@ def cpu_flags() -> str:
 class Stack:
     """The API and `workers` worker processes on a key prefix and database of their own."""
 
-    def __init__(self, home: Path, args, scheduling: str):
+    def __init__(self, home: Path, args, scheduling: str, step_share: bool = True):
         home.mkdir(parents=True, exist_ok=True)
         prefix = f"genqfair-{secrets.token_hex(4)}"
         base = Settings.from_env()
@@ -81,7 +83,8 @@ class Stack:
             home=str(home), database_url=database_url, model=args.model_path, model_name=None, key_prefix=prefix,
             queue=f"{prefix}-jobs", api_port=free_port(), api_host="127.0.0.1", api_url=None, api_workers=1,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            worker_concurrency=None, torch_threads=1, scheduling=scheduling, rate_limit_per_minute=10**9)
+            worker_concurrency=None, torch_threads=1, scheduling=scheduling, fair_step_share=step_share,
+            rate_limit_per_minute=10**9)
         self.settings = self.settings.with_(redis_url=resolve_redis_url(self.settings))
         upgrade(self.settings.database_url)
         self.sessions = session_factory(self.settings.database_url)
@@ -289,11 +292,12 @@ def main() -> int:
                         print(f"{phase} ...", flush=True)
                         results[phase] = fn(stack, args)
                         print(f"  {json.dumps(results[phase], default=str)}", flush=True)
-        if "fifo" in args.phases:
-            with Stack(tmp / "fifo", args, "fifo") as stack:
-                print("fifo ...", flush=True)
-                results["fifo"] = phase_flood(stack, args)
-                print(f"  {json.dumps(results['fifo'], default=str)}", flush=True)
+        for name, scheduling, share in (("fair-wide", "fair", False), ("fifo", "fifo", False)):
+            if name in args.phases:
+                with Stack(tmp / name, args, scheduling, step_share=share) as stack:
+                    print(f"{name} ...", flush=True)
+                    results[name] = phase_flood(stack, args)
+                    print(f"  {json.dumps(results[name], default=str)}", flush=True)
     report(results, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,19 +312,23 @@ def report(results: dict, args) -> None:
           f"{args.max_num_batched_tokens}; model {args.model}")
     print(f"Key B: {args.late} jobs, one every {args.late_every:g} s (seconds)   wait median   wait p95   e2e median   e2e p95")
     for name, label in (("solo", "solo (A absent)"), ("fair", f"A floods {args.flood}, fair"),
+                        ("fair-wide", f"A floods {args.flood}, fair, no step share"),
                         ("fifo", f"A floods {args.flood}, fifo")):
         if name in results:
             r = results[name]
             print(f"  {label:<38} {r['wait_median']:>11.2f} {r['wait_p95']:>10.2f} {r['e2e_median']:>12.2f} "
                   f"{r['e2e_p95']:>9.2f}")
     if "solo" in results:
-        for name in ("fair", "fifo"):
+        for name in ("fair", "fair-wide", "fifo"):
             if name in results:
                 print(f"  B median e2e, {name} / solo: {results[name]['e2e_median'] / results['solo']['e2e_median']:.2f}x"
                       f"{'  (target <= 2x)' if name == 'fair' else ''}")
     if "fair" in results and "fifo" in results:
         fair, fifo = results["fair"]["output_tokens_per_second"], results["fifo"]["output_tokens_per_second"]
         print(f"  flood output tokens/s: fair {fair:.1f}, fifo {fifo:.1f}: {fair / fifo:.3f}x (target >= 0.95x)")
+        if "fair-wide" in results:
+            wide = results["fair-wide"]["output_tokens_per_second"]
+            print(f"  flood output tokens/s, fair without step share: {wide:.1f}: {wide / fifo:.3f}x fifo")
     if "weights" in results:
         w = results["weights"]
         print(f"  weights 2:1 over {w['window_seconds']:.0f} s both backlogged: {w['tokens_weight_2']} vs "

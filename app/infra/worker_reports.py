@@ -44,6 +44,9 @@ ENGINE_STATS: dict[str, EngineStat] = {
     "jobs_in_flight": EngineStat("genq_jobs_in_flight", "gauge",
                                  "Jobs this worker has handed to its engine and not finished"),
     "failed_steps": EngineStat(None, "counter", "Engine steps that raised; their requests failed"),
+    "shared_steps": EngineStat("genq_engine_shared_steps", "counter",
+                               "Engine steps narrowed so that no API key in them is slowed more than an equal "
+                               "share of the engine would slow it (GENQ_FAIR_STEP_SHARE)"),
     "tensor_parallel_size": EngineStat(None, "info", "GPUs the engine spans (tensor-parallel engines only)"),
     "healthy": EngineStat(None, "info", "False once a tensor-parallel rank is lost (the worker turns unhealthy)"),
     "tensor_parallel_error": EngineStat(None, "info", "Why the tensor-parallel engine failed"),

@@ -324,7 +324,9 @@ def test_a_line_that_fails_or_is_canceled_releases_the_next(genq):
 
 def test_batch_cancel(genq):
     settings, url, client = genq
-    file_id = _batch_file(client, [_chat_line(settings.model_name, i, 64, ignore_eos=True) for i in range(120)])
+    # 512 tokens a line: enough work that the batch is still running when the cancel arrives, however
+    # fast the engine (at 64 a line it could finish first on a fast CPU)
+    file_id = _batch_file(client, [_chat_line(settings.model_name, i, 512, ignore_eos=True) for i in range(120)])
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     _wait(client, batch.id, {"in_progress"}, timeout=60)
     cancelling = client.batches.cancel(batch.id)

@@ -8,7 +8,7 @@ from tests.engine.conftest import hf_greedy
 from tests.engine.test_scheduler import finish_step, new_sequence
 from worker.engine import LLMEngine, SamplingParams
 from worker.engine.config import EngineConfig
-from worker.engine.fairness import W_IN, W_OUT, FairQueue, VirtualTokenCounter
+from worker.engine.fairness import W_IN, W_OUT, FairQueue, StepCost, VirtualTokenCounter, share_limits
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.request import InvalidWeightError, Request
 from worker.engine.scheduler import Scheduler
@@ -121,6 +121,83 @@ def test_weight_and_scheduling_are_checked():
     assert _request("x", None).tenant == ""
 
 
+# -- shared steps (fair_step_share): processor sharing within a step ------------------------------
+
+def test_step_cost_fits_fixed_and_per_token_seconds():
+    cost = StepCost()
+    for tokens in (1, 4, 16, 64, 1, 32, 8):               # 0.08 s a step + 0.008 s a token, exactly
+        cost.observe(tokens, 0.08 + 0.008 * tokens)
+    assert cost.fit() is None                              # 7 steps: not yet trusted
+    cost.observe(2, 0.08 + 0.016)
+    fixed, per_token = cost.fit()
+    assert fixed == pytest.approx(0.08) and per_token == pytest.approx(0.008)
+    assert cost.fixed_tokens() == pytest.approx(10.0)
+    same = StepCost()
+    for _ in range(20):
+        same.observe(16, 0.2)                              # one step size: the two costs cannot be told apart
+    assert same.fixed_tokens() is None
+    flat = StepCost()
+    for tokens in (1, 8, 64, 256) * 3:
+        flat.observe(tokens, 0.05)                         # a token costs nothing measurable (a GPU at this size)
+    assert flat.fixed_tokens() == float("inf")
+
+
+def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
+    equal: dict[str, float] = {}
+    # A's flood wants 16 decode rows, B one: a step of 2 x 1 + 10 fixed = 12 tokens costs 2x B's alone
+    assert share_limits({"A": 16, "B": 1}, equal, 10.0, 2048) == {"B": 1, "A": 11}
+    # three tenants: 3 x 3 + 2 x 4 = 17 tokens, water-filled from the smallest demand up
+    assert share_limits({"A": 100, "B": 3, "C": 5}, equal, 4.0, 2048) == {"B": 3, "C": 5, "A": 9}
+    assert share_limits({"A": 100, "B": 3, "C": 50}, equal, 4.0, 2048) == {"B": 3, "C": 7, "A": 7}
+    assert share_limits({"A": 500, "B": 160}, equal, 10.0, 256) == {"B": 128, "A": 128}   # the budget binds
+    assert share_limits({"A": 500}, equal, 10.0, 2048) is None                  # alone: the whole step
+    assert share_limits({"A": 8, "B": 1, "C": 0}, equal, 10.0, 2048) is None    # 2 + 10 >= 9: nothing to limit
+    assert share_limits({"A": 8, "B": 1}, equal, float("inf"), 2048) is None    # a GPU: width costs nothing
+    # weights: B (1) beside A (2) is owed a third: 3 x (1 + 10) - 10 = 23 tokens
+    weighted = {"A": 2.0, "B": 1.0}
+    assert share_limits({"A": 40, "B": 1}, weighted, 10.0, 2048) == {"B": 1, "A": 22}
+    assert share_limits({"A": 16, "B": 1}, weighted, 10.0, 2048) is None        # 17 <= 23
+    # both backlogged, the budget binding: 2:1 by weight
+    assert share_limits({"A": 300, "B": 300}, weighted, 10.0, 256) == {"A": 170, "B": 86}
+
+
+class _FixedCost(StepCost):
+    """A step cost model that says `fixed` tokens, whatever the steps took (exact tests)."""
+
+    def __init__(self, fixed: float):
+        super().__init__()
+        self.fixed = fixed
+
+    def fixed_tokens(self) -> float:
+        return self.fixed
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_shared_step_runs_the_light_tenant_and_part_of_the_flood(share):
+    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=256, num_blocks=256, fair_step_share=share)
+    s.step_cost = _FixedCost(10.0)
+    flood = [new_sequence(_request(f"a{i}", "A"), 0, list(range(4))) for i in range(16)]
+    for seq in flood:
+        s.add(seq)
+    finish_step(s, s.schedule())                            # A alone: all 16 prompts in one step
+    light = new_sequence(_request("b0", "B"), 0, list(range(4)))
+    s.add(light)
+    out = s.schedule()                                      # B's prompt (4) beside A's 16 decode rows
+    ids = [i.seq.request.request_id for i in out.scheduled]
+    if not share:
+        assert len(ids) == 17 and s.num_shared_steps == 0
+        return
+    assert out.num_batched_tokens == 2 * 4 + 10 and "b0" in ids
+    assert ids.count("b0") == 1 and len(ids) == 1 + 14      # A: its 14 earliest rows
+    assert [i for i in ids if i != "b0"] == [f"a{i}" for i in range(14)]
+    finish_step(s, out)
+    out = s.schedule()                                      # B decodes: 1 row + 11 of A's (the earliest)
+    assert out.num_batched_tokens == 12 and "b0" in [i.seq.request.request_id for i in out.scheduled]
+    assert all(seq.status.name == "RUNNING" for seq in flood)   # the rest sat the step out, blocks kept
+    assert all(seq.blocks for seq in flood)
+    assert s.num_shared_steps == 2
+
+
 # -- the engine -----------------------------------------------------------------------------------
 
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -219,3 +296,49 @@ def test_priority_beats_any_counter(tiny_model):
         _step(engine, finished)
     order = sorted(admitted, key=admitted.get)
     assert order == ["b0", "a0", "a1", "a2", "a3", "a4"]
+
+
+def test_shared_steps_bound_the_flood_beside_a_light_tenant_and_keep_greedy_outputs(tiny_model):
+    engine, _, finished = _engine(tiny_model, "fair", max_num_seqs=16, max_num_batched_tokens=64)
+    engine.scheduler.step_cost = _FixedCost(2.0)
+    widths: list[tuple[int, int]] = []     # (tokens of the step, B's tokens in it) for steps B is in
+    hook = engine.step_hook
+
+    def watch(batch):
+        hook(batch)
+        mine = sum(i.num_new_tokens for i in batch.scheduled if i.seq.request.tenant == "B")
+        if mine:
+            widths.append((batch.num_batched_tokens, mine))
+    engine.step_hook = watch
+    rng = random.Random(4)
+    greedy = SamplingParams(temperature=0, max_tokens=6)   # stops at EOS, as transformers does
+    prompts = {f"a{i}": _prompt(rng, 12) for i in range(12)}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, greedy, tenant="A")
+    for _ in range(3):
+        _step(engine, finished)
+    prompts["b0"] = _prompt(rng, 5)
+    engine.add_request("b0", prompts["b0"], greedy, tenant="B")
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+    # every step B was in held at most 2 x B's tokens + 2 (the fixed cost's worth): A sat out the rest
+    assert widths and all(total <= 2 * mine + 2 for total, mine in widths)
+    assert engine.stats().shared_steps >= len(widths)
+    ids = list(prompts)
+    assert [outputs[r] for r in ids] == hf_greedy(tiny_model, [prompts[r] for r in ids], 6)
+
+
+def test_the_engine_measures_its_step_cost(tiny_model):
+    engine, _, finished = _engine(tiny_model, "fair", max_num_seqs=2)   # steps of 1-2 rows and of prompts
+    rng = random.Random(5)
+    for i in range(8):
+        engine.add_request(f"a{i}", _prompt(rng, rng.randint(3, 30)), PARAMS, tenant="A")
+    while engine.has_unfinished_requests():
+        _step(engine, finished)
+    cost = engine.scheduler.step_cost
+    assert cost.steps == engine.counters["steps"] >= StepCost.MIN_STEPS
+    assert cost.fit() is not None and cost.fixed_tokens() >= 0
+    assert engine.stats().shared_steps == 0            # one tenant: never limited

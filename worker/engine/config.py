@@ -30,6 +30,9 @@ class EngineConfig:
     # waiting requests of one priority: "fair" (tenants by their virtual token counters, fairness.py) or
     # "fifo" (by arrival alone)
     scheduling: str = "fair"
+    # under "fair": a step that several tenants want work in costs at most N times what the least of
+    # them wants would cost alone (processor sharing; scheduler.py, docs/fairness.md)
+    fair_step_share: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

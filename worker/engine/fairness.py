@@ -13,6 +13,7 @@ tenant alone, it gets everything.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterator
 
 from worker.engine.request import Sequence
@@ -133,6 +134,11 @@ class FairQueue:
         self._len -= 1
         self._drop_if_empty(request.priority, request.tenant)
 
+    def heads(self) -> Iterator[Sequence]:
+        """The first waiting sequence of each tenant at the most urgent priority."""
+        if self._levels:
+            yield from (heap[0][1] for heap in self._levels[min(self._levels)].values())
+
     def _drop_if_empty(self, priority: int, tenant: str) -> None:
         tenants = self._levels[priority]
         if not tenants[tenant]:
@@ -147,3 +153,77 @@ class FairQueue:
         entries = [(priority, key, seq) for priority, tenants in self._levels.items()
                    for heap in tenants.values() for key, seq in heap]
         return (seq for _, _, seq in sorted(entries, key=lambda e: (e[0], e[1])))
+
+
+class StepCost:
+    """What a step costs the engine: seconds ~ fixed + per_token x tokens, fitted by least squares to
+    the recent steps (exponentially weighted, half-life `half_life` steps). `fixed_tokens` is the
+    ratio fixed / per_token: how many tokens' work a step costs before its first token (on a CPU
+    the pass over the weights, ~10 tokens of a 135M model; on a GPU far more)."""
+
+    MIN_STEPS = 8        # steps before the fit is trusted
+
+    def __init__(self, half_life: float = 64.0) -> None:
+        self._decay = 0.5 ** (1.0 / half_life)
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+        self.steps = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self._decay
+        self.steps += 1
+        self._n = self._n * d + 1.0
+        self._x = self._x * d + tokens
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + tokens * tokens
+        self._xy = self._xy * d + tokens * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None while the steps seen are too few or all of
+        one size (nothing tells the two costs apart)."""
+        if self.steps < self.MIN_STEPS:
+            return None
+        mx, my = self._x / self._n, self._y / self._n
+        var = self._xx / self._n - mx * mx
+        if var < 1.0:
+            return None
+        per_token = (self._xy / self._n - mx * my) / var
+        return my - per_token * mx, per_token
+
+    def fixed_tokens(self) -> float | None:
+        """fixed / per_token (>= 0); inf where a token costs nothing measurable; None: no fit yet."""
+        fit = self.fit()
+        if fit is None:
+            return None
+        fixed, per_token = fit
+        if per_token * self._x <= 1e-3 * self._y:   # the tokens cost under 0.1% of the steps' time
+            return float("inf")
+        return max(fixed, 0.0) / per_token
+
+
+def share_limits(demand: dict[str, int], weights: dict[str, float], fixed_tokens: float,
+                 budget: int) -> dict[str, int] | None:
+    """Per-tenant token limits for one step, so that no tenant in it is slowed more than weighted
+    processor sharing would slow it. A tenant of weight w, among tenants of total weight W wanting
+    work, is owed w / W of the engine: a step that carries all the d tokens it wants may cost at most
+    W / w times what those d tokens would cost alone (fixed + d per token each, in units of a token:
+    `fixed_tokens`), so the step holds at most min over tenants of W / w (d + fixed) - fixed tokens
+    (equal weights: N d_min + (N - 1) fixed). Those are water-filled by weight (the smallest demand
+    per weight first: each its demand, or its weight's part of what is left). None where nothing is
+    limited (one tenant, or the step fits anyway). `demand`: tenant -> tokens it could use this
+    step; `weights`: tenant -> weight (1 where missing)."""
+    wanting = {t: min(d, budget) for t, d in demand.items() if d > 0}
+    if len(wanting) < 2 or not math.isfinite(fixed_tokens):
+        return None
+    weight = {t: weights.get(t, 1.0) for t in wanting}
+    total = sum(weight.values())
+    cap = min(budget, int(min(total / weight[t] * (d + fixed_tokens) - fixed_tokens for t, d in wanting.items())))
+    if cap >= sum(wanting.values()):
+        return None
+    limits: dict[str, int] = {}
+    left, weight_left = cap, total
+    for tenant, want in sorted(wanting.items(), key=lambda item: item[1] / weight[item[0]]):
+        share = min(want, int(left * weight[tenant] / weight_left))
+        limits[tenant] = share
+        left -= share
+        weight_left -= weight[tenant]
+    return limits

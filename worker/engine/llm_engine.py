@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -178,8 +179,10 @@ class LLMEngine:
             if self.step_hook is not None:
                 self.step_hook(batch)
             masks = self.structured.masks(batch.samples) if self.structured.in_use else None
+            started = time.perf_counter()
             logits, row_of = self.runner.run(batch)
             sampled = self.sampler(logits, batch.samples, row_of, masks) if batch.samples else []
+            self.scheduler.observe_step(batch.num_batched_tokens, time.perf_counter() - started)
         except TensorParallelError:
             raise   # a lost rank takes the whole engine down, not just this step's requests
         except Exception as exc:  # a faulty step fails its requests, not the engine
@@ -311,7 +314,8 @@ class LLMEngine:
         pool = self.kv.pool
         return EngineStats(**self.scheduler.stats(), kv_blocks_used=pool.num_used, kv_blocks_total=pool.num_blocks,
                            prefix_cache_hits=pool.hits, prefix_cache_queries=pool.queries,
-                           preemptions=self.scheduler.num_preemptions, **self.counters,
+                           preemptions=self.scheduler.num_preemptions,
+                           shared_steps=self.scheduler.num_shared_steps, **self.counters,
                            **(self.tp.stats() if self.tp else {}))
 
     def tenant_tokens(self) -> dict[str, int]:

@@ -9,13 +9,21 @@ sequence is preempted: its blocks are freed and it waits to be recomputed from i
 With `scheduling="fair"` (the default) waiting requests of one priority are admitted by their
 tenants' virtual token counters first (fairness.py), arrival second; running sequences are ordered
 (and preempted, from the end) the same way. `"fifo"` is (priority, arrival) alone.
+
+With `fair_step_share` on as well, a step that several tenants want work in is limited the way
+weighted processor sharing would limit it (fairness.share_limits): a tenant that wants little gets
+all it wants, and the step costs at most W / w times what that would cost alone (w: its weight, W:
+the weights of the tenants wanting; N with equal weights), by the step cost the engine measures
+(fairness.StepCost); the others' running sequences beyond their share sit the step out (they keep
+their KV blocks). So a tenant with one request running beside another's flood is slowed about N
+times, not by the flood's batch width.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from worker.engine.config import EngineConfig
-from worker.engine.fairness import W_IN, FairQueue, FifoQueue, VirtualTokenCounter
+from worker.engine.fairness import W_IN, FairQueue, FifoQueue, StepCost, VirtualTokenCounter, share_limits
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.request import SeqStatus, Sequence
 
@@ -51,6 +59,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.vtc = VirtualTokenCounter()   # charged under "fifo" too (tokens served per tenant)
+        self.step_cost = StepCost()        # what the engine's steps cost (LLMEngine.step observes each)
+        self.share_steps = self.fair and config.fair_step_share
+        self.num_shared_steps = 0          # steps that share_limits limited
 
     def add(self, seq: Sequence) -> None:
         """A new sequence waits (its tenant turns active, lifted from idle)."""
@@ -72,15 +83,43 @@ class Scheduler:
         request = seq.request
         return (request.priority, self.vtc.counter(request.tenant), request.arrival, seq.index)
 
+    def _share_limits(self, budget: int) -> dict[str, int] | None:
+        """This step's per-tenant token limits (fair_step_share), or None: what each tenant's running
+        sequences still need, plus the prompt of its first waiting one while a slot is free."""
+        fixed = self.step_cost.fixed_tokens()
+        if fixed is None:
+            return None
+        demand: dict[str, int] = {}
+        weights: dict[str, float] = {}
+        heads = self.waiting.heads() if len(self.running) < self.config.max_num_seqs else ()
+        for seq in (*self.running, *heads):
+            request = seq.request
+            demand[request.tenant] = demand.get(request.tenant, 0) + seq.num_tokens - seq.num_computed_tokens
+            weights[request.tenant] = request.weight
+        limits = share_limits(demand, weights, fixed, budget)
+        if limits is not None:
+            self.num_shared_steps += 1
+        return limits
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """A step of `tokens` tokens took `seconds` (forward and sampling): for the step cost model."""
+        self.step_cost.observe(tokens, seconds)
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         self.running.sort(key=self._order)
+        limits = self._share_limits(budget) if self.share_steps else None
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if limits is not None:
+                n = min(n, limits.get(seq.request.tenant, 0))
+                if n <= 0:   # its tenant's share of this step is spent: it sits the step out
+                    i += 1
+                    continue
             while not self.kv.allocate_slots(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -90,6 +129,8 @@ class Scheduler:
             else:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                if limits is not None:
+                    limits[seq.request.tenant] -= n
                 i += 1
         # Admitting new work while running work is being preempted would only thrash.
         deferred = []   # requests whose grammar is still compiling wait without blocking the others
@@ -100,14 +141,21 @@ class Scheduler:
             for item in scheduled:
                 self._plan(planned, item)
         score = (lambda tenant: self.vtc.counter(tenant) + planned.get(tenant, 0.0)) if self.fair else None
+        if limits is not None:   # a tenant whose share is spent comes last, and is not admitted
+            counter = score
+            score = lambda tenant: counter(tenant) if limits.get(tenant, 0) > 0 else float("inf")
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.peek(score)
+            if limits is not None and limits.get(seq.request.tenant, 0) <= 0:
+                break
             if seq.request.grammar_pending:
                 self.waiting.pop(seq)
                 deferred.append(seq)
                 continue
             cached = self.kv.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
+            if limits is not None:
+                n = min(n, limits[seq.request.tenant])
             if not self.kv.admit(seq, cached, n):
                 break
             self.waiting.pop(seq)
@@ -117,6 +165,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            if limits is not None:
+                limits[seq.request.tenant] -= n
             if self.fair:
                 self._plan(planned, scheduled[-1])
         for seq in deferred:

@@ -25,6 +25,7 @@ class EngineStats:
     generation_tokens: int = 0
     max_batch_size: int = 0
     failed_steps: int = 0
+    shared_steps: int = 0                     # steps fair_step_share narrowed
     tensor_parallel_size: int | None = None   # None: a single-device engine
     healthy: bool = True                      # False once a tensor-parallel rank is lost
     tensor_parallel_error: str | None = None

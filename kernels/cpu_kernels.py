@@ -267,7 +267,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 # to 48 rows, even at 1-2 rows and at 64, slower above (benchmarks/cpu_linear.py). With AVX2 (8-lane
 # vectors, a 3-row register block) it beats oneDNN with packed weights up to about 28 rows on a
 # 2-core AVX2 EPYC (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
-LINEAR_MAX_ROWS = 48 if "avx512f" in _cpu_flags().split() else 32
+LINEAR_MAX_ROWS = 48 if {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split()) else 32   # the C path's test
 # bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
 # uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
 # (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon).

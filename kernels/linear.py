@@ -32,6 +32,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             bias32 = None if bias is None else bias.float()
             if packed is not None and packed.dtype == torch.float32:   # prepack's widened copy
                 return torch.ops.mkldnn._linear_pointwise(x.float(), packed, bias32, "none", [], "").to(x.dtype)
+            if onednn_available():   # the same GEMM as the packed copy's, so the same bits either way
+                return torch.ops.mkldnn._linear_pointwise(x.float(), weight.float(), bias32, "none", [], "").to(x.dtype)
             return torch.nn.functional.linear(x.float(), weight.float(), bias32).to(x.dtype)
         if (x.dtype in ONEDNN_DTYPES and x.device.type == "cpu" and weight.dtype == x.dtype
                 and (bias is None or bias.dtype == x.dtype) and onednn_available()):

@@ -106,9 +106,9 @@ class Settings:
     seed: int = setting("GENQ_SEED", 0, engine=True)
     # waiting jobs of one priority: "fair" (shares between API keys, docs/engine.md#fair-sharing) | "fifo"
     scheduling: str = setting("GENQ_SCHEDULING", "fair", engine=True)
-    # fair: while several keys have work in the engine, a step costs at most N times what the key that
-    # wants least would cost alone (processor sharing, by the engine's measured step cost); false: steps
-    # as wide as the budget allows whoever is in them (docs/fairness.md)
+    # fair: while several keys have work in the engine, no key's tokens cost more than W/w times what they
+    # would alone (weighted processor sharing, by the engine's measured step cost); false: steps as wide
+    # as the budget allows whoever is in them (docs/fairness.md#shared-steps)
     fair_step_share: bool = setting("GENQ_FAIR_STEP_SHARE", True, engine=True)
     # GPUs (processes) one engine spans; see docs/tensor-parallel.md
     tensor_parallel_size: int = setting("GENQ_TENSOR_PARALLEL_SIZE", 1, engine=True)

@@ -125,6 +125,8 @@ def test_weight_and_scheduling_are_checked():
 
 def test_step_cost_fits_fixed_and_per_token_seconds():
     cost = StepCost()
+    cost.observe(1, 5.0)                                   # the first steps (kernel builds): ignored
+    cost.observe(64, 0.01)
     for tokens in (1, 4, 16, 64, 1, 32, 8):               # 0.08 s a step + 0.008 s a token, exactly
         cost.observe(tokens, 0.08 + 0.008 * tokens)
     assert cost.fit() is None                              # 7 steps: not yet trusted
@@ -140,6 +142,10 @@ def test_step_cost_fits_fixed_and_per_token_seconds():
     for tokens in (1, 8, 64, 256) * 3:
         flat.observe(tokens, 0.05)                         # a token costs nothing measurable (a GPU at this size)
     assert flat.fixed_tokens() == float("inf")
+    convex = StepCost()
+    for tokens in (1, 2, 4, 8, 256, 512) * 2:
+        convex.observe(tokens, 0.001 * tokens + 1e-6 * tokens * tokens)   # attention-like growth: fixed < 0
+    assert convex.fit()[0] < 0 and convex.fixed_tokens() is None       # no limits from a fit that is off
 
 
 def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
@@ -159,6 +165,9 @@ def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
     assert share_limits({"A": 16, "B": 1}, weighted, 10.0, 2048) is None        # 17 <= 23
     # both backlogged, the budget binding: 2:1 by weight
     assert share_limits({"A": 300, "B": 300}, weighted, 10.0, 256) == {"A": 170, "B": 86}
+    # every tenant gets a token, whatever the rounding: none sits out a whole run of shared steps
+    assert share_limits({"L": 1, "A": 1}, {"L": 10.0, "A": 1.0}, 0.0, 2048) == {"L": 1, "A": 1}
+    assert share_limits({"A": 9, "B": 9, "C": 9}, equal, 0.0, 2) == {"A": 1, "B": 1, "C": 1}
 
 
 class _FixedCost(StepCost):
@@ -196,6 +205,19 @@ def test_a_shared_step_runs_the_light_tenant_and_part_of_the_flood(share):
     assert all(seq.status.name == "RUNNING" for seq in flood)   # the rest sat the step out, blocks kept
     assert all(seq.blocks for seq in flood)
     assert s.num_shared_steps == 2
+
+
+def test_shared_steps_are_shared_among_the_most_urgent_priority():
+    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=256, num_blocks=256)
+    s.step_cost = _FixedCost(10.0)
+    for i in range(16):
+        s.add(new_sequence(_request(f"a{i}", "A", priority=0), 0, list(range(4))))
+    s.add(new_sequence(_request("y0", "Y", priority=5), 0, list(range(4))))   # less urgent
+    finish_step(s, s.schedule())
+    out = s.schedule()
+    ids = [i.seq.request.request_id for i in out.scheduled]
+    # Y's less urgent work does not narrow A's steps (A alone at priority 0: nothing limited)
+    assert [f"a{i}" for i in range(16)] == [r for r in ids if r.startswith("a")] and s.num_shared_steps == 0
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -326,7 +348,7 @@ def test_shared_steps_bound_the_flood_beside_a_light_tenant_and_keep_greedy_outp
                 outputs[out.request_id] = out.outputs[0].token_ids
     # every step B was in held at most 2 x B's tokens + 2 (the fixed cost's worth): A sat out the rest
     assert widths and all(total <= 2 * mine + 2 for total, mine in widths)
-    assert engine.stats().shared_steps >= len(widths)
+    assert engine.stats().shared_steps > 0
     ids = list(prompts)
     assert [outputs[r] for r in ids] == hf_greedy(tiny_model, [prompts[r] for r in ids], 6)
 
@@ -339,6 +361,7 @@ def test_the_engine_measures_its_step_cost(tiny_model):
     while engine.has_unfinished_requests():
         _step(engine, finished)
     cost = engine.scheduler.step_cost
-    assert cost.steps == engine.counters["steps"] >= StepCost.MIN_STEPS
-    assert cost.fit() is not None and cost.fixed_tokens() >= 0
+    assert cost.steps == engine.counters["steps"] - StepCost.SKIP_STEPS >= StepCost.MIN_STEPS
+    fixed, per_token = cost.fit()             # (a tiny model's per-token cost is within its steps' noise)
+    assert abs(fixed) < 10.0 and abs(per_token) < 1.0 and (fixed, per_token) != (0.0, 0.0)
     assert engine.stats().shared_steps == 0            # one tenant: never limited

@@ -162,13 +162,18 @@ class StepCost:
     the pass over the weights, ~10 tokens of a 135M model; on a GPU far more)."""
 
     MIN_STEPS = 8        # steps before the fit is trusted
+    SKIP_STEPS = 2       # the engine's first steps (kernel builds, cold caches) are not typical: ignored
 
     def __init__(self, half_life: float = 64.0) -> None:
         self._decay = 0.5 ** (1.0 / half_life)
         self._n = self._x = self._y = self._xx = self._xy = 0.0
-        self.steps = 0
+        self.steps = 0                     # steps fitted
+        self._skipped = 0
 
     def observe(self, tokens: int, seconds: float) -> None:
+        if self._skipped < self.SKIP_STEPS:
+            self._skipped += 1
+            return
         d = self._decay
         self.steps += 1
         self._n = self._n * d + 1.0
@@ -190,14 +195,18 @@ class StepCost:
         return my - per_token * mx, per_token
 
     def fixed_tokens(self) -> float | None:
-        """fixed / per_token (>= 0); inf where a token costs nothing measurable; None: no fit yet."""
+        """fixed / per_token (>= 0); inf where a token costs nothing measurable; None: no fit yet, or
+        none a line explains (a negative fixed cost: time growing faster than the tokens, as long
+        prompts' attention does; limiting steps by it would make them needlessly narrow)."""
         fit = self.fit()
         if fit is None:
             return None
         fixed, per_token = fit
         if per_token * self._x <= 1e-3 * self._y:   # the tokens cost under 0.1% of the steps' time
             return float("inf")
-        return max(fixed, 0.0) / per_token
+        if fixed < 0.0:
+            return None
+        return fixed / per_token
 
 
 def share_limits(demand: dict[str, int], weights: dict[str, float], fixed_tokens: float,
@@ -208,22 +217,24 @@ def share_limits(demand: dict[str, int], weights: dict[str, float], fixed_tokens
     W / w times what those d tokens would cost alone (fixed + d per token each, in units of a token:
     `fixed_tokens`), so the step holds at most min over tenants of W / w (d + fixed) - fixed tokens
     (equal weights: N d_min + (N - 1) fixed). Those are water-filled by weight (the smallest demand
-    per weight first: each its demand, or its weight's part of what is left). None where nothing is
-    limited (one tenant, or the step fits anyway). `demand`: tenant -> tokens it could use this
-    step; `weights`: tenant -> weight (1 where missing)."""
+    per weight first: each its demand, or its weight's part of what is left), and every tenant gets
+    at least one token, so none waits out a whole run of shared steps (the step may then exceed the
+    bound by a token per tenant). None where nothing is limited (one tenant, or the step fits
+    anyway). `demand`: tenant -> tokens it could use this step; `weights`: tenant -> weight (1 where
+    missing)."""
     wanting = {t: min(d, budget) for t, d in demand.items() if d > 0}
     if len(wanting) < 2 or not math.isfinite(fixed_tokens):
         return None
     weight = {t: weights.get(t, 1.0) for t in wanting}
     total = sum(weight.values())
-    cap = min(budget, int(min(total / weight[t] * (d + fixed_tokens) - fixed_tokens for t, d in wanting.items())))
+    cap = min(float(budget), min(total / weight[t] * (d + fixed_tokens) - fixed_tokens for t, d in wanting.items()))
     if cap >= sum(wanting.values()):
         return None
     limits: dict[str, int] = {}
     left, weight_left = cap, total
     for tenant, want in sorted(wanting.items(), key=lambda item: item[1] / weight[item[0]]):
-        share = min(want, int(left * weight[tenant] / weight_left))
+        share = min(want, max(1, math.floor(left * weight[tenant] / weight_left + 1e-9)))
         limits[tenant] = share
-        left -= share
+        left = max(left - share, 0.0)
         weight_left -= weight[tenant]
     return limits

@@ -84,33 +84,46 @@ class Scheduler:
         return (request.priority, self.vtc.counter(request.tenant), request.arrival, seq.index)
 
     def _share_limits(self, budget: int) -> dict[str, int] | None:
-        """This step's per-tenant token limits (fair_step_share), or None: what each tenant's running
-        sequences still need, plus the prompt of its first waiting one while a slot is free."""
+        """This step's per-tenant token limits (fair_step_share), or None. Shared among the tenants
+        with work at the most urgent priority present: what their running sequences of that priority
+        still need, plus the prompt of their first waiting one (not one whose grammar is compiling)
+        while a slot is free. Less urgent work of other tenants sits out a limited step."""
         fixed = self.step_cost.fixed_tokens()
         if fixed is None:
             return None
+        heads = [seq for seq in self.waiting.heads() if not seq.request.grammar_pending] \
+            if len(self.running) < self.config.max_num_seqs else []
+        candidates = [*self.running, *heads]
+        if not candidates:
+            return None
+        top = min(seq.request.priority for seq in candidates)
         demand: dict[str, int] = {}
         weights: dict[str, float] = {}
-        heads = self.waiting.heads() if len(self.running) < self.config.max_num_seqs else ()
-        for seq in (*self.running, *heads):
+        for seq in candidates:
             request = seq.request
-            demand[request.tenant] = demand.get(request.tenant, 0) + seq.num_tokens - seq.num_computed_tokens
-            weights[request.tenant] = request.weight
-        limits = share_limits(demand, weights, fixed, budget)
-        if limits is not None:
-            self.num_shared_steps += 1
-        return limits
+            if request.priority == top:
+                demand[request.tenant] = demand.get(request.tenant, 0) + seq.num_tokens - seq.num_computed_tokens
+                weights[request.tenant] = request.weight
+        return share_limits(demand, weights, fixed, budget)
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """A step of `tokens` tokens took `seconds` (forward and sampling): for the step cost model."""
         self.step_cost.observe(tokens, seconds)
 
     def schedule(self) -> SchedulerOutput:
+        self.running.sort(key=self._order)
+        limits = self._share_limits(self.config.max_num_batched_tokens) if self.share_steps else None
+        out = self._schedule(limits)
+        if limits is not None:
+            if out.empty and not out.preempted:   # (cannot happen with a token for every tenant; never spin)
+                return self._schedule(None)
+            self.num_shared_steps += 1
+        return out
+
+    def _schedule(self, limits: dict[str, int] | None) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
-        self.running.sort(key=self._order)
-        limits = self._share_limits(budget) if self.share_steps else None
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

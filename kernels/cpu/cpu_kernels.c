@@ -613,6 +613,25 @@ int genq_linear_supported(void) {
 #endif
 }
 
+#if defined(GENQ_LIN_AVX512) || defined(GENQ_LIN_AVX2)
+/* Row m of a register block's output from its sums: q = [s0 s1 s2 s3] (NT = 4) or s0 in lane 0
+ * (NT = 1); + bias; stored as float32 or rounded once to bfloat16 (BF). */
+static inline __attribute__((always_inline)) void store_row_sums(__m128 q, const int NT, const float *bias, void *y,
+                                                                  int64_t ldy, int m, const int BF) {
+    if (bias != NULL) q = NT == 4 ? _mm_add_ps(q, _mm_loadu_ps(bias)) : _mm_add_ss(q, _mm_load_ss(bias));
+    if (NT == 4 && !BF) {
+        _mm_storeu_ps((float *)y + m * ldy, q);
+        return;
+    }
+    float sums[4];
+    _mm_storeu_ps(sums, q);
+    for (int j = 0; j < NT; j++) {
+        if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
+        else ((float *)y)[m * ldy + j] = sums[j];
+    }
+}
+#endif
+
 #if defined(GENQ_LIN_AVX512)
 #define LIN_ROWS 6   /* rows of x per register block */
 
@@ -623,24 +642,15 @@ static inline __attribute__((always_inline)) void store_block_sums(__m512 acc[LI
                                                                     const float *bias, void *y, int64_t ldy,
                                                                     const int BF) {
     for (int m = 0; m < MT; m++) {
-        float sums[4];
+        __m128 q;
         if (NT == 4) {
             const __m512 s = lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
             const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-            __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
-            if (!BF) {
-                _mm_storeu_ps((float *)y + m * ldy, q);
-                continue;
-            }
-            _mm_storeu_ps(sums, q);
+            q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         } else {
-            for (int j = 0; j < NT; j++) sums[j] = _mm512_reduce_add_ps(acc[m][j]) + (bias != NULL ? bias[j] : 0.0f);
+            q = _mm_set_ss(_mm512_reduce_add_ps(acc[m][0]));
         }
-        for (int j = 0; j < NT; j++) {
-            if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
-            else ((float *)y)[m * ldy + j] = sums[j];
-        }
+        store_row_sums(q, NT, bias, y, ldy, m, BF);
     }
 }
 
@@ -695,23 +705,9 @@ static inline __attribute__((always_inline)) void store_block_sums(__m256 acc[LI
                                                                     const float *bias, void *y, int64_t ldy,
                                                                     const int BF) {
     for (int m = 0; m < MT; m++) {
-        float sums[4];
-        if (NT == 4) {
-            __m128 q = sums4_8(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-            if (bias != NULL) q = _mm_add_ps(q, _mm_loadu_ps(bias));
-            if (!BF) {
-                _mm_storeu_ps((float *)y + m * ldy, q);
-                continue;
-            }
-            _mm_storeu_ps(sums, q);
-        } else {
-            const __m128 q = sums4_8(acc[m][0], _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-            sums[0] = _mm_cvtss_f32(q) + (bias != NULL ? bias[0] : 0.0f);
-        }
-        for (int j = 0; j < NT; j++) {
-            if (BF) ((uint16_t *)y)[m * ldy + j] = f32_to_bf16(sums[j]);
-            else ((float *)y)[m * ldy + j] = sums[j];
-        }
+        const __m256 zero = _mm256_setzero_ps();
+        store_row_sums(NT == 4 ? sums4_8(acc[m][0], acc[m][1], acc[m][2], acc[m][3]) : sums4_8(acc[m][0], zero, zero, zero),
+                       NT, bias, y, ldy, m, BF);
     }
 }
 

@@ -29,12 +29,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
               and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_native_bfloat16()):
             return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-            bias32 = None if bias is None else bias.float()
-            if packed is not None and packed.dtype == torch.float32:   # prepack's widened copy
-                return torch.ops.mkldnn._linear_pointwise(x.float(), packed, bias32, "none", [], "").to(x.dtype)
-            if onednn_available():   # the same GEMM as the packed copy's, so the same bits either way
-                return torch.ops.mkldnn._linear_pointwise(x.float(), weight.float(), bias32, "none", [], "").to(x.dtype)
-            return torch.nn.functional.linear(x.float(), weight.float(), bias32).to(x.dtype)
+            # multiplied in float32: by oneDNN, on prepack's widened copy or the weight widened now (the
+            # same GEMM, so the same bits either way); without oneDNN (then nothing is packed), the BLAS
+            x32, bias32 = x.float(), None if bias is None else bias.float()
+            if onednn_available():
+                w32 = weight.float() if packed is None else packed
+                return torch.ops.mkldnn._linear_pointwise(x32, w32, bias32, "none", [], "").to(x.dtype)
+            return torch.nn.functional.linear(x32, weight.float(), bias32).to(x.dtype)
         if (x.dtype in ONEDNN_DTYPES and x.device.type == "cpu" and weight.dtype == x.dtype
                 and (bias is None or bias.dtype == x.dtype) and onednn_available()):
             return torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias, "none", [], "")

@@ -37,6 +37,10 @@ class VirtualTokenCounter:
     def is_active(self, tenant: str) -> bool:
         return tenant in self._active
 
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
     def arrive(self, tenant: str) -> None:
         """One more sequence of `tenant` in the scheduler; lift it when it comes back from idle."""
         if tenant not in self._active:

@@ -88,6 +88,8 @@ class Scheduler:
         with work at the most urgent priority present: what their running sequences of that priority
         still need, plus the prompt of their first waiting one (not one whose grammar is compiling)
         while a slot is free. Less urgent work of other tenants sits out a limited step."""
+        if self.vtc.num_active < 2:   # one tenant (the usual case): nothing to share, nothing to compute
+            return None
         fixed = self.step_cost.fixed_tokens()
         if fixed is None:
             return None

@@ -2,6 +2,7 @@
 (kernels/cpu_kernels.py DecodeLayers); it must give bit for bit what the per-op path gives, and be
 taken only where it applies."""
 import pytest
+import torch
 
 from kernels import cpu_kernels
 from tests.engine.conftest import make_prompts
@@ -52,9 +53,26 @@ def test_not_taken_for_long_contexts_or_wide_steps(tiny_model, monkeypatch):
     assert len(calls) < steps                 # the wide and the long-context steps went op by op
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_steps_as_wide_as_the_row_limit_run_in_one_call(tiny_model, monkeypatch, dtype):
+    # A budget of exactly the kernel's row limit for the dtype: full steps (prompt chunks beside
+    # decode rows) reach it and still run in one call, and a step one token wider does not.
+    limit = cpu_kernels.linear_max_rows(getattr(torch, dtype))
+    if dtype == "bfloat16" and cpu_kernels.linear_native_bfloat16():
+        limit = cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16
+    prompts = make_prompts(8, seed=13, shared_prefix=90)
+    fused, (*calls, steps) = generate(tiny_model, prompts, monkeypatch, fused=True, dtype=dtype,
+                                      max_num_batched_tokens=limit)
+    per_op, _ = generate(tiny_model, prompts, monkeypatch, fused=False, dtype=dtype, max_num_batched_tokens=limit)
+    assert fused == per_op
+    assert max(calls) == limit and len(calls) == steps
+    _, (*wider, _) = generate(tiny_model, prompts, monkeypatch, fused=True, dtype=dtype,
+                              max_num_batched_tokens=limit + 1)
+    assert wider and max(wider) < limit + 1
+
+
 def test_projection_biases(tmp_path, monkeypatch):
     """Qwen2's q/k/v biases pass through the fused call too."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from worker.engine.tiny import build_tokenizer

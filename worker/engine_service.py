@@ -105,13 +105,20 @@ class Generation:
             error_message=message))
 
 
+GATHER_SECONDS = 0.15   # longest wait, before a step that starts from nothing, for jobs still arriving
+
+
 class EngineService:
     def __init__(self, engine: LLMEngine, events: EventLog | None = None, *, stats_interval: float = 0.5,
-                 on_stats: Callable[[ServiceStats], None] | None = None):
+                 on_stats: Callable[[ServiceStats], None] | None = None,
+                 arriving: Callable[[], int] | None = None, gather_seconds: float = GATHER_SECONDS):
         self.engine = engine
         self.events = events
         self.stats_interval = stats_interval
         self.on_stats = on_stats
+        # how many jobs the caller has taken on and not yet submitted (claims under way); None: unknown
+        self.arriving = arriving
+        self.gather_seconds = gather_seconds
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._generations: dict[str, Generation] = {}   # loop thread only
         self._announcements: list[tuple[str, tuple[JobEvent, ...]]] = []   # loop thread only
@@ -164,6 +171,8 @@ class EngineService:
         try:
             while self._drain(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
+                    if not self._gather():
+                        break
                     self._step()
                 self._maybe_report()
         except Exception:
@@ -174,10 +183,30 @@ class EngineService:
             self._generations.clear()
             self._drain_rejecting()
 
-    def _drain(self, block: bool) -> bool:
-        """Apply queued commands; False once asked to stop. Blocks (briefly) only when idle."""
+    def _gather(self) -> bool:
+        """Before a step that starts from nothing (requests waiting, none running, no output pending),
+        wait up to `gather_seconds` while jobs are still arriving (`arriving`: claimed or being claimed, not yet
+        submitted), taking them in as they come: a burst of jobs, which reach the engine one by one
+        through their claims, is then prefilled in one step, instead of its first job alone while the
+        rest wait for that step to end. Never while sequences are running (their next token would
+        wait). False once asked to stop."""
+        if self.arriving is None or not self.engine.starts_cold():
+            return True
+        deadline = time.monotonic() + self.gather_seconds
+        while self.arriving() > 0 and self.engine.starts_cold():   # (an abort may come meanwhile)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self._drain(block=True, timeout=min(left, 0.002)):
+                return False
+        return True
+
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply queued commands; False once asked to stop. Blocks (briefly: `timeout`, else the
+        stats interval) only when asked to."""
         try:
-            command = self._inbox.get(timeout=self.stats_interval) if block else self._inbox.get_nowait()
+            command = (self._inbox.get(timeout=self.stats_interval if timeout is None else timeout) if block
+                       else self._inbox.get_nowait())
         except queue.Empty:
             return True
         while True:

@@ -11,6 +11,7 @@ left `running` on a lease nobody renews, and the reconciler has it run again onc
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import NoReturn
 
 from celery.exceptions import Reject
@@ -35,25 +36,28 @@ WRITE_RETRY_SECONDS = 30.0    # the final write and a hand-back: this long (then
 
 
 def run_job(rt, job_id: str) -> str:
-    try:
-        job = _claim(rt, job_id)
-    except Exception as exc:
-        if not is_outage(exc):
-            raise
-        # Still queued (or leased to us for a lease's length): the reconciler sends the task again.
-        log.warning("job %s: could not be claimed (the database is unavailable); the reconciler re-sends it", job_id)
-        return "deferred"
-    if job is None:
-        log.info("job %s: nothing to claim (final, missing, or leased by a live worker)", job_id)
-        return "skipped"
-    return run_claimed(rt, job)
+    with rt.arrival() as arrived:   # the engine may wait briefly for this job (EngineService._gather)
+        try:
+            job = _claim(rt, job_id)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # Still queued (or leased to us for a lease's length): the reconciler sends the task again.
+            log.warning("job %s: could not be claimed (the database is unavailable); the reconciler re-sends it",
+                        job_id)
+            return "deferred"
+        if job is None:
+            log.info("job %s: nothing to claim (final, missing, or leased by a live worker)", job_id)
+            return "skipped"
+        return run_claimed(rt, job, arrived)
 
 
-def run_claimed(rt, job) -> str:
-    """Run a job this worker has claimed (by a task, or by the newcomer reserve) to its end."""
+def run_claimed(rt, job, arrived: Callable[[], None] | None = None) -> str:
+    """Run a job this worker has claimed (by a task, or by the newcomer reserve) to its end.
+    `arrived` is called once the job is in the engine's hands (or will not be)."""
     rt.track(job.id, job.attempts, job.owner)
     try:
-        return _run_claimed(rt, job)
+        return _run_claimed(rt, job, arrived or (lambda: None))
     finally:
         rt.untrack(job.id)
 
@@ -95,7 +99,7 @@ def _claim(rt, job_id: str):
     return retry_outage(claim, what=f"job {job_id}: claim", seconds=CLAIM_RETRY_SECONDS)
 
 
-def _run_claimed(rt, job) -> str:
+def _run_claimed(rt, job, arrived: Callable[[], None]) -> str:
     attempt = job.attempts
     if attempt > 1:
         _quietly(rt.events.reset, job.id)   # a retry regenerates from the start
@@ -127,6 +131,7 @@ def _run_claimed(rt, job) -> str:
     generation = rt.service.submit(GenerationRequest(
         request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=_engine_priority(rt, job),
         tenant=job.owner, weight=_fair_share_weight(rt, job), attempt=attempt, first_seq=2, announce=(running,)))
+    arrived()
     if job.id in rt.cancels:   # the cancel arrived between the claim and the submission
         rt.service.abort(job.id)
     outcome = generation.wait()

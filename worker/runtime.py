@@ -2,6 +2,7 @@
 (the lease heartbeat and the control-channel listener). Celery tasks reach it with `get_runtime()`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,10 +124,11 @@ class WorkerRuntime:
         self.engine = engine if engine is not None else build_engine(settings)
         install_fault(self.engine, settings.fault_injection)   # test only; nothing when unset
         self.service = EngineService(self.engine, self.events, stats_interval=settings.stats_interval_seconds,
-                                     on_stats=self._report)
+                                     on_stats=self._report, arriving=self.arriving)
         self.cancels = RecentCancels()
         self._active: dict[str, tuple[int, str]] = {}   # job id -> (attempt, tenant), for the heartbeat
         self._newcomers = 0                        # jobs the newcomer reserve runs now
+        self._arriving = 0                         # jobs task threads are claiming, not yet submitted
         self._active_lock = threading.Lock()
         self._stopping = threading.Event()
         self._draining = threading.Event()          # no new newcomer claims once a drain began
@@ -207,6 +209,29 @@ class WorkerRuntime:
     def active_jobs(self) -> list[str]:
         with self._active_lock:
             return list(self._active)
+
+    @contextlib.contextmanager
+    def arrival(self):
+        """A task thread taking on a job: counted in `arriving` (which the engine loop reads before a
+        step that starts from nothing) until the callable this yields is called, once the job is
+        submitted to the engine, or the block ends."""
+        with self._active_lock:
+            self._arriving += 1
+        counted = True
+
+        def arrived() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                with self._active_lock:
+                    self._arriving -= 1
+        try:
+            yield arrived
+        finally:
+            arrived()
+
+    def arriving(self) -> int:
+        return self._arriving
 
     def active_tenants(self) -> frozenset[str]:
         with self._active_lock:

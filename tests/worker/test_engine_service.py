@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -122,3 +123,47 @@ def test_stopped_service_fails_pending_and_new_requests(engine):
     engine.abort_request("svc-stop")
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_a_step_from_nothing_waits_for_jobs_still_arriving(tiny_model_dir):
+    """Before a step that starts from nothing, the loop waits (bounded) while the worker says jobs are
+    still arriving (claims under way), so a burst is prefilled in one step; never while sequences run."""
+    engine = LLMEngine(tiny_model_dir, num_kv_blocks=256)
+    arriving = [1]                             # one more job is being claimed
+    service = EngineService(engine, None, stats_interval=0.05, arriving=lambda: arriving[0],
+                            gather_seconds=30.0).start()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        first = service.submit(GenerationRequest("gather-0", params, prompt="the first job", attempt=1))
+        time.sleep(0.3)
+        assert not first.done and engine.stats().steps == 0   # held for the job still arriving
+        second = service.submit(GenerationRequest("gather-1", params, prompt="the second job", attempt=1))
+        arriving[0] = 0
+        a, b = first.wait(60), second.wait(60)
+        assert a.error_type is None and b.error_type is None
+        assert a.first_token_at == b.first_token_at              # both prefilled in the same first step
+        # While a sequence runs, a newcomer is never held, however many jobs are said to be arriving.
+        arriving[0] = 5
+        long = service.submit(GenerationRequest("gather-long", SamplingParams(max_tokens=400, ignore_eos=True),
+                                                prompt="a long one", attempt=1))
+        while long.next_seq == 1 and not long.done:
+            time.sleep(0.01)
+        started = time.monotonic()
+        quick = service.submit(GenerationRequest("gather-2", params, prompt="joins a running batch", attempt=1))
+        assert quick.wait(20).error_type is None and time.monotonic() - started < 20
+        service.abort("gather-long")
+        assert long.wait(20).finish_reason == "abort"
+    finally:
+        service.stop()
+
+
+def test_the_wait_for_arriving_jobs_is_bounded(tiny_model_dir):
+    engine = LLMEngine(tiny_model_dir, num_kv_blocks=256)
+    service = EngineService(engine, None, stats_interval=0.05, arriving=lambda: 1, gather_seconds=0.3).start()
+    try:
+        started = time.monotonic()
+        result = service.submit(GenerationRequest("stuck-claim", SamplingParams(max_tokens=2), prompt="x")).wait(60)
+        elapsed = time.monotonic() - started
+        assert result.error_type is None and 0.3 <= elapsed < 30   # a claim that never ends delays, not blocks
+    finally:
+        service.stop()

@@ -163,6 +163,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending)
 
+    def starts_cold(self) -> bool:
+        """Whether the next step would only start requests: some are waiting, no sequence is running
+        and no output is pending (an abort's, say)."""
+        return bool(self.requests) and not self.scheduler.running and not self._pending
+
     # -- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -199,7 +199,7 @@ class EngineService:
                 break
             if not self._drain(block=True, timeout=min(left, 0.002)):
                 return False
-        return True
+        return self._drain(block=False)   # a job submits before it stops counting: take the last one in
 
     def _drain(self, block: bool, timeout: float | None = None) -> bool:
         """Apply queued commands; False once asked to stop. Blocks (briefly: `timeout`, else the

@@ -109,18 +109,21 @@ def _run_claimed(rt, job, arrived: Callable[[], None]) -> str:
         result = JobResult(JobStatus.FAILED, error_type="worker_lost", error_message=(
             f"the job's worker stopped or was lost during each of its {attempt - 1} attempts "
             f"(GENQ_MAX_ATTEMPTS={rt.settings.max_attempts}); giving up"))
+        arrived()   # (each path that does not reach the engine says so first: the engine stops waiting for it)
         return _finish(rt, job.id, attempt, result, next_seq=1)
     running = JobEvent(EventId(attempt, 1), "status", {"status": "running", "attempt": attempt})
     transitions.emit("started", job.id, attempt=attempt, created_at=job.created_at, started_at=job.started_at,
                      worker_id=rt.worker_id)
 
     if job.cancel_requested_at is not None or job.id in rt.cancels:
+        arrived()
         _publish(rt, job.id, [running])
         return _finish(rt, job.id, attempt, store.canceled_result(), next_seq=2)
     try:
         spec = GenerationInput.model_validate(job.input)
         params = SamplingParams(**spec.sampling_kwargs())
     except Exception as exc:
+        arrived()
         _publish(rt, job.id, [running])
         result = JobResult(JobStatus.FAILED, error_type="invalid_input", error_message=str(exc))
         return _finish(rt, job.id, attempt, result, next_seq=2)

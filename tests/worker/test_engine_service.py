@@ -143,11 +143,11 @@ def test_a_step_from_nothing_waits_for_jobs_still_arriving(tiny_model_dir):
         assert a.error_type is None and b.error_type is None
         assert a.first_token_at == b.first_token_at              # both prefilled in the same first step
         # While a sequence runs, a newcomer is never held, however many jobs are said to be arriving.
-        arriving[0] = 5
-        long = service.submit(GenerationRequest("gather-long", SamplingParams(max_tokens=400, ignore_eos=True),
+        long = service.submit(GenerationRequest("gather-long", SamplingParams(max_tokens=1000, ignore_eos=True),
                                                 prompt="a long one", attempt=1))
         while long.next_seq == 1 and not long.done:
             time.sleep(0.01)
+        arriving[0] = 5
         started = time.monotonic()
         quick = service.submit(GenerationRequest("gather-2", params, prompt="joins a running batch", attempt=1))
         assert quick.wait(20).error_type is None and time.monotonic() - started < 20

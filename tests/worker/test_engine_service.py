@@ -167,3 +167,18 @@ def test_the_wait_for_arriving_jobs_is_bounded(tiny_model_dir):
         assert result.error_type is None and 0.3 <= elapsed < 30   # a claim that never ends delays, not blocks
     finally:
         service.stop()
+
+
+def test_starts_cold_only_when_no_stream_is_in_flight(tiny_model_dir):
+    engine = LLMEngine(tiny_model_dir, num_kv_blocks=256)
+    assert not engine.starts_cold()                       # nothing to start
+    engine.add_request("cold-0", "a prompt", SamplingParams(max_tokens=50, ignore_eos=True))
+    assert engine.starts_cold()
+    engine.step()                                         # prefilled: running, its first token out
+    assert not engine.starts_cold()
+    seq = engine.scheduler.running.pop()
+    engine.scheduler._preempt(seq)                        # as a KV cache shortage would
+    assert not engine.starts_cold()                       # waiting again, but its stream wants its next token
+    engine.abort_request("cold-0")
+    engine.step()
+    assert not engine.has_unfinished_requests()

@@ -165,8 +165,10 @@ class LLMEngine:
 
     def starts_cold(self) -> bool:
         """Whether the next step would only start requests: some are waiting, no sequence is running
-        and no output is pending (an abort's, say)."""
-        return bool(self.requests) and not self.scheduler.running and not self._pending
+        or was preempted mid-generation (its stream is waiting for its next token), and no output is
+        pending (an abort's, say)."""
+        return (bool(self.requests) and not self.scheduler.running and not self._pending
+                and not any(seq.num_output_tokens for seq in self.scheduler.waiting))
 
     # -- the step -------------------------------------------------------------------------------
 

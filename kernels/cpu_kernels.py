@@ -264,15 +264,17 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 
 # Up to this many rows of x (float32), `linear` is used: alone it beats the BLAS on a 2-core AVX-512
-# Xeon 1.8-2.4x from 4 to 48 rows and is level with oneDNN's packed weights at about 56; inside the
-# one-call decode path (`DecodeLayers`, every layer of a step in one call) it wins up to ~100 rows,
-# since that path skips the per-op path's ~30 ms of per-layer op calls (2-core AVX-512 Xeon, no
-# BF16, SmolLM2-135M prefill of 49 / 64 / 79 / 96 / 128 tokens: 81 / 101 / 123 / 140 / 196 ms in one
-# call against 114 / 120 / 140 / 153 / 190 ms op by op). With AVX2 (8-lane vectors, a 3-row
-# register block) it beats oneDNN with packed weights up to about 28 rows on a 2-core AVX2 EPYC
-# (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
+# Xeon 1.8-2.4x from 4 to 48 rows and is level with oneDNN's packed weights at about 56. Inside the
+# one-call decode path (`DecodeLayers`) it would win up to ~100 rows, since that path skips the
+# per-op path's ~30 ms of op calls (2-core AVX-512 Xeon, no BF16, prefill of 49 / 64 / 79 / 96
+# tokens: 81 / 101 / 123 / 140 ms in one call against 114 / 120 / 140 / 153 op by op), but a limit of
+# 96 put that cost step inside the fair scheduler's step range (256 tokens), and key B's time under a
+# flood went from 2.35x to 4.23x its solo time (benchmarks/fairness.py, same session): the
+# shared-steps cost model (fairness.StepCost, a line) must handle the step first. With AVX2 (8-lane
+# vectors, a 3-row register block) it beats oneDNN with packed weights up to about 28 rows on a
+# 2-core AVX2 EPYC (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
 _AVX512 = {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split())
-LINEAR_MAX_ROWS = 96 if _AVX512 else 32   # the C path's test, float32
+LINEAR_MAX_ROWS = 48 if _AVX512 else 32   # the C path's test, float32
 # bfloat16 weights widened as they are read (a CPU without bfloat16 arithmetic): the widening makes
 # the kernel slower than oneDNN on a packed float32 copy above ~64 rows even in one call.
 LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32

@@ -263,21 +263,16 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
 
 
-# Up to this many rows of x (float32), `linear` is used: alone it beats the BLAS on a 2-core AVX-512
-# Xeon 1.8-2.4x from 4 to 48 rows and is level with oneDNN's packed weights at about 56. Inside the
-# one-call decode path (`DecodeLayers`) it would win up to ~100 rows, since that path skips the
-# per-op path's ~30 ms of op calls (2-core AVX-512 Xeon, no BF16, prefill of 49 / 64 / 79 / 96
-# tokens: 81 / 101 / 123 / 140 ms in one call against 114 / 120 / 140 / 153 op by op), but a limit of
-# 96 put that cost step inside the fair scheduler's step range (256 tokens), and key B's time under a
-# flood went from 2.35x to 4.23x its solo time (benchmarks/fairness.py, same session): the
-# shared-steps cost model (fairness.StepCost, a line) must handle the step first. With AVX2 (8-lane
+# Up to this many rows of x, `linear` beats the BLAS: on a 2-core AVX-512 Xeon 1.8-2.4x faster from 4
+# to 48 rows, level with oneDNN's packed weights at about 56 (benchmarks/cpu_linear.py). With AVX2 (8-lane
 # vectors, a 3-row register block) it beats oneDNN with packed weights up to about 28 rows on a
 # 2-core AVX2 EPYC (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
-_AVX512 = {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split())
-LINEAR_MAX_ROWS = 48 if _AVX512 else 32   # the C path's test, float32
-# bfloat16 weights widened as they are read (a CPU without bfloat16 arithmetic): the widening makes
-# the kernel slower than oneDNN on a packed float32 copy above ~64 rows even in one call.
-LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32
+# The one-call path (`DecodeLayers`) would pay up to ~96 rows, but a cost step there breaks the fair
+# scheduler's step-cost line (docs/kernels.md).
+LINEAR_MAX_ROWS = 48 if {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split()) else 32   # the C path's test
+# bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
+# uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
+# (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon).
 LINEAR_MAX_ROWS_NATIVE_BF16 = 32
 
 
@@ -302,20 +297,13 @@ def native_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def linear_max_rows(dtype: torch.dtype) -> int:
-    """The most rows of x the engine gives the linear kernel: LINEAR_MAX_ROWS for float32,
-    LINEAR_MAX_ROWS_WIDENED_BF16 for bfloat16 (vdpbf16ps callers check LINEAR_MAX_ROWS_NATIVE_BF16
-    themselves; it is the smaller)."""
-    return LINEAR_MAX_ROWS if dtype == torch.float32 else LINEAR_MAX_ROWS_WIDENED_BF16
-
-
 def linear_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """float32 or bfloat16 (one dtype) on the CPU, at most `linear_max_rows(dtype)` rows, a
-    contiguous weight; x's last dimension contiguous (its rows may be apart)."""
+    """float32 or bfloat16 (one dtype) on the CPU, at most LINEAR_MAX_ROWS rows, a contiguous
+    weight; x's last dimension contiguous (its rows may be apart)."""
     return (x.dtype in DTYPES and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.dim() >= 1 and weight.dim() == 2
             and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
-            and x.numel() // max(x.shape[-1], 1) <= linear_max_rows(x.dtype)
+            and x.numel() // max(x.shape[-1], 1) <= LINEAR_MAX_ROWS
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1])))
 
 
@@ -374,7 +362,7 @@ class DecodeLayers:
         if self.dtype == torch.bfloat16 and linear_native_bfloat16():
             self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS_NATIVE_BF16, DTYPES[self.dtype]
         else:
-            self.max_tokens, self.linear_dtype = linear_max_rows(self.dtype), DTYPES[self.dtype]
+            self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS, DTYPES[self.dtype]
 
     @staticmethod
     def usable(layers: list[dict[str, torch.Tensor | None]], cos_sin: torch.Tensor) -> bool:

@@ -262,7 +262,7 @@ def test_linear_dispatch(gen, monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_kernels.linear_native_bfloat16(), reason="needs AVX512-BF16")
-@pytest.mark.parametrize("rows", [1, 5, 6, 13, cpu_kernels.linear_max_rows(torch.bfloat16)])
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, cpu_kernels.LINEAR_MAX_ROWS])
 @pytest.mark.parametrize("in_features", [576, 577, 31, 64, 1536])
 def test_linear_vdpbf16ps_matches_float32_sums(gen, rows, in_features):
     # K tails of 0, 1 and 31 elements (32 per instruction); 4-row tiles and single rows; bias or none.

@@ -64,7 +64,7 @@ def run_claimed(rt, job, arrived: Callable[[], None] | None = None) -> str:
 
 def claim_newcomer(rt, exclude: frozenset[str]):
     """The newcomer reserve's claim: the first job in fair order of a key not in `exclude` (the
-    keys this worker is serving), or None. Not retried: the reserve polls again soon."""
+    keys holding their share of this worker's seats), or None. Not retried: the reserve polls again soon."""
     with rt.sessions.begin() as session:
         return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude)
 

@@ -2,6 +2,7 @@
 (the lease heartbeat and the control-channel listener). Celery tasks reach it with `get_runtime()`."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RECENT_CANCEL_SECONDS = 600.0
 HEARTBEAT_RETRY_SECONDS = 0.5   # a failed lease renewal is tried again this soon
-NEWCOMER_POLL_SECONDS = 0.25    # how often a busy worker looks for a key it serves nothing of
+NEWCOMER_POLL_SECONDS = 0.25    # how often a busy worker looks for a key under its share of seats
 
 _runtime: "WorkerRuntime | None" = None
 _runtime_lock = threading.Lock()
@@ -112,6 +113,16 @@ class RecentCancels:
     def __contains__(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._ids
+
+
+def keys_at_share(running: list[str], seats: int) -> frozenset[str]:
+    """The keys the newcomer reserve leaves out: among the keys of a worker's `running` jobs (one
+    entry a job) and one newcomer, those holding at least an equal share of its `seats` (task
+    threads plus the reserve). A key with a job or two running beside a flood is under its share,
+    so its next job starts in the reserve too instead of waiting for one of the flood's to end."""
+    held = collections.Counter(running)
+    share = seats / (len(held) + 1)
+    return frozenset(tenant for tenant, n in held.items() if n >= share)
 
 
 class WorkerRuntime:
@@ -233,18 +244,19 @@ class WorkerRuntime:
     def arriving(self) -> int:
         return self._arriving
 
-    def active_tenants(self) -> frozenset[str]:
+    def tenants_at_share(self) -> frozenset[str]:
         with self._active_lock:
-            return frozenset(tenant for _, tenant in self._active.values())
+            running = [tenant for _, tenant in self._active.values()]
+        return keys_at_share(running, self.settings.worker_concurrency + self.settings.newcomer_reserve)
 
     # -- helper threads ---------------------------------------------------------------------------
 
     def _newcomer_reserve(self) -> None:
         """Fair scheduling's newcomer reserve: while this worker's task threads are all busy
         (`max_num_seqs` jobs in flight), every NEWCOMER_POLL_SECONDS it claims the first job in fair
-        order of a key it serves nothing of, into one of `settings.newcomer_reserve` engine slots kept
-        for that; so a key that arrives while another floods the service starts at once instead of
-        waiting for a running job to end. The job's own task later finds it taken and claims
+        order of a key under its share of this worker's seats (`tenants_at_share`), into one of
+        `settings.newcomer_reserve` engine slots kept for that; so a key that arrives while another
+        floods the service starts at once instead of waiting for a running job to end. The job's own task later finds it taken and claims
         whatever is next (or nothing)."""
         reserve = self.settings.newcomer_reserve
         while not self._stopping.wait(NEWCOMER_POLL_SECONDS):
@@ -252,13 +264,13 @@ class WorkerRuntime:
             if self._draining.is_set() or self._newcomers >= reserve or busy < self.settings.worker_concurrency:
                 continue
             try:
-                job = claim_newcomer(self, self.active_tenants())
+                job = claim_newcomer(self, self.tenants_at_share())
             except Exception as exc:
                 log.warning("newcomer reserve: claim failed (%s: %s)", type(exc).__name__, exc)
                 continue
             if job is None:
                 continue
-            log.info("job %s: started in the newcomer reserve (key %s has nothing running here)", job.id, job.owner)
+            log.info("job %s: started in the newcomer reserve (key %s is under its share here)", job.id, job.owner)
             with self._active_lock:
                 self._newcomers += 1
             threading.Thread(target=self._run_newcomer, args=(job,), name=f"genq-newcomer-{job.id}").start()

@@ -10,6 +10,8 @@ from app.jobs import fair_queue, store
 from app.jobs.models import FairShare, Job
 from tests.support.outages import commits_then_drops
 from tests.support.service import service_settings
+from worker.job_runner import claim_newcomer
+from worker.runtime import keys_at_share
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,29 @@ def test_a_fair_claim_whose_answer_was_lost_is_recognised(runtime, monkeypatch):
     assert (load(runtime, first).status, load(runtime, first).attempts) == ("succeeded", 1)
     assert load(runtime, second).status == "queued"   # the retry did not claim a second job
     assert runtime.run_job(second) == "succeeded"
+
+
+def test_the_reserve_leaves_out_only_keys_at_their_share_of_seats():
+    # 18 seats: a flood of 16 and one newcomer job -> share 18 / 3 = 6 each; the flood is over it.
+    assert keys_at_share(["a"] * 16 + ["b"], 18) == {"a"}
+    assert keys_at_share(["a"] * 16 + ["b"] * 5, 18) == {"a"}         # b has 5 < 6: its next job may start
+    assert keys_at_share(["a"] * 12 + ["b"] * 6, 18) == {"a", "b"}    # both at their share: nobody new of theirs
+    assert keys_at_share(["a"] * 8 + ["b"] * 4 + ["c"] * 4, 18) == {"a"}   # share 18 / 4 = 4.5
+    assert keys_at_share(["a"], 1) == {"a"} and keys_at_share([], 18) == frozenset()
+
+
+def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime):
+    """The runtime's own view: its tracked jobs decide which keys the reserve's claim leaves out."""
+    seats = runtime.settings.worker_concurrency + runtime.settings.newcomer_reserve
+    flood = [f"flood-{i}" for i in range(seats - 2)]
+    for job_id in flood:
+        runtime.track(job_id, 1, "key-a")
+    runtime.track("light-1", 1, "key-b")
+    try:
+        assert runtime.tenants_at_share() == {"key-a"}
+        b2 = create(runtime, "key-b")
+        create(runtime, "key-a")
+        assert claim_newcomer(runtime, runtime.tenants_at_share()).id == b2
+    finally:
+        for job_id in flood + ["light-1"]:
+            runtime.untrack(job_id)

@@ -150,19 +150,22 @@ def test_step_cost_fits_fixed_and_per_token_seconds():
 
 def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
     equal: dict[str, float] = {}
-    # A's flood wants 16 decode rows, B one: a step of 2 x 1 + 10 fixed = 12 tokens costs 2x B's alone
-    assert share_limits({"A": 16, "B": 1}, equal, 10.0, 2048) == {"B": 1, "A": 11}
-    # three tenants: 3 x 3 + 2 x 4 = 17 tokens, water-filled from the smallest demand up
-    assert share_limits({"A": 100, "B": 3, "C": 5}, equal, 4.0, 2048) == {"B": 3, "C": 5, "A": 9}
-    assert share_limits({"A": 100, "B": 3, "C": 50}, equal, 4.0, 2048) == {"B": 3, "C": 7, "A": 7}
+    # A's flood wants 16 decode rows, B one: B's 1 token plus the larger of 1 and the 10 fixed: a step
+    # of 11 tokens costs (11 + 10) / (1 + 10) < 2x B's alone
+    assert share_limits({"A": 16, "B": 1}, equal, 10.0, 2048) == {"B": 1, "A": 10}
+    # B wants more than the fixed cost: the others get as many tokens as B (under 2x the cost of B alone)
+    assert share_limits({"A": 100, "B": 12}, equal, 10.0, 2048) == {"B": 12, "A": 12}
+    # three tenants: 3 + 2 x max(3, 4) = 11 tokens, water-filled from the smallest demand up
+    assert share_limits({"A": 100, "B": 3, "C": 5}, equal, 4.0, 2048) == {"B": 3, "C": 4, "A": 4}
+    assert share_limits({"A": 100, "B": 3, "C": 50}, equal, 4.0, 2048) == {"B": 3, "C": 4, "A": 4}
     assert share_limits({"A": 500, "B": 160}, equal, 10.0, 256) == {"B": 128, "A": 128}   # the budget binds
     assert share_limits({"A": 500}, equal, 10.0, 2048) is None                  # alone: the whole step
     assert share_limits({"A": 8, "B": 1, "C": 0}, equal, 10.0, 2048) is None    # 2 + 10 >= 9: nothing to limit
     assert share_limits({"A": 8, "B": 1}, equal, float("inf"), 2048) is None    # a GPU: width costs nothing
-    # weights: B (1) beside A (2) is owed a third: 3 x (1 + 10) - 10 = 23 tokens
+    # weights: B (1) beside A (2) is owed a third: 1 + (3 - 1) x max(1, 10) = 21 tokens
     weighted = {"A": 2.0, "B": 1.0}
-    assert share_limits({"A": 40, "B": 1}, weighted, 10.0, 2048) == {"B": 1, "A": 22}
-    assert share_limits({"A": 16, "B": 1}, weighted, 10.0, 2048) is None        # 17 <= 23
+    assert share_limits({"A": 40, "B": 1}, weighted, 10.0, 2048) == {"B": 1, "A": 20}
+    assert share_limits({"A": 16, "B": 1}, weighted, 10.0, 2048) is None        # 17 <= 21
     # both backlogged, the budget binding: 2:1 by weight
     assert share_limits({"A": 300, "B": 300}, weighted, 10.0, 256) == {"A": 170, "B": 86}
     # every tenant gets a token, whatever the rounding: none sits out a whole run of shared steps
@@ -196,12 +199,12 @@ def test_a_shared_step_runs_the_light_tenant_and_part_of_the_flood(share):
     if not share:
         assert len(ids) == 17 and s.num_shared_steps == 0
         return
-    assert out.num_batched_tokens == 2 * 4 + 10 and "b0" in ids
-    assert ids.count("b0") == 1 and len(ids) == 1 + 14      # A: its 14 earliest rows
-    assert [i for i in ids if i != "b0"] == [f"a{i}" for i in range(14)]
+    assert out.num_batched_tokens == 4 + 10 and "b0" in ids   # B's 4 + max(4, 10 fixed) for A
+    assert ids.count("b0") == 1 and len(ids) == 1 + 10      # A: its 10 earliest rows
+    assert [i for i in ids if i != "b0"] == [f"a{i}" for i in range(10)]
     finish_step(s, out)
-    out = s.schedule()                                      # B decodes: 1 row + 11 of A's (the earliest)
-    assert out.num_batched_tokens == 12 and "b0" in [i.seq.request.request_id for i in out.scheduled]
+    out = s.schedule()                                      # B decodes: 1 row + 10 of A's (the earliest)
+    assert out.num_batched_tokens == 11 and "b0" in [i.seq.request.request_id for i in out.scheduled]
     assert all(seq.status.name == "RUNNING" for seq in flood)   # the rest sat the step out, blocks kept
     assert all(seq.blocks for seq in flood)
     assert s.num_shared_steps == 2

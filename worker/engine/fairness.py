@@ -217,10 +217,14 @@ def share_limits(demand: dict[str, int], weights: dict[str, float], fixed_tokens
                  budget: int) -> dict[str, int] | None:
     """Per-tenant token limits for one step, so that no tenant in it is slowed more than weighted
     processor sharing would slow it. A tenant of weight w, among tenants of total weight W wanting
-    work, is owed w / W of the engine: a step that carries all the d tokens it wants may cost at most
-    W / w times what those d tokens would cost alone (fixed + d per token each, in units of a token:
-    `fixed_tokens`), so the step holds at most min over tenants of W / w (d + fixed) - fixed tokens
-    (equal weights: N d_min + (N - 1) fixed). Those are water-filled by weight (the smallest demand
+    work, is owed w / W of the engine. A step carries all the d tokens it wants plus, for the others,
+    (W / w - 1) times the larger of d and `fixed_tokens` (the step's fixed cost in units of a token):
+    token for token by weight where d is large, the fixed cost's worth where it is small. Either way
+    the step costs at most W / w times what those d tokens would cost alone (fixed + d); where d is
+    small against the fixed cost, less, because a key whose jobs run slower has more of them in flight
+    (one job every 2 s taking 8 s instead of 4 is 4 jobs a step instead of 2), so a bound of exactly
+    W / w a step would slow each of its jobs by more than W / w. The step holds at most the min over
+    tenants of d + (W / w - 1) max(d, fixed). Those are water-filled by weight (the smallest demand
     per weight first: each its demand, or its weight's part of what is left), and every tenant gets
     at least one token, so none waits out a whole run of shared steps (the step may then exceed the
     bound by a token per tenant). None where nothing is limited (one tenant, or the step fits
@@ -231,7 +235,7 @@ def share_limits(demand: dict[str, int], weights: dict[str, float], fixed_tokens
         return None
     weight = {t: weights.get(t, 1.0) for t in wanting}
     total = sum(weight.values())
-    cap = min(float(budget), min(total / weight[t] * (d + fixed_tokens) - fixed_tokens for t, d in wanting.items()))
+    cap = min(float(budget), min(d + (total / weight[t] - 1) * max(d, fixed_tokens) for t, d in wanting.items()))
     if cap >= sum(wanting.values()):
         return None
     limits: dict[str, int] = {}

@@ -12,7 +12,8 @@ tenants' virtual token counters first (fairness.py), arrival second; running seq
 
 With `fair_step_share` on as well, a step that several tenants want work in is limited the way
 weighted processor sharing would limit it (fairness.share_limits): a tenant that wants little gets
-all it wants, and the step costs at most W / w times what that would cost alone (w: its weight, W:
+all it wants, and the step costs at most W / w times what that would cost alone, less where it
+wants few tokens against the step's fixed cost (w: its weight, W:
 the weights of the tenants wanting; N with equal weights), by the step cost the engine measures
 (fairness.StepCost); the others' running sequences beyond their share sit the step out (they keep
 their KV blocks). So a tenant with one request running beside another's flood is slowed about N

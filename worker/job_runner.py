@@ -62,10 +62,14 @@ def run_claimed(rt, job, arrived: Callable[[], None] | None = None) -> str:
         rt.untrack(job.id)
 
 
-def claim_newcomer(rt, exclude: frozenset[str]):
-    """The newcomer reserve's claim: the first job in fair order of a key not in `exclude` (the
-    keys holding their share of this worker's seats), or None. Not retried: the reserve polls again soon."""
+def claim_newcomer(rt, running: list[str]):
+    """The newcomer reserve's claim: the first job in fair order of a key under its weighted share
+    of this worker's seats (`running`: the key of each job it runs; `fair_queue.keys_at_share`), or
+    None. Not retried: the reserve polls again soon."""
+    seats = rt.settings.worker_concurrency + rt.settings.newcomer_reserve
     with rt.sessions.begin() as session:
+        weights = {tenant: key_weight(session, tenant or None) for tenant in set(running)}
+        exclude = fair_queue.keys_at_share(running, seats, weights)
         return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude)
 
 

@@ -2,7 +2,6 @@
 (the lease heartbeat and the control-channel listener). Celery tasks reach it with `get_runtime()`."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -113,16 +112,6 @@ class RecentCancels:
     def __contains__(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._ids
-
-
-def keys_at_share(running: list[str], seats: int) -> frozenset[str]:
-    """The keys the newcomer reserve leaves out: among the keys of a worker's `running` jobs (one
-    entry a job) and one newcomer, those holding at least an equal share of its `seats` (task
-    threads plus the reserve). A key with a job or two running beside a flood is under its share,
-    so its next job starts in the reserve too instead of waiting for one of the flood's to end."""
-    held = collections.Counter(running)
-    share = seats / (len(held) + 1)
-    return frozenset(tenant for tenant, n in held.items() if n >= share)
 
 
 class WorkerRuntime:
@@ -244,17 +233,17 @@ class WorkerRuntime:
     def arriving(self) -> int:
         return self._arriving
 
-    def tenants_at_share(self) -> frozenset[str]:
+    def running_tenants(self) -> list[str]:
+        """The key of every job this worker runs, one entry a job ("" for jobs without a key)."""
         with self._active_lock:
-            running = [tenant for _, tenant in self._active.values()]
-        return keys_at_share(running, self.settings.worker_concurrency + self.settings.newcomer_reserve)
+            return [tenant for _, tenant in self._active.values()]
 
     # -- helper threads ---------------------------------------------------------------------------
 
     def _newcomer_reserve(self) -> None:
         """Fair scheduling's newcomer reserve: while this worker's task threads are all busy
         (`max_num_seqs` jobs in flight), every NEWCOMER_POLL_SECONDS it claims the first job in fair
-        order of a key under its share of this worker's seats (`tenants_at_share`), into one of
+        order of a key under its share of this worker's seats (`fair_queue.keys_at_share`), into one of
         `settings.newcomer_reserve` engine slots kept for that; so a key that arrives while another
         floods the service starts at once instead of waiting for a running job to end. The job's own task later finds it taken and claims
         whatever is next (or nothing)."""
@@ -264,7 +253,7 @@ class WorkerRuntime:
             if self._draining.is_set() or self._newcomers >= reserve or busy < self.settings.worker_concurrency:
                 continue
             try:
-                job = claim_newcomer(self, self.tenants_at_share())
+                job = claim_newcomer(self, self.running_tenants())
             except Exception as exc:
                 log.warning("newcomer reserve: claim failed (%s: %s)", type(exc).__name__, exc)
                 continue

@@ -36,6 +36,7 @@ Celery queue's (priority, arrival) order, as before fair sharing.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -136,6 +137,19 @@ def _allowed(exclude: frozenset[str]) -> list:
     if named:
         terms.append(or_(_jobs.c.owner.is_(None), _jobs.c.owner.not_in(named)))
     return terms
+
+
+def keys_at_share(running: list[str], seats: int, weights: dict[str, float] | None = None) -> frozenset[str]:
+    """The keys a worker's newcomer reserve leaves out: among the keys of its `running` jobs (one
+    entry a job) and one newcomer of weight 1, those holding at least their weighted share of its
+    `seats` (task threads plus the reserve): seats x w / (the weights of its keys + 1). A key with a
+    job or two running beside a flood is under its share, so its next job starts in the reserve too
+    instead of waiting for one of the flood's to end; a key of weight 2 beside one of weight 1 holds
+    about twice the seats before it is left out. `weights`: tenant -> weight (1 where missing)."""
+    held = Counter(running)
+    weights = weights or {}
+    total = sum(weights.get(tenant, 1.0) for tenant in held) + 1.0
+    return frozenset(tenant for tenant, n in held.items() if n >= seats * weights.get(tenant, 1.0) / total)
 
 
 def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: str | None = None,

@@ -7,11 +7,11 @@ import pytest
 
 from app.api.job_request import JobCreate
 from app.jobs import fair_queue, store
+from app.jobs.fair_queue import keys_at_share
 from app.jobs.models import FairShare, Job
 from tests.support.outages import commits_then_drops
 from tests.support.service import service_settings
 from worker.job_runner import claim_newcomer
-from worker.runtime import keys_at_share
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,10 @@ def test_the_reserve_leaves_out_only_keys_at_their_share_of_seats():
     assert keys_at_share(["a"] * 12 + ["b"] * 6, 18) == {"a", "b"}    # both at their share: nobody new of theirs
     assert keys_at_share(["a"] * 8 + ["b"] * 4 + ["c"] * 4, 18) == {"a"}   # share 18 / 4 = 4.5
     assert keys_at_share(["a"], 1) == {"a"} and keys_at_share([], 18) == frozenset()
+    # weights: a (2) beside b (1) and a newcomer: shares 18 x 2 / 4 = 9 and 18 / 4 = 4.5
+    assert keys_at_share(["a"] * 12 + ["b"] * 4, 18, {"a": 2.0, "b": 1.0}) == {"a"}
+    assert keys_at_share(["a"] * 12 + ["b"] * 5, 18, {"a": 2.0, "b": 1.0}) == {"a", "b"}
+    assert keys_at_share(["a"] * 8 + ["b"] * 5, 18, {"a": 2.0, "b": 1.0}) == {"b"}
 
 
 def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime):
@@ -76,10 +80,10 @@ def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime
         runtime.track(job_id, 1, "key-a")
     runtime.track("light-1", 1, "key-b")
     try:
-        assert runtime.tenants_at_share() == {"key-a"}
+        assert sorted(set(runtime.running_tenants())) == ["key-a", "key-b"]
         b2 = create(runtime, "key-b")
         create(runtime, "key-a")
-        assert claim_newcomer(runtime, runtime.tenants_at_share()).id == b2
+        assert claim_newcomer(runtime, runtime.running_tenants()).id == b2
     finally:
         for job_id in flood + ["light-1"]:
             runtime.untrack(job_id)

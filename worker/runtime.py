@@ -243,10 +243,10 @@ class WorkerRuntime:
     def _newcomer_reserve(self) -> None:
         """Fair scheduling's newcomer reserve: while this worker's task threads are all busy
         (`max_num_seqs` jobs in flight), every NEWCOMER_POLL_SECONDS it claims the first job in fair
-        order of a key under its share of this worker's seats (`fair_queue.keys_at_share`), into one of
-        `settings.newcomer_reserve` engine slots kept for that; so a key that arrives while another
-        floods the service starts at once instead of waiting for a running job to end. The job's own task later finds it taken and claims
-        whatever is next (or nothing)."""
+        order of a key under its share of this worker's seats (`fair_queue.keys_at_share`), into one
+        of `settings.newcomer_reserve` engine slots kept for that; so a key that arrives while
+        another floods the service starts at once instead of waiting for a running job to end. The
+        job's own task later finds it taken and claims whatever is next (or nothing)."""
         reserve = self.settings.newcomer_reserve
         while not self._stopping.wait(NEWCOMER_POLL_SECONDS):
             busy = len(self.active_jobs()) - self._newcomers

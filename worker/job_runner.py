@@ -55,21 +55,21 @@ def run_job(rt, job_id: str) -> str:
 def run_claimed(rt, job, arrived: Callable[[], None] | None = None) -> str:
     """Run a job this worker has claimed (by a task, or by the newcomer reserve) to its end.
     `arrived` is called once the job is in the engine's hands (or will not be)."""
-    rt.track(job.id, job.attempts, job.owner)
+    weight = _fair_share_weight(rt, job)
+    rt.track(job.id, job.attempts, job.owner, weight)
     try:
-        return _run_claimed(rt, job, arrived or (lambda: None))
+        return _run_claimed(rt, job, arrived or (lambda: None), weight)
     finally:
         rt.untrack(job.id)
 
 
-def claim_newcomer(rt, running: list[str]):
+def claim_newcomer(rt, running: list[tuple[str, float]]):
     """The newcomer reserve's claim: the first job in fair order of a key under its weighted share
-    of this worker's seats (`running`: the key of each job it runs; `fair_queue.keys_at_share`), or
-    None. Not retried: the reserve polls again soon."""
-    seats = rt.settings.worker_concurrency + rt.settings.newcomer_reserve
+    of this worker's task threads (`running`: (key, weight) of each job it runs;
+    `fair_queue.keys_at_share`), or None. Not retried: the reserve polls again soon."""
+    exclude = fair_queue.keys_at_share([tenant for tenant, _ in running], rt.settings.worker_concurrency,
+                                       dict(running))
     with rt.sessions.begin() as session:
-        weights = {tenant: key_weight(session, tenant or None) for tenant in set(running)}
-        exclude = fair_queue.keys_at_share(running, seats, weights)
         return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude)
 
 
@@ -103,7 +103,7 @@ def _claim(rt, job_id: str):
     return retry_outage(claim, what=f"job {job_id}: claim", seconds=CLAIM_RETRY_SECONDS)
 
 
-def _run_claimed(rt, job, arrived: Callable[[], None]) -> str:
+def _run_claimed(rt, job, arrived: Callable[[], None], weight: float) -> str:
     attempt = job.attempts
     if attempt > 1:
         _quietly(rt.events.reset, job.id)   # a retry regenerates from the start
@@ -137,7 +137,7 @@ def _run_claimed(rt, job, arrived: Callable[[], None]) -> str:
     messages = [m.model_dump() for m in spec.messages] if spec.messages is not None else None
     generation = rt.service.submit(GenerationRequest(
         request_id=job.id, params=params, prompt=spec.prompt, messages=messages, priority=_engine_priority(rt, job),
-        tenant=job.owner, weight=_fair_share_weight(rt, job), attempt=attempt, first_seq=2, announce=(running,)))
+        tenant=job.owner, weight=weight, attempt=attempt, first_seq=2, announce=(running,)))
     arrived()
     if job.id in rt.cancels:   # the cancel arrived between the claim and the submission
         rt.service.abort(job.id)

@@ -115,7 +115,7 @@ class Settings:
     # longest wait on a tensor-parallel rank before the engine fails
     tp_timeout_seconds: float = setting("GENQ_TP_TIMEOUT_SECONDS", 300.0, engine=True)
     worker_concurrency: int | None = setting("GENQ_WORKER_CONCURRENCY", None, INT)  # Celery threads; None: max_num_seqs
-    # fair: engine slots beyond max_num_seqs kept for keys with nothing running on the worker (a
+    # fair: engine slots beyond max_num_seqs kept for keys under their share of the worker (a
     # newcomer starts without waiting for a slot to free up; docs/fairness.md); None: max_num_seqs / 8
     # (at least 1); 0 turns it off. Unused with fifo.
     fair_reserve_seqs: int | None = setting("GENQ_FAIR_RESERVE_SEQS", None, INT)
@@ -252,7 +252,7 @@ class Settings:
 
     @property
     def newcomer_reserve(self) -> int:
-        """Engine slots kept for keys with nothing running on a worker (fair scheduling only)."""
+        """Engine slots kept for keys under their share of a worker (fair scheduling only)."""
         return (self.fair_reserve_seqs or 0) if self.scheduling == "fair" else 0
 
 

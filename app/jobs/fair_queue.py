@@ -139,17 +139,19 @@ def _allowed(exclude: frozenset[str]) -> list:
     return terms
 
 
-def keys_at_share(running: list[str], seats: int, weights: dict[str, float] | None = None) -> frozenset[str]:
+def keys_at_share(running: list[str], threads: int, weights: dict[str, float] | None = None) -> frozenset[str]:
     """The keys a worker's newcomer reserve leaves out: among the keys of its `running` jobs (one
     entry a job) and one newcomer of weight 1, those holding at least their weighted share of its
-    `seats` (task threads plus the reserve): seats x w / (the weights of its keys + 1). A key with a
-    job or two running beside a flood is under its share, so its next job starts in the reserve too
-    instead of waiting for one of the flood's to end; a key of weight 2 beside one of weight 1 holds
-    about twice the seats before it is left out. `weights`: tenant -> weight (1 where missing)."""
+    task `threads`: threads x w / (the weights of its keys + 1). The shares add up to fewer than
+    the threads, so a key alone is always left out (its flood filled them), as are many keys with a
+    job each; a key with a job or two running beside a flood is under its share, so its next job
+    starts in the reserve too instead of waiting for one of the flood's to end; a key of weight 2
+    beside one of weight 1 holds about twice the seats before it is left out. `weights`: tenant ->
+    weight (1 where missing)."""
     held = Counter(running)
     weights = weights or {}
     total = sum(weights.get(tenant, 1.0) for tenant in held) + 1.0
-    return frozenset(tenant for tenant, n in held.items() if n >= seats * weights.get(tenant, 1.0) / total)
+    return frozenset(tenant for tenant, n in held.items() if n >= threads * weights.get(tenant, 1.0) / total)
 
 
 def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: str | None = None,
@@ -158,8 +160,8 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
 
     `hint` is the id the waking task carries: when that job is running on an expired lease (its
     worker was lost), it is claimed first, as `store.claim_job` would (it was chosen fairly before).
-    `exclude`: tenants whose jobs are not to be claimed (a worker's newcomer reserve takes only keys
-    it is not serving already).
+    `exclude`: tenants whose jobs are not to be claimed (a worker's newcomer reserve leaves out the
+    keys holding their share of its task threads: `keys_at_share`).
     """
     now = now or utcnow()
     _ensure_rows(session, [FLOOR])

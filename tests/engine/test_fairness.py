@@ -160,7 +160,7 @@ def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
     assert share_limits({"A": 100, "B": 3, "C": 50}, equal, 4.0, 2048) == {"B": 3, "C": 4, "A": 4}
     assert share_limits({"A": 500, "B": 160}, equal, 10.0, 256) == {"B": 128, "A": 128}   # the budget binds
     assert share_limits({"A": 500}, equal, 10.0, 2048) is None                  # alone: the whole step
-    assert share_limits({"A": 8, "B": 1, "C": 0}, equal, 10.0, 2048) is None    # 2 + 10 >= 9: nothing to limit
+    assert share_limits({"A": 8, "B": 1, "C": 0}, equal, 10.0, 2048) is None    # 1 + 10 >= 9: nothing to limit
     assert share_limits({"A": 8, "B": 1}, equal, float("inf"), 2048) is None    # a GPU: width costs nothing
     # weights: B (1) beside A (2) is owed a third: 1 + (3 - 1) x max(1, 10) = 21 tokens
     weighted = {"A": 2.0, "B": 1.0}

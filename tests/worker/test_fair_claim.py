@@ -59,31 +59,42 @@ def test_a_fair_claim_whose_answer_was_lost_is_recognised(runtime, monkeypatch):
     assert runtime.run_job(second) == "succeeded"
 
 
-def test_the_reserve_leaves_out_only_keys_at_their_share_of_seats():
-    # 18 seats: a flood of 16 and one newcomer job -> share 18 / 3 = 6 each; the flood is over it.
-    assert keys_at_share(["a"] * 16 + ["b"], 18) == {"a"}
-    assert keys_at_share(["a"] * 16 + ["b"] * 5, 18) == {"a"}         # b has 5 < 6: its next job may start
-    assert keys_at_share(["a"] * 12 + ["b"] * 6, 18) == {"a", "b"}    # both at their share: nobody new of theirs
-    assert keys_at_share(["a"] * 8 + ["b"] * 4 + ["c"] * 4, 18) == {"a"}   # share 18 / 4 = 4.5
-    assert keys_at_share(["a"], 1) == {"a"} and keys_at_share([], 18) == frozenset()
-    # weights: a (2) beside b (1) and a newcomer: shares 18 x 2 / 4 = 9 and 18 / 4 = 4.5
-    assert keys_at_share(["a"] * 12 + ["b"] * 4, 18, {"a": 2.0, "b": 1.0}) == {"a"}
-    assert keys_at_share(["a"] * 12 + ["b"] * 5, 18, {"a": 2.0, "b": 1.0}) == {"a", "b"}
-    assert keys_at_share(["a"] * 8 + ["b"] * 5, 18, {"a": 2.0, "b": 1.0}) == {"b"}
+def test_the_reserve_leaves_out_only_keys_at_their_share_of_the_task_threads():
+    # 16 task threads: a flood of 16 and one newcomer job -> share 16 / 3 = 5.33 each; the flood is over it.
+    assert keys_at_share(["a"] * 16 + ["b"], 16) == {"a"}
+    assert keys_at_share(["a"] * 16 + ["b"] * 5, 16) == {"a"}         # b has 5 < 5.33: its next job may start
+    assert keys_at_share(["a"] * 10 + ["b"] * 6, 16) == {"a", "b"}    # both at their share: nobody new of theirs
+    assert keys_at_share(["a"] * 8 + ["b"] * 3 + ["c"] * 3, 16) == {"a"}   # share 16 / 4 = 4
+    assert keys_at_share(["a"] * 16, 16, {"a": 10.0}) == {"a"}       # alone, whatever its weight: 16 x 10 / 11
+    assert keys_at_share([f"k{i}" for i in range(16)], 16) == {f"k{i}" for i in range(16)}   # a job each
+    assert keys_at_share([], 16) == frozenset()
+    # weights: a (2) beside b (1) and a newcomer: shares 16 x 2 / 4 = 8 and 16 / 4 = 4
+    assert keys_at_share(["a"] * 12 + ["b"] * 3, 16, {"a": 2.0, "b": 1.0}) == {"a"}
+    assert keys_at_share(["a"] * 12 + ["b"] * 4, 16, {"a": 2.0, "b": 1.0}) == {"a", "b"}
+    assert keys_at_share(["a"] * 7 + ["b"] * 4, 16, {"a": 2.0, "b": 1.0}) == {"b"}
 
 
 def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime):
-    """The runtime's own view: its tracked jobs decide which keys the reserve's claim leaves out."""
-    seats = runtime.settings.worker_concurrency + runtime.settings.newcomer_reserve
-    flood = [f"flood-{i}" for i in range(seats - 2)]
+    """The runtime's own view: its tracked jobs (and their keys' weights) decide which keys the
+    reserve's claim leaves out. The flooding key's queued job is older, and both keys are new to the
+    fair queue (level counters): without the exclusion the claim would take the flood's job."""
+    threads = runtime.settings.worker_concurrency
+    flood = [f"flood-{i}" for i in range(threads - 2)]
     for job_id in flood:
-        runtime.track(job_id, 1, "key-a")
-    runtime.track("light-1", 1, "key-b")
+        runtime.track(job_id, 1, "reserve-a")
+    runtime.track("light-1", 1, "reserve-b")
+    tracked = flood + ["light-1"]
     try:
-        assert sorted(set(runtime.running_tenants())) == ["key-a", "key-b"]
-        b2 = create(runtime, "key-b")
-        create(runtime, "key-a")
+        assert sorted(set(runtime.running_tenants())) == [("reserve-a", 1.0), ("reserve-b", 1.0)]
+        create(runtime, "reserve-a")
+        b2, b3 = create(runtime, "reserve-b"), create(runtime, "reserve-b")
         assert claim_newcomer(runtime, runtime.running_tenants()).id == b2
+        # B at its share too (threads / 3 each): the reserve takes nothing, though both keys have jobs queued
+        for i in range(2, -(-threads // 3) + 1):
+            runtime.track(f"light-{i}", 1, "reserve-b")
+            tracked.append(f"light-{i}")
+        assert claim_newcomer(runtime, runtime.running_tenants()) is None
+        assert load(runtime, b3).status == "queued"
     finally:
-        for job_id in flood + ["light-1"]:
+        for job_id in tracked:
             runtime.untrack(job_id)

@@ -56,7 +56,7 @@ def run_claimed(rt, job, arrived: Callable[[], None] | None = None) -> str:
     """Run a job this worker has claimed (by a task, or by the newcomer reserve) to its end.
     `arrived` is called once the job is in the engine's hands (or will not be)."""
     weight = _fair_share_weight(rt, job)
-    rt.track(job.id, job.attempts, job.owner, weight)
+    rt.track(job.id, job.owner, weight)
     try:
         return _run_claimed(rt, job, arrived or (lambda: None), weight)
     finally:

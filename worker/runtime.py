@@ -126,7 +126,7 @@ class WorkerRuntime:
         self.service = EngineService(self.engine, self.events, stats_interval=settings.stats_interval_seconds,
                                      on_stats=self._report, arriving=self.arriving)
         self.cancels = RecentCancels()
-        self._active: dict[str, tuple[int, str, float]] = {}   # job id -> (attempt, tenant, weight)
+        self._active: dict[str, tuple[str, float]] = {}   # job id -> (tenant, weight), for the heartbeat
         self._newcomers = 0                        # jobs the newcomer reserve runs now
         self._arriving = 0                         # jobs task threads are claiming, not yet submitted
         self._active_lock = threading.Lock()
@@ -198,9 +198,9 @@ class WorkerRuntime:
 
     # -- bookkeeping for the heartbeat ------------------------------------------------------------
 
-    def track(self, job_id: str, attempt: int, owner: str | None = None, weight: float = 1.0) -> None:
+    def track(self, job_id: str, owner: str | None = None, weight: float = 1.0) -> None:
         with self._active_lock:
-            self._active[job_id] = (attempt, owner or "", weight)
+            self._active[job_id] = (owner or "", weight)
 
     def untrack(self, job_id: str) -> None:
         with self._active_lock:
@@ -236,7 +236,7 @@ class WorkerRuntime:
     def running_tenants(self) -> list[tuple[str, float]]:
         """(key, its weight) of every job this worker runs, one entry a job ("" for no key)."""
         with self._active_lock:
-            return [(tenant, weight) for _, tenant, weight in self._active.values()]
+            return list(self._active.values())
 
     # -- helper threads ---------------------------------------------------------------------------
 

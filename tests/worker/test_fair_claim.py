@@ -81,8 +81,8 @@ def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime
     threads = runtime.settings.worker_concurrency
     flood = [f"flood-{i}" for i in range(threads - 2)]
     for job_id in flood:
-        runtime.track(job_id, 1, "reserve-a")
-    runtime.track("light-1", 1, "reserve-b")
+        runtime.track(job_id, "reserve-a")
+    runtime.track("light-1", "reserve-b")
     tracked = flood + ["light-1"]
     try:
         assert sorted(set(runtime.running_tenants())) == [("reserve-a", 1.0), ("reserve-b", 1.0)]
@@ -91,7 +91,7 @@ def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime
         assert claim_newcomer(runtime, runtime.running_tenants()).id == b2
         # B at its share too (threads / 3 each): the reserve takes nothing, though both keys have jobs queued
         for i in range(2, -(-threads // 3) + 1):
-            runtime.track(f"light-{i}", 1, "reserve-b")
+            runtime.track(f"light-{i}", "reserve-b")
             tracked.append(f"light-{i}")
         assert claim_newcomer(runtime, runtime.running_tenants()) is None
         assert load(runtime, b3).status == "queued"

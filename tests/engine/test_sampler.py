@@ -1,0 +1,141 @@
+"""The sampler on exact logits: what each filter keeps, the draw's frequencies, and rows sampled
+together against rows sampled alone. Statistical checks use thousands of draws with bounds several
+standard deviations wide, and a fixed seed, so they do not flake."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from worker.engine.request import Request, Sequence
+from worker.engine.sampler import TOP_P_CANDIDATES, Sampler, seed_generator
+from worker.engine.sampling_params import SamplingParams
+
+EOS = 0
+
+
+def seq(params: SamplingParams, seed_index: int | None = None) -> Sequence:
+    request = Request(request_id="r", prompt=None, prompt_token_ids=[1, 2, 3], params=params)
+    generator = seed_generator(params.seed, seed_index or 0, "cpu") if params.seed is not None else None
+    return Sequence(request=request, index=0, token_ids=[1, 2, 3], detok=None, generator=generator)
+
+
+def draw(logits: list[float], params: SamplingParams, n: int, sampler: Sampler | None = None) -> list[int]:
+    """n samples of one distribution, as n rows of one batch."""
+    sampler = sampler or Sampler({EOS}, seed=7, device="cpu")
+    rows = torch.tensor([logits], dtype=torch.float32).repeat(n, 1)
+    samples = [(seq(params), 0) for _ in range(n)]
+    return [token for token, _ in sampler(rows, samples, list(range(n)))]
+
+
+def frequencies(tokens: list[int], vocab: int) -> list[float]:
+    return [tokens.count(t) / len(tokens) for t in range(vocab)]
+
+
+def close(observed: list[float], expected: list[float], n: int) -> bool:
+    # 5 standard deviations of a frequency from n draws, per token
+    return all(abs(o - e) <= 5 * math.sqrt(max(e * (1 - e), 1e-4) / n) for o, e in zip(observed, expected))
+
+
+LOGITS = [0.0, 2.0, 1.5, 1.0, -1.0, 0.5]   # token 0 is EOS: min_tokens tests ban it
+
+
+def softmax(logits: list[float], temperature: float = 1.0) -> list[float]:
+    return torch.softmax(torch.tensor(logits) / temperature, dim=0).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_batch_draws_follow_the_tempered_softmax(temperature):
+    n = 6000
+    tokens = draw(LOGITS, SamplingParams(temperature=temperature, max_tokens=4), n)
+    assert close(frequencies(tokens, len(LOGITS)), softmax(LOGITS, temperature), n)
+
+
+def test_top_k_keeps_the_k_most_likely_in_proportion():
+    n = 6000
+    tokens = draw(LOGITS, SamplingParams(temperature=1.0, top_k=2, max_tokens=4), n)
+    assert set(tokens) == {1, 2}
+    p1, p2 = softmax([2.0, 1.5])
+    assert close(frequencies(tokens, len(LOGITS)), [0, p1, p2, 0, 0, 0], n)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    probs = [0.05, 0.5, 0.3, 0.1, 0.05]   # sorted: 0.5, 0.3 (crosses 0.7), then the rest dropped
+    logits = torch.tensor(probs).log().tolist()
+    n = 6000
+    tokens = draw(logits, SamplingParams(temperature=1.0, top_p=0.7, max_tokens=4), n)
+    assert set(tokens) == {1, 2}
+    assert close(frequencies(tokens, len(probs)), [0, 0.5 / 0.8, 0.3 / 0.8, 0, 0], n)
+
+
+@pytest.mark.parametrize("spread", ["narrow", "wide"])
+def test_top_p_over_a_large_vocabulary(spread):
+    """Narrow: the top-p set lies inside the first TOP_P_CANDIDATES tokens; wide: it does not, and
+    the row is sorted whole. Either way exactly the top-p set is drawn from."""
+    vocab = 4 * TOP_P_CANDIDATES
+    slope = 0.05 if spread == "narrow" else 0.0005
+    logits = [-slope * i for i in range(vocab)]   # token i is the i-th most likely
+    probs = softmax(logits)
+    running, keep = 0.0, 0
+    while running < 0.6:
+        running += probs[keep]
+        keep += 1
+    assert (keep <= TOP_P_CANDIDATES) == (spread == "narrow")
+    tokens = draw(logits, SamplingParams(temperature=1.0, top_p=0.6, max_tokens=4), 3000)
+    assert max(tokens) < keep             # nothing outside the set
+    assert max(tokens) >= 0.9 * (keep - 1)   # and the whole set drawn from, not a part of it
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_best():
+    n = 4000
+    tokens = draw(LOGITS, SamplingParams(temperature=1.0, min_p=0.5, max_tokens=4), n)
+    probs = softmax(LOGITS)
+    allowed = {t for t, p in enumerate(probs) if p >= 0.5 * max(probs)}
+    assert set(tokens) == allowed
+
+
+def test_greedy_and_sampled_rows_in_one_batch():
+    sampler = Sampler({EOS}, seed=3, device="cpu")
+    rows = torch.tensor([LOGITS] * 400, dtype=torch.float32)
+    greedy, sampled = SamplingParams(temperature=0, max_tokens=4), SamplingParams(temperature=1.0, max_tokens=4)
+    samples = [(seq(greedy if i % 2 else sampled), 0) for i in range(400)]
+    tokens = [t for t, _ in sampler(rows, samples, list(range(400)))]
+    assert all(t == 1 for t in tokens[1::2])            # argmax
+    assert len(set(tokens[0::2])) >= 4                 # drawn
+
+
+def test_rows_alone_and_together_draw_the_same_distribution():
+    """Rows that need their own treatment (a penalty, min_tokens, a seed) are sampled one by one,
+    the rest together: both paths give the same tempered, filtered distribution."""
+    n = 5000
+    params = dict(temperature=0.8, top_k=4, max_tokens=8)
+    together = draw(LOGITS, SamplingParams(**params), n)
+    # a presence penalty sends a row down the per-row path; with nothing generated yet it changes nothing
+    alone = draw(LOGITS, SamplingParams(**params, presence_penalty=0.5), n)
+    expected = softmax([-math.inf, 2.0, 1.5, 1.0, -math.inf, 0.5], 0.8)
+    for tokens in (together, alone):
+        assert set(tokens) <= {1, 2, 3, 5}
+        assert close(frequencies(tokens, len(LOGITS)), expected, n)
+
+
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=4)
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(0))
+
+    def run(others: int) -> int:
+        sampler = Sampler({EOS}, seed=others, device="cpu")
+        rows = torch.cat([logits, torch.randn(others, 300)])
+        samples = [(seq(params), 0)] + [(seq(SamplingParams(max_tokens=4)), 0) for _ in range(others)]
+        return sampler(rows, samples, list(range(others + 1)))[0][0]
+
+    assert len({run(k) for k in (0, 1, 5, 17)}) == 1
+
+
+def test_min_tokens_bans_eos_until_reached():
+    n = 500
+    rows = torch.tensor([[10.0, 0.0, 0.0]] * n)   # EOS overwhelmingly likely
+    sampler = Sampler({EOS}, seed=1, device="cpu")
+    params = SamplingParams(temperature=1.0, min_tokens=2, max_tokens=4)
+    tokens = [t for t, _ in sampler(rows.clone(), [(seq(params), 0) for _ in range(n)], list(range(n)))]
+    assert EOS not in tokens

@@ -36,7 +36,7 @@ WRITE_RETRY_SECONDS = 30.0    # the final write and a hand-back: this long (then
 
 
 def run_job(rt, job_id: str) -> str:
-    with rt.arrival() as arrived:   # the engine may wait briefly for this job (EngineService._gather)
+    with rt.arrival(job_id) as arrived:   # the engine may wait briefly for this job (EngineService._gather)
         try:
             job = _claim(rt, job_id)
         except Exception as exc:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_shutdown, worker_shutting_down
+from celery.signals import task_received, worker_shutdown, worker_shutting_down
 
 from app import reactions
-from app.infra.broker import make_celery, webhook_queue
+from app.infra.broker import TASK_RUN_JOB, make_celery, webhook_queue
 from app.infra.settings import Settings
 from app.jobs import transitions
 from worker.metrics import MetricsServer, WorkerMetrics
@@ -29,7 +29,24 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     celery.conf.include = ["worker.tasks"]
     reactions.install(settings, runtime.sessions, celery)   # the log line, webhook events, batch progress
     _stop_gracefully(settings, runtime, server)
+    _expect_jobs(runtime)
     celery.worker_main(_worker_argv(settings, runtime, loglevel))
+
+
+def _expect_jobs(runtime: WorkerRuntime):
+    """Each job task counts as arriving from the moment Celery's consumer receives it, before a
+    task thread takes it: an engine about to step from nothing then waits for the whole burst
+    (EngineService._gather) instead of prefilling the first job alone while the next ones are still
+    between the broker and their claims (measured in docs/service.md)."""
+    @task_received.connect(weak=False)
+    def _received(request=None, **_):
+        try:
+            if request is not None and request.task_name == TASK_RUN_JOB and request.args:
+                runtime.expect(str(request.args[0]))
+        except Exception:   # a hint for the engine's gather only: never in the way of the task
+            log.debug("could not read a received task's job id", exc_info=True)
+
+    return _received
 
 
 def _stop_gracefully(settings: Settings, runtime: WorkerRuntime, server: MetricsServer | None) -> None:

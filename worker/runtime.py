@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 RECENT_CANCEL_SECONDS = 600.0
 HEARTBEAT_RETRY_SECONDS = 0.5   # a failed lease renewal is tried again this soon
 NEWCOMER_POLL_SECONDS = 0.25    # how often a busy worker looks for a key under its share of seats
+EXPECT_SECONDS = 1.0            # a received job task counts as arriving at most this long before a thread takes it
 
 _runtime: "WorkerRuntime | None" = None
 _runtime_lock = threading.Lock()
@@ -129,6 +130,7 @@ class WorkerRuntime:
         self._active: dict[str, tuple[str, float]] = {}   # job id -> (tenant, weight), for the heartbeat
         self._newcomers = 0                        # jobs the newcomer reserve runs now
         self._arriving = 0                         # jobs task threads are claiming, not yet submitted
+        self._expected: dict[str, float] = {}      # job id -> when Celery received its task (no thread yet)
         self._active_lock = threading.Lock()
         self._stopping = threading.Event()
         self._draining = threading.Event()          # no new newcomer claims once a drain began
@@ -210,13 +212,22 @@ class WorkerRuntime:
         with self._active_lock:
             return list(self._active)
 
+    def expect(self, job_id: str) -> None:
+        """Celery received the task of `job_id` (its consumer thread, before any task thread runs it):
+        the job counts in `arriving` from now, until a thread takes it on (`arrival`) or, should none
+        ever do, for EXPECT_SECONDS."""
+        with self._active_lock:
+            self._expected[job_id] = time.monotonic()
+
     @contextlib.contextmanager
-    def arrival(self):
-        """A task thread taking on a job: counted in `arriving` (which the engine loop reads before a
-        step that starts from nothing) until the callable this yields is called, once the job is
-        submitted to the engine, or the block ends."""
+    def arrival(self, job_id: str | None = None):
+        """A task thread taking on a job (the task's, `job_id`): counted in `arriving` (which the
+        engine loop reads before a step that starts from nothing) until the callable this yields is
+        called, once the job is submitted to the engine, or the block ends."""
         with self._active_lock:
             self._arriving += 1
+            if job_id is not None:
+                self._expected.pop(job_id, None)
         counted = True
 
         def arrived() -> None:
@@ -231,7 +242,15 @@ class WorkerRuntime:
             arrived()
 
     def arriving(self) -> int:
-        return self._arriving
+        """Jobs on their way to the engine: received by Celery and not yet taken by a thread (for
+        EXPECT_SECONDS at most), or being claimed and submitted by one."""
+        if not self._expected:
+            return self._arriving
+        with self._active_lock:
+            now = time.monotonic()
+            for job_id in [j for j, at in self._expected.items() if now - at >= EXPECT_SECONDS]:
+                del self._expected[job_id]
+            return self._arriving + len(self._expected)
 
     def running_tenants(self) -> list[tuple[str, float]]:
         """(key, its weight) of every job this worker runs, one entry a job ("" for no key)."""

@@ -217,7 +217,9 @@ class WorkerRuntime:
         the job counts in `arriving` from now, until a thread takes it on (`arrival`) or, should none
         ever do, for EXPECT_SECONDS."""
         with self._active_lock:
-            self._expected[job_id] = time.monotonic()
+            now = time.monotonic()
+            self._prune_expected(now)
+            self._expected[job_id] = now
 
     @contextlib.contextmanager
     def arrival(self, job_id: str | None = None):
@@ -247,10 +249,12 @@ class WorkerRuntime:
         if not self._expected:
             return self._arriving
         with self._active_lock:
-            now = time.monotonic()
-            for job_id in [j for j, at in self._expected.items() if now - at >= EXPECT_SECONDS]:
-                del self._expected[job_id]
+            self._prune_expected(time.monotonic())
             return self._arriving + len(self._expected)
+
+    def _prune_expected(self, now: float) -> None:   # (under _active_lock)
+        for job_id in [j for j, at in self._expected.items() if now - at >= EXPECT_SECONDS]:
+            del self._expected[job_id]
 
     def running_tenants(self) -> list[tuple[str, float]]:
         """(key, its weight) of every job this worker runs, one entry a job ("" for no key)."""

@@ -139,3 +139,34 @@ def test_min_tokens_bans_eos_until_reached():
     params = SamplingParams(temperature=1.0, min_tokens=2, max_tokens=4)
     tokens = [t for t, _ in sampler(rows.clone(), [(seq(params), 0) for _ in range(n)], list(range(n)))]
     assert EOS not in tokens
+
+
+def test_each_row_of_a_mixed_batch_keeps_its_own_filters():
+    """One batch, rows with different temperatures, top-k, top-p (within the candidates and past
+    them) and min-p: each row draws only from its own allowed set."""
+    vocab = 4 * TOP_P_CANDIDATES
+    steep = [-0.05 * i for i in range(vocab)]      # top-p 0.6 set: ~18 tokens (within the candidates)
+    flat = [-0.0005 * i for i in range(vocab)]     # top-p 0.6 set: hundreds (past them)
+    kinds = [
+        (steep, SamplingParams(temperature=1.0, top_k=2, max_tokens=4), lambda t: t < 2),
+        (steep, SamplingParams(temperature=0.7, max_tokens=4), lambda t: True),
+        (steep, SamplingParams(temperature=1.0, top_p=0.6, max_tokens=4), lambda t: t < 20),
+        (flat, SamplingParams(temperature=1.0, top_p=0.6, max_tokens=4), lambda t: t < 0.7 * vocab),
+        (steep, SamplingParams(temperature=1.0, min_p=0.5, max_tokens=4), lambda t: t <= 13),   # e^-0.05t >= 0.5
+        (steep, SamplingParams(temperature=0, max_tokens=4), lambda t: t == 0),
+    ]
+    per_kind = 300
+    rows = torch.tensor([logits for logits, _, _ in kinds for _ in range(per_kind)], dtype=torch.float32)
+    samples = [(seq(params), 0) for _, params, _ in kinds for _ in range(per_kind)]
+    tokens = [t for t, _ in Sampler({vocab + 1}, seed=5, device="cpu")(rows, samples, list(range(len(samples))))]
+    for k, (_, _, allowed) in enumerate(kinds):
+        drawn = tokens[k * per_kind:(k + 1) * per_kind]
+        assert all(allowed(t) for t in drawn), (k, sorted(set(drawn))[-5:])
+    assert max(tokens[per_kind:2 * per_kind]) > 20          # no filter: the tail is reached
+    assert max(tokens[3 * per_kind:4 * per_kind]) > TOP_P_CANDIDATES   # the wide top-p set is drawn from
+
+
+def test_nan_logits_fail_instead_of_drawing_a_token():
+    rows = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        Sampler({EOS}, seed=1, device="cpu")(rows, [(seq(SamplingParams(max_tokens=4)), 0)], [0])

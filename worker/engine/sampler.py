@@ -106,6 +106,11 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype, device=device).unsqueeze(1)
             x.masked_fill_(x < min_p, 0.0)   # (against the most likely token's weight, 1)
         x.cumsum_(dim=-1)
+        totals = x[:, -1]
+        if not bool(((totals > 0) & torch.isfinite(totals)).all()):
+            # NaN or infinite logits (a broken model or kernel): fail the step's requests visibly
+            # rather than draw some token
+            raise ValueError("sampling: logits with NaN or infinite values")
         point = torch.rand(len(params), 1, generator=generator or self.generator, dtype=x.dtype, device=device)
         # the first token whose running sum exceeds the point: never one of weight 0
         tokens = torch.searchsorted(x, point.mul_(x[:, -1:]), right=True).clamp_(max=vocab - 1).squeeze(1).tolist()
@@ -121,7 +126,8 @@ class Sampler:
         vocab, device = weights.shape[1], weights.device
         bound = torch.tensor(top_p, dtype=weights.dtype, device=device).unsqueeze(1) * weights.sum(dim=-1, keepdim=True)
         values, order = weights.topk(min(TOP_P_CANDIDATES, vocab), dim=-1)
-        covered = (values.sum(dim=-1, keepdim=True) >= bound).squeeze(1).tolist()
+        # (by the same running sum the cut below uses, so rounding cannot make them disagree)
+        covered = (values.cumsum(dim=-1)[:, -1:] >= bound).squeeze(1).tolist()
         narrow = [i for i, (c, p) in enumerate(zip(covered, top_p)) if c and p < 1.0]
         wide = [i for i, (c, p) in enumerate(zip(covered, top_p)) if not c and p < 1.0]
         for chosen, candidates in ((narrow, True), (wide, False)):

@@ -201,8 +201,15 @@ def trickle(stack: Stack, secret: str, bodies: list[dict], every: float, delay: 
 def latency(jobs: dict[str, Job], ids: list[str]) -> dict:
     waits = [(jobs[i].started_at - jobs[i].created_at).total_seconds() for i in ids]
     e2e = [(jobs[i].completed_at - jobs[i].created_at).total_seconds() for i in ids]
+    # where a job's time in the engine went: to its first token (prefill, behind whatever shares its
+    # steps), then per further token (the steps it decodes in)
+    ttft = [(jobs[i].first_token_at - jobs[i].started_at).total_seconds() for i in ids if jobs[i].first_token_at]
+    per_token = [(jobs[i].completed_at - jobs[i].first_token_at).total_seconds() / (jobs[i].completion_tokens - 1)
+                 for i in ids if jobs[i].first_token_at and (jobs[i].completion_tokens or 0) > 1]
     return {"wait_median": statistics.median(waits), "wait_p95": pct(waits, 0.95),
-            "e2e_median": statistics.median(e2e), "e2e_p95": pct(e2e, 0.95), "n": len(ids)}
+            "e2e_median": statistics.median(e2e), "e2e_p95": pct(e2e, 0.95), "n": len(ids),
+            "first_token_median": statistics.median(ttft) if ttft else None,
+            "per_token_median": statistics.median(per_token) if per_token else None}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -316,8 +323,10 @@ def report(results: dict, args) -> None:
                         ("fifo", f"A floods {args.flood}, fifo")):
         if name in results:
             r = results[name]
+            split = (f"   (in the engine: first token {r['first_token_median']:.2f} s, then "
+                     f"{r['per_token_median'] * 1000:.0f} ms/token)" if r.get("per_token_median") else "")
             print(f"  {label:<38} {r['wait_median']:>11.2f} {r['wait_p95']:>10.2f} {r['e2e_median']:>12.2f} "
-                  f"{r['e2e_p95']:>9.2f}")
+                  f"{r['e2e_p95']:>9.2f}{split}")
     if "solo" in results:
         for name in ("fair", "fair-wide", "fifo"):
             if name in results:

@@ -50,38 +50,37 @@ class Sampler:
             tokens = rows.argmax(dim=-1).tolist()
             return [(None, None) if i in dead else (t, None) for i, t in enumerate(tokens)]
         out: list[tuple[int | None, dict[int, float] | None]] = [(None, None)] * len(seqs)
-        together = [i for i, seq in enumerate(seqs) if i not in dead and self._batchable(seq)]
-        if together:
-            picked = together if len(together) < len(seqs) else None
-            tokens = self._draw_batch(rows if picked is None else rows[picked], [seqs[i].request.params for i in together])
-            for i, token in zip(together, tokens):
-                out[i] = (token, None)
-        alone = set(together)
+        together: list[int] = []
         for i, seq in enumerate(seqs):
-            if i not in dead and i not in alone:
+            if i in dead:
+                continue
+            if seq.generator is None and not self._own_row(seq):
+                together.append(i)
+            else:
                 out[i] = self._sample_row(rows[i], seq)
+        if together:
+            mine = rows if len(together) == len(seqs) else rows[together]   # (a copy: _draw_batch writes it)
+            for i, token in zip(together, self._draw_batch(mine, [seqs[i].request.params for i in together])):
+                out[i] = (token, None)
         return out
 
     def _plain_greedy(self, seq: Sequence) -> bool:
-        p = seq.request.params
-        return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
-                and p.presence_penalty == 0 and p.frequency_penalty == 0
-                and seq.num_output_tokens >= p.min_tokens)
+        return seq.request.params.temperature == 0 and not self._own_row(seq)
 
-    def _batchable(self, seq: Sequence) -> bool:
-        """A row sampled with the batch: nothing of its own beyond temperature, top-k, top-p, min-p."""
+    @staticmethod
+    def _own_row(seq: Sequence) -> bool:
+        """Whether the row needs work of its own before the draw: logprobs, a penalty, min_tokens
+        not reached (a seed too, for a sampled row: its own generator)."""
         p = seq.request.params
-        return (seq.generator is None and p.logprobs is None and p.repetition_penalty == 1.0
-                and p.presence_penalty == 0 and p.frequency_penalty == 0
-                and seq.num_output_tokens >= p.min_tokens)
+        return (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0
+                or p.frequency_penalty != 0 or seq.num_output_tokens < p.min_tokens)
 
     def _draw_batch(self, rows: torch.Tensor, params: list, generator: torch.Generator | None = None) -> list[int]:
         """One token per row of `rows` (float32 logits, overwritten), each by its own temperature /
         top-k / top-p / min-p, drawn with `generator` (default: the engine's); greedy rows
-        (temperature 0) take their argmax. Whole-batch operations, in place: a fresh tensor of a
-        batch's logits costs more in page faults than the arithmetic on it. The weights stay
-        unnormalised (exp(x - max)); the draw is by inverse CDF, one uniform number per row against
-        each row's running sum. Top-p looks among each row's TOP_P_CANDIDATES most likely tokens and
+        (temperature 0) take their argmax. Whole-batch operations, in place (each a pass over the
+        batch's logits, none a copy of them). The weights stay unnormalised (exp(x - max)); the draw
+        is by inverse CDF, one uniform number per row against each row's running sum. Top-p looks among each row's TOP_P_CANDIDATES most likely tokens and
         sorts the whole row only where those hold less than its top-p mass (a sort of the vocabulary
         costs ~1.5 ms a row on a 2-core CPU)."""
         device = rows.device

@@ -38,7 +38,8 @@ class Sampler:
         """logits: [num_rows, vocab] float32; row_of[i]: the row sample i draws from. masks: the
         step's structured.GrammarMasks or None. A sample whose grammar allows no token gets None."""
         seqs = [seq for seq, _ in samples]
-        plain = all(self._plain_greedy(s) for s in seqs)
+        own = [self._own_row(s) for s in seqs]   # (once a sample: the step's hot path)
+        plain = not any(own) and all(s.request.params.temperature == 0 for s in seqs)
         if plain and masks is None:
             tokens = logits.argmax(dim=-1).tolist()
             return [(tokens[r], None) for r in row_of]
@@ -54,7 +55,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if i in dead:
                 continue
-            if seq.generator is None and not self._own_row(seq):
+            if seq.generator is None and not own[i]:
                 together.append(i)
             else:
                 out[i] = self._sample_row(rows[i], seq)
@@ -63,9 +64,6 @@ class Sampler:
             for i, token in zip(together, self._draw_batch(mine, [seqs[i].request.params for i in together])):
                 out[i] = (token, None)
         return out
-
-    def _plain_greedy(self, seq: Sequence) -> bool:
-        return seq.request.params.temperature == 0 and not self._own_row(seq)
 
     @staticmethod
     def _own_row(seq: Sequence) -> bool:
@@ -80,9 +78,9 @@ class Sampler:
         top-k / top-p / min-p, drawn with `generator` (default: the engine's); greedy rows
         (temperature 0) take their argmax. Whole-batch operations, in place (each a pass over the
         batch's logits, none a copy of them). The weights stay unnormalised (exp(x - max)); the draw
-        is by inverse CDF, one uniform number per row against each row's running sum. Top-p looks among each row's TOP_P_CANDIDATES most likely tokens and
-        sorts the whole row only where those hold less than its top-p mass (a sort of the vocabulary
-        costs ~1.5 ms a row on a 2-core CPU)."""
+        is by inverse CDF, one uniform number per row against each row's running sum. Top-p looks
+        among each row's TOP_P_CANDIDATES most likely tokens and sorts the whole row only where those
+        hold less than its top-p mass (a sort of the vocabulary costs ~1.5 ms a row on a 2-core CPU)."""
         device = rows.device
         greedy = [p.temperature == 0 for p in params]
         best_ids = rows.argmax(dim=-1).tolist() if any(greedy) else None

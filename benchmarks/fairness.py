@@ -167,10 +167,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def job_body(rng: random.Random) -> dict:
+def job_body(rng: random.Random, phase: str = "") -> dict:
+    """A job of random words. `phase` starts the prompt, so that a phase's prompts are not in the
+    prefix cache from an earlier phase on the same stack (the same `rng` seed gives the same jobs)."""
     words = rng.randint(50, 200)       # ~64-256 tokens with the instruct model's tokenizer
     prompt = " ".join(rng.choice(WORDS) for _ in range(words))
-    return {"prompt": f"Write about: {prompt}.", "max_tokens": rng.randint(32, 64), "ignore_eos": True,
+    return {"prompt": f"{phase}Write about: {prompt}.", "max_tokens": rng.randint(32, 64), "ignore_eos": True,
             "temperature": 0}
 
 
@@ -220,7 +222,7 @@ def pct(values: list[float], q: float) -> float:
 def phase_solo(stack: Stack, args) -> dict:
     _, secret = stack.key("solo-b")
     rng = random.Random(2)
-    ids = trickle(stack, secret, [job_body(rng) for _ in range(args.late)], args.late_every, 0.0)
+    ids = trickle(stack, secret, [job_body(rng, "Solo. ") for _ in range(args.late)], args.late_every, 0.0)
     return latency(stack.wait_final(ids), ids)
 
 
@@ -229,7 +231,12 @@ def phase_flood(stack: Stack, args) -> dict:
     _, secret_b = stack.key("late-b")
     rng = random.Random(1)
     flood_bodies = [job_body(rng) for _ in range(args.flood)]
-    late_bodies = [job_body(random.Random(2)) for _ in range(args.late)]
+    # B's jobs are the solo phase's (the same seed), each its own prompt, none in the prefix cache
+    # from that phase. (Until 2026-11-30 every one of B's flood jobs had the same prompt, the first
+    # of the solo phase's: from its second job on, B's prompts were found cached, and its time under
+    # the flood was compared with a solo time that computed every prompt.)
+    late_rng = random.Random(2)
+    late_bodies = [job_body(late_rng, "Flood. ") for _ in range(args.late)]
     late: list[str] = []
     thread = threading.Thread(target=lambda: late.extend(trickle(stack, secret_b, late_bodies, args.late_every, 5.0)))
     thread.start()

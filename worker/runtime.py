@@ -81,16 +81,24 @@ def _build_engine(settings: Settings):
     return engine
 
 
+WARM_UP_ROWS = 4   # requests of the warm-up, ending one after another: steps of 4, 3, 2 and 1 rows
+
+
 def warm_up(engine: LLMEngine, prompt: str = "Hello", max_tokens: int = 4) -> float:
-    """One short greedy generation (a prefill and a few decode steps) before the worker reports
-    healthy: kernels compiled and caches filled, so the first job does not pay for them."""
+    """A short greedy generation before the worker reports healthy, so the first job does not pay
+    for kernel builds and cold caches: WARM_UP_ROWS requests of `prompt`, the i-th generating
+    `max_tokens + 2 i` tokens, so the decode steps hold 4, then 3, 2 and 1 rows. Those steps of
+    several small sizes are also what the engine's step cost model (fairness.StepCost) needs to know
+    a small step's cost before a flood runs only large ones."""
     start = time.monotonic()
-    request_id = f"genq-warm-up-{secrets.token_hex(4)}"
-    engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    tag = secrets.token_hex(4)
+    for i in range(WARM_UP_ROWS):
+        engine.add_request(f"genq-warm-up-{tag}-{i}", prompt,
+                           SamplingParams(max_tokens=max_tokens + 2 * i, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
     seconds = time.monotonic() - start
-    log.info("engine warmed up in %.2f s (%d tokens)", seconds, max_tokens)
+    log.info("engine warmed up in %.2f s (%d steps)", seconds, engine.counters["steps"])
     return seconds
 
 

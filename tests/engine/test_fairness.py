@@ -1,5 +1,6 @@
 """Fair sharing between tenants (worker/engine/fairness.py): the virtual token counters, and the
 engine's admission order under "fair" and "fifo"."""
+import math
 import random
 
 import pytest
@@ -123,65 +124,111 @@ def test_weight_and_scheduling_are_checked():
 
 # -- shared steps (fair_step_share): processor sharing within a step ------------------------------
 
-def test_step_cost_fits_fixed_and_per_token_seconds():
+def _linear(fixed_tokens: float):
+    """The cap a step cost of `fixed + per_token x tokens` gives (fixed = `fixed_tokens` tokens' worth):
+    d + (ratio - 1) max(d, fixed_tokens)."""
+    return lambda d, ratio: d + (ratio - 1) * max(d, fixed_tokens)
+
+
+def test_step_cost_on_a_line_caps_a_step_at_the_fixed_costs_worth_or_the_tenants_tokens():
     cost = StepCost()
     cost.observe(1, 5.0)                                   # the first steps (kernel builds): ignored
     cost.observe(64, 0.01)
-    for tokens in (1, 4, 16, 64, 1, 32, 8):               # 0.08 s a step + 0.008 s a token, exactly
+    for tokens in (1, 4, 16, 64, 2, 32, 8):               # 0.08 s a step + 0.008 s a token, exactly
         cost.observe(tokens, 0.08 + 0.008 * tokens)
-    assert cost.fit() is None                              # 7 steps: not yet trusted
-    cost.observe(2, 0.08 + 0.016)
-    fixed, per_token = cost.fit()
-    assert fixed == pytest.approx(0.08) and per_token == pytest.approx(0.008)
-    assert cost.fixed_tokens() == pytest.approx(10.0)
+    assert cost.points() == [] and cost.cap(1, 2.0, 256) is None   # 7 steps, one of each size: not yet trusted
+    for tokens in (1, 4, 16, 64, 2, 32, 8):
+        cost.observe(tokens, 0.08 + 0.008 * tokens)
+    assert cost.cost(0) == pytest.approx(0.08) and cost.cost(100) == pytest.approx(0.88)
+    # fixed = 10 tokens' worth: 1 + max(1, 10); 12 + max(12, 10); 3 + 2 x max(3, 10) for a third
+    assert cost.cap(1, 2.0, 256) == 11 and cost.cap(12, 2.0, 256) == 24 and cost.cap(3, 3.0, 256) == 23
+    assert cost.cap(200, 2.0, 256) == 256                  # the budget binds first
     same = StepCost()
     for _ in range(20):
-        same.observe(16, 0.2)                              # one step size: the two costs cannot be told apart
-    assert same.fixed_tokens() is None
+        same.observe(16, 0.2)                              # one step size: no curve to read
+    assert same.points() == [] and same.cap(1, 2.0, 256) is None
     flat = StepCost()
     for tokens in (1, 8, 64, 256) * 3:
         flat.observe(tokens, 0.05)                         # a token costs nothing measurable (a GPU at this size)
-    assert flat.fixed_tokens() == float("inf")
-    convex = StepCost()
-    for tokens in (1, 2, 4, 8, 256, 512) * 2:
-        convex.observe(tokens, 0.001 * tokens + 1e-6 * tokens * tokens)   # attention-like growth: fixed < 0
-    assert convex.fit()[0] < 0 and convex.fixed_tokens() is None       # no limits from a fit that is off
+    assert flat.cap(1, 2.0, 2048) == 2048                  # a step of any width fits: nothing limited
+
+
+def test_step_cost_reads_a_small_step_off_small_steps_not_off_a_line_through_large_ones():
+    # decode rows at 2 ms beside a 17 ms fixed cost, prompt tokens at 1.2 ms in 256-token steps
+    # (the shape measured on an AVX-512 EPYC): a line through all of these puts a 1-row step at ~31 ms
+    steps = {1: 0.019, 2: 0.021, 4: 0.025, 8: 0.033, 16: 0.049, 256: 0.049 + 0.0012 * 240}
+    cost = StepCost()
+    for _ in range(3):
+        for tokens, seconds in steps.items():
+            cost.observe(tokens, seconds)
+    assert [x for x, _ in cost.points()] == pytest.approx([1, 2, 4, 8, 16, 256])
+    assert cost.cost(1) == pytest.approx(0.019) and cost.cost(12) == pytest.approx(0.041)
+    assert cost.cost(0) == pytest.approx(0.017)           # the fixed cost, off the first segment
+    # B wants 1 token: the step may cost 0.019 + max(0.002, 0.017) = 0.036 s: 9 tokens (0.035 s), not 17
+    assert cost.cap(1, 2.0, 256) == 9
+    # B wants 16: 0.049 + 0.032 = 0.081 s would hold 16 + 26 prompt tokens, but token for token it is 16 + 16
+    assert cost.cap(16, 2.0, 256) == 32
+    # the curve's middle cheaper than a line (prompt chunks at 1.2 ms a token): a 40-token demand may
+    # cost 2 x 0.0778 - 0.017 = 0.139 s, 90 tokens on the curve; by tokens, 80
+    assert cost.cost(40) == pytest.approx(0.0778) and cost.cap(40, 2.0, 256) == 80
+    noisy = StepCost()
+    for tokens, seconds in [(1, 0.020), (2, 0.019), (4, 0.025)] * 4:   # a 2-token step measured faster
+        noisy.observe(tokens, seconds)
+    assert [y for _, y in noisy.points()] == pytest.approx([0.020, 0.020, 0.025])   # made non-decreasing
+    old = StepCost(half_life=2.0)
+    for _ in range(4):
+        old.observe(1, 0.030)
+        old.observe(16, 0.060)
+    for _ in range(20):
+        old.observe(16, 0.040)                             # the large steps got faster: their bucket follows
+    assert old.cost(16) == pytest.approx(0.040, rel=1e-3) and old.cost(1) == pytest.approx(0.030)
 
 
 def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
     equal: dict[str, float] = {}
     # A's flood wants 16 decode rows, B one: B's 1 token plus the larger of 1 and the 10 fixed: a step
     # of 11 tokens costs (11 + 10) / (1 + 10) < 2x B's alone
-    assert share_limits({"A": 16, "B": 1}, equal, 10.0, 2048) == {"B": 1, "A": 10}
+    assert share_limits({"A": 16, "B": 1}, equal, _linear(10.0), 2048) == {"B": 1, "A": 10}
     # B wants more than the fixed cost: the others get as many tokens as B (under 2x the cost of B alone)
-    assert share_limits({"A": 100, "B": 12}, equal, 10.0, 2048) == {"B": 12, "A": 12}
+    assert share_limits({"A": 100, "B": 12}, equal, _linear(10.0), 2048) == {"B": 12, "A": 12}
     # three tenants: 3 + 2 x max(3, 4) = 11 tokens, water-filled from the smallest demand up
-    assert share_limits({"A": 100, "B": 3, "C": 5}, equal, 4.0, 2048) == {"B": 3, "C": 4, "A": 4}
-    assert share_limits({"A": 100, "B": 3, "C": 50}, equal, 4.0, 2048) == {"B": 3, "C": 4, "A": 4}
-    assert share_limits({"A": 500, "B": 160}, equal, 10.0, 256) == {"B": 128, "A": 128}   # the budget binds
-    assert share_limits({"A": 500}, equal, 10.0, 2048) is None                  # alone: the whole step
-    assert share_limits({"A": 8, "B": 1, "C": 0}, equal, 10.0, 2048) is None    # 1 + 10 >= 9: nothing to limit
-    assert share_limits({"A": 8, "B": 1}, equal, float("inf"), 2048) is None    # a GPU: width costs nothing
+    assert share_limits({"A": 100, "B": 3, "C": 5}, equal, _linear(4.0), 2048) == {"B": 3, "C": 5, "A": 3}
+    # (C wants 5, its part is 4: it finishes, since A keeps 3 >= half its part)
+    assert share_limits({"A": 100, "B": 3, "C": 50}, equal, _linear(4.0), 2048) == {"B": 3, "C": 4, "A": 4}
+    # the budget binds: B's prompt of 160, over its half (128), is computed whole while A keeps 96 >= 64,
+    # not in two steps; a prompt of 200 would leave A 56 < 64: 128 each
+    assert share_limits({"A": 500, "B": 160}, equal, _linear(10.0), 256) == {"B": 160, "A": 96}
+    assert share_limits({"A": 500, "B": 200}, equal, _linear(10.0), 256) == {"B": 128, "A": 128}
+    # with more of B's prompts waiting behind that one, B shares by weight alone
+    assert share_limits({"A": 500, "B": 160}, equal, _linear(10.0), 256, backlogged={"A", "B"}) == {"B": 128, "A": 128}
+    assert share_limits({"A": 300, "B": 300}, equal, _linear(10.0), 256) == {"A": 128, "B": 128}
+    assert share_limits({"A": 500}, equal, _linear(10.0), 2048) is None                  # alone: the whole step
+    assert share_limits({"A": 8, "B": 1, "C": 0}, equal, _linear(10.0), 2048) is None    # 1 + 10 >= 9: nothing to limit
+    assert share_limits({"A": 8, "B": 1}, equal, _linear(float("inf")), 2048) is None    # a GPU: width costs nothing
     # weights: B (1) beside A (2) is owed a third: 1 + (3 - 1) x max(1, 10) = 21 tokens
     weighted = {"A": 2.0, "B": 1.0}
-    assert share_limits({"A": 40, "B": 1}, weighted, 10.0, 2048) == {"B": 1, "A": 20}
-    assert share_limits({"A": 16, "B": 1}, weighted, 10.0, 2048) is None        # 17 <= 21
+    assert share_limits({"A": 40, "B": 1}, weighted, _linear(10.0), 2048) == {"B": 1, "A": 20}
+    assert share_limits({"A": 16, "B": 1}, weighted, _linear(10.0), 2048) is None        # 17 <= 21
     # both backlogged, the budget binding: 2:1 by weight
-    assert share_limits({"A": 300, "B": 300}, weighted, 10.0, 256) == {"A": 170, "B": 86}
+    assert share_limits({"A": 300, "B": 300}, weighted, _linear(10.0), 256) == {"A": 170, "B": 86}
     # every tenant gets a token, whatever the rounding: none sits out a whole run of shared steps
-    assert share_limits({"L": 1, "A": 1}, {"L": 10.0, "A": 1.0}, 0.0, 2048) == {"L": 1, "A": 1}
-    assert share_limits({"A": 9, "B": 9, "C": 9}, equal, 0.0, 2) == {"A": 1, "B": 1, "C": 1}
+    assert share_limits({"L": 1, "A": 1}, {"L": 10.0, "A": 1.0}, _linear(0.0), 2048) == {"L": 1, "A": 1}
+    assert share_limits({"A": 9, "B": 9, "C": 9}, equal, _linear(0.0), 2) == {"A": 1, "B": 1, "C": 1}
 
 
 class _FixedCost(StepCost):
-    """A step cost model that says `fixed` tokens, whatever the steps took (exact tests)."""
+    """A step cost model of a line whose fixed cost is `fixed` tokens' worth, whatever the steps took
+    (exact tests)."""
 
     def __init__(self, fixed: float):
         super().__init__()
         self.fixed = fixed
 
-    def fixed_tokens(self) -> float:
-        return self.fixed
+    def points(self) -> list[tuple[float, float]]:
+        return [(0.0, self.fixed), (1.0, self.fixed + 1.0)]
+
+    def cap(self, tokens: int, ratio: float, budget: int) -> int:
+        return min(budget, math.floor(_linear(self.fixed)(tokens, ratio)))
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -208,6 +255,47 @@ def test_a_shared_step_runs_the_light_tenant_and_part_of_the_flood(share):
     assert all(seq.status.name == "RUNNING" for seq in flood)   # the rest sat the step out, blocks kept
     assert all(seq.blocks for seq in flood)
     assert s.num_shared_steps == 2
+
+
+def test_a_waiting_prompt_in_the_prefix_cache_counts_only_the_tokens_it_computes():
+    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=128, num_blocks=256)
+    s.step_cost = _FixedCost(10.0)
+    prompt = list(range(100, 140))                          # 40 tokens: 10 blocks of 4
+    first = new_sequence(_request("b0", "B"), 0, list(prompt))
+    s.add(first)
+    finish_step(s, s.schedule())
+    s.kv.cache_computed_blocks(first)
+    s.finish(first, "stop")                                 # B's prompt stays in the prefix cache
+    for i in range(8):
+        s.add(new_sequence(_request(f"a{i}", "A"), 0, list(range(4))))
+    finish_step(s, s.schedule())                            # A: 8 running rows
+    s.add(new_sequence(_request("a-long", "A"), 0, list(range(500, 548))))   # and a 48-token prompt waiting
+    again = new_sequence(_request("b1", "B"), 0, list(prompt))
+    s.add(again)
+    out = s.schedule()
+    # B computes 4 tokens (36 cached): 4 + max(4, 10) = 14. Counted whole (40), B and A's 56 seemed to
+    # fit the 128 budget: nothing was limited, and A's prompt filled the step beside B's 4 tokens.
+    assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled if i.seq is again] == [("b1", 4)]
+    assert again.num_computed_tokens == 36 and out.num_batched_tokens == 14 and s.num_shared_steps == 1
+
+
+@pytest.mark.parametrize("more_of_b", [False, True])
+def test_a_light_prompt_a_little_over_its_half_runs_whole_unless_more_of_its_tenant_waits(more_of_b):
+    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=256, num_blocks=512)
+    s.step_cost = _FixedCost(10.0)
+    for i in range(16):
+        s.add(new_sequence(_request(f"a{i}", "A"), 0, list(range(4))))
+    finish_step(s, s.schedule())                            # A: 16 running rows
+    s.add(new_sequence(_request("a-long", "A"), 0, list(range(1000, 1240))))   # and a 240-token prompt
+    b0 = new_sequence(_request("b0", "B"), 0, list(range(2000, 2160)))          # B: a 160-token prompt
+    s.add(b0)
+    if more_of_b:
+        s.add(new_sequence(_request("b1", "B"), 0, list(range(3000, 3100))))
+    out = s.schedule()
+    mine = sum(i.num_new_tokens for i in out.scheduled if i.seq.request.tenant == "B")
+    # B's part of the 256 is 128: alone in the queue it takes its whole 160 (A keeps 96 >= 64);
+    # with another prompt of its own waiting, B is backlogged and shares by weight
+    assert mine == (128 if more_of_b else 160) and out.num_batched_tokens == 256
 
 
 def test_shared_steps_are_shared_among_the_most_urgent_priority():
@@ -365,6 +453,7 @@ def test_the_engine_measures_its_step_cost(tiny_model):
         _step(engine, finished)
     cost = engine.scheduler.step_cost
     assert cost.steps == engine.counters["steps"] - StepCost.SKIP_STEPS >= StepCost.MIN_STEPS
-    fixed, per_token = cost.fit()             # (a tiny model's per-token cost is within its steps' noise)
-    assert abs(fixed) < 10.0 and abs(per_token) < 1.0 and (fixed, per_token) != (0.0, 0.0)
+    points = cost.points()                    # steps of 1-2 rows and of prompts: several sizes, each timed
+    assert len(points) >= 2 and all(0.0 < seconds < 10.0 for _, seconds in points)
+    assert [x for x, _ in points] == sorted(x for x, _ in points)
     assert engine.stats().shared_steps == 0            # one tenant: never limited

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from worker.engine.request import Sequence
 
@@ -138,6 +138,10 @@ class FairQueue:
         self._len -= 1
         self._drop_if_empty(request.priority, request.tenant)
 
+    def queued(self, priority: int, tenant: str) -> int:
+        """How many sequences of `tenant` wait at `priority`."""
+        return len(self._levels.get(priority, {}).get(tenant, ()))
+
     def heads(self) -> Iterator[Sequence]:
         """The first waiting sequence of each tenant at the most urgent priority."""
         if self._levels:
@@ -160,88 +164,145 @@ class FairQueue:
 
 
 class StepCost:
-    """What a step costs the engine: seconds ~ fixed + per_token x tokens, fitted by least squares to
-    the recent steps (exponentially weighted, half-life `half_life` steps). `fixed_tokens` is the
-    ratio fixed / per_token: how many tokens' work a step costs before its first token (on a CPU
-    the pass over the weights, ~10 tokens of a 135M model; on a GPU far more)."""
+    """What a step costs the engine, as a function of its tokens, learned from the engine's own steps.
 
-    MIN_STEPS = 8        # steps before the fit is trusted
+    A line fitted through all steps (the first way this was done) is wrong where it matters: a CPU
+    engine's steps are not linear in their tokens. A decode row costs more than a prompt token (its
+    own attention pass and sampling), and a step's fixed cost is paid once however few rows it has,
+    so a line through a flood's steps (16 decode rows and a 256-token prompt chunk) put a one-row
+    step at twice what it takes (measured on an AVX-512 EPYC: 37-50 ms against 19-23 ms), and let
+    the flood's rows into a light tenant's steps at three times the bound.
+
+    So the steps are kept by size, in buckets of powers of two (1, 2-3, 4-7, ...), each the recent
+    mean of its steps' tokens and seconds (exponentially weighted over its own steps: a size the
+    engine stops running keeps its last figures); the cost of `n` tokens is read off the line
+    through the buckets' means (made non-decreasing), extended past the smallest and largest by
+    their end segments. The worker's warm-up runs steps of one to four rows so the small end is
+    known before the first flood (worker/runtime.py: warm_up)."""
+
+    MIN_STEPS = 8        # steps before the curve is trusted
     SKIP_STEPS = 2       # the engine's first steps (kernel builds, cold caches) are not typical: ignored
+    MIN_BUCKET_STEPS = 2  # a bucket's mean counts once this many of its steps were seen
 
-    def __init__(self, half_life: float = 64.0) -> None:
+    def __init__(self, half_life: float = 16.0) -> None:
         self._decay = 0.5 ** (1.0 / half_life)
-        self._n = self._x = self._y = self._xx = self._xy = 0.0
-        self.steps = 0                     # steps fitted
+        self._buckets: dict[int, list[float]] = {}   # bit length of the tokens -> [weight, tokens sum, seconds sum, steps]
+        self.steps = 0                                # steps observed (after the skipped ones)
         self._skipped = 0
+        self._points: list[tuple[float, float]] | None = None   # the curve's points, cached until the next step
 
     def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0:
+            return
         if self._skipped < self.SKIP_STEPS:
             self._skipped += 1
             return
-        d = self._decay
         self.steps += 1
-        self._n = self._n * d + 1.0
-        self._x = self._x * d + tokens
-        self._y = self._y * d + seconds
-        self._xx = self._xx * d + tokens * tokens
-        self._xy = self._xy * d + tokens * seconds
+        bucket = self._buckets.setdefault(tokens.bit_length(), [0.0, 0.0, 0.0, 0])
+        d = self._decay
+        bucket[0] = bucket[0] * d + 1.0
+        bucket[1] = bucket[1] * d + tokens
+        bucket[2] = bucket[2] * d + seconds
+        bucket[3] += 1
+        self._points = None
 
-    def fit(self) -> tuple[float, float] | None:
-        """(fixed seconds, seconds per token), or None while the steps seen are too few or all of
-        one size (nothing tells the two costs apart)."""
-        if self.steps < self.MIN_STEPS:
-            return None
-        mx, my = self._x / self._n, self._y / self._n
-        var = self._xx / self._n - mx * mx
-        if var < 1.0:
-            return None
-        per_token = (self._xy / self._n - mx * my) / var
-        return my - per_token * mx, per_token
+    def points(self) -> list[tuple[float, float]]:
+        """The curve: (tokens, seconds) at each bucket's mean, by tokens, seconds made non-decreasing
+        (a larger step never costs less; noise between neighbours would otherwise say so). Empty
+        while fewer than MIN_STEPS steps or two buckets are known."""
+        if self._points is None:
+            points: list[tuple[float, float]] = []
+            if self.steps >= self.MIN_STEPS:
+                for key in sorted(self._buckets):
+                    weight, tokens, seconds, count = self._buckets[key]
+                    if count >= self.MIN_BUCKET_STEPS:
+                        y = seconds / weight
+                        points.append((tokens / weight, max(y, points[-1][1]) if points else y))
+            self._points = points if len(points) >= 2 else []
+        return self._points
 
-    def fixed_tokens(self) -> float | None:
-        """fixed / per_token (>= 0); inf where a token costs nothing measurable; None: no fit yet, or
-        none a line explains (a negative fixed cost: time growing faster than the tokens, as long
-        prompts' attention does; limiting steps by it would make them needlessly narrow)."""
-        fit = self.fit()
-        if fit is None:
+    def cost(self, tokens: float) -> float | None:
+        """Seconds a step of `tokens` tokens takes (never below 0); None while the curve is unknown."""
+        points = self.points()
+        if not points:
             return None
-        fixed, per_token = fit
-        if per_token * self._x <= 1e-3 * self._y:   # the tokens cost under 0.1% of the steps' time
-            return float("inf")
-        if fixed < 0.0:
+        i = 1
+        while i < len(points) - 1 and points[i][0] < tokens:
+            i += 1
+        (x0, y0), (x1, y1) = points[i - 1], points[i]
+        return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0)
+
+    def cap(self, tokens: int, ratio: float, budget: int) -> int | None:
+        """The most tokens a step may hold when a tenant that wants `tokens` is owed 1 / `ratio` of
+        the engine: the step costs at most what those tokens cost alone, plus `ratio - 1` times the
+        larger of their own cost beyond the fixed cost and the fixed cost (the cost of a step of no
+        tokens), so the others get the tenant's tokens' worth by weight where it wants many and the
+        fixed cost's worth where it wants few; and it holds at most `tokens + (ratio - 1) x
+        max(tokens, f)` tokens, f the tokens a step holds for twice the fixed cost (the fixed cost's
+        worth). On a line the two bounds are one; on measured steps the second keeps a large demand
+        (a prompt) token for token by weight, where the curve's middle mixes steps of prompt chunks
+        and decode rows and can say a step of 256 tokens costs less than twice one of 80. At least
+        `tokens`, at most `budget`; None while the curve is unknown."""
+        alone = self.cost(tokens)
+        if alone is None:
             return None
-        return fixed / per_token
+        fixed = self.cost(0)
+        by_cost = self._most_within((alone + (ratio - 1.0) * max(alone - fixed, fixed)) * (1.0 + 1e-9), tokens, budget)
+        fixed_worth = self._most_within(2.0 * fixed * (1.0 + 1e-9), 0, budget)
+        return min(by_cost, math.floor(tokens + (ratio - 1.0) * max(tokens, fixed_worth) + 1e-9))
+
+    def _most_within(self, seconds: float, least: int, budget: int) -> int:
+        """The most tokens (from `least`, which fits, up to `budget`) a step may hold costing at most `seconds`."""
+        if self.cost(budget) <= seconds:
+            return budget
+        lo, hi = least, budget      # cost(lo) <= seconds < cost(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.cost(mid) <= seconds:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
 
-def share_limits(demand: dict[str, int], weights: dict[str, float], fixed_tokens: float,
-                 budget: int) -> dict[str, int] | None:
+def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callable[[int, float], int],
+                 budget: int, backlogged: Container[str] = ()) -> dict[str, int] | None:
     """Per-tenant token limits for one step, so that no tenant in it is slowed more than weighted
     processor sharing would slow it. A tenant of weight w, among tenants of total weight W wanting
-    work, is owed w / W of the engine. A step carries all the d tokens it wants plus, for the others,
-    (W / w - 1) times the larger of d and `fixed_tokens` (the step's fixed cost in units of a token):
-    token for token by weight where d is large, the fixed cost's worth where it is small. Either way
-    the step costs at most W / w times what those d tokens would cost alone (fixed + d); where d is
-    small against the fixed cost, less, because a key whose jobs run slower has more of them in flight
-    (one job every 2 s taking 8 s instead of 4 is 4 jobs a step instead of 2), so a bound of exactly
-    W / w a step would slow each of its jobs by more than W / w. The step holds at most the min over
-    tenants of d + (W / w - 1) max(d, fixed). Those are water-filled by weight (the smallest demand
-    per weight first: each its demand, or its weight's part of what is left), and every tenant gets
-    at least one token, so none waits out a whole run of shared steps (the step may then exceed the
-    bound by a token per tenant). None where nothing is limited (one tenant, or the step fits
-    anyway). `demand`: tenant -> tokens it could use this step; `weights`: tenant -> weight (1 where
-    missing)."""
+    work, is owed w / W of the engine. `cap(d, W / w)` says how many tokens a step may hold beside
+    all the d tokens such a tenant wants (StepCost.cap: at most W / w times what those d tokens cost
+    alone, and less where d is small against the step's fixed cost, because a key whose jobs run
+    slower has more of them in flight: one job every 2 s taking 8 s instead of 4 is 4 jobs a step
+    instead of 2, so a bound of exactly W / w a step would slow each of its jobs by more than W / w).
+    The step holds at most the least of those caps over the tenants. Those tokens are water-filled
+    by weight (the smallest demand per weight first: each its demand, or its weight's part of what
+    is left), and every tenant gets at least one token, so none waits out a whole run of shared
+    steps (the step may then exceed the bound by a token per tenant). A tenant that wants more than
+    its part, and has nothing waiting beyond it (not in `backlogged`), gets all it wants where the
+    tenants after it still keep half their part: a light tenant's prompt a little over its half of
+    the budget is then computed in one step, not in two (each as long as the bound allows, and
+    every running job of that tenant waiting out both). Backlogged tenants share by weight alone.
+    None where nothing is limited (one tenant, or the step fits anyway). `demand`: tenant -> tokens
+    it could use this step; `weights`: tenant -> weight (1 where missing)."""
     wanting = {t: min(d, budget) for t, d in demand.items() if d > 0}
-    if len(wanting) < 2 or not math.isfinite(fixed_tokens):
+    if len(wanting) < 2:
         return None
     weight = {t: weights.get(t, 1.0) for t in wanting}
     total = sum(weight.values())
-    cap = min(float(budget), min(d + (total / weight[t] - 1) * max(d, fixed_tokens) for t, d in wanting.items()))
-    if cap >= sum(wanting.values()):
+    most = min(budget, min(cap(d, total / weight[t]) for t, d in wanting.items()))
+    if most >= sum(wanting.values()):
         return None
     limits: dict[str, int] = {}
-    left, weight_left = cap, total
-    for tenant, want in sorted(wanting.items(), key=lambda item: item[1] / weight[item[0]]):
+    left, weight_left = float(most), total
+    order = sorted(wanting.items(), key=lambda item: item[1] / weight[item[0]])
+    for k, (tenant, want) in enumerate(order):
         share = min(want, max(1, math.floor(left * weight[tenant] / weight_left + 1e-9)))
+        later = len(order) - k - 1
+        if share < want and later and tenant not in backlogged:
+            # it may finish instead, if the later tenants keep half their part of what is left
+            keep = max(later, math.ceil(left * (weight_left - weight[tenant]) / weight_left / 2 - 1e-9))
+            if want <= left - keep:
+                share = want
         limits[tenant] = share
         left = max(left - share, 0.0)
         weight_left -= weight[tenant]

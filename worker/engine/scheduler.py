@@ -87,12 +87,12 @@ class Scheduler:
     def _share_limits(self, budget: int) -> dict[str, int] | None:
         """This step's per-tenant token limits (fair_step_share), or None. Shared among the tenants
         with work at the most urgent priority present: what their running sequences of that priority
-        still need, plus the prompt of their first waiting one (not one whose grammar is compiling)
-        while a slot is free. Less urgent work of other tenants sits out a limited step."""
+        still need, plus the prompt of their first waiting one beyond its cached prefix (not one
+        whose grammar is compiling) while a slot is free. Less urgent work of other tenants sits out
+        a limited step."""
         if self.vtc.num_active < 2:   # one tenant (the usual case): nothing to share, nothing to compute
             return None
-        fixed = self.step_cost.fixed_tokens()
-        if fixed is None:
+        if not self.step_cost.points():
             return None
         heads = [seq for seq in self.waiting.heads() if not seq.request.grammar_pending] \
             if len(self.running) < self.config.max_num_seqs else []
@@ -105,9 +105,19 @@ class Scheduler:
         for seq in candidates:
             request = seq.request
             if request.priority == top:
-                demand[request.tenant] = demand.get(request.tenant, 0) + seq.num_tokens - seq.num_computed_tokens
+                demand[request.tenant] = demand.get(request.tenant, 0) + self._to_compute(seq)
                 weights[request.tenant] = request.weight
-        return share_limits(demand, weights, fixed, budget)
+        backlogged = {tenant for tenant in demand if self.waiting.queued(top, tenant) > 1}
+        return share_limits(demand, weights, lambda d, ratio: self.step_cost.cap(d, ratio, budget), budget, backlogged)
+
+    def _to_compute(self, seq: Sequence) -> int:
+        """The tokens `seq` still has to compute: a waiting one's prompt without the prefix it will
+        find cached. (Counted whole, a cached prompt made a step look as if it fitted: the shares
+        went unlimited, the light tenant's prompt took a few tokens and the flood's prompts the rest
+        of the budget, a step several times the bound.)"""
+        if seq.status is SeqStatus.WAITING:
+            return seq.num_tokens - len(self.kv.find_cached_prefix(seq)) * self.kv.block_size
+        return seq.num_tokens - seq.num_computed_tokens
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """A step of `tokens` tokens took `seconds` (forward and sampling): for the step cost model."""

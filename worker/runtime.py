@@ -81,22 +81,24 @@ def _build_engine(settings: Settings):
     return engine
 
 
-WARM_UP_ROWS = 4   # requests of the warm-up, ending one after another: steps of 4, 3, 2 and 1 rows
+WARM_UP_ROWS = 4     # requests of a warm-up round, ending one after another: steps of 4, 3, 2 and 1 rows
+WARM_UP_ROUNDS = 2   # each step size measured twice or more (fairness.StepCost.MIN_BUCKET_STEPS) after the skipped first steps
 
 
 def warm_up(engine: LLMEngine, prompt: str = "Hello", max_tokens: int = 4) -> float:
     """A short greedy generation before the worker reports healthy, so the first job does not pay
-    for kernel builds and cold caches: WARM_UP_ROWS requests of `prompt`, the i-th generating
-    `max_tokens + 2 i` tokens, so the decode steps hold 4, then 3, 2 and 1 rows. Those steps of
-    several small sizes are also what the engine's step cost model (fairness.StepCost) needs to know
-    a small step's cost before a flood runs only large ones."""
+    for kernel builds and cold caches: WARM_UP_ROUNDS rounds of WARM_UP_ROWS requests of `prompt`,
+    the i-th generating `max_tokens + 2 i` tokens, so the decode steps hold 4, then 3, 2 and 1
+    rows. Those steps of several small sizes are also what the engine's step cost model
+    (fairness.StepCost) needs to know a small step's cost before a flood runs only large ones."""
     start = time.monotonic()
     tag = secrets.token_hex(4)
-    for i in range(WARM_UP_ROWS):
-        engine.add_request(f"genq-warm-up-{tag}-{i}", prompt,
-                           SamplingParams(max_tokens=max_tokens + 2 * i, temperature=0.0, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
+    for round_ in range(WARM_UP_ROUNDS):
+        for i in range(WARM_UP_ROWS):
+            engine.add_request(f"genq-warm-up-{tag}-{round_}-{i}", prompt,
+                               SamplingParams(max_tokens=max_tokens + 2 * i, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
     seconds = time.monotonic() - start
     log.info("engine warmed up in %.2f s (%d steps)", seconds, engine.counters["steps"])
     return seconds

@@ -83,6 +83,11 @@ class BlockPool:
                 del self._free[block.block_id]
             block.ref_cnt += 1
 
+    def holds(self, block_hash: bytes) -> bool:
+        """Whether a block is cached under `block_hash` (no token check, not counted as a query:
+        for estimates, such as the scheduler's demand of a waiting prompt)."""
+        return block_hash in self._cached
+
     def lookup(self, block_hash: bytes, token_ids) -> Block | None:
         self.queries += 1
         block = self._cached.get(block_hash)

@@ -176,8 +176,8 @@ class StepCost:
     So the steps are kept by size, in buckets of powers of two (1, 2-3, 4-7, ...), each the recent
     mean of its steps' tokens and seconds (exponentially weighted over its own steps: a size the
     engine stops running keeps its last figures); the cost of `n` tokens is read off the line
-    through the buckets' means (made non-decreasing), extended past the smallest and largest by
-    their end segments. The worker's warm-up runs steps of one to four rows so the small end is
+    through the buckets' means (made non-decreasing), extended past the largest by its end segment
+    and held flat below the smallest (the fixed cost is taken as the smallest step's). The worker's warm-up runs steps of one to four rows so the small end is
     known before the first flood (worker/runtime.py: warm_up)."""
 
     MIN_STEPS = 8        # steps before the curve is trusted
@@ -190,6 +190,7 @@ class StepCost:
         self.steps = 0                                # steps observed (after the skipped ones)
         self._skipped = 0
         self._points: list[tuple[float, float]] | None = None   # the curve's points, cached until the next step
+        self._fixed_cache: tuple[int, float, int] | None = None  # (budget, fixed, its worth in tokens), likewise
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0:
@@ -204,7 +205,7 @@ class StepCost:
         bucket[1] = bucket[1] * d + tokens
         bucket[2] = bucket[2] * d + seconds
         bucket[3] += 1
-        self._points = None
+        self._points = self._fixed_cache = None
 
     def points(self) -> list[tuple[float, float]]:
         """The curve: (tokens, seconds) at each bucket's mean, by tokens, seconds made non-decreasing
@@ -222,34 +223,46 @@ class StepCost:
         return self._points
 
     def cost(self, tokens: float) -> float | None:
-        """Seconds a step of `tokens` tokens takes (never below 0); None while the curve is unknown."""
+        """Seconds a step of `tokens` tokens takes; None while the curve is unknown. Below the
+        smallest step seen, what that step took: a line through the two smallest extended to zero
+        tokens can come out at zero (two noisy warm-up means), and a zero fixed cost would hold
+        every other tenant to a token a step."""
         points = self.points()
         if not points:
             return None
+        if tokens <= points[0][0]:
+            return points[0][1]
         i = 1
         while i < len(points) - 1 and points[i][0] < tokens:
             i += 1
         (x0, y0), (x1, y1) = points[i - 1], points[i]
-        return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0)
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
     def cap(self, tokens: int, ratio: float, budget: int) -> int | None:
         """The most tokens a step may hold when a tenant that wants `tokens` is owed 1 / `ratio` of
         the engine: the step costs at most what those tokens cost alone, plus `ratio - 1` times the
-        larger of their own cost beyond the fixed cost and the fixed cost (the cost of a step of no
-        tokens), so the others get the tenant's tokens' worth by weight where it wants many and the
+        larger of their own cost beyond the fixed cost and the fixed cost (the cost of the smallest
+        step), so the others get the tenant's tokens' worth by weight where it wants many and the
         fixed cost's worth where it wants few; and it holds at most `tokens + (ratio - 1) x
         max(tokens, f)` tokens, f the tokens a step holds for twice the fixed cost (the fixed cost's
-        worth). On a line the two bounds are one; on measured steps the second keeps a large demand
+        worth). On a line the two nearly agree; on measured steps the second keeps a large demand
         (a prompt) token for token by weight, where the curve's middle mixes steps of prompt chunks
         and decode rows and can say a step of 256 tokens costs less than twice one of 80. At least
-        `tokens`, at most `budget`; None while the curve is unknown."""
+        min(tokens, budget), at most `budget`; None while the curve is unknown."""
+        tokens = min(tokens, budget)
         alone = self.cost(tokens)
         if alone is None:
             return None
-        fixed = self.cost(0)
+        fixed, fixed_worth = self._fixed(budget)
         by_cost = self._most_within((alone + (ratio - 1.0) * max(alone - fixed, fixed)) * (1.0 + 1e-9), tokens, budget)
-        fixed_worth = self._most_within(2.0 * fixed * (1.0 + 1e-9), 0, budget)
         return min(by_cost, math.floor(tokens + (ratio - 1.0) * max(tokens, fixed_worth) + 1e-9))
+
+    def _fixed(self, budget: int) -> tuple[float, int]:
+        """(the fixed cost, the tokens a step holds for twice it), kept until the next step."""
+        if self._fixed_cache is None or self._fixed_cache[0] != budget:
+            fixed = self.cost(0)
+            self._fixed_cache = (budget, fixed, self._most_within(2.0 * fixed * (1.0 + 1e-9), 0, budget))
+        return self._fixed_cache[1], self._fixed_cache[2]
 
     def _most_within(self, seconds: float, least: int, budget: int) -> int:
         """The most tokens (from `least`, which fits, up to `budget`) a step may hold costing at most `seconds`."""

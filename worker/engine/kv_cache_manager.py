@@ -38,6 +38,19 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """About how many of `seq`'s first tokens `find_cached_prefix` would find (by hash alone,
+        not counted in the cache's hit rate): the scheduler's estimate of a waiting prompt's work."""
+        if not self.enable_caching:
+            return 0
+        self._update_hashes(seq)
+        n = 0
+        for h in seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]:
+            if not self.pool.holds(h):
+                break
+            n += 1
+        return n * self.block_size
+
     def admit(self, seq: Sequence, cached: list[Block], num_new_tokens: int) -> bool:
         """Give a waiting sequence its cached prefix and room for num_new_tokens after it."""
         need = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)

@@ -116,7 +116,7 @@ class Scheduler:
         went unlimited, the light tenant's prompt took a few tokens and the flood's prompts the rest
         of the budget, a step several times the bound.)"""
         if seq.status is SeqStatus.WAITING:
-            return seq.num_tokens - len(self.kv.find_cached_prefix(seq)) * self.kv.block_size
+            return seq.num_tokens - self.kv.cached_prefix_tokens(seq)
         return seq.num_tokens - seq.num_computed_tokens
 
     def observe_step(self, tokens: int, seconds: float) -> None:

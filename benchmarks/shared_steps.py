@@ -4,8 +4,10 @@ and what the flood pays for it, with `fair_step_share` off and on, in one run.
 For each setting a fresh engine (one torch thread, fair scheduling) is warmed up as a worker warms
 it, then:
 - B alone: one request (a `--light-prompt`-token prompt, `--light-tokens` tokens out);
-- the flood: tenant A's `--flood` requests (prompts 64-256 tokens, 32-64 out), stepped until it runs
-  steadily (A's tokens/s over `--steady` steps: the flood's rate without B);
+- the flood: tenant A's `--flood` requests (prompts 64-256 tokens, 32-64 out), `--rows` of them in
+  the engine at a time (as a worker's task threads hold them; the engine keeps 2 slots more, the
+  newcomer reserve), stepped until it runs steadily (A's tokens/s over `--steady` steps: the
+  flood's rate without B);
 - B again, added to the running flood: its time and decode steps, and A's tokens/s while B ran.
 
 The ratios to read: B's time under the flood / B alone (the light tenant's slowdown; shared steps
@@ -41,6 +43,7 @@ def run(args, share: bool) -> dict:
     if args.model == "tiny":
         from worker.engine.tiny import build_tiny_model   # a random tiny Llama, built in-process
         model = build_tiny_model(Path(tempfile.mkdtemp(prefix="genq-shared-steps-")) / "tiny-llama")
+    # the worker's engine: its task threads' rows and the newcomer reserve's 2 beyond them
     engine = LLMEngine(model=model, dtype=args.dtype, max_num_seqs=args.rows + 2,
                        max_num_batched_tokens=args.budget, scheduling="fair", fair_step_share=share)
     warm_up(engine)
@@ -57,13 +60,6 @@ def run(args, share: bool) -> dict:
                       sum(i.num_new_tokens for i in batch.scheduled if i.seq.request.tenant == "B"), 0.0])
     engine.step_hook = hook
 
-    def step() -> None:
-        before = len(steps)
-        started = time.perf_counter()
-        engine.step()
-        if len(steps) > before:
-            steps[-1][2] = time.perf_counter() - started
-
     light = SamplingParams(max_tokens=args.light_tokens, ignore_eos=True, temperature=0)
 
     def light_request(rid: str) -> float:   # a fresh prompt each time: none of it in the prefix cache
@@ -73,11 +69,21 @@ def run(args, share: bool) -> dict:
             step()
         return time.perf_counter() - started
 
+    flood = [(f"a{i}", prompt(rng.randint(64, 256)),
+              SamplingParams(max_tokens=rng.randint(32, 64), ignore_eos=True, temperature=0)) for i in range(args.flood)]
+
+    def step() -> None:   # the flood keeps `--rows` requests in the engine, as a worker's task threads do
+        while flood and sum(rid.startswith("a") for rid in engine.requests) < args.rows:
+            rid, tokens, params = flood.pop(0)
+            engine.add_request(rid, tokens, params, tenant="A")
+        before = len(steps)
+        started = time.perf_counter()
+        engine.step()
+        if len(steps) > before:
+            steps[-1][2] = time.perf_counter() - started
+
     alone = light_request("b-alone")
     alone_steps = [s for n, b, s in steps if n == b == 1]
-    for i in range(args.flood):
-        engine.add_request(f"a{i}", prompt(rng.randint(64, 256)),
-                           SamplingParams(max_tokens=rng.randint(32, 64), ignore_eos=True, temperature=0), tenant="A")
     for _ in range(args.settle):
         step()
     steps.clear()

@@ -72,8 +72,10 @@ def run(args, share: bool) -> dict:
     flood = [(f"a{i}", prompt(rng.randint(64, 256)),
               SamplingParams(max_tokens=rng.randint(32, 64), ignore_eos=True, temperature=0)) for i in range(args.flood)]
 
+    flooding = False
+
     def step() -> None:   # the flood keeps `--rows` requests in the engine, as a worker's task threads do
-        while flood and sum(rid.startswith("a") for rid in engine.requests) < args.rows:
+        while flooding and flood and sum(rid.startswith("a") for rid in engine.requests) < args.rows:
             rid, tokens, params = flood.pop(0)
             engine.add_request(rid, tokens, params, tenant="A")
         before = len(steps)
@@ -84,6 +86,7 @@ def run(args, share: bool) -> dict:
 
     alone = light_request("b-alone")
     alone_steps = [s for n, b, s in steps if n == b == 1]
+    flooding = True
     for _ in range(args.settle):
         step()
     steps.clear()

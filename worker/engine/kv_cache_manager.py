@@ -28,10 +28,8 @@ class KVCacheManager:
         token to compute (its logits are needed to sample)."""
         if not self.enable_caching:
             return []
-        self._update_hashes(seq)
-        limit = (seq.num_tokens - 1) // self.block_size
         hits = []
-        for i, h in enumerate(seq.block_hashes[:limit]):
+        for i, h in enumerate(self._prefix_hashes(seq)):
             block = self.pool.lookup(h, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             if block is None:
                 break
@@ -43,13 +41,18 @@ class KVCacheManager:
         not counted in the cache's hit rate): the scheduler's estimate of a waiting prompt's work."""
         if not self.enable_caching:
             return 0
-        self._update_hashes(seq)
         n = 0
-        for h in seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]:
+        for h in self._prefix_hashes(seq):
             if not self.pool.holds(h):
                 break
             n += 1
         return n * self.block_size
+
+    def _prefix_hashes(self, seq: Sequence) -> list[bytes]:
+        """The hashes of `seq`'s full blocks a cached prefix may cover: all but one token's worth,
+        so at least one token is computed (its logits are needed to sample)."""
+        self._update_hashes(seq)
+        return seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]
 
     def admit(self, seq: Sequence, cached: list[Block], num_new_tokens: int) -> bool:
         """Give a waiting sequence its cached prefix and room for num_new_tokens after it."""

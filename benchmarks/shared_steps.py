@@ -70,7 +70,8 @@ def run(args, share: bool) -> dict:
         return time.perf_counter() - started
 
     flood = [(f"a{i}", prompt(rng.randint(64, 256)),
-              SamplingParams(max_tokens=rng.randint(32, 64), ignore_eos=True, temperature=0)) for i in range(args.flood)]
+              SamplingParams(max_tokens=rng.randint(32, 64), ignore_eos=True, temperature=0))
+             for i in range(args.flood)]
 
     flooding = False
 
@@ -129,9 +130,10 @@ def main() -> None:
     print(f"{'fair_step_share':>15} {'B alone':>8} {'B flood':>8} {'slowdown':>8} {'B step':>15} "
           f"{'flood tok/s':>11} {'beside B':>8} {'kept':>5}")
     for r in results:
-        print(f"{'on' if r['fair_step_share'] else 'off':>15} {r['b_alone_seconds']:7.2f}s {r['b_flood_seconds']:7.2f}s "
-              f"{r['b_slowdown']:7.2f}x {r['b_flood_step_ms']:6.1f} ms/{r['b_alone_step_ms']:4.1f} "
-              f"{r['flood_tokens_per_second']:11.1f} {r['flood_beside_b_tokens_per_second']:8.1f} {r['flood_kept']:5.2f}")
+        print(f"{'on' if r['fair_step_share'] else 'off':>15} {r['b_alone_seconds']:7.2f}s "
+              f"{r['b_flood_seconds']:7.2f}s {r['b_slowdown']:7.2f}x "
+              f"{r['b_flood_step_ms']:6.1f} ms/{r['b_alone_step_ms']:4.1f} {r['flood_tokens_per_second']:11.1f} "
+              f"{r['flood_beside_b_tokens_per_second']:8.1f} {r['flood_kept']:5.2f}")
     print("(B step: B's decode step under the flood, median, / B's decode step alone; tokens/s: every token "
           "the flood's steps computed, prompt and output)")
     if args.out:

@@ -82,7 +82,7 @@ def _build_engine(settings: Settings):
 
 
 WARM_UP_ROWS = 4     # requests of a warm-up round, ending one after another: steps of 4, 3, 2 and 1 rows
-WARM_UP_ROUNDS = 2   # each step size measured twice or more (fairness.StepCost.MIN_BUCKET_STEPS) after the skipped first steps
+WARM_UP_ROUNDS = 2   # so each size is seen twice or more after the skipped first steps (StepCost.MIN_BUCKET_STEPS)
 
 
 def warm_up(engine: LLMEngine, prompt: str = "Hello", max_tokens: int = 4) -> float:

@@ -177,8 +177,9 @@ class StepCost:
     mean of its steps' tokens and seconds (exponentially weighted over its own steps: a size the
     engine stops running keeps its last figures); the cost of `n` tokens is read off the line
     through the buckets' means (made non-decreasing), extended past the largest by its end segment
-    and held flat below the smallest (the fixed cost is taken as the smallest step's). The worker's warm-up runs steps of one to four rows so the small end is
-    known before the first flood (worker/runtime.py: warm_up)."""
+    and held flat below the smallest (the fixed cost is taken as the smallest step's). The worker's
+    warm-up runs steps of one to four rows so the small end is known before the first flood
+    (worker/runtime.py: warm_up)."""
 
     MIN_STEPS = 8        # steps before the curve is trusted
     SKIP_STEPS = 2       # the engine's first steps (kernel builds, cold caches) are not typical: ignored
@@ -186,7 +187,8 @@ class StepCost:
 
     def __init__(self, half_life: float = 16.0) -> None:
         self._decay = 0.5 ** (1.0 / half_life)
-        self._buckets: dict[int, list[float]] = {}   # bit length of the tokens -> [weight, tokens sum, seconds sum, steps]
+        # bit length of a step's tokens -> [weight, tokens sum, seconds sum, steps seen]
+        self._buckets: dict[int, list[float]] = {}
         self.steps = 0                                # steps observed (after the skipped ones)
         self._skipped = 0
         self._points: list[tuple[float, float]] | None = None   # the curve's points, cached until the next step

@@ -113,6 +113,7 @@ def library() -> ctypes.CDLL:
         "genq_store_kv": [p, i64, p, i64, p, p, p, i64, i64, i, i],
         "genq_linear_supported": [],
         "genq_linear_native_bf16": [],
+        "genq_linear_set_amx": [i],
         "genq_decode_layers": [p, i, p, p, p, p, p, p, p, i64, i, i, i, i, i, f, p, p, i64, p, i64, p, i64, p, p, i,
                                i, f, i, i, i, i, i, i],
     }
@@ -272,7 +273,9 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 LINEAR_MAX_ROWS = 48 if {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split()) else 32   # the C path's test
 # bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
 # uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
-# (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon).
+# (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon). Where the kernel runs them
+# on AMX tiles (`linear_amx`) it is level with oneDNN at 1 row and 1.4x faster at 16 to 32, level again
+# at about 48 (a 2-core AMX Xeon); without those tiles oneDNN's AMX GEMM was 1.7x faster at 16 rows.
 LINEAR_MAX_ROWS_NATIVE_BF16 = 32
 
 
@@ -287,6 +290,16 @@ def linear_native_bfloat16() -> bool:
     """Whether the linear kernel multiplies bfloat16 with vdpbf16ps here (AVX512-BF16), rather than
     widening the weights to float32."""
     return linear_available() and bool(library().genq_linear_native_bf16())
+
+
+def linear_amx(enable: bool | None = None) -> bool:
+    """Whether the linear kernel's bfloat16 matmuls run on AMX tiles here (shapes with K a multiple of
+    32 and N of 16; the rest take vdpbf16ps): the CPU has AMX-BF16, the build has it, and Linux lent
+    the tile registers. enable=False/True turns the AMX path off or back on for this process (tests
+    and benchmarks compare the two); the answer is then whether it is on."""
+    if not linear_native_bfloat16():
+        return False
+    return bool(library().genq_linear_set_amx(-1 if enable is None else int(enable)))
 
 
 @functools.cache

@@ -854,6 +854,180 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 #define GENQ_LINEAR_DPBF16 1
 #endif
 
+#if defined(GENQ_LINEAR_DPBF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* bfloat16 on a CPU with AMX: the tile unit does 16 x 16 x 32 products per TDPBF16PS, so a decode
+ * step's matmul costs about what reading W costs at any batch up to 32 rows, where the vdpbf16ps path
+ * above grows with the rows (on a 2-core AMX Xeon, SmolLM2's 120 matmuls: level at 1 row, 2.4x faster
+ * at 16, 3.4x at 32; docs/kernels.md). W is the tiles' A operand as it lies in memory (16 weight rows
+ * x 32 k, rows K apart), and x the B operand, repacked per call into the pair-interleaved layout B
+ * takes (x is small); each C tile holds 16 outputs for up to 16 rows of x and is transposed on the
+ * way out. Sums stay float32 (the unit rounds to nearest even and reads bfloat16 subnormals as zero,
+ * as vdpbf16ps does; only the order of the additions differs) and y is rounded once. Taken where K
+ * is a multiple of 32 and N of 16 (every projection of the Llama models genq serves); other shapes
+ * stay on vdpbf16ps. Linux lends the tile registers to a process that asks (arch_prctl); if it
+ * refuses, or genq_linear_set_amx(0) turned it off, the vdpbf16ps path runs. Software prefetch
+ * (the next tile's rows, or rows a few k-blocks ahead) made it 5-20% slower: the hardware's own
+ * streams keep up. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define GENQ_LINEAR_AMX 1
+#define AMX_ROWS 32   /* rows of x per pass over W: two B tiles (16 rows each), four C tiles */
+
+static int amx_wanted = 1, amx_granted = -1;
+
+static int amx_ready(void) {
+    if (amx_granted < 0)   /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (18); asking twice is harmless */
+        amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_wanted && amx_granted;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) amx_config_t;
+
+/* Tiles: 0-3 C (weight block a = 0/1 by row block b = 0/1: tile a + 2b), 4-5 A (W), 6-7 B (x). */
+static void amx_configure(int mb0, int mb1) {
+    amx_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16;
+    cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[6] = (uint16_t)(mb0 * 4);
+    cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[7] = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
+    cfg.colsb[4] = cfg.colsb[5] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* r[i] <- column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* u[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 16; g += 4) {
+        u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int c = 0; c < 4; c++) {   /* gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into column 4L + c */
+        const __m512i a0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), a1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i a3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        r[c] = _mm512_shuffle_i32x4(a0, a2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(a0, a2, 0xdd);
+        r[8 + c] = _mm512_shuffle_i32x4(a1, a3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(a1, a3, 0xdd);
+    }
+}
+
+/* The B tile of k-block kb for rows x[0..mb): xp + kb * 16 * mb holds, for pair j < 16 and row m,
+ * the word (x[m, 32 kb + 2j], x[m, 32 kb + 2j + 1]) at j * mb + m. */
+static inline void amx_pack_block(const uint16_t *x, int64_t ldx, int mb, int kb, uint32_t *xp) {
+    __m512i r[16];
+    for (int m = 0; m < 16; m++)
+        r[m] = m < mb ? _mm512_loadu_si512(x + m * ldx + 32 * kb) : _mm512_setzero_si512();
+    transpose16(r);
+    const __mmask16 keep = (__mmask16)((1u << mb) - 1u);
+    for (int j = 0; j < 16; j++) _mm512_mask_storeu_epi32(xp + ((size_t)kb * 16 + j) * mb, keep, r[j]);
+}
+
+/* C tile c (16 weight rows from n0, by mb rows of x; float32, mb words a row) into y[m0 + m, n0 + i]
+ * (+ bias). */
+static inline void amx_store(const float *c, int mb, const float *bias16, void *y, int64_t ldy, int64_t n0, int m0,
+                             const int OUTF) {
+    __m512i r[16];
+    const __mmask16 keep = (__mmask16)((1u << mb) - 1u);
+    for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(keep, c + i * mb);
+    transpose16(r);
+    const __m512 b = bias16 != NULL ? _mm512_loadu_ps(bias16) : _mm512_setzero_ps();
+    for (int m = 0; m < mb; m++) {
+        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
+        if (OUTF) _mm512_storeu_ps((float *)y + (int64_t)(m0 + m) * ldy + n0, v);
+        else _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)(m0 + m) * ldy + n0), to_bf16_16(v));
+    }
+}
+
+static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, void *y, int64_t ldy,
+                      int M, int N, int K, int OUTF, int num_threads) {
+    const int nblocks = N / 16, pairs = (nblocks + 1) / 2, ksteps = K / 32;
+    uint32_t *xp = malloc(sizeof(uint32_t) * ((size_t)AMX_ROWS * K / 2 + 16));
+    if (xp == NULL) return 1;
+    for (int m0 = 0; m0 < M; m0 += AMX_ROWS) {
+        const int mb0 = M - m0 < 16 ? M - m0 : 16;
+        const int mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
+        uint32_t *xp1 = xp + (size_t)mb0 * K / 2;
+#pragma omp parallel num_threads(num_threads)
+        {
+            float c[4][16 * 16] __attribute__((aligned(64)));
+            float bias_wide[32] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+            for (int kb = 0; kb < ksteps; kb++) {
+                amx_pack_block(x + m0 * ldx, ldx, mb0, kb, xp);
+                if (mb1 > 0) amx_pack_block(x + (m0 + mb0) * ldx, ldx, mb1, kb, xp1);
+            }
+            amx_configure(mb0, mb1);
+#pragma omp for schedule(static)
+            for (int pair = 0; pair < pairs; pair++) {
+                const int64_t n0 = (int64_t)pair * 32;
+                const int two = n0 + 16 < N;   /* a second weight block (N is a multiple of 16) */
+                const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * (int64_t)K;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int kb = 0; kb < ksteps; kb++) {
+                    _tile_loadd(4, w0 + kb * 32, K * 2);
+                    _tile_loadd(6, xp + (size_t)kb * 16 * mb0, mb0 * 4);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (two) {
+                        _tile_loadd(5, w1 + kb * 32, K * 2);
+                        _tile_dpbf16ps(1, 5, 6);
+                    }
+                    if (mb1 > 0) {
+                        _tile_loadd(7, xp1 + (size_t)kb * 16 * mb1, mb1 * 4);
+                        _tile_dpbf16ps(2, 4, 7);
+                        if (two) _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, c[0], mb0 * 4);
+                if (two) _tile_stored(1, c[1], mb0 * 4);
+                if (mb1 > 0) {
+                    _tile_stored(2, c[2], mb1 * 4);
+                    if (two) _tile_stored(3, c[3], mb1 * 4);
+                }
+                const float *b0 = NULL;
+                if (bias != NULL) {
+                    for (int i = 0; i < (two ? 32 : 16); i++) bias_wide[i] = bf16_to_f32(bias[n0 + i]);
+                    b0 = bias_wide;
+                }
+                for (int a = 0; a < (two ? 2 : 1); a++) {
+                    const float *ba = b0 != NULL ? b0 + 16 * a : NULL;
+                    amx_store(c[a], mb0, ba, y, ldy, n0 + 16 * a, m0, OUTF);
+                    if (mb1 > 0) amx_store(c[2 + a], mb1, ba, y, ldy, n0 + 16 * a, m0 + mb0, OUTF);
+                }
+            }
+            _tile_release();
+        }
+    }
+    free(xp);
+    return 0;
+}
+#endif
+
+/* Whether bfloat16 matmuls of AMX-friendly shapes go to the tile unit: enable 0 or 1 sets it (tests and
+ * benchmarks compare the two paths), -1 only asks. Returns 1 where they go, 0 where they do not. */
+int genq_linear_set_amx(int enable) {
+#if defined(GENQ_LINEAR_AMX)
+    if (enable >= 0) amx_wanted = enable != 0;
+    return amx_ready();
+#else
+    (void)enable;
+    return 0;
+#endif
+}
+
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M, n < N; x rows ldx elements apart, y rows
  * ldy apart, w and bias contiguous, all of element type dtype (0 float32, 1 bfloat16; 2: bfloat16
  * x, W and bias with float32 y, the unrounded sums, where vdpbf16ps is built in). Returns 0; 1 if
@@ -869,6 +1043,10 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
         const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w, *bb = (const uint16_t *)bias;
         const int OUTF = dtype == 2;
         const size_t ysize = OUTF ? 4 : 2;
+#if defined(GENQ_LINEAR_AMX)
+        if (K % 32 == 0 && N % 16 == 0 && amx_ready())
+            return linear_amx(xb, ldx, wb, bb, y, ldy, M, N, K, OUTF, num_threads);
+#endif
 #pragma omp parallel num_threads(num_threads)
         {
 #pragma omp for schedule(static) nowait

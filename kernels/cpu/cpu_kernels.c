@@ -942,8 +942,12 @@ static inline void amx_store(const float *c, int mb, const float *bias16, void *
                              const int OUTF) {
     __m512i r[16];
     const __mmask16 keep = (__mmask16)((1u << mb) - 1u);
-    for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(keep, c + i * mb);
-    transpose16(r);
+    if (mb == 1) {   /* one row of x: the tile is already that row's 16 outputs */
+        r[0] = _mm512_loadu_si512(c);
+    } else {
+        for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(keep, c + i * mb);
+        transpose16(r);
+    }
     const __m512 b = bias16 != NULL ? _mm512_loadu_ps(bias16) : _mm512_setzero_ps();
     for (int m = 0; m < mb; m++) {
         const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
@@ -961,14 +965,18 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
         const int mb0 = M - m0 < 16 ? M - m0 : 16;
         const int mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
         uint32_t *xp1 = xp + (size_t)mb0 * K / 2;
+        /* one row of x is already in B's layout (its pairs in order, one word a tile row) */
+        const uint32_t *xb0 = mb0 == 1 ? (const uint32_t *)(x + m0 * ldx) : xp;
 #pragma omp parallel num_threads(num_threads)
         {
             float c[4][16 * 16] __attribute__((aligned(64)));
             float bias_wide[32] __attribute__((aligned(64)));
+            if (mb0 > 1) {
 #pragma omp for schedule(static)
-            for (int kb = 0; kb < ksteps; kb++) {
-                amx_pack_block(x + m0 * ldx, ldx, mb0, kb, xp);
-                if (mb1 > 0) amx_pack_block(x + (m0 + mb0) * ldx, ldx, mb1, kb, xp1);
+                for (int kb = 0; kb < ksteps; kb++) {
+                    amx_pack_block(x + m0 * ldx, ldx, mb0, kb, xp);
+                    if (mb1 > 0) amx_pack_block(x + (m0 + mb0) * ldx, ldx, mb1, kb, xp1);
+                }
             }
             amx_configure(mb0, mb1);
 #pragma omp for schedule(static)
@@ -979,7 +987,7 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int kb = 0; kb < ksteps; kb++) {
                     _tile_loadd(4, w0 + kb * 32, K * 2);
-                    _tile_loadd(6, xp + (size_t)kb * 16 * mb0, mb0 * 4);
+                    _tile_loadd(6, xb0 + (size_t)kb * 16 * mb0, mb0 * 4);
                     _tile_dpbf16ps(0, 4, 6);
                     if (two) {
                         _tile_loadd(5, w1 + kb * 32, K * 2);

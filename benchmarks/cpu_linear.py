@@ -1,8 +1,10 @@
 """The compiled CPU linear kernel (kernels/cpu_kernels.py `linear`) against torch.nn.functional.linear
-(the BLAS PyTorch was built with), float32 or bfloat16, at the batch sizes a decode step has.
+(the BLAS PyTorch was built with), float32 or bfloat16, at the batch sizes a decode step has. Also,
+where they run: oneDNN on packed weights (what the engine uses above the kernel's row limit), and on
+a CPU with AMX the kernel's bfloat16 path with the tiles turned off (vdpbf16ps alone).
 
 One "pass" = the 120 layer matmuls of SmolLM2-135M (30 layers x qkv, o, gate|up, down; 120 distinct
-weights, 425 MB, so each pass streams them from memory as a decode step does). The two run in
+weights, 425 MB, so each pass streams them from memory as a decode step does). They run in
 alternation, median of several rounds, in one process.
 
     python benchmarks/cpu_linear.py [--dtype bfloat16] [--rows 1 4 8 16 32 48 64 128] [--rounds 5] [--json out.json]
@@ -21,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import cpu_kernels
+from kernels.linear import onednn_available, prepack
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]   # (in, out): qkv, o, gate|up, down
 
@@ -49,25 +52,46 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}; one pass = {len(weights)} matmuls, "
           f"{sum(w.numel() for w in weights) * dtype.itemsize / 1e6:.0f} MB of {args.dtype} weights"
           + ("" if args.dtype == "float32" else f"; this CPU has bfloat16 arithmetic: {cpu_kernels.native_bfloat16()}"))
-    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speed-up':>9} {'kernel GFLOP/s':>15}")
+    packed = {id(w): prepack(w) for w in weights} if onednn_available() else {}
+
+    def onednn(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, packed[id(w)], None, "none", [], "")
+
+    def kernel_no_amx(x, w):
+        cpu_kernels.linear_amx(False)
+        try:
+            return kernel(x, w)
+        finally:
+            cpu_kernels.linear_amx(True)
+
+    sides = {"torch": torch.nn.functional.linear, "kernel": kernel}
+    if packed and all(p is not None for p in packed.values()):
+        sides["onednn packed"] = onednn
+    if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
+        sides["kernel (no AMX)"] = kernel_no_amx
+    print(f"{'rows':>5}" + "".join(f"{name + ' ms':>20}" for name in sides) + f" {'kernel vs torch':>16} {'kernel GFLOP/s':>15}")
     results = []
     for m in args.rows:
         xs = {k: torch.randn(m, k).to(dtype) for k, _ in SHAPES}
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         for w in weights[:8]:
-            assert torch.allclose(kernel(xs[w.shape[1]], w).float(),
-                                  torch.nn.functional.linear(xs[w.shape[1]], w).float(), rtol=tol, atol=tol)
-        times = {"torch": [], "kernel": []}
-        for fn in (torch.nn.functional.linear, kernel):   # warm-up
+            for fn in sides.values():
+                assert torch.allclose(fn(xs[w.shape[1]], w).float(),
+                                      torch.nn.functional.linear(xs[w.shape[1]], w).float(), rtol=tol, atol=tol)
+        times = {name: [] for name in sides}
+        for fn in sides.values():   # warm-up
             one_pass(fn, xs, weights)
         for _ in range(args.rounds):
-            times["torch"].append(one_pass(torch.nn.functional.linear, xs, weights))
-            times["kernel"].append(one_pass(kernel, xs, weights))
-        t, k = statistics.median(times["torch"]), statistics.median(times["kernel"])
+            for name, fn in sides.items():
+                times[name].append(one_pass(fn, xs, weights))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        t, k = med["torch"], med["kernel"]
         flops = sum(2 * m * w.numel() for w in weights)
-        results.append({"rows": m, "torch_s": t, "kernel_s": k, "speedup": t / k, "kernel_gflops": flops / k / 1e9})
-        print(f"{m:5d} {t * 1e3:9.1f} {k * 1e3:10.1f} {t / k:8.2f}x {flops / k / 1e9:15.1f}")
-    print(f"the engine uses the kernel up to LINEAR_MAX_ROWS = {cpu_kernels.LINEAR_MAX_ROWS} rows")
+        results.append({"rows": m, **{f"{name}_s": v for name, v in med.items()}, "speedup": t / k,
+                        "kernel_gflops": flops / k / 1e9})
+        print(f"{m:5d}" + "".join(f"{v * 1e3:20.1f}" for v in med.values()) + f" {t / k:15.2f}x {flops / k / 1e9:15.1f}")
+    limit = cpu_kernels.LINEAR_MAX_ROWS if dtype == torch.float32 else cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16
+    print(f"the engine uses the kernel up to {limit} rows ({args.dtype}; AMX tiles: {cpu_kernels.linear_amx()})")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "results": results}, indent=2))
 

@@ -57,18 +57,22 @@ def main() -> None:
     def onednn(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, packed[id(w)], None, "none", [], "")
 
-    def kernel_no_amx(x, w):
+    sides = {"torch": torch.nn.functional.linear, "kernel": kernel}
+    # (a CPU without bfloat16 arithmetic packs bfloat16 weights widened: the engine multiplies those in float32)
+    if packed and all(p is not None and p.dtype == dtype for p in packed.values()):
+        sides["onednn packed"] = onednn
+    if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
+        sides["kernel (no AMX)"] = kernel   # timed with the tiles off (`run`)
+
+    def run(name, fn, xs):
+        if name != "kernel (no AMX)":
+            return one_pass(fn, xs, weights)
         cpu_kernels.linear_amx(False)
         try:
-            return kernel(x, w)
+            return one_pass(fn, xs, weights)
         finally:
             cpu_kernels.linear_amx(True)
 
-    sides = {"torch": torch.nn.functional.linear, "kernel": kernel}
-    if packed and all(p is not None for p in packed.values()):
-        sides["onednn packed"] = onednn
-    if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
-        sides["kernel (no AMX)"] = kernel_no_amx
     print(f"{'rows':>5}" + "".join(f"{name + ' ms':>20}" for name in sides) + f" {'kernel vs torch':>16} {'kernel GFLOP/s':>15}")
     results = []
     for m in args.rows:
@@ -79,11 +83,11 @@ def main() -> None:
                 assert torch.allclose(fn(xs[w.shape[1]], w).float(),
                                       torch.nn.functional.linear(xs[w.shape[1]], w).float(), rtol=tol, atol=tol)
         times = {name: [] for name in sides}
-        for fn in sides.values():   # warm-up
-            one_pass(fn, xs, weights)
+        for name, fn in sides.items():   # warm-up
+            run(name, fn, xs)
         for _ in range(args.rounds):
             for name, fn in sides.items():
-                times[name].append(one_pass(fn, xs, weights))
+                times[name].append(run(name, fn, xs))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         t, k = med["torch"], med["kernel"]
         flops = sum(2 * m * w.numel() for w in weights)

@@ -274,8 +274,8 @@ LINEAR_MAX_ROWS = 48 if {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().
 # bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
 # uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
 # (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon). Where the kernel runs them
-# on AMX tiles (`linear_amx`) it is level with oneDNN at 1 row and 1.4x faster at 16 to 32, level again
-# at about 48 (a 2-core AMX Xeon); without those tiles oneDNN's AMX GEMM was 1.7x faster at 16 rows.
+# on AMX tiles (`linear_amx`) it takes 0.7x the time of oneDNN's (packed, tiles too) at 1 to 16 rows and
+# 0.7x at 32, level at about 48 (a 2-core AMX Xeon); without the tiles it took 1.7x oneDNN's at 16 rows.
 LINEAR_MAX_ROWS_NATIVE_BF16 = 32
 
 

@@ -854,11 +854,12 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 #define GENQ_LINEAR_DPBF16 1
 #endif
 
-#if defined(GENQ_LINEAR_DPBF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(GENQ_LINEAR_DPBF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 /* bfloat16 on a CPU with AMX: the tile unit does 16 x 16 x 32 products per TDPBF16PS, so a decode
  * step's matmul costs about what reading W costs at any batch up to 32 rows, where the vdpbf16ps path
- * above grows with the rows (on a 2-core AMX Xeon, SmolLM2's 120 matmuls: level at 1 row, 2.4x faster
- * at 16, 3.4x at 32; docs/kernels.md). W is the tiles' A operand as it lies in memory (16 weight rows
+ * above grows with the rows (on a 2-core AMX Xeon, SmolLM2's 120 matmuls: 7% slower at 1 row, 2.4x
+ * faster at 16, 3.4x at 32; docs/kernels.md). One row stays here too, so that a row's result never
+ * depends on how many rows share its call (the LM head's logits stay batch-invariant). W is the tiles' A operand as it lies in memory (16 weight rows
  * x 32 k, rows K apart), and x the B operand, repacked per call into the pair-interleaved layout B
  * takes (x is small); each C tile holds 16 outputs for up to 16 rows of x and is transposed on the
  * way out. Sums stay float32 (the unit rounds to nearest even and reads bfloat16 subnormals as zero,
@@ -874,12 +875,15 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 #define GENQ_LINEAR_AMX 1
 #define AMX_ROWS 32   /* rows of x per pass over W: two B tiles (16 rows each), four C tiles */
 
-static int amx_wanted = 1, amx_granted = -1;
+static int amx_wanted = 1, amx_granted = -1;   /* read and set atomically: callers run without the GIL */
 
 static int amx_ready(void) {
-    if (amx_granted < 0)   /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (18); asking twice is harmless */
-        amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return amx_wanted && amx_granted;
+    int granted = __atomic_load_n(&amx_granted, __ATOMIC_RELAXED);
+    if (granted < 0) {   /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (18); asking twice is harmless */
+        granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+        __atomic_store_n(&amx_granted, granted, __ATOMIC_RELAXED);
+    }
+    return __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED) && granted;
 }
 
 typedef struct {
@@ -966,7 +970,7 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
         const int mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
         uint32_t *xp1 = xp + (size_t)mb0 * K / 2;
         /* one row of x is already in B's layout (its pairs in order, one word a tile row) */
-        const uint32_t *xb0 = mb0 == 1 ? (const uint32_t *)(x + m0 * ldx) : xp;
+        const char *xb0 = mb0 == 1 ? (const char *)(x + m0 * ldx) : (const char *)xp;
 #pragma omp parallel num_threads(num_threads)
         {
             float c[4][16 * 16] __attribute__((aligned(64)));
@@ -987,7 +991,7 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int kb = 0; kb < ksteps; kb++) {
                     _tile_loadd(4, w0 + kb * 32, K * 2);
-                    _tile_loadd(6, xb0 + (size_t)kb * 16 * mb0, mb0 * 4);
+                    _tile_loadd(6, xb0 + (size_t)kb * 16 * mb0 * 4, mb0 * 4);
                     _tile_dpbf16ps(0, 4, 6);
                     if (two) {
                         _tile_loadd(5, w1 + kb * 32, K * 2);
@@ -1028,7 +1032,7 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
  * benchmarks compare the two paths), -1 only asks. Returns 1 where they go, 0 where they do not. */
 int genq_linear_set_amx(int enable) {
 #if defined(GENQ_LINEAR_AMX)
-    if (enable >= 0) amx_wanted = enable != 0;
+    if (enable >= 0) __atomic_store_n(&amx_wanted, enable != 0, __ATOMIC_RELAXED);
     return amx_ready();
 #else
     (void)enable;

@@ -278,7 +278,7 @@ def test_linear_vdpbf16ps_matches_float32_sums(gen, rows, in_features):
 
 
 @pytest.fixture
-def amx_off_after():
+def amx_back_on():
     yield
     cpu_kernels.linear_amx(True)
 
@@ -286,7 +286,7 @@ def amx_off_after():
 @pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("out_features", [16, 48, 960])
-def test_linear_amx_tiles_match_the_exact_sums(gen, amx_off_after, rows, out_features):
+def test_linear_amx_tiles_match_the_exact_sums(gen, amx_back_on, rows, out_features):
     # One or two 16-row weight blocks per pair (48 ends on a single block); one or two 16-row tiles of
     # x, and more than 32 rows in two passes; x rows strided (a slice of a wider tensor); bias or none;
     # bfloat16 and float32 output. Both paths (tiles, vdpbf16ps) are float32 sums of exact products
@@ -302,21 +302,22 @@ def test_linear_amx_tiles_match_the_exact_sums(gen, amx_off_after, rows, out_fea
         got = {}
         for amx in (True, False):
             assert cpu_kernels.linear_amx(amx) == amx
-            got[amx] = (cpu_kernels.linear_unchecked(x, w, bias), kernels.linear_float32_out(x, w) if bias is None else None)
+            got[amx] = (cpu_kernels.linear_unchecked(x, w, bias), cpu_kernels.linear_unchecked(x, w, bias, float32_out=True))
         for y, y32 in got.values():
             assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + scale * 2 ** -20).all()
-            if y32 is not None:
-                assert ((y32.double() - exact).abs() <= scale * 2 ** -20).all()
-                assert torch.equal(y32.bfloat16(), y)
+            assert ((y32.double() - exact).abs() <= scale * 2 ** -20).all()
+            assert torch.equal(y32.bfloat16(), y)
         # the two differ in the order of the float32 additions only: nearly every output is the same
         assert (got[True][0] == got[False][0]).float().mean().item() > 0.97
     # a row's result does not depend on the rows beside it (the LM head's logits, whatever the batch)
     cpu_kernels.linear_amx(True)
-    assert torch.equal(kernels.linear_float32_out(x[:1], w), kernels.linear_float32_out(x, w)[:1])
+    whole = kernels.linear_float32_out(x, w)
+    for i in range(rows):
+        assert torch.equal(kernels.linear_float32_out(x[i:i + 1], w), whole[i:i + 1])
 
 
 @pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
-def test_linear_amx_leaves_other_shapes_to_vdpbf16ps(gen, amx_off_after):
+def test_linear_amx_leaves_other_shapes_to_vdpbf16ps(gen, amx_back_on):
     # K not a multiple of 32, or N not of 16: the same bits with the tiles on or off
     for n, k in ((70, 576), (64, 577), (48, 40)):
         x, w = torch.randn(9, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16()

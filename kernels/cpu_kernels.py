@@ -268,9 +268,15 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 # to 48 rows, level with oneDNN's packed weights at about 56 (benchmarks/cpu_linear.py). With AVX2 (8-lane
 # vectors, a 3-row register block) it beats oneDNN with packed weights up to about 28 rows on a
 # 2-core AVX2 EPYC (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
-# The one-call path (`DecodeLayers`) would pay up to ~96 rows, but a cost step there breaks the fair
-# scheduler's step-cost line (docs/kernels.md).
-LINEAR_MAX_ROWS = 48 if {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split()) else 32   # the C path's test
+# With AVX-512 the limit is higher, 128: there a step of at most this many tokens runs every layer in
+# one call (`DecodeLayers`), which saves the per-op path's 30-60 ms of op calls, more than the kernel
+# loses to oneDNN up to 128 rows (level at 128): a 79-token float32 prompt took 92-98 ms against
+# 131-137 ms on a 2-core AMX Xeon (docs/kernels.md). The fair scheduler's step cost, measured by
+# size, takes the step in its curve. bfloat16 widened as read keeps 48 there (one call is slower from
+# 79 rows).
+_AVX512 = {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split())
+LINEAR_MAX_ROWS = 128 if _AVX512 else 32   # the C path's test
+LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32
 # bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
 # uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
 # (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon). Where the kernel runs them
@@ -374,6 +380,8 @@ class DecodeLayers:
         self.k_cache = first["k_cache"]
         if self.dtype == torch.bfloat16 and linear_native_bfloat16():
             self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS_NATIVE_BF16, DTYPES[self.dtype]
+        elif self.dtype == torch.bfloat16:
+            self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS_WIDENED_BF16, DTYPES[self.dtype]
         else:
             self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS, DTYPES[self.dtype]
 

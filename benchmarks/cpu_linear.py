@@ -73,7 +73,8 @@ def main() -> None:
         finally:
             cpu_kernels.linear_amx(True)
 
-    print(f"{'rows':>5}" + "".join(f"{name + ' ms':>20}" for name in sides) + f" {'kernel vs torch':>16} {'kernel GFLOP/s':>15}")
+    print(f"{'rows':>5}" + "".join(f"{name + ' ms':>20}" for name in sides)
+          + f" {'kernel vs torch':>16} {'kernel GFLOP/s':>15}")
     results = []
     for m in args.rows:
         xs = {k: torch.randn(m, k).to(dtype) for k, _ in SHAPES}
@@ -93,8 +94,11 @@ def main() -> None:
         flops = sum(2 * m * w.numel() for w in weights)
         results.append({"rows": m, **{f"{name}_s": v for name, v in med.items()}, "speedup": t / k,
                         "kernel_gflops": flops / k / 1e9})
-        print(f"{m:5d}" + "".join(f"{v * 1e3:20.1f}" for v in med.values()) + f" {t / k:15.2f}x {flops / k / 1e9:15.1f}")
-    limit = cpu_kernels.LINEAR_MAX_ROWS if dtype == torch.float32 else cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16
+        print(f"{m:5d}" + "".join(f"{v * 1e3:20.1f}" for v in med.values())
+              + f" {t / k:15.2f}x {flops / k / 1e9:15.1f}")
+    limit = (cpu_kernels.LINEAR_MAX_ROWS if dtype == torch.float32
+             else cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16 if cpu_kernels.linear_native_bfloat16()
+             else cpu_kernels.LINEAR_MAX_ROWS_WIDENED_BF16)
     print(f"the engine uses the kernel up to {limit} rows ({args.dtype}; AMX tiles: {cpu_kernels.linear_amx()})")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "results": results}, indent=2))

@@ -10,14 +10,14 @@ from kernels._dispatch import resolve_impl
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            impl: str | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.LINEAR_MAX_ROWS`
-    rows) of float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most
-    LINEAR_MAX_ROWS_WIDENED_BF16), go to the compiled kernel, as do bfloat16 batches of at most LINEAR_MAX_ROWS_NATIVE_BF16 rows where it has
-    (vdpbf16ps); larger bfloat16 batches on a CPU without it are multiplied in float32 (exact widening, float32
-    sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated bfloat16
-    one); larger float32 batches, and larger bfloat16 ones where the CPU has bfloat16 arithmetic, go
-    to oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy). Everything else, and
-    impl="torch" or "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
+    """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.LINEAR_MAX_ROWS` rows) of
+    float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most LINEAR_MAX_ROWS_WIDENED_BF16), go
+    to the compiled kernel, as do bfloat16 batches of at most LINEAR_MAX_ROWS_NATIVE_BF16 rows where it has
+    (vdpbf16ps, or AMX tiles); larger bfloat16 batches on a CPU without it are multiplied in float32 (exact
+    widening, float32 sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated
+    bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU has bfloat16 arithmetic, go to
+    oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy). Everything else, and impl="torch" or
+    "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
     if resolve_impl(impl, x) == "cpu":
         from kernels import cpu_kernels
 

@@ -855,20 +855,19 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 #endif
 
 #if defined(GENQ_LINEAR_DPBF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
-/* bfloat16 on a CPU with AMX: the tile unit does 16 x 16 x 32 products per TDPBF16PS, so a decode
- * step's matmul costs about what reading W costs at any batch up to 32 rows, where the vdpbf16ps path
- * above grows with the rows (on a 2-core AMX Xeon, SmolLM2's 120 matmuls: 7% slower at 1 row, 2.4x
- * faster at 16, 3.4x at 32; docs/kernels.md). One row stays here too, so that a row's result never
- * depends on how many rows share its call (the LM head's logits stay batch-invariant). W is the tiles' A operand as it lies in memory (16 weight rows
- * x 32 k, rows K apart), and x the B operand, repacked per call into the pair-interleaved layout B
- * takes (x is small); each C tile holds 16 outputs for up to 16 rows of x and is transposed on the
- * way out. Sums stay float32 (the unit rounds to nearest even and reads bfloat16 subnormals as zero,
- * as vdpbf16ps does; only the order of the additions differs) and y is rounded once. Taken where K
- * is a multiple of 32 and N of 16 (every projection of the Llama models genq serves); other shapes
- * stay on vdpbf16ps. Linux lends the tile registers to a process that asks (arch_prctl); if it
- * refuses, or genq_linear_set_amx(0) turned it off, the vdpbf16ps path runs. Software prefetch
- * (the next tile's rows, or rows a few k-blocks ahead) made it 5-20% slower: the hardware's own
- * streams keep up. */
+/* bfloat16 on a CPU with AMX: the tile unit does 16 x 16 x 32 products per TDPBF16PS, so a decode step's
+ * matmul costs about what reading W costs at any batch up to 32 rows, where the vdpbf16ps path above grows
+ * with the rows (on a 2-core AMX Xeon, SmolLM2's 120 matmuls: 7% slower at 1 row, 2.4x faster at 16, 3.4x at
+ * 32; docs/kernels.md). One row stays here too, so that a row's result never depends on how many rows share
+ * its call (the LM head's logits stay batch-invariant). W is the tiles' A operand as it lies in memory (16
+ * weight rows x 32 k, rows K apart), and x the B operand, repacked per call into the pair-interleaved layout
+ * B takes (x is small); each C tile holds 16 outputs for up to 16 rows of x and is transposed on the way out.
+ * Sums stay float32 (the unit rounds to nearest even and reads bfloat16 subnormals as zero, as vdpbf16ps
+ * does; only the order of the additions differs) and y is rounded once. Taken where K is a multiple of 32 and
+ * N of 16 (every projection of the Llama models genq serves); other shapes stay on vdpbf16ps. Linux lends the
+ * tile registers to a process that asks (arch_prctl); if it refuses, or genq_linear_set_amx(0) turned it off,
+ * the vdpbf16ps path runs. Software prefetch (the next tile's rows, or rows a few k-blocks ahead) made it
+ * 5-20% slower: the hardware's own streams keep up. */
 #include <sys/syscall.h>
 #include <unistd.h>
 

@@ -302,7 +302,8 @@ def test_linear_amx_tiles_match_the_exact_sums(gen, amx_back_on, rows, out_featu
         got = {}
         for amx in (True, False):
             assert cpu_kernels.linear_amx(amx) == amx
-            got[amx] = (cpu_kernels.linear_unchecked(x, w, bias), cpu_kernels.linear_unchecked(x, w, bias, float32_out=True))
+            got[amx] = (cpu_kernels.linear_unchecked(x, w, bias),
+                        cpu_kernels.linear_unchecked(x, w, bias, float32_out=True))
         for y, y32 in got.values():
             assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + scale * 2 ** -20).all()
             assert ((y32.double() - exact).abs() <= scale * 2 ** -20).all()

@@ -12,7 +12,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            impl: str | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.LINEAR_MAX_ROWS` rows) of
     float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most LINEAR_MAX_ROWS_WIDENED_BF16), go
-    to the compiled kernel, as do bfloat16 batches of at most LINEAR_MAX_ROWS_NATIVE_BF16 rows where it has
+    to the compiled kernel, as do bfloat16 batches of at most native_bf16_max_rows() rows where it has
     (vdpbf16ps, or AMX tiles); larger bfloat16 batches on a CPU without it are multiplied in float32 (exact
     widening, float32 sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated
     bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU has bfloat16 arithmetic, go to
@@ -26,7 +26,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                         * x.shape[-1]):
             if cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
                 return cpu_kernels.linear_unchecked(x, weight, bias)
-        elif (x.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16 * x.shape[-1]
+        elif (x.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.native_bf16_max_rows() * x.shape[-1]
               and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_native_bfloat16()):
             return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":

@@ -61,7 +61,7 @@ def test_steps_as_wide_as_the_row_limit_run_in_one_call(tiny_model, monkeypatch,
         pytest.skip("bfloat16 on this CPU goes to oneDNN: the compiler here lacks vdpbf16ps")
     limit = cpu_kernels.LINEAR_MAX_ROWS
     if dtype == "bfloat16":
-        limit = (cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16 if cpu_kernels.linear_native_bfloat16()
+        limit = (cpu_kernels.native_bf16_max_rows() if cpu_kernels.linear_native_bfloat16()
                  else cpu_kernels.LINEAR_MAX_ROWS_WIDENED_BF16)
     prompts = make_prompts(8, seed=13, shared_prefix=90)
     fused, (*calls, steps) = generate(tiny_model, prompts, monkeypatch, fused=True, dtype=dtype,

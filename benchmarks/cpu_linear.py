@@ -96,10 +96,7 @@ def main() -> None:
                         "kernel_gflops": flops / k / 1e9})
         print(f"{m:5d}" + "".join(f"{v * 1e3:20.1f}" for v in med.values())
               + f" {t / k:15.2f}x {flops / k / 1e9:15.1f}")
-    limit = (cpu_kernels.LINEAR_MAX_ROWS if dtype == torch.float32
-             else cpu_kernels.native_bf16_max_rows() if cpu_kernels.linear_native_bfloat16()
-             else cpu_kernels.LINEAR_MAX_ROWS_WIDENED_BF16)
-    print(f"the engine uses the kernel up to {limit} rows ({args.dtype}; AMX tiles: {cpu_kernels.linear_amx()})")
+    print(f"the engine uses the kernel up to {cpu_kernels.linear_max_rows(dtype)} rows ({args.dtype}; AMX tiles: {cpu_kernels.linear_amx()})")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "results": results}, indent=2))
 

@@ -295,6 +295,17 @@ def native_bf16_max_rows() -> int:
     return LINEAR_MAX_ROWS_AMX if _amx_granted() else LINEAR_MAX_ROWS_NATIVE_BF16
 
 
+def linear_max_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows of x of this dtype `kernels.linear` (and the one-call path) takes the kernel:
+    float32 LINEAR_MAX_ROWS; bfloat16 `native_bf16_max_rows()` where it is multiplied natively, else
+    LINEAR_MAX_ROWS_WIDENED_BF16; 0 for any other dtype."""
+    if dtype == torch.float32:
+        return LINEAR_MAX_ROWS
+    if dtype == torch.bfloat16:
+        return native_bf16_max_rows() if linear_native_bfloat16() else LINEAR_MAX_ROWS_WIDENED_BF16
+    return 0
+
+
 @functools.cache
 def linear_available() -> bool:
     """Whether this build has the linear kernel (it needs AVX-512, or AVX2 with FMA) and it loads."""
@@ -394,12 +405,7 @@ class DecodeLayers:
             _Layer(*[None if layer[name] is None else layer[name].data_ptr() for name, _ in _Layer._fields_])
             for layer in layers])
         self.k_cache = first["k_cache"]
-        if self.dtype == torch.bfloat16 and linear_native_bfloat16():
-            self.max_tokens, self.linear_dtype = native_bf16_max_rows(), DTYPES[self.dtype]
-        elif self.dtype == torch.bfloat16:
-            self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS_WIDENED_BF16, DTYPES[self.dtype]
-        else:
-            self.max_tokens, self.linear_dtype = LINEAR_MAX_ROWS, DTYPES[self.dtype]
+        self.max_tokens, self.linear_dtype = linear_max_rows(self.dtype), DTYPES[self.dtype]
 
     @staticmethod
     def usable(layers: list[dict[str, torch.Tensor | None]], cos_sin: torch.Tensor) -> bool:

@@ -10,24 +10,24 @@ from kernels._dispatch import resolve_impl
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            impl: str | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.LINEAR_MAX_ROWS` rows) of
-    float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most LINEAR_MAX_ROWS_WIDENED_BF16), go
-    to the compiled kernel, as do bfloat16 batches of at most native_bf16_max_rows() rows where it has
-    (vdpbf16ps, or AMX tiles); larger bfloat16 batches on a CPU without it are multiplied in float32 (exact
-    widening, float32 sums, one rounding: what the BLAS does, at the float32 rate instead of the emulated
-    bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU has bfloat16 arithmetic, go to
-    oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy). Everything else, and impl="torch" or
-    "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
+    """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.linear_max_rows(dtype)`
+    rows: LINEAR_MAX_ROWS) of float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most
+    LINEAR_MAX_ROWS_WIDENED_BF16), go to the compiled kernel, as do bfloat16 batches of at most
+    native_bf16_max_rows() rows where it has (vdpbf16ps, or AMX tiles); larger bfloat16 batches on a CPU without
+    it are multiplied in float32 (exact widening, float32 sums, one rounding: what the BLAS does, at the float32
+    rate instead of the emulated bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU
+    has bfloat16 arithmetic, go to oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy).
+    Everything else, and impl="torch" or "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
     if resolve_impl(impl, x) == "cpu":
         from kernels import cpu_kernels
 
         emulated_bf16 = x.dtype == torch.bfloat16 and not cpu_kernels.native_bfloat16()
-        if x.dtype == torch.float32 or (emulated_bf16 and x.numel() <= cpu_kernels.LINEAR_MAX_ROWS_WIDENED_BF16
-                                        * x.shape[-1]):
-            if cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
+        few_rows = x.numel() <= cpu_kernels.linear_max_rows(x.dtype) * x.shape[-1]
+        if x.dtype == torch.float32 or emulated_bf16:
+            if few_rows and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
                 return cpu_kernels.linear_unchecked(x, weight, bias)
-        elif (x.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.native_bf16_max_rows() * x.shape[-1]
-              and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_native_bfloat16()):
+        elif (x.dtype == torch.bfloat16 and few_rows and cpu_kernels.linear_supports(x, weight, bias)
+              and cpu_kernels.linear_native_bfloat16()):
             return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             # multiplied in float32: by oneDNN, on prepack's widened copy or the weight widened now (the

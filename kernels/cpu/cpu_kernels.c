@@ -935,8 +935,7 @@ static inline void amx_pack_block(const uint16_t *x, int64_t ldx, int mb, int kb
     for (int m = 0; m < 16; m++)
         r[m] = m < mb ? _mm512_loadu_si512(x + m * ldx + 32 * kb) : _mm512_setzero_si512();
     transpose16(r);
-    const __mmask16 keep = (__mmask16)((1u << mb) - 1u);
-    for (int j = 0; j < 16; j++) _mm512_mask_storeu_epi32(xp + ((size_t)kb * 16 + j) * mb, keep, r[j]);
+    for (int j = 0; j < 16; j++) _mm512_mask_storeu_epi32(xp + ((size_t)kb * 16 + j) * mb, tail_mask(mb), r[j]);
 }
 
 /* C tile c (16 weight rows from n0, by mb rows of x; float32, mb words a row) into y[m0 + m, n0 + i]
@@ -944,11 +943,10 @@ static inline void amx_pack_block(const uint16_t *x, int64_t ldx, int mb, int kb
 static inline void amx_store(const float *c, int mb, const float *bias16, void *y, int64_t ldy, int64_t n0, int m0,
                              const int OUTF) {
     __m512i r[16];
-    const __mmask16 keep = (__mmask16)((1u << mb) - 1u);
     if (mb == 1) {   /* one row of x: the tile is already that row's 16 outputs */
         r[0] = _mm512_loadu_si512(c);
     } else {
-        for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(keep, c + i * mb);
+        for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(tail_mask(mb), c + i * mb);
         transpose16(r);
     }
     const __m512 b = bias16 != NULL ? _mm512_loadu_ps(bias16) : _mm512_setzero_ps();
@@ -962,12 +960,13 @@ static inline void amx_store(const float *c, int mb, const float *bias16, void *
 static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, void *y, int64_t ldy,
                       int M, int N, int K, int OUTF, int num_threads) {
     const int nblocks = N / 16, pairs = (nblocks + 1) / 2, ksteps = K / 32;
-    uint32_t *xp = malloc(sizeof(uint32_t) * ((size_t)AMX_ROWS * K / 2 + 16));
-    if (xp == NULL) return 1;
+    /* repacked rows of x; one row alone (a single stream's step) is used in place and needs none */
+    uint32_t *xp = M > 1 ? malloc(sizeof(uint32_t) * ((size_t)AMX_ROWS * K / 2 + 16)) : NULL;
+    if (M > 1 && xp == NULL) return 1;
     for (int m0 = 0; m0 < M; m0 += AMX_ROWS) {
         const int mb0 = M - m0 < 16 ? M - m0 : 16;
         const int mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
-        uint32_t *xp1 = xp + (size_t)mb0 * K / 2;
+        uint32_t *xp1 = xp != NULL ? xp + (size_t)mb0 * K / 2 : NULL;
         /* one row of x is already in B's layout (its pairs in order, one word a tile row) */
         const char *xb0 = mb0 == 1 ? (const char *)(x + m0 * ldx) : (const char *)xp;
 #pragma omp parallel num_threads(num_threads)

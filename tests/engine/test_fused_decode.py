@@ -59,10 +59,7 @@ def test_steps_as_wide_as_the_row_limit_run_in_one_call(tiny_model, monkeypatch,
     # decode rows) reach it and still run in one call, and a step one token wider does not.
     if dtype == "bfloat16" and cpu_kernels.native_bfloat16() and not cpu_kernels.linear_native_bfloat16():
         pytest.skip("bfloat16 on this CPU goes to oneDNN: the compiler here lacks vdpbf16ps")
-    limit = cpu_kernels.LINEAR_MAX_ROWS
-    if dtype == "bfloat16":
-        limit = (cpu_kernels.native_bf16_max_rows() if cpu_kernels.linear_native_bfloat16()
-                 else cpu_kernels.LINEAR_MAX_ROWS_WIDENED_BF16)
+    limit = cpu_kernels.linear_max_rows(getattr(torch, dtype))
     prompts = make_prompts(8, seed=13, shared_prefix=90)
     fused, (*calls, steps) = generate(tiny_model, prompts, monkeypatch, fused=True, dtype=dtype,
                                       max_num_batched_tokens=limit)

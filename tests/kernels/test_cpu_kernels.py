@@ -230,6 +230,26 @@ def test_linear_bfloat16_sums_in_float32_and_rounds_once(gen, rows):
 
 
 @needs_linear
+@pytest.mark.parametrize("rows", [1, 6])
+def test_linear_bfloat16_rounds_ties_to_even_and_keeps_nan(rows):
+    # Sums that fall exactly between two bfloat16 values, and NaN and infinities, through a 4-row
+    # weight tile (its four sums rounded in one register) and through a single row on its own.
+    x = torch.zeros(rows, 64, dtype=torch.bfloat16)
+    x[:, 0], x[:, 1] = 1.0, 1.0
+    pairs = [(1.0, 2 ** -8), (1.0, 3 * 2 ** -8), (-1.0, -(2 ** -8)), (2.0, 2 ** -7), (float("nan"), 1.0),
+             (float("inf"), 1.0), (float("-inf"), 1.0), (0.5, 0.25), (1.0, 2 ** -9)]
+    w = torch.zeros(len(pairs), 64, dtype=torch.bfloat16)
+    w[:, 0] = torch.tensor([a for a, _ in pairs]).bfloat16()
+    w[:, 1] = torch.tensor([b for _, b in pairs]).bfloat16()
+    got = cpu_kernels.linear(x, w)
+    want = torch.tensor([a + b for a, b in pairs], dtype=torch.float32).bfloat16().expand(rows, -1)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
+    assert got[0, 0].item() == 1.0 and got[0, 1].item() == 1.015625   # ties went to the even neighbour
+
+
+@needs_linear
 def test_linear_dispatch(gen, monkeypatch):
     calls = []
     real = cpu_kernels.linear_unchecked   # what the dispatch calls once it has checked the tensors

@@ -641,6 +641,13 @@ static inline __attribute__((always_inline)) void store_row_sums(__m128 q, const
 }
 #endif
 
+/* How far ahead the linear kernels fetch weight rows, in tiles of 4 rows: far enough that a core
+ * keeps enough lines in flight to stream W at the memory's rate. 2-core Zen 4, SmolLM2's 120 matmuls
+ * at 1 / 4 / 16 / 24 rows: float32 15.1 / 14.6 / 22.0 / 30.6 ms against 17.3 / 18.7 / 28.7 / 31.8
+ * with the next tile fetched into L1 (bfloat16, vdpbf16ps: 7.7 / 8.0 / 13.0 / 17.6 against 10.8 /
+ * 12.3 / 15.2 / 18.4); 2 tiles ahead or 16 were slower, into L3 no faster. */
+#define LIN_PREFETCH_TILES 4
+
 #if defined(GENQ_LIN_AVX512)
 /* Keeps a loaded vector in a register: without it GCC folds the load of x into each of the NT
  * multiply-adds that use it (NT loads instead of one), which costs nothing where two 512-bit loads
@@ -670,11 +677,11 @@ static inline __attribute__((always_inline)) void store_block_sums(__m512 acc[LI
 
 /* y[m, 0..NT) for MT rows of x (float32, row stride ldx) against NT float32 weight rows (K apart),
  * NT = 4 or 1; y of element type float32 (BF = 0) or bfloat16 (BF = 1); bias: NT floats or NULL.
- * `next`, when not NULL, is prefetched into L1 alongside: the next tile's weight rows, so that
- * memory works while this tile computes; the lines at k = pk, pk + pf_every, ... (each block of the
- * tile takes its share, so the fetch is spread over the tile's whole compute: at 24 rows on a 2-core
- * Zen 4, 32 against 37 ms for SmolLM2's 120 matmuls when the first block fetched it all). A prefetch
- * never faults, so the last tile's, past the matrix's end, is harmless. */
+ * `next`, when not NULL, is prefetched into L2 alongside (weight rows LIN_PREFETCH_TILES tiles
+ * ahead), so that memory works while this tile computes; the lines at k = pk, pk + pf_every, ...
+ * (each block of a tile takes its share, so the fetch is spread over the tile's whole compute: at
+ * 24 rows on a 2-core Zen 4, 32 against 37 ms for SmolLM2's 120 matmuls when the first block
+ * fetched it all). A prefetch never faults, so the last tiles', past the matrix's end, are harmless. */
 static inline __attribute__((always_inline)) void linear_block(const float *x, int64_t ldx, const float *w, int64_t K,
                                                                 const float *bias, void *y, int64_t ldy,
                                                                 const int MT, const int NT, const int BF,
@@ -687,7 +694,7 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     for (int64_t k = 0; k < full; k += 16) {
         __m512 wv[4];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T0);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
             pk += pf_every;
         }
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);
@@ -743,7 +750,7 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     for (int64_t k = 0; k < full; k += 8) {
         __m256 xv[LIN_ROWS];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T0);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
             pk += pf_every;
         }
         for (int m = 0; m < MT; m++) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
@@ -788,11 +795,11 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
         const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
         const float *xm = x + m * ldx;
         void *ym = (char *)y + (size_t)m * ldy * esize;
-        /* the next tile's rows are fetched while this one computes, their cache lines shared out
+        /* a later tile's rows are fetched while this one computes, their cache lines shared out
          * among the blocks (block b takes every blocks-th line from the b-th), so that memory
          * streams at an even rate through the whole tile (float32 only: a bfloat16 tile was
          * widened into `wide` already) */
-        const float *ahead = !BF ? wf + NT * K : NULL;
+        const float *ahead = !BF ? wf + LIN_PREFETCH_TILES * NT * K : NULL;
         const int64_t pk = (int64_t)b * 16, every = (int64_t)blocks * 16;
 #define LIN_CASE(R) case R: {                                                                   \
             if (NT == 4 && BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 1, ahead, pk, every);  \
@@ -831,7 +838,7 @@ static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint
     for (int64_t k = 0; k < full; k += 32) {
         __m512i wv[4];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T0);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
             pk += pf_every;
         }
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(w + j * K + k);
@@ -864,7 +871,7 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
     }
     for (int b = 0, m = 0; b < blocks; b++) {
         const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
-        const uint16_t *xm = x + m * ldx, *ahead = w + NT * K;   /* shared out as in linear_columns */
+        const uint16_t *xm = x + m * ldx, *ahead = w + LIN_PREFETCH_TILES * NT * K;   /* as in linear_columns */
         const int64_t pk = (int64_t)b * 32, every = (int64_t)blocks * 32;
         void *ym = (char *)y + (size_t)m * ldy * (OUTF ? 4 : 2);
 #define LIN_CASE(R) case R: {                                                                   \

@@ -277,32 +277,24 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 _AVX512 = {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split())
 LINEAR_MAX_ROWS = 128 if _AVX512 else 32   # the C path's test
 LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32
-# bfloat16 through vdpbf16ps (AVX512-BF16) against PyTorch's own bfloat16 matmul (oneDNN, which
-# uses the same instruction): 1.4-1.75x faster up to 16 rows, level at 32, slower above
-# (benchmarks/cpu_linear.py --dtype bfloat16, a 2-core AVX512-BF16 Xeon). Where the kernel runs them
-# on AMX tiles (`linear_amx`) it takes 0.7x the time of oneDNN's (packed, tiles too) at 1 to 16 rows and
-# 0.7x at 32, level at about 48 (a 2-core AMX Xeon); without the tiles it took 1.7x oneDNN's at 16 rows.
-LINEAR_MAX_ROWS_NATIVE_BF16 = 32
-# On AMX tiles, as float32 with AVX-512: the one call's saving outweighs the tiles' matmul against oneDNN's
-# up to 128 rows. On a 2-core AMX Xeon, bfloat16 prefill of one prompt (one call against op by op): 40
-# tokens 29 vs 48 ms, 79: 43 vs 61, 128: 56 vs 77; decode of 64 requests 889 vs 647 tok/s.
-LINEAR_MAX_ROWS_AMX = 128
-
-
-def native_bf16_max_rows() -> int:
-    """The kernel's row limit for bfloat16 where it multiplies bfloat16 natively: LINEAR_MAX_ROWS_AMX
-    where the AMX tiles run, else LINEAR_MAX_ROWS_NATIVE_BF16 (vdpbf16ps)."""
-    return LINEAR_MAX_ROWS_AMX if _amx_granted() else LINEAR_MAX_ROWS_NATIVE_BF16
+# bfloat16 where the kernel multiplies it natively, as float32 with AVX-512: the one call's saving
+# outweighs the kernel's matmul against oneDNN's up to 128 rows. Through vdpbf16ps (AVX512-BF16) the
+# kernel is faster than oneDNN's packed bfloat16 GEMM (the same instruction) up to 64 rows and level
+# at 96-128 on a 2-core Zen 4 (benchmarks/cpu_linear.py --dtype bfloat16), and there a 79-token prompt
+# took 54-56 against 66-70 ms with the limit at 128 against 32, decode of 64 requests 830-879 against
+# 693-753 tok/s. On AMX tiles (`linear_amx`) it takes 0.7x oneDNN's time (tiles too) up to 32 rows;
+# on a 2-core AMX Xeon a 79-token prompt took 43 against 61 ms, decode of 64 requests 889 against 647.
+LINEAR_MAX_ROWS_NATIVE_BF16 = 128
 
 
 def linear_max_rows(dtype: torch.dtype) -> int:
     """Up to how many rows of x of this dtype `kernels.linear` (and the one-call path) takes the kernel:
-    float32 LINEAR_MAX_ROWS; bfloat16 `native_bf16_max_rows()` where it is multiplied natively, else
+    float32 LINEAR_MAX_ROWS; bfloat16 LINEAR_MAX_ROWS_NATIVE_BF16 where it is multiplied natively, else
     LINEAR_MAX_ROWS_WIDENED_BF16; 0 for any other dtype."""
     if dtype == torch.float32:
         return LINEAR_MAX_ROWS
     if dtype == torch.bfloat16:
-        return native_bf16_max_rows() if linear_native_bfloat16() else LINEAR_MAX_ROWS_WIDENED_BF16
+        return LINEAR_MAX_ROWS_NATIVE_BF16 if linear_native_bfloat16() else LINEAR_MAX_ROWS_WIDENED_BF16
     return 0
 
 
@@ -317,12 +309,6 @@ def linear_native_bfloat16() -> bool:
     """Whether the linear kernel multiplies bfloat16 with vdpbf16ps here (AVX512-BF16), rather than
     widening the weights to float32."""
     return linear_available() and bool(library().genq_linear_native_bf16())
-
-
-@functools.cache
-def _amx_granted() -> bool:
-    """Whether the AMX tiles are there (built and lent), whether or not `linear_amx` turned them off."""
-    return linear_native_bfloat16() and bool(library().genq_linear_set_amx(-2))
 
 
 def linear_amx(enable: bool | None = None) -> bool:

@@ -13,7 +13,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.linear_max_rows(dtype)`
     rows: LINEAR_MAX_ROWS) of float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most
     LINEAR_MAX_ROWS_WIDENED_BF16), go to the compiled kernel, as do bfloat16 batches of at most
-    native_bf16_max_rows() rows where it has (vdpbf16ps, or AMX tiles); larger bfloat16 batches on a CPU without
+    LINEAR_MAX_ROWS_NATIVE_BF16 rows where it has (vdpbf16ps, or AMX tiles); larger bfloat16 batches on a CPU without
     it are multiplied in float32 (exact widening, float32 sums, one rounding: what the BLAS does, at the float32
     rate instead of the emulated bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU
     has bfloat16 arithmetic, go to oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy).

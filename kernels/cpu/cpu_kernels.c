@@ -1063,14 +1063,9 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
 #endif
 
 /* Whether bfloat16 matmuls of AMX-friendly shapes go to the tile unit: enable 0 or 1 sets it (tests and
- * benchmarks compare the two paths), -1 only asks. Returns 1 where they go, 0 where they do not; -2 asks
- * only whether the tiles are there (built, and lent by Linux), whatever the switch says. */
+ * benchmarks compare the two paths), -1 only asks. Returns 1 where they go, 0 where they do not. */
 int genq_linear_set_amx(int enable) {
 #if defined(GENQ_LINEAR_AMX)
-    if (enable == -2) {
-        amx_ready();
-        return __atomic_load_n(&amx_granted, __ATOMIC_RELAXED) == 1;
-    }
     if (enable >= 0) __atomic_store_n(&amx_wanted, enable != 0, __ATOMIC_RELAXED);
     return amx_ready();
 #else

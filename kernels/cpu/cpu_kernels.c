@@ -364,8 +364,164 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
 }
 #endif
 
+#if defined(__AVX512F__)
+/* r[i] <- column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* u[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 16; g += 4) {
+        u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int c = 0; c < 4; c++) {   /* gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into column 4L + c */
+        const __m512i a0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), a1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i a3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        r[c] = _mm512_shuffle_i32x4(a0, a2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(a0, a2, 0xdd);
+        r[8 + c] = _mm512_shuffle_i32x4(a1, a3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(a1, a3, 0xdd);
+    }
+}
+
+#define TILE_ROWS 16   /* prefill rows of one sequence per work item (head_dim 64) */
+
+/* scores[j * ld + t] for tokens t < n of a 16-token chunk, of NJ queries (q: rows D = 64 apart,
+ * scaled) against the chunk's K rows transposed (kt[d * 16 + t]): one multiply-add per query and
+ * dimension covers 16 tokens, with no horizontal sums */
+static inline __attribute__((always_inline)) void score_chunk(const float *q, const float *kt, float *scores,
+                                                                int64_t ld, const int NJ, int n) {
+    __m512 acc[6];
+    for (int j = 0; j < NJ; j++) acc[j] = _mm512_setzero_ps();
+    for (int d = 0; d < 64; d++) {
+        const __m512 kv = _mm512_loadu_ps(kt + d * 16);
+        for (int j = 0; j < NJ; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * 64 + d]), kv, acc[j]);
+    }
+    for (int j = 0; j < NJ; j++) _mm512_mask_storeu_ps(scores + j * ld, tail_mask(n), acc[j]);
+}
+
+/* out rows of NJ queries (j0 ..) of a tile: the probability-weighted sum of the V rows of KV head h
+ * gathered as float32 into vt (row t at vt + 64 t) over tokens [0, len) (a query's probabilities
+ * are zero past its own length), 64 dims in registers */
+static inline __attribute__((always_inline)) void weigh_tile(const job_t *job, int h, int s0, const float *vt,
+                                                               const float *probs, int len, const float *inv_sum,
+                                                               int j0, const int NJ) {
+    const int H = job->num_heads, G = H / job->num_kv_heads;
+    __m512 acc[6][4];
+    for (int j = 0; j < NJ; j++)
+        for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t++) {
+        __m512 vv[4];
+        for (int c = 0; c < 4; c++) vv[c] = _mm512_loadu_ps(vt + t * 64 + c * 16);
+        for (int j = 0; j < NJ; j++) {
+            const __m512 p = _mm512_set1_ps(probs[(int64_t)(j0 + j) * len + t]);
+            for (int c = 0; c < 4; c++) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
+        }
+    }
+    for (int j = 0; j < NJ; j++) {
+        const int r = (j0 + j) / G, g = (j0 + j) % G;
+        const __m512 inv = _mm512_set1_ps(inv_sum[j0 + j]);
+        const int64_t at = (job->rows[s0 + r] * H + (int64_t)h * G + g) * 64;
+        for (int c = 0; c < 4; c++) store16(job->out, at + c * 16, _mm512_mul_ps(acc[j][c], inv), job->dtype, 0xffff);
+    }
+}
+
+/* R (2 .. TILE_ROWS) consecutive rows of one prefill chunk (row s0 + r: token rows[s0] + r over the
+ * first seq_lens[s0] + r cached tokens), KV heads [h0, h1), head_dim 64: the attention of all R * G
+ * queries of a KV head at once. Each 16-token chunk of K is read once and transposed (16 tokens a
+ * vector), so the scores take one multiply-add per query and dimension for 16 tokens, against a
+ * dot product and its share of an add tree per token in run_item_avx512; V is gathered once as
+ * float32 and weighed for six queries at a time. The same float32 arithmetic in another order
+ * (scores summed over dimensions in turn). Scratch: scores [R*G][len], qs [R*G][64], kt [64][16],
+ * vt [len][64]. */
+static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, float *scores, float *qs, float *kt,
+                            float *vt) {
+    const int H = job->num_heads, KVH = job->num_kv_heads, BS = job->block_size, G = H / KVH, NQ = R * G;
+    const int len = job->seq_lens[s0 + R - 1];   /* the longest row's context: every row's is a prefix */
+    const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    float inv_sum[TILE_ROWS * 4096 / 64];   /* R * G <= TILE_ROWS * 4096 / 64: G <= 4096 / 64 checked by the caller */
+    for (int h = h0; h < h1; h++) {
+        for (int j = 0; j < NQ; j++) {
+            const int64_t at = job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64;
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_ps(qs + j * 64 + c * 16, _mm512_mul_ps(load16(job->q, at + c * 16, job->dtype, 0xffff), scale));
+        }
+        for (int t0 = 0; t0 < len; t0 += 16) {
+            const int n = len - t0 < 16 ? len - t0 : 16;
+            for (int c = 0; c < 4; c++) {
+                __m512i r[16];
+                for (int o = 0; o < 16; o++) {
+                    if (o < n) {
+                        const int64_t t = t0 + o;
+                        const int64_t at = (((int64_t)table[t / BS] * BS + t % BS) * KVH + h) * 64 + c * 16;
+                        r[o] = _mm512_castps_si512(load16(job->k_cache, at, job->dtype, 0xffff));
+                    } else {
+                        r[o] = _mm512_setzero_si512();
+                    }
+                }
+                transpose16(r);
+                for (int d = 0; d < 16; d++) _mm512_storeu_si512(kt + (c * 16 + d) * 16, r[d]);
+            }
+            for (int j0 = 0; j0 < NQ; j0 += 6) {
+                float *sj = scores + (int64_t)j0 * len + t0;
+                switch (NQ - j0 < 6 ? NQ - j0 : 6) {
+                case 6: score_chunk(qs + j0 * 64, kt, sj, len, 6, n); break;
+                case 5: score_chunk(qs + j0 * 64, kt, sj, len, 5, n); break;
+                case 4: score_chunk(qs + j0 * 64, kt, sj, len, 4, n); break;
+                case 3: score_chunk(qs + j0 * 64, kt, sj, len, 3, n); break;
+                case 2: score_chunk(qs + j0 * 64, kt, sj, len, 2, n); break;
+                default: score_chunk(qs + j0 * 64, kt, sj, len, 1, n); break;
+                }
+            }
+        }
+        /* exact softmax in float32 over each query's own context; zero past it */
+        for (int j = 0; j < NQ; j++) {
+            float *row = scores + (int64_t)j * len;
+            const int own = job->seq_lens[s0 + j / G];
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            for (int t = 0; t < own; t += 16) {
+                const __mmask16 mask = tail_mask(own - t);
+                mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, row + t));
+            }
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            __m512 sv = _mm512_setzero_ps();
+            for (int t = 0; t < own; t += 16) {
+                const __mmask16 mask = tail_mask(own - t);
+                const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m)));
+                _mm512_mask_storeu_ps(row + t, mask, e);
+                sv = _mm512_add_ps(sv, e);
+            }
+            for (int t = own; t < len; t++) row[t] = 0.0f;
+            inv_sum[j] = 1.0f / _mm512_reduce_add_ps(sv);
+        }
+        for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {   /* V rows of this KV head, float32, in a row */
+            const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(vt + t * 64 + c * 16, load16(job->v_cache, at + c * 16, job->dtype, 0xffff));
+            if (++off == BS) { off = 0; blk++; }
+        }
+        for (int j0 = 0; j0 < NQ; j0 += 6) {
+            switch (NQ - j0 < 6 ? NQ - j0 : 6) {
+            case 6: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 6); break;
+            case 5: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 5); break;
+            case 4: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 4); break;
+            case 3: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 3); break;
+            case 2: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 2); break;
+            default: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 1); break;
+            }
+        }
+    }
+}
+#endif
+
 /* Returns 0 on success. */
-/* qsort order of work items (length, sequence, first head, end head): longest first, then by position */
+/* qsort order of work items (length, sequence, first head, end head, rows): longest first, then by position */
 static int by_length_descending(const void *a, const void *b) {
     const int32_t *x = (const int32_t *)a, *y = (const int32_t *)b;
     if (x[0] != y[0]) return x[0] > y[0] ? -1 : 1;
@@ -391,8 +547,8 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
     const int span = num_decode >= 4 * num_threads ? num_kv_heads : 1;
     const int per_seq = num_kv_heads / span;
     int num_items = 0;
-    int32_t *sorted = malloc(sizeof(int32_t) * 4 * ((size_t)num_decode * per_seq + 1));
-    int32_t *items = malloc(sizeof(int32_t) * 3 * ((size_t)num_decode * per_seq + 1));
+    int32_t *sorted = malloc(sizeof(int32_t) * 5 * ((size_t)num_decode * per_seq + 1));
+    int32_t *items = malloc(sizeof(int32_t) * 4 * ((size_t)num_decode * per_seq + 1));
     int32_t *run_len = malloc(sizeof(int32_t) * ((size_t)num_seqs + 1));
     if (sorted == NULL || items == NULL || run_len == NULL) {
         free(sorted);
@@ -404,48 +560,76 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
      * one prefill chunk (consecutive rows of q over contexts one token longer each: the same
      * sequence) stay together in their own order, sorted as one item by the chunk's longest row, so
      * that each row finds the context its neighbour just read in cache (prefill of 10 prompts of
-     * ~200 tokens on a 2-core Zen 4: 8-9% faster than every row sorted by its own length). */
+     * ~200 tokens on a 2-core Zen 4: 8-9% faster than every row sorted by its own length). With
+     * AVX-512 and head_dim 64, up to TILE_ROWS rows of a chunk are one item (run_tile_avx512), which
+     * reads every row's context through its first row's block table: rows are tiled only where their
+     * tables agree on the blocks they read (decode rows of different sequences can chain by chance).
+     * run_len < 0: the row is chained to the next. */
+    const int G = num_heads / num_kv_heads;
+#if defined(__AVX512F__)
+    const int tile_rows = D == 64 && G <= 4096 / 64 ? TILE_ROWS : 1;
+#else
+    const int tile_rows = 1;
+#endif
     for (int s = num_seqs - 1; s >= 0; s--) {
         const int chained = s + 1 < num_seqs && rows[s] >= 0 && rows[s + 1] == rows[s] + 1
                             && seq_lens[s + 1] == seq_lens[s] + 1;
-        run_len[s] = chained ? run_len[s + 1] : seq_lens[s];
+        run_len[s] = chained ? abs(run_len[s + 1]) : seq_lens[s];
+        if (chained) run_len[s] = -run_len[s];
     }
-    for (int s = 0; s < num_seqs; s++) {
-        if (rows[s] < 0) continue;
+    for (int s = 0; s < num_seqs;) {
+        if (rows[s] < 0) {
+            s++;
+            continue;
+        }
+        int count = 1;
+        while (count < tile_rows && run_len[s + count - 1] < 0
+               && memcmp(block_tables + (int64_t)s * table_stride, block_tables + (int64_t)(s + count) * table_stride,
+                         sizeof(int32_t) * (size_t)((seq_lens[s + count] + block_size - 1) / block_size)) == 0)
+            count++;
         for (int h = 0; h < num_kv_heads; h += span) {
-            int32_t *it = sorted + 4 * num_items++;
-            it[0] = run_len[s];
+            int32_t *it = sorted + 5 * num_items++;
+            it[0] = abs(run_len[s]);
             it[1] = s;
             it[2] = h;
             it[3] = h + span;
+            it[4] = count;
         }
+        s += count;
     }
     free(run_len);
-    qsort(sorted, (size_t)num_items, 4 * sizeof(int32_t), by_length_descending);
-    for (int i = 0; i < num_items; i++) memcpy(items + 3 * i, sorted + 4 * i + 1, 3 * sizeof(int32_t));
+    qsort(sorted, (size_t)num_items, 5 * sizeof(int32_t), by_length_descending);
+    for (int i = 0; i < num_items; i++) memcpy(items + 4 * i, sorted + 5 * i + 1, 4 * sizeof(int32_t));
     free(sorted);
     const job_t job = {q, k_cache, v_cache, q_stride, out, block_tables, seq_lens, rows, table_stride, num_heads,
                        num_kv_heads, head_dim, block_size, dtype, scale};
-    const size_t NH = (size_t)span * (num_heads / num_kv_heads);
+    const size_t NH = (size_t)span * G, TQ = (size_t)tile_rows * G;
+    const size_t SR = NH > TQ ? NH : TQ;   /* rows of scores: an item's query heads, or a tile's queries */
     int failed = 0;
     if (num_threads > num_items) num_threads = num_items > 0 ? num_items : 1;
     /* Built with -fopenmp this runs on the process's OpenMP pool: PyTorch's own (its libgomp is
      * already loaded, so ours resolves to it), whose threads are awake after the step's matmuls. */
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *scratch = malloc(sizeof(float) * (NH * max_ctx + 2 * NH * D + (size_t)num_kv_heads * D));
+        const size_t tile_scratch = tile_rows > 1 ? 64 * 16 + (size_t)max_ctx * 64 : 0;   /* kt, vt */
+        float *scratch = malloc(sizeof(float) * (SR * max_ctx + 2 * SR * D + (size_t)num_kv_heads * D + tile_scratch));
         if (scratch == NULL) {
             failed = 1;
         } else {
-            float *qbuf = scratch + NH * max_ctx, *acc = qbuf + NH * D, *row = acc + NH * D;
+            float *qbuf = scratch + SR * max_ctx, *acc = qbuf + SR * D, *row = acc + SR * D;
+            float *kt = row + (size_t)num_kv_heads * D, *vt = kt + 64 * 16;
 #pragma omp for schedule(dynamic, 1)
-            for (int i = 0; i < num_items; i++)
+            for (int i = 0; i < num_items; i++) {
+                const int32_t *it = items + 4 * i;
 #if defined(__AVX512F__)
-                if (D % 64 == 0 && D <= 128)
-                    run_item_avx512(&job, items[3 * i], items[3 * i + 1], items[3 * i + 2], scratch);
+                if (it[3] > 1)
+                    run_tile_avx512(&job, it[0], it[3], it[1], it[2], scratch, qbuf, kt, vt);
+                else if (D % 64 == 0 && D <= 128)
+                    run_item_avx512(&job, it[0], it[1], it[2], scratch);
                 else
 #endif
-                    run_item(&job, items[3 * i], items[3 * i + 1], items[3 * i + 2], scratch, qbuf, acc, row);
+                    run_item(&job, it[0], it[1], it[2], scratch, qbuf, acc, row);
+            }
             free(scratch);
         }
     }
@@ -948,31 +1132,6 @@ static void amx_configure(int mb0, int mb1) {
     cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[7] = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
     cfg.colsb[4] = cfg.colsb[5] = 64;
     _tile_loadconfig(&cfg);
-}
-
-/* r[i] <- column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]. */
-static inline void transpose16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    /* u[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
-    for (int g = 0; g < 16; g += 4) {
-        u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-        u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-        u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-        u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-    }
-    for (int c = 0; c < 4; c++) {   /* gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into column 4L + c */
-        const __m512i a0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), a1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
-        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-        const __m512i a3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
-        r[c] = _mm512_shuffle_i32x4(a0, a2, 0x88);
-        r[4 + c] = _mm512_shuffle_i32x4(a0, a2, 0xdd);
-        r[8 + c] = _mm512_shuffle_i32x4(a1, a3, 0x88);
-        r[12 + c] = _mm512_shuffle_i32x4(a1, a3, 0xdd);
-    }
 }
 
 /* The B tile of k-block kb for rows x[0..mb): xp + kb * 16 * mb holds, for pair j < 16 and row m,

@@ -53,8 +53,16 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
     (LONG, 10, 2, 192, 16, torch.float32, 1),       # head_dim 192: not the AVX-512 path's 64 or 128
     (PREFILL_BOTH_WAYS, 9, 3, 64, 16, torch.float32, 2),
     (PREFILL_BOTH_WAYS, 9, 3, 64, 16, torch.bfloat16, 2),
+    # prefill rows in tiles of 16 (head_dim 64): one query head a KV head, and 8 (a tile's 128 queries
+    # weighed six at a time), blocks that do not hold a whole 16-token chunk (5, 1), one thread and three
+    (PREFILL_BOTH_WAYS, 4, 4, 64, 5, torch.float32, 3),
+    (PREFILL_BOTH_WAYS, 8, 1, 64, 1, torch.bfloat16, 1),
+    ([(0, 17), (3, 33), (40, 16), (0, 2), (0, 1), (7, 1)], 6, 2, 64, 16, torch.float32, 2),
+    # decode rows of four sequences whose contexts grow by one, as a chunk's rows do: not one tile
+    ([(10, 1), (11, 1), (12, 1), (13, 1)], 9, 3, 64, 16, torch.float32, 1),
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
-        "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16"])
+        "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16",
+        "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk"])
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype)

@@ -1,12 +1,14 @@
-/* genq's CPU kernels. Paged-attention decode: one new query token per sequence, attending to the
- * sequence's whole context straight from the block-table KV cache (no gather, no copy); and, at
- * the end of the file, the layer's elementwise ops fused into one pass each.
+/* genq's CPU kernels. Paged attention: rows of q (a decode step's new token of a sequence, or a
+ * token of a short prefill chunk over its causal prefix) attending to the context straight from the
+ * block-table KV cache (no gather, no copy); the linear layers; and the layer's elementwise ops
+ * fused into one pass each.
  *
  * Built at first use by kernels/cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through
- * ctypes, which releases the GIL. Work items are whole sequences (or, with few sequences, one KV
- * head of a sequence), longest context first, shared by `num_threads` OpenMP threads. Each item
- * reads its K rows once (scores for all its query heads), takes an exact softmax in float32, then
- * reads its V rows once.
+ * ctypes, which releases the GIL. Attention's work items are whole rows (or, with few items, one KV
+ * head of a row), longest context first, a prefill chunk's rows kept together (with AVX-512 and
+ * head_dim 64, up to 16 of them one item), shared by `num_threads` OpenMP threads. Each item reads
+ * its K rows once (scores for all its query heads), takes an exact softmax in float32, then reads
+ * its V rows once.
  *
  * Layouts (contiguous but for q's token rows, q_stride elements apart):
  *   q, out:        [num_tokens, num_heads, head_dim]        element type T
@@ -455,13 +457,16 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
         }
         for (int t0 = 0; t0 < len; t0 += 16) {
             const int n = len - t0 < 16 ? len - t0 : 16;
+            int64_t rows_at[16];   /* the chunk's K rows of head h */
+            for (int o = 0, blk = t0 / BS, off = t0 % BS; o < n; o++) {
+                rows_at[o] = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
+                if (++off == BS) { off = 0; blk++; }
+            }
             for (int c = 0; c < 4; c++) {
                 __m512i r[16];
                 for (int o = 0; o < 16; o++) {
                     if (o < n) {
-                        const int64_t t = t0 + o;
-                        const int64_t at = (((int64_t)table[t / BS] * BS + t % BS) * KVH + h) * 64 + c * 16;
-                        r[o] = _mm512_castps_si512(load16(job->k_cache, at, job->dtype, 0xffff));
+                        r[o] = _mm512_castps_si512(load16(job->k_cache, rows_at[o] + c * 16, job->dtype, 0xffff));
                     } else {
                         r[o] = _mm512_setzero_si512();
                     }
@@ -520,15 +525,17 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
 }
 #endif
 
-/* Returns 0 on success. */
-/* qsort order of work items (length, sequence, first head, end head, rows): longest first, then by position */
+/* qsort order of work items (length, row, first head, end head, rows): longest first, then the
+ * later row first (within a prefill chunk, whose items share its longest row's length: the tile of
+ * the longest contexts first), then by head */
 static int by_length_descending(const void *a, const void *b) {
     const int32_t *x = (const int32_t *)a, *y = (const int32_t *)b;
     if (x[0] != y[0]) return x[0] > y[0] ? -1 : 1;
-    if (x[1] != y[1]) return x[1] < y[1] ? -1 : 1;
+    if (x[1] != y[1]) return x[1] > y[1] ? -1 : 1;
     return x[2] < y[2] ? -1 : (x[2] > y[2]);
 }
 
+/* Returns 0 on success. */
 int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out, int dtype,
                       const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                       const int64_t *rows, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
@@ -542,18 +549,11 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
         num_decode++;
         max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
     }
-    /* Whole sequences (each token's K/V row read in one run) when there are enough of them to keep
-     * every thread busy; else one item per KV head. */
-    const int span = num_decode >= 4 * num_threads ? num_kv_heads : 1;
-    const int per_seq = num_kv_heads / span;
-    int num_items = 0;
-    int32_t *sorted = malloc(sizeof(int32_t) * 5 * ((size_t)num_decode * per_seq + 1));
-    int32_t *items = malloc(sizeof(int32_t) * 4 * ((size_t)num_decode * per_seq + 1));
     int32_t *run_len = malloc(sizeof(int32_t) * ((size_t)num_seqs + 1));
-    if (sorted == NULL || items == NULL || run_len == NULL) {
-        free(sorted);
-        free(items);
+    int32_t *groups = malloc(sizeof(int32_t) * 3 * ((size_t)num_decode + 1));   /* (length, row, rows) */
+    if (run_len == NULL || groups == NULL) {
         free(run_len);
+        free(groups);
         return 1;
     }
     /* Longest contexts first, so that the dynamic schedule ends with the short items; but the rows of
@@ -577,6 +577,7 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
         run_len[s] = chained ? abs(run_len[s + 1]) : seq_lens[s];
         if (chained) run_len[s] = -run_len[s];
     }
+    int num_groups = 0, tile_ctx = 0;   /* tile_ctx: the longest context of a tile (0: no tiles) */
     for (int s = 0; s < num_seqs;) {
         if (rows[s] < 0) {
             s++;
@@ -587,37 +588,59 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
                && memcmp(block_tables + (int64_t)s * table_stride, block_tables + (int64_t)(s + count) * table_stride,
                          sizeof(int32_t) * (size_t)((seq_lens[s + count] + block_size - 1) / block_size)) == 0)
             count++;
-        for (int h = 0; h < num_kv_heads; h += span) {
-            int32_t *it = sorted + 5 * num_items++;
-            it[0] = abs(run_len[s]);
-            it[1] = s;
-            it[2] = h;
-            it[3] = h + span;
-            it[4] = count;
-        }
+        if (count > 1 && seq_lens[s + count - 1] > tile_ctx) tile_ctx = seq_lens[s + count - 1];
+        int32_t *g = groups + 3 * num_groups++;
+        g[0] = abs(run_len[s]);
+        g[1] = s;
+        g[2] = count;
         s += count;
     }
     free(run_len);
+    /* Whole rows or tiles (each token's K/V row read in one run) when there are enough of them to
+     * keep every thread busy; else one item per KV head. */
+    const int span = num_groups >= 4 * num_threads ? num_kv_heads : 1;
+    const int per_seq = num_kv_heads / span;
+    int num_items = 0;
+    int32_t *sorted = malloc(sizeof(int32_t) * 5 * ((size_t)num_groups * per_seq + 1));
+    int32_t *items = malloc(sizeof(int32_t) * 4 * ((size_t)num_groups * per_seq + 1));
+    if (sorted == NULL || items == NULL) {
+        free(groups);
+        free(sorted);
+        free(items);
+        return 1;
+    }
+    for (int i = 0; i < num_groups; i++)
+        for (int h = 0; h < num_kv_heads; h += span) {
+            int32_t *it = sorted + 5 * num_items++;
+            it[0] = groups[3 * i];
+            it[1] = groups[3 * i + 1];
+            it[2] = h;
+            it[3] = h + span;
+            it[4] = groups[3 * i + 2];
+        }
+    free(groups);
     qsort(sorted, (size_t)num_items, 5 * sizeof(int32_t), by_length_descending);
     for (int i = 0; i < num_items; i++) memcpy(items + 4 * i, sorted + 5 * i + 1, 4 * sizeof(int32_t));
     free(sorted);
     const job_t job = {q, k_cache, v_cache, q_stride, out, block_tables, seq_lens, rows, table_stride, num_heads,
                        num_kv_heads, head_dim, block_size, dtype, scale};
-    const size_t NH = (size_t)span * G, TQ = (size_t)tile_rows * G;
+    const size_t NH = (size_t)span * G, TQ = tile_ctx > 0 ? (size_t)tile_rows * G : 0;
     const size_t SR = NH > TQ ? NH : TQ;   /* rows of scores: an item's query heads, or a tile's queries */
+    const size_t tile_scratch = tile_ctx > 0 ? 64 * 16 + (size_t)tile_ctx * 64 : 0;   /* kt, vt */
     int failed = 0;
     if (num_threads > num_items) num_threads = num_items > 0 ? num_items : 1;
     /* Built with -fopenmp this runs on the process's OpenMP pool: PyTorch's own (its libgomp is
      * already loaded, so ours resolves to it), whose threads are awake after the step's matmuls. */
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        const size_t tile_scratch = tile_rows > 1 ? 64 * 16 + (size_t)max_ctx * 64 : 0;   /* kt, vt */
         float *scratch = malloc(sizeof(float) * (SR * max_ctx + 2 * SR * D + (size_t)num_kv_heads * D + tile_scratch));
         if (scratch == NULL) {
             failed = 1;
         } else {
             float *qbuf = scratch + SR * max_ctx, *acc = qbuf + SR * D, *row = acc + SR * D;
-            float *kt = row + (size_t)num_kv_heads * D, *vt = kt + 64 * 16;
+#if defined(__AVX512F__)
+            float *kt = tile_ctx > 0 ? row + (size_t)num_kv_heads * D : NULL, *vt = tile_ctx > 0 ? kt + 64 * 16 : NULL;
+#endif
 #pragma omp for schedule(dynamic, 1)
             for (int i = 0; i < num_items; i++) {
                 const int32_t *it = items + 4 * i;

@@ -60,9 +60,12 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
     ([(0, 17), (3, 33), (40, 16), (0, 2), (0, 1), (7, 1)], 6, 2, 64, 16, torch.float32, 2),
     # decode rows of four sequences whose contexts grow by one, as a chunk's rows do: not one tile
     ([(10, 1), (11, 1), (12, 1), (13, 1)], 9, 3, 64, 16, torch.float32, 1),
+    ([(0, 20)], 9, 3, 64, 16, torch.float32, 3),        # two tiles for three threads: one item per KV head
+    ([(0, 21), (5, 1)], 64, 1, 64, 16, torch.bfloat16, 2),   # 64 query heads a KV head: 1,024 queries a tile
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
         "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16",
-        "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk"])
+        "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk",
+        "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16"])
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype)
@@ -400,6 +403,27 @@ def test_store_kv_matches_reference_on_strided_rows(gen, dtype):
     with pytest.raises(IndexError, match="past the cache"):
         cpu_kernels.store_kv(k, v, caches[0], caches[1], torch.tensor([3, 0, 24, -1, 7, 8, 9, -1, 12]))
     assert torch.equal(caches[0], before[0]) and torch.equal(caches[1], before[1]), "nothing written"
+
+
+def test_rows_whose_tables_part_in_the_last_block_are_not_one_tile(gen):
+    # Two rows over 17 and 18 tokens, as a prefill chunk's rows are, whose block tables share block 0
+    # but not block 1: each must read its own block 1 (a tile reads through its first row's table).
+    kv_heads, heads, dim, bs = 3, 9, 64, 16
+    k_cache = torch.randn(4, bs, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(4, bs, kv_heads, dim, generator=gen)
+    tables = torch.tensor([[0, 1], [0, 2]], dtype=torch.int32)
+    lens = torch.tensor([17, 18], dtype=torch.int32)
+    q = torch.randn(2, heads, dim, generator=gen)
+    out = torch.empty_like(q)
+    cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, torch.tensor([0, 1]), 0.125, out)
+    for r in range(2):
+        blocks = tables[r].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, dim)[: lens[r]].double()
+        v = v_cache[blocks].reshape(-1, kv_heads, dim)[: lens[r]].double()
+        group = heads // kv_heads
+        scores = torch.einsum("hd,thd->ht", q[r].double() * 0.125, k.repeat_interleave(group, dim=1))
+        want = torch.einsum("ht,thd->hd", scores.softmax(-1), v.repeat_interleave(group, dim=1))
+        assert torch.allclose(out[r].double(), want, atol=1e-5), f"row {r}"
 
 
 def test_short_prefill_chunks_run_in_the_kernel(gen, monkeypatch):

@@ -264,6 +264,24 @@ static inline __m512 sum16x16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
+/* row[0 .. n) <- exp(row - max), the exact softmax's numerators in float32; returns 1 / their sum */
+static inline float softmax_in_place(float *row, int n) {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int t = 0; t < n; t += 16) {
+        const __mmask16 mask = tail_mask(n - t);
+        mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, row + t));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sv = _mm512_setzero_ps();
+    for (int t = 0; t < n; t += 16) {
+        const __mmask16 mask = tail_mask(n - t);
+        const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m)));
+        _mm512_mask_storeu_ps(row + t, mask, e);
+        sv = _mm512_add_ps(sv, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sv);
+}
+
 /* scores[t0 .. t0+16) of one query head (q: NC vectors, scaled) against KV head h's K rows:
  * 16 dot products summed together by one add tree */
 static inline __attribute__((always_inline)) void score_tokens(const job_t *job, const int32_t *table, int h,
@@ -333,21 +351,7 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
                 if (NC == 4) score_tokens(job, table, h, qv, 4, t0, n, row);
                 else score_tokens(job, table, h, qv, 8, t0, n, row);
             }
-            /* exact softmax in float32: max, exp, sum */
-            __m512 mv = _mm512_set1_ps(-INFINITY);
-            for (int t = 0; t < ctx; t += 16) {
-                const __mmask16 mask = tail_mask(ctx - t);
-                mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, row + t));
-            }
-            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-            __m512 sv = _mm512_setzero_ps();
-            for (int t = 0; t < ctx; t += 16) {
-                const __mmask16 mask = tail_mask(ctx - t);
-                const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m)));
-                _mm512_mask_storeu_ps(row + t, mask, e);
-                sv = _mm512_add_ps(sv, e);
-            }
-            inv_sum[(h - h0) * G + g] = 1.0f / _mm512_reduce_add_ps(sv);
+            inv_sum[(h - h0) * G + g] = softmax_in_place(row, ctx);
         }
         const int64_t out_at = token * H * D;
         for (int d0 = 0; d0 < D; d0 += 64)
@@ -490,21 +494,8 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
         for (int j = 0; j < NQ; j++) {
             float *row = scores + (int64_t)j * len;
             const int own = job->seq_lens[s0 + j / G];
-            __m512 mv = _mm512_set1_ps(-INFINITY);
-            for (int t = 0; t < own; t += 16) {
-                const __mmask16 mask = tail_mask(own - t);
-                mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, row + t));
-            }
-            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-            __m512 sv = _mm512_setzero_ps();
-            for (int t = 0; t < own; t += 16) {
-                const __mmask16 mask = tail_mask(own - t);
-                const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m)));
-                _mm512_mask_storeu_ps(row + t, mask, e);
-                sv = _mm512_add_ps(sv, e);
-            }
+            inv_sum[j] = softmax_in_place(row, own);
             for (int t = own; t < len; t++) row[t] = 0.0f;
-            inv_sum[j] = 1.0f / _mm512_reduce_add_ps(sv);
         }
         for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {   /* V rows of this KV head, float32, in a row */
             const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;

@@ -396,7 +396,8 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-#define TILE_ROWS 16   /* prefill rows of one sequence per work item (head_dim 64) */
+#define TILE_ROWS 16        /* prefill rows of one sequence per work item (head_dim 64) */
+#define TILE_MAX_GROUP 64   /* query heads a KV head, at most, for tiles (a tile's queries: inv_sum below) */
 
 /* scores[j * ld + t] for tokens t < n of a 16-token chunk, of NJ queries (q: rows D = 64 apart,
  * scaled) against the chunk's K rows transposed (kt[d * 16 + t]): one multiply-add per query and
@@ -452,7 +453,7 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
     const int len = job->seq_lens[s0 + R - 1];   /* the longest row's context: every row's is a prefix */
     const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
     const __m512 scale = _mm512_set1_ps(job->scale);
-    float inv_sum[TILE_ROWS * 4096 / 64];   /* R * G <= TILE_ROWS * 4096 / 64: G <= 4096 / 64 checked by the caller */
+    float inv_sum[TILE_ROWS * TILE_MAX_GROUP];   /* R * G: the caller tiles only where G <= TILE_MAX_GROUP */
     for (int h = h0; h < h1; h++) {
         for (int j = 0; j < NQ; j++) {
             const int64_t at = job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64;
@@ -555,19 +556,16 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
      * AVX-512 and head_dim 64, up to TILE_ROWS rows of a chunk are one item (run_tile_avx512), which
      * reads every row's context through its first row's block table: rows are tiled only where their
      * tables agree on the blocks they read (decode rows of different sequences can chain by chance).
-     * run_len < 0: the row is chained to the next. */
+     * run_len[s]: the longest context of the chain of rows s belongs to. */
     const int G = num_heads / num_kv_heads;
 #if defined(__AVX512F__)
-    const int tile_rows = D == 64 && G <= 4096 / 64 ? TILE_ROWS : 1;
+    const int tile_rows = D == 64 && G <= TILE_MAX_GROUP ? TILE_ROWS : 1;
 #else
     const int tile_rows = 1;
 #endif
-    for (int s = num_seqs - 1; s >= 0; s--) {
-        const int chained = s + 1 < num_seqs && rows[s] >= 0 && rows[s + 1] == rows[s] + 1
-                            && seq_lens[s + 1] == seq_lens[s] + 1;
-        run_len[s] = chained ? abs(run_len[s + 1]) : seq_lens[s];
-        if (chained) run_len[s] = -run_len[s];
-    }
+#define CHAINED(s) ((s) + 1 < num_seqs && rows[s] >= 0 && rows[(s) + 1] == rows[s] + 1 \
+                    && seq_lens[(s) + 1] == seq_lens[s] + 1)   /* row s + 1 continues row s's chunk */
+    for (int s = num_seqs - 1; s >= 0; s--) run_len[s] = CHAINED(s) ? run_len[s + 1] : seq_lens[s];
     int num_groups = 0, tile_ctx = 0;   /* tile_ctx: the longest context of a tile (0: no tiles) */
     for (int s = 0; s < num_seqs;) {
         if (rows[s] < 0) {
@@ -575,17 +573,18 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
             continue;
         }
         int count = 1;
-        while (count < tile_rows && run_len[s + count - 1] < 0
+        while (count < tile_rows && CHAINED(s + count - 1)
                && memcmp(block_tables + (int64_t)s * table_stride, block_tables + (int64_t)(s + count) * table_stride,
                          sizeof(int32_t) * (size_t)((seq_lens[s + count] + block_size - 1) / block_size)) == 0)
             count++;
         if (count > 1 && seq_lens[s + count - 1] > tile_ctx) tile_ctx = seq_lens[s + count - 1];
         int32_t *g = groups + 3 * num_groups++;
-        g[0] = abs(run_len[s]);
+        g[0] = run_len[s];
         g[1] = s;
         g[2] = count;
         s += count;
     }
+#undef CHAINED
     free(run_len);
     /* Whole rows or tiles (each token's K/V row read in one run) when there are enough of them to
      * keep every thread busy; else one item per KV head. */

@@ -76,7 +76,8 @@ def _build_engine(settings: Settings):
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    engine = LLMEngine(device=device, **settings.engine_kwargs())
+    engine = LLMEngine(device=device, max_prompt_tokens_while_decoding=settings.prompt_tokens_while_decoding(device),
+                       **settings.engine_kwargs())
     warm_up(engine)
     return engine
 

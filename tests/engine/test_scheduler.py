@@ -63,6 +63,38 @@ def test_running_requests_join_with_new_ones_in_one_step():
     assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 6)]
 
 
+def test_prompts_take_at_most_the_cap_while_sequences_decode():
+    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=6)
+    add(s, "a", 4)
+    out = s.schedule()                  # nothing decodes yet: the whole budget
+    assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 4)]
+    finish_step(s, out)
+    for rid in ("b", "c", "d"):
+        add(s, rid, 4)
+    steps = []
+    for _ in range(3):
+        out = s.schedule()
+        steps.append([(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled])
+        finish_step(s, out)
+    # "a" decodes every step; the prompts come 6 tokens a step ("c" chunked over two steps), in arrival order
+    assert steps == [[("a", 1), ("b", 4), ("c", 2)], [("a", 1), ("b", 1), ("c", 2), ("d", 4)],
+                     [("a", 1), ("b", 1), ("c", 1), ("d", 1)]]
+
+
+def test_the_prompt_cap_does_not_apply_with_nothing_decoding():
+    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=6)
+    for rid in ("a", "b", "c"):
+        add(s, rid, 4)
+    out = s.schedule()
+    assert [i.num_new_tokens for i in out.scheduled] == [4, 4, 4]
+    # without the cap, a prompt arriving beside decodes takes what the budget allows
+    s = make(num_blocks=32, max_num_batched_tokens=64)
+    add(s, "a", 4)
+    finish_step(s, s.schedule())
+    add(s, "b", 12)
+    assert [i.num_new_tokens for i in s.schedule().scheduled] == [1, 12]
+
+
 def test_preemption_takes_the_least_urgent_latest_and_recomputes_it():
     s = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
     add(s, "first", 7)        # 2 blocks

@@ -1,7 +1,10 @@
 """Unified token-budget scheduling (no prefill/decode phases) with preemption by recomputation.
 
 Each step every running sequence catches its computed tokens up to its token count, within
-`max_num_batched_tokens` (long prompts are chunked) and `max_num_seqs`. Running sequences go
+`max_num_batched_tokens` (long prompts are chunked) and `max_num_seqs`; while sequences are decoding,
+prompt tokens (prefill, recomputation) take at most `max_prompt_tokens_while_decoding` of a step, so
+a burst of prompts is prefilled over several steps that the running streams share instead of one
+long step that stalls them all (and its first tokens come out group by group). Running sequences go
 first, most urgent first; waiting ones are admitted by (priority, arrival) while the budget and
 the KV pool allow. When a running sequence cannot get a block, the least urgent, latest running
 sequence is preempted: its blocks are freed and it waits to be recomputed from its tokens.
@@ -135,17 +138,21 @@ class Scheduler:
 
     def _schedule(self, limits: dict[str, int] | None) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        prompt_budget = self._prompt_budget()
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            prompt = not _decoding(seq)
+            if prompt:
+                n = min(n, prompt_budget)
             if limits is not None:
                 n = min(n, limits.get(seq.request.tenant, 0))
-                if n <= 0:   # its tenant's share of this step is spent: it sits the step out
-                    i += 1
-                    continue
+            if n <= 0:   # its tenant's share, or the step's prompt tokens, are spent: it sits the step out
+                i += 1
+                continue
             while not self.kv.allocate_slots(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -155,6 +162,8 @@ class Scheduler:
             else:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                if prompt:
+                    prompt_budget -= n
                 if limits is not None:
                     limits[seq.request.tenant] -= n
                 i += 1
@@ -170,7 +179,8 @@ class Scheduler:
         if limits is not None:   # a tenant whose share is spent comes last, and is not admitted
             counter = score
             score = lambda tenant: counter(tenant) if limits.get(tenant, 0) > 0 else float("inf")
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (not preempted and self.waiting and min(budget, prompt_budget) > 0
+               and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting.peek(score)
             if limits is not None and limits.get(seq.request.tenant, 0) <= 0:
                 break
@@ -179,7 +189,7 @@ class Scheduler:
                 deferred.append(seq)
                 continue
             cached = self.kv.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
+            n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget, prompt_budget)
             if limits is not None:
                 n = min(n, limits[seq.request.tenant])
             if not self.kv.admit(seq, cached, n):
@@ -191,6 +201,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            prompt_budget -= n
             if limits is not None:
                 limits[seq.request.tenant] -= n
             if self.fair:
@@ -206,6 +217,14 @@ class Scheduler:
             samples.extend((fork, row) for fork in self._fork(seq, item.num_new_tokens))
         return SchedulerOutput(scheduled, samples, self.kv.take_copies(),
                                self.config.max_num_batched_tokens - budget, preempted)
+
+    def _prompt_budget(self) -> int | float:
+        """Prompt tokens this step may take: `max_prompt_tokens_while_decoding` while a running
+        sequence is decoding, else no limit beyond the step's budget."""
+        cap = self.config.max_prompt_tokens_while_decoding
+        if cap is None or not any(_decoding(seq) for seq in self.running):
+            return float("inf")
+        return cap
 
     @staticmethod
     def _plan(planned: dict[str, float], item: ScheduledSeq) -> None:
@@ -250,3 +269,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting)}
+
+
+def _decoding(seq: Sequence) -> bool:
+    """`seq` is past its prompt and has one token (its last sampled one) to compute."""
+    return seq.num_output_tokens > 0 and seq.num_computed_tokens == seq.num_tokens - 1

@@ -96,3 +96,12 @@ def test_projection_biases(tmp_path, monkeypatch):
     fused, (*calls, _) = generate(tmp_path, prompts, monkeypatch, fused=True)
     per_op, _ = generate(tmp_path, prompts, monkeypatch, fused=False)
     assert calls and fused == per_op
+
+
+def test_the_scheduler_knows_how_many_tokens_one_call_takes(tiny_models, monkeypatch):
+    model_dir = str(tiny_models["gqa-tied"])
+    llm = LLM(model=model_dir, max_num_batched_tokens=16)
+    assert llm.engine.scheduler.one_call_tokens == cpu_kernels.linear_max_rows(torch.float32)
+    assert LLM(model=model_dir, kernel_impl="torch").engine.scheduler.one_call_tokens is None
+    monkeypatch.setattr(LlamaForCausalLM, "_build_decode_layers", lambda self, kv_caches: None)
+    assert LLM(model=model_dir).engine.scheduler.one_call_tokens is None    # no plan: op by op

@@ -81,6 +81,24 @@ def test_prompts_take_at_most_the_cap_while_sequences_decode():
                      [("a", 1), ("b", 1), ("c", 1), ("d", 1)]]
 
 
+def test_prompts_fill_a_step_up_to_one_call_where_that_leaves_at_least_half_the_cap():
+    s = make(num_blocks=64, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=8)
+    s.one_call_tokens = 10
+    for rid in ("a", "b"):
+        add(s, rid, 4)
+    finish_step(s, s.schedule())           # "a" and "b" decode from here on
+    add(s, "c", 30)
+    out = s.schedule()                     # 10 - 2 decode rows: 8 prompt tokens (the cap), one call
+    assert [i.num_new_tokens for i in out.scheduled] == [1, 1, 8]
+    finish_step(s, out)
+    s.one_call_tokens = 8                  # 8 - 2 = 6 >= half the cap: 6, the step still one call
+    out = s.schedule()
+    assert [i.num_new_tokens for i in out.scheduled] == [1, 1, 6] and out.num_batched_tokens == 8
+    finish_step(s, out)
+    s.one_call_tokens = 5                  # 5 - 2 = 3 < half the cap: the cap
+    assert [i.num_new_tokens for i in s.schedule().scheduled] == [1, 1, 8]
+
+
 def test_the_prompt_cap_does_not_apply_with_nothing_decoding():
     s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=6)
     for rid in ("a", "b", "c"):

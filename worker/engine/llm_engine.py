@@ -58,6 +58,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self._new_sequence)
         runner_args = (self.model, num_blocks, config.block_size, self.dtype, self.device, config.kernel_impl)
         self.runner = self.tp.make_runner(*runner_args) if self.tp else ModelRunner(*runner_args)
+        if self.tp is None:
+            self.scheduler.one_call_tokens = self.runner.one_call_tokens()
         self.eos_token_ids = eos_token_ids(hf_dir, hf_config, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, config.seed, self.device)
         self.structured = StructuredOutputs(self.tokenizer, args.vocab_size, self.eos_token_ids)

@@ -22,6 +22,10 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(args.num_hidden_layers)]
 
+    def one_call_tokens(self) -> int | None:
+        """The most tokens a step may hold and still run as one compiled call (None: no such call)."""
+        return self.model.one_call_tokens(self.kv_caches, self.kernel_impl)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)

@@ -65,6 +65,8 @@ class Scheduler:
         self.vtc = VirtualTokenCounter()   # charged under "fifo" too (tokens served per tenant)
         self.step_cost = StepCost()        # what the engine's steps cost (LLMEngine.step observes each)
         self.share_steps = self.fair and config.fair_step_share
+        # the most tokens a step holds and still runs as one compiled call (CPU; LLMEngine sets it)
+        self.one_call_tokens: int | None = None
         self.num_shared_steps = 0          # steps that share_limits limited
 
     def add(self, seq: Sequence) -> None:
@@ -220,11 +222,18 @@ class Scheduler:
 
     def _prompt_budget(self) -> int | float:
         """Prompt tokens this step may take: `max_prompt_tokens_while_decoding` while a running
-        sequence is decoding, else no limit beyond the step's budget."""
+        sequence is decoding, else no limit beyond the step's budget. Where what the decoding rows
+        leave of `one_call_tokens` is less than that but at least half of it, that: the step then
+        runs as one compiled call (on a 2-core EPYC, 113 prompt tokens beside 15 decode rows took
+        164 ms where 128 beside them, op by op, took 214: 1.11 against 1.38 ms a prompt token)."""
         cap = self.config.max_prompt_tokens_while_decoding
-        if cap is None or not any(_decoding(seq) for seq in self.running):
+        if cap is None:
             return float("inf")
-        return cap
+        decoding = sum(1 for seq in self.running if _decoding(seq))
+        if not decoding:
+            return float("inf")
+        fit = (self.one_call_tokens or 0) - decoding
+        return fit if cap // 2 <= fit < cap else cap
 
     @staticmethod
     def _plan(planned: dict[str, float], item: ScheduledSeq) -> None:

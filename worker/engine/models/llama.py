@@ -167,14 +167,25 @@ class LlamaForCausalLM(nn.Module):
         """On the CPU, a step of few tokens whose every attention row (`rows`: kernels.kernel_rows) the
         compiled kernel takes runs all layers in one call (kernels/cpu_kernels.py DecodeLayers): that
         plan, else None."""
-        cached = self.__dict__.get("_decode_layers")
-        if cached is None or cached[0] is not kv_caches:
-            cached = (kv_caches, self._build_decode_layers(kv_caches))
-            self.__dict__["_decode_layers"] = cached
-        plan = cached[1]
+        plan = self._decode_layers(kv_caches)
         if plan is None or x.shape[0] > plan.max_tokens or rows.long_chunks or rows.count != x.shape[0]:
             return None
         return plan
+
+    def one_call_tokens(self, kv_caches, kernel_impl: str | None) -> int | None:
+        """The most tokens a step may hold and still run all layers in one compiled call (on the CPU,
+        its attention rows permitting: _decode_layers_for); None where steps go op by op."""
+        if self.embed_tokens.weight.device.type != "cpu" or kernel_impl not in (None, "cpu"):
+            return None
+        plan = self._decode_layers(kv_caches)
+        return None if plan is None else plan.max_tokens
+
+    def _decode_layers(self, kv_caches):
+        cached = self.__dict__.get("_decode_layers_plan")
+        if cached is None or cached[0] is not kv_caches:
+            cached = (kv_caches, self._build_decode_layers(kv_caches))
+            self.__dict__["_decode_layers_plan"] = cached
+        return cached[1]
 
     def _build_decode_layers(self, kv_caches):
         from kernels import cpu_kernels

@@ -76,7 +76,7 @@ def _build_engine(settings: Settings):
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    engine = LLMEngine(device=device, max_prompt_tokens_while_decoding=settings.prompt_tokens_while_decoding(device),
+    engine = LLMEngine(device=device, max_prompt_tokens_per_step=settings.prompt_tokens_per_step(device),
                        **settings.engine_kwargs())
     warm_up(engine)
     return engine

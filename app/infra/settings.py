@@ -27,7 +27,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # On a CPU, 128 prompt tokens cost a step of about 150 ms for the default model (2 cores): a burst of
 # 16 prompts then reaches its median first token in about half the time of one 16-prompt step
 # (docs/engine.md#prompts-beside-running-streams)
-CPU_PROMPT_TOKENS_WHILE_DECODING = 128
+CPU_PROMPT_TOKENS_PER_STEP = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +107,9 @@ class Settings:
     max_num_batched_tokens: int = setting("GENQ_MAX_NUM_BATCHED_TOKENS", 2048, engine=True)
     # while jobs are decoding, prompt tokens an engine step takes at most: a burst of new jobs is prefilled
     # over several steps beside the running streams, its first tokens group by group (docs/engine.md).
-    # None: by device (CPU_PROMPT_TOKENS_WHILE_DECODING on a CPU, none on a GPU, whose steps are short);
+    # None: by device (CPU_PROMPT_TOKENS_PER_STEP on a CPU, none on a GPU, whose steps are short);
     # 0: none. A service setting: the engine library's default is none (offline throughput).
-    max_prompt_tokens_while_decoding: int | None = setting("GENQ_MAX_PROMPT_TOKENS_WHILE_DECODING", None, INT)
+    max_prompt_tokens_per_step: int | None = setting("GENQ_MAX_PROMPT_TOKENS_PER_STEP", None, INT)
     max_model_len: int | None = setting("GENQ_MAX_MODEL_LEN", None, INT, engine=True)
     enable_prefix_caching: bool = setting("GENQ_ENABLE_PREFIX_CACHING", True, engine=True)
     seed: int = setting("GENQ_SEED", 0, engine=True)
@@ -198,9 +198,9 @@ class Settings:
             raise ValueError(f"setting drain_seconds must be >= 0, got {self.drain_seconds!r}")
         if self.batch_max_in_flight < 0:
             raise ValueError(f"setting batch_max_in_flight must be >= 0, got {self.batch_max_in_flight!r}")
-        if self.max_prompt_tokens_while_decoding is not None and self.max_prompt_tokens_while_decoding < 0:
-            raise ValueError(f"setting max_prompt_tokens_while_decoding must be >= 0, "
-                             f"got {self.max_prompt_tokens_while_decoding!r}")
+        if self.max_prompt_tokens_per_step is not None and self.max_prompt_tokens_per_step < 0:
+            raise ValueError(f"setting max_prompt_tokens_per_step must be >= 0, "
+                             f"got {self.max_prompt_tokens_per_step!r}")
         if self.max_queue_depth < 0:
             raise ValueError(f"setting max_queue_depth must be >= 0, got {self.max_queue_depth!r}")
         if self.max_tokens_limit is not None and self.max_tokens_limit <= 0:
@@ -262,11 +262,11 @@ class Settings:
         kwargs["max_num_seqs"] += self.newcomer_reserve
         return kwargs
 
-    def prompt_tokens_while_decoding(self, device: str) -> int | None:
-        """The engine's `max_prompt_tokens_while_decoding` on `device` (None: no limit)."""
-        if self.max_prompt_tokens_while_decoding is None:
-            return CPU_PROMPT_TOKENS_WHILE_DECODING if device == "cpu" else None
-        return self.max_prompt_tokens_while_decoding or None
+    def prompt_tokens_per_step(self, device: str) -> int | None:
+        """The engine's `max_prompt_tokens_per_step` on `device` (None: no limit)."""
+        if self.max_prompt_tokens_per_step is None:
+            return CPU_PROMPT_TOKENS_PER_STEP if device == "cpu" else None
+        return self.max_prompt_tokens_per_step or None
 
     @property
     def newcomer_reserve(self) -> int:

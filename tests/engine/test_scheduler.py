@@ -63,10 +63,10 @@ def test_running_requests_join_with_new_ones_in_one_step():
     assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 6)]
 
 
-def test_prompts_take_at_most_the_cap_while_sequences_decode():
-    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=6)
+def test_prompts_take_at_most_the_cap_beside_decoding_sequences():
+    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_per_step=6)
     add(s, "a", 4)
-    out = s.schedule()                  # nothing decodes yet: the whole budget
+    out = s.schedule()
     assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 4)]
     finish_step(s, out)
     for rid in ("b", "c", "d"):
@@ -82,7 +82,7 @@ def test_prompts_take_at_most_the_cap_while_sequences_decode():
 
 
 def test_prompts_fill_a_step_up_to_one_call_where_that_leaves_at_least_half_the_cap():
-    s = make(num_blocks=64, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=8)
+    s = make(num_blocks=64, max_num_batched_tokens=64, max_prompt_tokens_per_step=8)
     s.one_call_tokens = 10
     for rid in ("a", "b"):
         add(s, rid, 4)
@@ -99,12 +99,15 @@ def test_prompts_fill_a_step_up_to_one_call_where_that_leaves_at_least_half_the_
     assert [i.num_new_tokens for i in s.schedule().scheduled] == [1, 1, 8]
 
 
-def test_the_prompt_cap_does_not_apply_with_nothing_decoding():
-    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_while_decoding=6)
+def test_a_lone_prompt_takes_the_whole_budget_and_a_cold_burst_the_cap():
+    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_per_step=6)
+    add(s, "a", 12)
+    assert [i.num_new_tokens for i in s.schedule().scheduled] == [12]   # nothing else has work: its first token soonest
+    s = make(num_blocks=32, max_num_batched_tokens=64, max_prompt_tokens_per_step=6)
     for rid in ("a", "b", "c"):
         add(s, rid, 4)
-    out = s.schedule()
-    assert [i.num_new_tokens for i in out.scheduled] == [4, 4, 4]
+    out = s.schedule()                     # several prompts, nothing decoding: still 6 a step
+    assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 4), ("b", 2)]
     # without the cap, a prompt arriving beside decodes takes what the budget allows
     s = make(num_blocks=32, max_num_batched_tokens=64)
     add(s, "a", 4)

@@ -17,7 +17,7 @@ def test_build_engine_passes_every_engine_setting(tiny_model_dir, tmp_path, monk
     engine = build_engine(settings)
     assert {name: getattr(engine.config, name) for name in settings.engine_kwargs()} == settings.engine_kwargs()
     assert engine.config.device == "cpu" and engine.max_model_len == 100
-    assert engine.config.max_prompt_tokens_while_decoding == settings.prompt_tokens_while_decoding("cpu") == 128
+    assert engine.config.max_prompt_tokens_per_step == settings.prompt_tokens_per_step("cpu") == 128
     assert cpu_kernels._cache_dir() == tmp_path / "cache" / "kernels"
 
 

@@ -22,7 +22,7 @@ class EngineConfig:
     # prompt tokens (prefill and recomputation) a step takes at most while sequences are decoding; None:
     # up to max_num_batched_tokens. Bounds the stall that a burst of prompts puts on running streams and
     # spreads the burst's first tokens over several steps (scheduler.py, docs/engine.md)
-    max_prompt_tokens_while_decoding: int | None = None
+    max_prompt_tokens_per_step: int | None = None
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -61,10 +61,10 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.max_prompt_tokens_while_decoding is not None and (
-                not isinstance(self.max_prompt_tokens_while_decoding, int) or self.max_prompt_tokens_while_decoding < 1):
-            raise ValueError(f"max_prompt_tokens_while_decoding must be a positive integer or None, "
-                             f"got {self.max_prompt_tokens_while_decoding!r}")
+        if self.max_prompt_tokens_per_step is not None and (
+                not isinstance(self.max_prompt_tokens_per_step, int) or self.max_prompt_tokens_per_step < 1):
+            raise ValueError(f"max_prompt_tokens_per_step must be a positive integer or None, "
+                             f"got {self.max_prompt_tokens_per_step!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kernel_impl not in (None, "triton", "cpu", "torch"):

@@ -1,10 +1,10 @@
 """Unified token-budget scheduling (no prefill/decode phases) with preemption by recomputation.
 
 Each step every running sequence catches its computed tokens up to its token count, within
-`max_num_batched_tokens` (long prompts are chunked) and `max_num_seqs`; while sequences are decoding,
-prompt tokens (prefill, recomputation) take at most `max_prompt_tokens_while_decoding` of a step, so
-a burst of prompts is prefilled over several steps that the running streams share instead of one
-long step that stalls them all (and its first tokens come out group by group). Running sequences go
+`max_num_batched_tokens` (long prompts are chunked) and `max_num_seqs`; prompt tokens (prefill,
+recomputation) take at most `max_prompt_tokens_per_step` of a step unless one prompt alone has
+work, so a burst of prompts is prefilled over several steps that the running streams share instead
+of one long step that stalls them all (and its first tokens come out group by group). Running sequences go
 first, most urgent first; waiting ones are admitted by (priority, arrival) while the budget and
 the KV pool allow. When a running sequence cannot get a block, the least urgent, latest running
 sequence is preempted: its blocks are freed and it waits to be recomputed from its tokens.
@@ -221,16 +221,17 @@ class Scheduler:
                                self.config.max_num_batched_tokens - budget, preempted)
 
     def _prompt_budget(self) -> int | float:
-        """Prompt tokens this step may take: `max_prompt_tokens_while_decoding` while a running
-        sequence is decoding, else no limit beyond the step's budget. Where what the decoding rows
-        leave of `one_call_tokens` is less than that but at least half of it, that: the step then
-        runs as one compiled call (on a 2-core EPYC, 113 prompt tokens beside 15 decode rows took
-        164 ms where 128 beside them, op by op, took 214: 1.11 against 1.38 ms a prompt token)."""
-        cap = self.config.max_prompt_tokens_while_decoding
+        """Prompt tokens this step may take: `max_prompt_tokens_per_step`, unless one prompt alone
+        has work (nothing decodes, no other prompt waits or is part way): that one takes what the
+        step's budget allows, its first token soonest. Where what the decoding rows leave of
+        `one_call_tokens` is less than the cap but at least half of it, that: the step then runs as
+        one compiled call (on a 2-core EPYC, 113 prompt tokens beside 15 decode rows took 164 ms
+        where 128 beside them, op by op, took 214: 1.11 against 1.38 ms a prompt token)."""
+        cap = self.config.max_prompt_tokens_per_step
         if cap is None:
             return float("inf")
         decoding = sum(1 for seq in self.running if _decoding(seq))
-        if not decoding:
+        if not decoding and len(self.waiting) + len(self.running) <= 1:
             return float("inf")
         fit = (self.one_call_tokens or 0) - decoding
         return fit if cap // 2 <= fit < cap else cap

@@ -105,17 +105,17 @@ def test_fair_scheduling_adds_the_newcomer_reserve_to_the_engines_batch():
         Settings(fair_reserve_seqs=-1)
 
 
-def test_prompt_tokens_while_decoding_by_device_unless_set():
-    from app.infra.settings import CPU_PROMPT_TOKENS_WHILE_DECODING
+def test_prompt_tokens_per_step_by_device_unless_set():
+    from app.infra.settings import CPU_PROMPT_TOKENS_PER_STEP
 
     auto = Settings()
-    assert auto.prompt_tokens_while_decoding("cpu") == CPU_PROMPT_TOKENS_WHILE_DECODING
-    assert auto.prompt_tokens_while_decoding("cuda:0") is None          # a GPU's steps are short: no limit
-    set_ = Settings.from_env({"GENQ_MAX_PROMPT_TOKENS_WHILE_DECODING": "64"})
-    assert set_.prompt_tokens_while_decoding("cpu") == set_.prompt_tokens_while_decoding("cuda:0") == 64
-    assert Settings(max_prompt_tokens_while_decoding=0).prompt_tokens_while_decoding("cpu") is None
-    with pytest.raises(ValueError, match="max_prompt_tokens_while_decoding"):
-        Settings(max_prompt_tokens_while_decoding=-1)
+    assert auto.prompt_tokens_per_step("cpu") == CPU_PROMPT_TOKENS_PER_STEP
+    assert auto.prompt_tokens_per_step("cuda:0") is None          # a GPU's steps are short: no limit
+    set_ = Settings.from_env({"GENQ_MAX_PROMPT_TOKENS_PER_STEP": "64"})
+    assert set_.prompt_tokens_per_step("cpu") == set_.prompt_tokens_per_step("cuda:0") == 64
+    assert Settings(max_prompt_tokens_per_step=0).prompt_tokens_per_step("cpu") is None
+    with pytest.raises(ValueError, match="max_prompt_tokens_per_step"):
+        Settings(max_prompt_tokens_per_step=-1)
 
 
 def test_given_in_env_is_whether_the_variable_is_there():

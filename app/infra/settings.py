@@ -25,7 +25,7 @@ LOG_FORMATS = ("text", "json")
 SCHEDULING = ("fair", "fifo")   # the engine's scheduling choices (worker/engine/config.py repeats them)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # On a CPU, 128 prompt tokens cost a step of about 150 ms for the default model (2 cores): a burst of
-# 16 prompts then reaches its median first token in about half the time of one 16-prompt step
+# 16 prompts then reaches its median first token in a fraction of the time of one 16-prompt step
 # (docs/engine.md#prompts-beside-running-streams)
 CPU_PROMPT_TOKENS_PER_STEP = 128
 
@@ -105,7 +105,7 @@ class Settings:
     num_kv_blocks: int | None = setting("GENQ_NUM_KV_BLOCKS", None, INT, engine=True)
     max_num_seqs: int = setting("GENQ_MAX_NUM_SEQS", 256, engine=True)
     max_num_batched_tokens: int = setting("GENQ_MAX_NUM_BATCHED_TOKENS", 2048, engine=True)
-    # while jobs are decoding, prompt tokens an engine step takes at most: a burst of new jobs is prefilled
+    # prompt tokens an engine step takes at most, a lone prompt excepted: a burst of new jobs is prefilled
     # over several steps beside the running streams, its first tokens group by group (docs/engine.md).
     # None: by device (CPU_PROMPT_TOKENS_PER_STEP on a CPU, none on a GPU, whose steps are short);
     # 0: none. A service setting: the engine library's default is none (offline throughput).

@@ -19,7 +19,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    # prompt tokens (prefill and recomputation) a step takes at most while sequences are decoding; None:
+    # prompt tokens (prefill and recomputation) a step takes at most, unless one prompt is alone; None:
     # up to max_num_batched_tokens. Bounds the stall that a burst of prompts puts on running streams and
     # spreads the burst's first tokens over several steps (scheduler.py, docs/engine.md)
     max_prompt_tokens_per_step: int | None = None

@@ -97,6 +97,12 @@ def test_prompts_fill_a_step_up_to_one_call_where_that_leaves_at_least_half_the_
     finish_step(s, out)
     s.one_call_tokens = 5                  # 5 - 2 = 3 < half the cap: the cap
     assert [i.num_new_tokens for i in s.schedule().scheduled] == [1, 1, 8]
+    tiny = make(num_blocks=64, max_num_batched_tokens=64, max_prompt_tokens_per_step=1)
+    tiny.one_call_tokens = 1
+    add(tiny, "a", 1)
+    finish_step(tiny, tiny.schedule())
+    add(tiny, "b", 3)                      # 1 - 1 decode row leaves nothing: the cap still lets a token in
+    assert [i.num_new_tokens for i in tiny.schedule().scheduled] == [1, 1]
 
 
 def test_a_lone_prompt_takes_the_whole_budget_and_a_cold_burst_the_cap():

@@ -234,7 +234,7 @@ class Scheduler:
         if not decoding and len(self.waiting) + len(self.running) <= 1:
             return float("inf")
         fit = (self.one_call_tokens or 0) - decoding
-        return fit if cap // 2 <= fit < cap else cap
+        return fit if max(cap // 2, 1) <= fit < cap else cap   # (never 0: prompts always move)
 
     @staticmethod
     def _plan(planned: dict[str, float], item: ScheduledSeq) -> None:

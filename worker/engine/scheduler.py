@@ -141,13 +141,14 @@ class Scheduler:
     def _schedule(self, limits: dict[str, int] | None) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         prompt_budget = self._prompt_budget()
+        capped = prompt_budget != float("inf")   # (else no need to tell prompts from decode rows)
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            prompt = not _decoding(seq)
+            prompt = capped and not _decoding(seq)
             if prompt:
                 n = min(n, prompt_budget)
             if limits is not None:

@@ -151,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden] before the
         final norm (applied in compute_logits to the rows that are sampled only)."""
         x = self.embed_tokens(input_ids)
-        if x.device.type == "cpu" and meta.kernel_impl in (None, "cpu"):
+        if _cpu_kernels_run(x.device, meta.kernel_impl):
             meta.kernel_rows = kernels.kernel_rows(meta.block_tables, meta.seq_lens.tolist(),
                                                    meta.query_start_loc.tolist())
             plan = self._decode_layers_for(x, kv_caches, meta.kernel_rows)
@@ -175,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
     def one_call_tokens(self, kv_caches, kernel_impl: str | None) -> int | None:
         """The most tokens a step may hold and still run all layers in one compiled call (on the CPU,
         its attention rows permitting: _decode_layers_for); None where steps go op by op."""
-        if self.embed_tokens.weight.device.type != "cpu" or kernel_impl not in (None, "cpu"):
+        if not _cpu_kernels_run(self.embed_tokens.weight.device, kernel_impl):
             return None
         plan = self._decode_layers(kv_caches)
         return None if plan is None else plan.max_tokens
@@ -216,3 +216,9 @@ class LlamaForCausalLM(nn.Module):
         h = kernels.rms_norm(hidden, self.norm, self.args.rms_norm_eps, impl=impl)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return kernels.linear_float32_out(h, weight, impl=impl)
+
+
+def _cpu_kernels_run(device: torch.device, kernel_impl: str | None) -> bool:
+    """Whether a step on `device` with `kernel_impl` takes the compiled CPU kernels (and so may run
+    as one call)."""
+    return device.type == "cpu" and kernel_impl in (None, "cpu")

@@ -181,6 +181,121 @@ static inline void store16(void *base, int64_t i, __m512 v, int dtype, __mmask16
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* The 8-lane (AVX2 + FMA) counterparts of the helpers above, for CPUs without AVX-512: the same
+ * arithmetic on 8 floats at a time. */
+#define GENQ_AVX2 1
+
+/* lanes [0, n) of an 8-wide step: an all-ones word each (maskload/maskstore's mask) */
+static inline __m256i mask8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n >= 8 ? 8 : (int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+/* e^x for 8 floats: exp16's reduction and polynomial; 2^n built in the exponent bits, so x is
+ * clamped to [-87.3, 88.3] (n <= 127: e^88.3 = 2.1e38 stays finite, as exp16's e^88.7 does) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* 8 elements from base + i (all 8 present) as float32 */
+static inline __m256 load8(const void *base, int64_t i, int dtype) {
+    if (dtype == 0) return _mm256_loadu_ps((const float *)base + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* float32 -> bfloat16 bits in the low 8 16-bit words, round to nearest even, NaN kept NaN */
+static inline __m128i to_bf16_8(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40)), nan);
+    const __m256i packed = _mm256_packus_epi32(rounded, rounded);   /* words 0-3 | 4-7, per 128-bit lane */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+static inline __m256 round8(__m256 v, int dtype) {
+    if (dtype == 0) return v;
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_8(v)), 16));
+}
+
+static inline void store8(void *base, int64_t i, __m256 v, int dtype) {
+    if (dtype == 0) _mm256_storeu_ps((float *)base + i, v);
+    else _mm_storeu_si128((__m128i *)((uint16_t *)base + i), to_bf16_8(v));
+}
+
+/* row[0 .. n) <- exp(row - max); returns 1 / their sum (softmax_in_place, 8 lanes) */
+static inline float softmax_in_place8(float *row, int n) {
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + t));
+    float m = hmax8(mv);
+    for (int u = t; u < n; u++) m = row[u] > m ? row[u] : m;
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), mb));
+        _mm256_storeu_ps(row + t, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    if (t < n) {
+        const __m256i mask = mask8(n - t);
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(row + t, mask), mb)),
+                                       _mm256_castsi256_ps(mask));
+        _mm256_maskstore_ps(row + t, mask, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    return 1.0f / hsum8(sv);
+}
+
+/* r[i] <- column i of the 8 x 8 matrix whose rows are r[0..7] */
+static inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    /* u_c, lane 0: column c of rows 0-3, lane 1: column c + 4 (u4..u7: rows 4-7) */
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
 /* One sequence, KV heads [h0, h1): reads each of the sequence's tokens' K rows for those heads (one
  * contiguous run when they are all the heads), then the V rows likewise. Scratch: scores
  * [(h1-h0)*G][ctx], qbuf and acc [(h1-h0)*G][D], row [KVH*D]. */
@@ -370,6 +485,9 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
 }
 #endif
 
+#define TILE_ROWS 16        /* prefill rows of one sequence per work item (head_dim 64) */
+#define TILE_MAX_GROUP 64   /* query heads a KV head, at most, for tiles (a tile's queries: inv_sum below) */
+
 #if defined(__AVX512F__)
 /* r[i] <- column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]. */
 static inline void transpose16(__m512i r[16]) {
@@ -396,8 +514,6 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-#define TILE_ROWS 16        /* prefill rows of one sequence per work item (head_dim 64) */
-#define TILE_MAX_GROUP 64   /* query heads a KV head, at most, for tiles (a tile's queries: inv_sum below) */
 
 /* scores[j * ld + t] for tokens t < n of a 16-token chunk, of NJ queries (q: rows D = 64 apart,
  * scaled) against the chunk's K rows transposed (kt[d * 16 + t]): one multiply-add per query and
@@ -517,6 +633,112 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
 }
 #endif
 
+#if defined(GENQ_AVX2)
+/* run_tile_avx512's arithmetic on 8-lane vectors (head_dim 64), for any R from 1 (a decode row) to
+ * TILE_ROWS: K in 8-token chunks transposed to kt[d * 8 + t], so a score takes one multiply-add per
+ * query and dimension for 8 tokens; V gathered once as float32 into vt and weighed for three queries
+ * at a time, 32 dims in registers (12 accumulators of the 16 registers). */
+static inline __attribute__((always_inline)) void score_chunk8(const float *q, const float *kt, float *scores,
+                                                                 int64_t ld, const int NJ, int n) {
+    __m256 acc[6];
+    for (int j = 0; j < NJ; j++) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < 64; d++) {
+        const __m256 kv = _mm256_loadu_ps(kt + d * 8);
+        for (int j = 0; j < NJ; j++) acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + j * 64 + d), kv, acc[j]);
+    }
+    if (n == 8) {
+        for (int j = 0; j < NJ; j++) _mm256_storeu_ps(scores + j * ld, acc[j]);
+    } else {
+        const __m256i mask = mask8(n);
+        for (int j = 0; j < NJ; j++) _mm256_maskstore_ps(scores + j * ld, mask, acc[j]);
+    }
+}
+
+static inline __attribute__((always_inline)) void weigh_tile8(const job_t *job, int h, int s0, const float *vt,
+                                                                const float *probs, int len, const float *inv_sum,
+                                                                int j0, const int NJ, int d0) {
+    const int H = job->num_heads, G = H / job->num_kv_heads;
+    __m256 acc[3][4];
+    for (int j = 0; j < NJ; j++)
+        for (int c = 0; c < 4; c++) acc[j][c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; t++) {
+        __m256 vv[4];
+        for (int c = 0; c < 4; c++) vv[c] = _mm256_loadu_ps(vt + t * 64 + d0 + c * 8);
+        for (int j = 0; j < NJ; j++) {
+            const __m256 p = _mm256_broadcast_ss(probs + (int64_t)(j0 + j) * len + t);
+            for (int c = 0; c < 4; c++) acc[j][c] = _mm256_fmadd_ps(p, vv[c], acc[j][c]);
+        }
+    }
+    for (int j = 0; j < NJ; j++) {
+        const int r = (j0 + j) / G, g = (j0 + j) % G;
+        const __m256 inv = _mm256_set1_ps(inv_sum[j0 + j]);
+        const int64_t at = (job->rows[s0 + r] * H + (int64_t)h * G + g) * 64 + d0;
+        for (int c = 0; c < 4; c++) store8(job->out, at + c * 8, _mm256_mul_ps(acc[j][c], inv), job->dtype);
+    }
+}
+
+/* R (1 .. TILE_ROWS) consecutive rows of one prefill chunk, or one decode row: as run_tile_avx512.
+ * Scratch: scores [R*G][len], qs [R*G][64], kt [64][8], vt [len][64]. */
+static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float *scores, float *qs, float *kt,
+                          float *vt) {
+    const int H = job->num_heads, KVH = job->num_kv_heads, BS = job->block_size, G = H / KVH, NQ = R * G;
+    const int len = job->seq_lens[s0 + R - 1];
+    const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
+    const __m256 scale = _mm256_set1_ps(job->scale);
+    float inv_sum[TILE_ROWS * TILE_MAX_GROUP];
+    for (int h = h0; h < h1; h++) {
+        for (int j = 0; j < NQ; j++) {
+            const int64_t at = job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64;
+            for (int c = 0; c < 8; c++) _mm256_storeu_ps(qs + j * 64 + c * 8, _mm256_mul_ps(load8(job->q, at + c * 8, job->dtype), scale));
+        }
+        for (int t0 = 0; t0 < len; t0 += 8) {
+            const int n = len - t0 < 8 ? len - t0 : 8;
+            int64_t rows_at[8];
+            for (int o = 0, blk = t0 / BS, off = t0 % BS; o < n; o++) {
+                rows_at[o] = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
+                if (++off == BS) { off = 0; blk++; }
+            }
+            for (int c = 0; c < 8; c++) {
+                __m256 r[8];
+                for (int o = 0; o < 8; o++) r[o] = o < n ? load8(job->k_cache, rows_at[o] + c * 8, job->dtype) : _mm256_setzero_ps();
+                transpose8(r);
+                for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (c * 8 + d) * 8, r[d]);
+            }
+            for (int j0 = 0; j0 < NQ; j0 += 6) {
+                float *sj = scores + (int64_t)j0 * len + t0;
+                switch (NQ - j0 < 6 ? NQ - j0 : 6) {
+                case 6: score_chunk8(qs + j0 * 64, kt, sj, len, 6, n); break;
+                case 5: score_chunk8(qs + j0 * 64, kt, sj, len, 5, n); break;
+                case 4: score_chunk8(qs + j0 * 64, kt, sj, len, 4, n); break;
+                case 3: score_chunk8(qs + j0 * 64, kt, sj, len, 3, n); break;
+                case 2: score_chunk8(qs + j0 * 64, kt, sj, len, 2, n); break;
+                default: score_chunk8(qs + j0 * 64, kt, sj, len, 1, n); break;
+                }
+            }
+        }
+        for (int j = 0; j < NQ; j++) {
+            float *row = scores + (int64_t)j * len;
+            const int own = job->seq_lens[s0 + j / G];
+            inv_sum[j] = softmax_in_place8(row, own);
+            for (int t = own; t < len; t++) row[t] = 0.0f;
+        }
+        for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {
+            const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
+            for (int c = 0; c < 8; c++) _mm256_storeu_ps(vt + t * 64 + c * 8, load8(job->v_cache, at + c * 8, job->dtype));
+            if (++off == BS) { off = 0; blk++; }
+        }
+        for (int d0 = 0; d0 < 64; d0 += 32)
+            for (int j0 = 0; j0 < NQ; j0 += 3) {
+                switch (NQ - j0 < 3 ? NQ - j0 : 3) {
+                case 3: weigh_tile8(job, h, s0, vt, scores, len, inv_sum, j0, 3, d0); break;
+                case 2: weigh_tile8(job, h, s0, vt, scores, len, inv_sum, j0, 2, d0); break;
+                default: weigh_tile8(job, h, s0, vt, scores, len, inv_sum, j0, 1, d0); break;
+                }
+            }
+    }
+}
+#endif
+
 /* qsort order of work items (length, row, first head, end head, rows): longest first, then the
  * later row first (within a prefill chunk, whose items share its longest row's length: the tile of
  * the longest contexts first), then by head */
@@ -558,7 +780,7 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
      * tables agree on the blocks they read (decode rows of different sequences can chain by chance).
      * run_len[s]: the longest context of the chain of rows s belongs to. */
     const int G = num_heads / num_kv_heads;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(GENQ_AVX2)
     const int tile_rows = D == 64 && G <= TILE_MAX_GROUP ? TILE_ROWS : 1;
 #else
     const int tile_rows = 1;
@@ -586,6 +808,9 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
     }
 #undef CHAINED
     free(run_len);
+#if defined(GENQ_AVX2)
+    if (tile_rows > 1) tile_ctx = max_ctx;   /* with AVX2 a lone row is a tile of one (run_tile_avx2) */
+#endif
     /* Whole rows or tiles (each token's K/V row read in one run) when there are enough of them to
      * keep every thread busy; else one item per KV head. */
     const int span = num_groups >= 4 * num_threads ? num_kv_heads : 1;
@@ -628,7 +853,7 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
             failed = 1;
         } else {
             float *qbuf = scratch + SR * max_ctx, *acc = qbuf + SR * D, *row = acc + SR * D;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(GENQ_AVX2)
             float *kt = tile_ctx > 0 ? row + (size_t)num_kv_heads * D : NULL, *vt = tile_ctx > 0 ? kt + 64 * 16 : NULL;
 #endif
 #pragma omp for schedule(dynamic, 1)
@@ -639,6 +864,10 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
                     run_tile_avx512(&job, it[0], it[3], it[1], it[2], scratch, qbuf, kt, vt);
                 else if (D % 64 == 0 && D <= 128)
                     run_item_avx512(&job, it[0], it[1], it[2], scratch);
+                else
+#elif defined(GENQ_AVX2)
+                if (tile_rows > 1)
+                    run_tile_avx2(&job, it[0], it[3], it[1], it[2], scratch, qbuf, kt, vt);
                 else
 #endif
                     run_item(&job, it[0], it[1], it[2], scratch, qbuf, acc, row);
@@ -701,6 +930,25 @@ int genq_rms_norm(const void *x, const void *residual, const void *weight, void 
                     }
                     continue;
                 }
+#elif defined(GENQ_AVX2)
+                if (hidden % 8 == 0) {   /* 8 lanes at a time */
+                    __m256 sq8 = _mm256_setzero_ps();
+                    for (int j = 0; j < hidden; j += 8) {
+                        __m256 v = load8(x, at + j, dtype);
+                        if (residual != NULL) {
+                            v = round8(_mm256_add_ps(v, load8(residual, at + j, dtype)), dtype);
+                            store8(new_residual, at + j, v, dtype);
+                        }
+                        _mm256_storeu_ps(r + j, v);
+                        sq8 = _mm256_fmadd_ps(v, v, sq8);
+                    }
+                    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(sq8) / (float)hidden + eps));
+                    for (int j = 0; j < hidden; j += 8) {
+                        const __m256 normed = round8(_mm256_mul_ps(_mm256_loadu_ps(r + j), inv), dtype);
+                        store8(out, at + j, _mm256_mul_ps(load8(weight, j, dtype), normed), dtype);
+                    }
+                    continue;
+                }
 #endif
                 float sq = 0.0f;
                 for (int j = 0; j < hidden; j++) {
@@ -735,6 +983,13 @@ int genq_silu_mul(const void *gate_up, void *out, int64_t rows, int inter, int d
             const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
             const __m512 silu = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), dtype);
             store16(out, at + j, _mm512_mul_ps(silu, load16(gate_up, in + inter + j, dtype, mask)), dtype, mask);
+        }
+#elif defined(GENQ_AVX2)
+        for (; j + 8 <= inter; j += 8) {
+            const __m256 g = load8(gate_up, in + j, dtype);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            const __m256 silu = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), dtype);
+            store8(out, at + j, _mm256_mul_ps(silu, load8(gate_up, in + inter + j, dtype)), dtype);
         }
 #endif
         for (; j < inter; j++) {
@@ -771,6 +1026,13 @@ int genq_rotary(const int64_t *positions, void *q, int64_t q_stride, int q_heads
                     const __m512 cv = _mm512_loadu_ps(c + j), sv = _mm512_loadu_ps(s + j);
                     store16(base, at + j, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)), dtype, 0xffff);
                     store16(base, at + half + j, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)), dtype, 0xffff);
+                }
+#elif defined(GENQ_AVX2)
+                for (; j + 8 <= half; j += 8) {
+                    const __m256 x1 = load8(base, at + j, dtype), x2 = load8(base, at + half + j, dtype);
+                    const __m256 cv = _mm256_loadu_ps(c + j), sv = _mm256_loadu_ps(s + j);
+                    store8(base, at + j, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), dtype);
+                    store8(base, at + half + j, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), dtype);
                 }
 #endif
                 for (; j < half; j++) {

@@ -68,9 +68,9 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *CFLAGS,
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *CFLAGS, *extra_flags,
                                     *OPENMP_FLAGS[0]]).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -83,7 +83,8 @@ def _build(compiler: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             for threading_flags in OPENMP_FLAGS:
-                result = subprocess.run([compiler, *CFLAGS, *threading_flags, "-o", str(built), str(SOURCE), "-lm"],
+                result = subprocess.run([compiler, *CFLAGS, *extra_flags, *threading_flags, "-o", str(built), str(SOURCE),
+                                         "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break
@@ -93,14 +94,20 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernels; KernelBuildError if they cannot be built or loaded here."""
+    return build_variant()
+
+
+@functools.cache
+def build_variant(*extra_flags: str) -> ctypes.CDLL:
+    """The kernels built with `extra_flags` after CFLAGS (none: the engine's build). The tests build
+    the AVX2 paths on an AVX-512 CPU with `-mno-avx512f`, so that both are checked wherever they run."""
     compiler = _compiler()
     if compiler is None:
         raise KernelBuildError("no C compiler (cc, gcc or clang) on PATH")
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, extra_flags)))
     except OSError as exc:
         raise KernelBuildError(f"cannot load the compiled kernels: {exc}") from exc
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float

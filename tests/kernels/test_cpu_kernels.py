@@ -19,6 +19,23 @@ if not cpu_kernels.available():
     pytest.skip("no C compiler here: the engine runs the PyTorch path", allow_module_level=True)
 
 
+@pytest.fixture(params=["native", "avx2"])
+def build(request, monkeypatch):
+    """The kernels as the engine builds them here (-march=native), and built without AVX-512
+    (-mno-avx512f) where the CPU has it: so the AVX2 paths are checked on every CPU these tests run
+    on, not only on those that lack AVX-512."""
+    if request.param == "avx2":
+        flags = set(cpu_kernels._cpu_flags().split())
+        if not {"avx2", "fma"} <= flags:
+            pytest.skip("needs AVX2 and FMA")
+        if "avx512f" not in flags:
+            pytest.skip("without AVX-512 the native build is the AVX2 one")
+        lib = cpu_kernels.build_variant("-mno-avx512f")
+        assert not hasattr(lib, "genq_linear_native_bf16") or lib.genq_linear_native_bf16() == 0
+        monkeypatch.setattr(cpu_kernels, "library", lambda: lib)
+    return request.param
+
+
 def run_both(gen, seqs, threads=1, **shape):
     q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(gen, seqs, **shape)
     scale = 1.0 / math.sqrt(shape["head_dim"])
@@ -66,6 +83,7 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
         "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16",
         "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk",
         "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16"])
+@pytest.mark.usefixtures("build")
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype)
@@ -132,6 +150,7 @@ def test_a_broken_build_is_a_typed_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("rows,hidden", [(37, 576), (5, 100), (120, 1000)])   # tails of 4 and 8; 2 threads
+@pytest.mark.usefixtures("build")
 def test_rms_norm_matches_reference(gen, dtype, with_residual, rows, hidden):
     from kernels.rms_norm import rms_norm_torch
 
@@ -151,6 +170,7 @@ def test_rms_norm_matches_reference(gen, dtype, with_residual, rows, hidden):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("build")
 def test_silu_and_mul_matches_reference(gen, dtype):
     from kernels.activation import silu_and_mul_torch
 
@@ -166,6 +186,7 @@ def test_silu_and_mul_matches_reference(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("build")
 def test_rotary_in_place_on_strided_q_and_k(gen, dtype):
     from kernels.rotary import rotary_embedding_torch
 
@@ -195,6 +216,7 @@ needs_linear = pytest.mark.skipif(not cpu_kernels.linear_available(), reason="th
 @needs_linear
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 32, cpu_kernels.LINEAR_MAX_ROWS])
 @pytest.mark.parametrize("out_features,in_features", [(576, 576), (33, 17), (4, 16), (3, 1), (70, 100)])
+@pytest.mark.usefixtures("build")
 def test_linear_matches_torch(gen, rows, out_features, in_features):
     x = torch.randn(rows, in_features, generator=gen)
     w = torch.randn(out_features, in_features, generator=gen)
@@ -385,6 +407,7 @@ def test_linear_refuses_what_it_cannot_take(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("build")
 def test_store_kv_matches_reference_on_strided_rows(gen, dtype):
     from kernels.kv_cache import store_kv_torch
 

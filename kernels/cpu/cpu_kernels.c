@@ -5,7 +5,7 @@
  *
  * Built at first use by kernels/cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes, which releases the GIL. Attention's work items are whole rows (or, with few items, one KV
- * head of a row), longest context first, a prefill chunk's rows kept together (with AVX-512 and
+ * head of a row), longest context first, a prefill chunk's rows kept together (with AVX-512 or AVX2 and
  * head_dim 64, up to 16 of them one item), shared by `num_threads` OpenMP threads. Each item reads
  * its K rows once (scores for all its query heads), takes an exact softmax in float32, then reads
  * its V rows once.
@@ -775,9 +775,10 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
      * sequence) stay together in their own order, sorted as one item by the chunk's longest row, so
      * that each row finds the context its neighbour just read in cache (prefill of 10 prompts of
      * ~200 tokens on a 2-core Zen 4: 8-9% faster than every row sorted by its own length). With
-     * AVX-512 and head_dim 64, up to TILE_ROWS rows of a chunk are one item (run_tile_avx512), which
-     * reads every row's context through its first row's block table: rows are tiled only where their
-     * tables agree on the blocks they read (decode rows of different sequences can chain by chance).
+     * AVX-512 or AVX2 and head_dim 64, up to TILE_ROWS rows of a chunk are one item (run_tile_avx512,
+     * run_tile_avx2), which reads every row's context through its first row's block table: rows are
+     * tiled only where their tables agree on the blocks they read (decode rows of different sequences
+     * can chain by chance).
      * run_len[s]: the longest context of the chain of rows s belongs to. */
     const int G = num_heads / num_kv_heads;
 #if defined(__AVX512F__) || defined(GENQ_AVX2)

@@ -30,8 +30,11 @@ def build(request, monkeypatch):
             pytest.skip("needs AVX2 and FMA")
         if "avx512f" not in flags:
             pytest.skip("without AVX-512 the native build is the AVX2 one")
-        lib = cpu_kernels.build_variant("-mno-avx512f")
-        assert not hasattr(lib, "genq_linear_native_bf16") or lib.genq_linear_native_bf16() == 0
+        try:
+            lib = cpu_kernels.build_variant("-mno-avx512f")
+        except cpu_kernels.KernelBuildError as exc:   # a compiler whose -march=native implies AVX-512 (AVX10)
+            pytest.skip(f"this compiler cannot build the kernels without AVX-512 here: {str(exc)[:200]}")
+        assert lib.genq_linear_native_bf16() == 0, "the build without AVX-512 still has the AVX512-BF16 path"
         monkeypatch.setattr(cpu_kernels, "library", lambda: lib)
     return request.param
 

@@ -170,3 +170,26 @@ def test_nan_logits_fail_instead_of_drawing_a_token():
     rows = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(ValueError, match="NaN or infinite"):
         Sampler({EOS}, seed=1, device="cpu")(rows, [(seq(SamplingParams(max_tokens=4)), 0)], [0])
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_min_tokens_in_a_batch_bans_each_rows_own_stops_only_until_reached(temperature):
+    """min_tokens is applied to the whole batch at once: each row loses EOS and its own stop token
+    ids while under its min_tokens, and nothing once past it; a stop id past the vocabulary is
+    ignored, not an error for the step."""
+    rows = torch.tensor([[10.0, 0.0, 9.0, 8.0]] * 4)   # EOS, then token 2, then 3, most likely
+    sampler = Sampler({EOS}, seed=1, device="cpu")
+    under = SamplingParams(temperature=temperature, min_tokens=2, max_tokens=4, stop_token_ids=[2, 10**6])
+    plain_ban = SamplingParams(temperature=temperature, min_tokens=2, max_tokens=4)
+    reached = seq(SamplingParams(temperature=temperature, min_tokens=1, max_tokens=4))
+    reached.append(3)
+    samples = [(seq(under), 0), (seq(plain_ban), 1), (reached, 2), (seq(SamplingParams(temperature=temperature,
+                                                                                          max_tokens=4)), 3)]
+    if temperature:
+        draws = [[t for t, _ in sampler(rows.clone(), samples, [0, 1, 2, 3])] for _ in range(200)]
+        assert {d[0] for d in draws} <= {1, 3} and 0 not in {d[1] for d in draws}
+        assert 2 not in {d[0] for d in draws} and 2 in {d[1] for d in draws}
+        assert 0 in {d[2] for d in draws} and 0 in {d[3] for d in draws}
+    else:
+        tokens = [t for t, _ in sampler(rows.clone(), samples, [0, 1, 2, 3])]
+        assert tokens == [3, 2, 0, 0]

@@ -33,21 +33,28 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    @torch.inference_mode()   # (the model runner's logits are inference tensors, written in place here)
     def __call__(self, logits: torch.Tensor, samples: list[tuple[Sequence, int]],
                  row_of: list[int], masks=None) -> list[tuple[int | None, dict[int, float] | None]]:
-        """logits: [num_rows, vocab] float32; row_of[i]: the row sample i draws from. masks: the
-        step's structured.GrammarMasks or None. A sample whose grammar allows no token gets None."""
+        """logits: [num_rows, vocab] float32, overwritten; row_of[i]: the row sample i draws from.
+        masks: the step's structured.GrammarMasks or None. A sample whose grammar allows no token
+        gets None."""
         seqs = [seq for seq, _ in samples]
         own = [self._own_row(s) for s in seqs]   # (once a sample: the step's hot path)
+        banning = [s.num_output_tokens < s.request.params.min_tokens for s in seqs]
         plain = not any(own) and all(s.request.params.temperature == 0 for s in seqs)
-        if plain and masks is None:
+        if plain and masks is None and not any(banning):
             tokens = logits.argmax(dim=-1).tolist()
             return [(tokens[r], None) for r in row_of]
-        rows = logits.index_select(0, torch.tensor(row_of, device=logits.device))  # one row per sample
+        if row_of == list(range(len(logits))):
+            rows = logits   # one row per sample already (the caller's, written in place: it is not read again)
+        else:
+            rows = logits.index_select(0, torch.tensor(row_of, device=logits.device))  # one row per sample
         if masks is not None:
             masks.apply(rows)
         dead = masks.dead if masks is not None else ()
         if plain:
+            self._ban_stops(rows, [i for i, b in enumerate(banning) if b and i not in dead], seqs)
             tokens = rows.argmax(dim=-1).tolist()
             return [(None, None) if i in dead else (t, None) for i, t in enumerate(tokens)]
         out: list[tuple[int | None, dict[int, float] | None]] = [(None, None)] * len(seqs)
@@ -60,6 +67,7 @@ class Sampler:
             else:
                 out[i] = self._sample_row(rows[i], seq)
         if together:
+            self._ban_stops(rows, [i for i in together if banning[i]], seqs)
             mine = rows if len(together) == len(seqs) else rows[together]   # (a copy: _draw_batch writes it)
             for i, token in zip(together, self._draw_batch(mine, [seqs[i].request.params for i in together])):
                 out[i] = (token, None)
@@ -68,10 +76,29 @@ class Sampler:
     @staticmethod
     def _own_row(seq: Sequence) -> bool:
         """Whether the row needs work of its own before the draw: logprobs, a penalty, min_tokens
-        not reached (a seed too, for a sampled row: its own generator)."""
+        not reached under a grammar (whose mask may leave only the banned tokens; a seed too, for a
+        sampled row: its own generator). min_tokens alone is applied to the batch (_ban_stops)."""
         p = seq.request.params
         return (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0
-                or p.frequency_penalty != 0 or seq.num_output_tokens < p.min_tokens)
+                or p.frequency_penalty != 0 or (seq.grammar is not None and seq.num_output_tokens < p.min_tokens))
+
+    def _ban_stops(self, rows: torch.Tensor, which: list[int], seqs: list[Sequence]) -> None:
+        """min_tokens not reached: EOS and the stop token ids of rows[i], i in `which`, to -inf, in
+        one indexed write (row by row, with a clone each, this took ~3.5 ms of a 24-row decode step
+        on a 2-core Zen 4: a tenth of a bfloat16 step)."""
+        if not which:
+            return
+        row_ids: list[int] = []
+        token_ids: list[int] = []
+        vocab = rows.shape[1]
+        for i in which:
+            stops = seqs[i].request.params.stop_token_ids
+            banned = self.eos_token_ids + ([t for t in stops if t < vocab] if stops else [])
+            row_ids.extend([i] * len(banned))
+            token_ids.extend(banned)
+        if token_ids:
+            device = rows.device
+            rows[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = float("-inf")
 
     def _draw_batch(self, rows: torch.Tensor, params: list, generator: torch.Generator | None = None) -> list[int]:
         """One token per row of `rows` (float32 logits, overwritten), each by its own temperature /
@@ -143,7 +170,7 @@ class Sampler:
         p = seq.request.params
         logits = raw.clone()
         if seq.num_output_tokens < p.min_tokens:
-            banned = self.eos_token_ids + p.stop_token_ids
+            banned = self.eos_token_ids + [t for t in p.stop_token_ids if t < logits.shape[0]]   # (ids past the vocabulary: never sampled)
             if banned:
                 logits[torch.tensor(banned, device=logits.device)] = float("-inf")
                 if seq.grammar is not None and not torch.isfinite(logits).any():

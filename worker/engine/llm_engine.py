@@ -12,7 +12,7 @@ import torch
 from kernels import cpu_kernels
 from worker.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
-from worker.engine.host_memory import retain_freed_memory
+from worker.engine.host_memory import move_to_huge_pages, retain_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.loader import cache_root, eos_token_ids, hf_dir_for, load_model, load_tokenizer, resolve_model
 from worker.engine.model_runner import ModelRunner
@@ -48,8 +48,11 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(hf_dir)
         self.tp: TensorParallelExecutor | None = None   # ranks 1..N-1 when tensor_parallel_size > 1
         self.model, hf_config = self._load_model(hf_dir)
-        if self.device.type == "cpu" and self.tp is None and config.kernel_impl in (None, "cpu"):
-            prepack_cpu_weights(self.model)
+        if self.device.type == "cpu" and self.tp is None:
+            # every decode step streams the weights: on 2 MB pages, a TLB miss per 2 MB, not per 4 KB
+            move_to_huge_pages(self.model)
+            if config.kernel_impl in (None, "cpu"):
+                prepack_cpu_weights(self.model)
         args = self.model.args
         num_blocks = self.config.num_kv_blocks or self._kv_blocks_for_budget(args)
         model_limit = args.max_position_embeddings

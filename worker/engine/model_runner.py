@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from worker.engine.host_memory import huge_page_tensors
 from worker.engine.models.llama import AttentionMetadata
 from worker.engine.scheduler import SchedulerOutput
 
@@ -18,9 +19,17 @@ class ModelRunner:
         shape = (num_blocks, block_size, args.num_key_value_heads, args.head_dim)
         # One (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]. Zeroed, not
         # empty: batched attention reads padding slots past a sequence's end and weights them 0,
-        # and 0 * NaN from uninitialised memory would still be NaN.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(args.num_hidden_layers)]
+        # and 0 * NaN from uninitialised memory would still be NaN. On the CPU in memory the kernel
+        # may back with 2 MB pages (host_memory.huge_page_tensors: a decode step reads every running
+        # sequence's K and V in scattered block-sized runs), faulted in now by the zeroing.
+        n = 2 * args.num_hidden_layers
+        tensors = huge_page_tensors([(shape, dtype)] * n) if device.type == "cpu" else None
+        if tensors is None:
+            tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        else:
+            for t in tensors:
+                t.zero_()
+        self.kv_caches = list(zip(tensors[0::2], tensors[1::2]))
 
     def one_call_tokens(self) -> int | None:
         """The most tokens a step may hold and still run as one compiled call (None: no such call)."""

@@ -97,7 +97,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{machine()}; THP mode {transparent_huge_pages()!r}; torch threads {torch.get_num_threads()}")
+    mode = transparent_huge_pages()
+    print(f"{machine()}; THP mode {mode!r}; torch threads {torch.get_num_threads()}")
+    if mode == "always":
+        print("note: THP mode 'always' may put the '4 KB pages' tensors on huge pages too (khugepaged)")
     print(f"{'case':<34}{'4 KB pages ms':>15}{'2 MB pages ms':>15}{'ratio':>8}")
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")

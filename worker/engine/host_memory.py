@@ -65,63 +65,83 @@ def transparent_huge_pages() -> str:
     return text[start + 1:end] if 0 <= start < end else ""
 
 
+def _advised_region(nbytes: int) -> torch.Tensor | None:
+    """`nbytes` uint8 of an anonymous mapping that starts on a 2 MB boundary and is advised
+    MADV_HUGEPAGE, or None where that cannot be had (under 2 MB, no THP, madvise refused)."""
+    if (nbytes < HUGE_PAGE_BYTES or transparent_huge_pages() not in ("always", "madvise")
+            or not hasattr(mmap, "MADV_HUGEPAGE") or not _MAP_PRIVATE_ANONYMOUS):
+        return None
+    size = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES + HUGE_PAGE_BYTES   # room to align the start
+    region = mmap.mmap(-1, size, flags=_MAP_PRIVATE_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as exc:   # (a kernel without THP for anonymous memory, or THP disabled for the process)
+        log.debug("madvise(MADV_HUGEPAGE) refused: %s", exc)
+        region.close()
+        return None
+    offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE_BYTES
+    # the tensor keeps `region` alive (torch.frombuffer holds the buffer); the mapping goes with the
+    # last view of it
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
+
+
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in memory that the kernel may back with 2 MB pages: an anonymous
     mapping aligned to 2 MB and advised MADV_HUGEPAGE (THP's "madvise" mode, the usual default,
     gives huge pages only to memory so advised). The memory is zero until written, and faulted in
     2 MB at a time. Smaller tensors, or where the platform has no THP, an ordinary torch.empty.
 
-    Why: the KV cache and the weights are read in full every decode step, in runs of a few KB (a
-    cache block) scattered over ~1 GB, and each 4 KB page is a TLB miss, which a VM's nested page
+    Why: the KV cache and the weights are read in full every decode step, the cache in runs of a few
+    KB (a block) scattered over ~1 GB, and each 4 KB page is a TLB miss, which a VM's nested page
     tables make expensive. On a 2-core Zen 4 VM, a decode step's attention over 24 rows took 18.5 ms
     on 4 KB pages and 16.9 on 2 MB pages (float32; benchmarks/hugepages.py)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if (nbytes < HUGE_PAGE_BYTES or transparent_huge_pages() not in ("always", "madvise")
-            or not hasattr(mmap, "MADV_HUGEPAGE") or not _MAP_PRIVATE_ANONYMOUS):
-        return torch.empty(shape, dtype=dtype)
-    size = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES + HUGE_PAGE_BYTES   # room to align the start
-    region = mmap.mmap(-1, size, flags=_MAP_PRIVATE_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError as exc:   # (a kernel without THP for anonymous memory): 4 KB pages, as torch.empty
-        log.debug("madvise(MADV_HUGEPAGE) refused: %s", exc)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    offset = -address % HUGE_PAGE_BYTES
-    # the tensor keeps `region` alive (torch.frombuffer holds the buffer), and the mapping is unmapped
-    # when the last view of it goes
-    flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
-    return flat.view(dtype).view(shape)
+    region = _advised_region(math.prod(shape) * dtype.itemsize)
+    return torch.empty(shape, dtype=dtype) if region is None else region.view(dtype).view(shape)
 
 
 def huge_page_tensors(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor] | None:
-    """Uninitialised tensors of these (shape, dtype)s, one after another in one huge_page_empty
-    region (each start 64-byte aligned), so that only the region's last 2 MB page is part empty,
-    not one per tensor. None where that region would not be on huge pages (no THP, or too small)."""
+    """Uninitialised tensors of these (shape, dtype)s, one after another in one _advised_region
+    (each start 64-byte aligned), so that only the region's last 2 MB page is part empty, not one
+    per tensor. None where there is no such region (no THP, or under 2 MB in all)."""
     offsets, total = [], 0
     for shape, dtype in specs:
         offsets.append(total)
         total += -(-math.prod(shape) * dtype.itemsize // 64) * 64
-    region = huge_page_empty((total,), torch.uint8)
-    if total < HUGE_PAGE_BYTES or region.data_ptr() % HUGE_PAGE_BYTES:
+    region = _advised_region(total)
+    if region is None:
         return None
     return [region[o:o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
             for o, (shape, dtype) in zip(offsets, specs)]
 
 
+MOVE_MAX_BYTES = 4 << 30   # weights above this stay put: the move holds two copies for a moment
+
+
 def move_to_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
     """Each CPU parameter and buffer of at least `min_bytes` copied into one huge_page_tensors region
     (a tensor shared by several modules, as tied embeddings, once). Returns the bytes moved (0 where
-    there are no huge pages)."""
-    chosen: dict[int, list[torch.Tensor]] = {}
+    there are no huge pages, or above MOVE_MAX_BYTES). The old copies are freed, and the heap's free
+    top handed back to the kernel (malloc_trim), so that a model does not keep two."""
+    chosen: dict[tuple, list[torch.Tensor]] = {}
     for t in [*module.parameters(), *module.buffers()]:
         if t.device.type == "cpu" and not t.is_sparse and t.numel() * t.element_size() >= min_bytes:
-            chosen.setdefault(t.data_ptr(), []).append(t)
+            chosen.setdefault((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype), []).append(t)
     groups = list(chosen.values())
-    fresh = huge_page_tensors([(tuple(g[0].shape), g[0].dtype) for g in groups]) if groups else None
+    total = sum(g[0].numel() * g[0].element_size() for g in groups)
+    fresh = huge_page_tensors([(tuple(g[0].shape), g[0].dtype) for g in groups]) \
+        if groups and total <= MOVE_MAX_BYTES else None
     if fresh is None:
         return 0
     for group, new in zip(groups, fresh):
         new.copy_(group[0].detach())
         for t in group:
             t.data = new
-    return sum(t.numel() * t.element_size() for t in fresh)
+    _trim_heap()
+    return total
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):   # not glibc
+        pass

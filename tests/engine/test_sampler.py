@@ -193,3 +193,21 @@ def test_min_tokens_in_a_batch_bans_each_rows_own_stops_only_until_reached(tempe
     else:
         tokens = [t for t, _ in sampler(rows.clone(), samples, [0, 1, 2, 3])]
         assert tokens == [3, 2, 0, 0]
+
+
+def test_min_tokens_bans_leave_a_shared_row_and_a_logprobs_row_alone():
+    """Two samples drawing from one row (forks of an n > 1 request) where only one is under
+    min_tokens, and a row asking for logprobs beside a banned row: the ban reaches only its own
+    sample, and the logprobs are of the logits as the model gave them."""
+    sampler = Sampler({EOS}, seed=1, device="cpu")
+    logits = torch.tensor([[10.0, 0.0, 9.0], [10.0, 0.0, 9.0]])
+    under = seq(SamplingParams(temperature=0, min_tokens=2, max_tokens=4))
+    past = seq(SamplingParams(temperature=0, min_tokens=1, max_tokens=4))
+    past.append(2)
+    assert [t for t, _ in sampler(logits.clone(), [(under, 0), (past, 0)], [0, 0])] == [2, 0]
+    wants_logprobs = seq(SamplingParams(temperature=0, max_tokens=4, logprobs=2))
+    (banned, _), (token, logprobs) = sampler(logits.clone(), [(seq(SamplingParams(temperature=0, min_tokens=2,
+                                                                                   max_tokens=4)), 0),
+                                                               (wants_logprobs, 1)], [0, 1])
+    assert banned == 2 and token == EOS
+    assert EOS in logprobs and logprobs[EOS] == pytest.approx(float(torch.log_softmax(logits[1], -1)[EOS]))

@@ -4,8 +4,10 @@ Greedy batches take one argmax. Rows that need nothing of their own (no seed, no
 logprobs, min_tokens reached: what an OpenAI client sends by default) are sampled together, in
 whole-batch operations: temperature, top-k, top-p, min-p, then one uniform number per row against
 its running sum (at 16 streams of temperature 1 the per-row loop this replaces took ~13 ms, about a
-fifth of a decode step, on a 2-core EPYC; together they take ~0.8 ms). The others go row by row:
-min_tokens masking, repetition / presence / frequency penalties, then the same filters and draw, from
+fifth of a decode step, on a 2-core EPYC; together they take ~0.8 ms). Rows under min_tokens have
+EOS and their stop ids masked first, in one indexed write for the batch. The others go row by row
+(penalties, logprobs, a seed, min_tokens under a grammar): min_tokens masking, repetition /
+presence / frequency penalties, then the same filters and draw, from
 the sequence's own generator when it has a seed (so a seeded request samples the same tokens whatever
 else shares its batch) or from the engine's generator. Structured-output masks (the grammar's allowed
 ids, structured.py) come first of all, so greedy, sampling and logprobs all see the masked

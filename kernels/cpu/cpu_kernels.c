@@ -499,6 +499,56 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
 #define TILE_ROWS 16        /* prefill rows of one sequence per work item (head_dim 64) */
 #define TILE_MAX_GROUP 64   /* query heads a KV head, at most, for tiles (a tile's queries: inv_sum below) */
 
+#if defined(__AVX512F__) || defined(GENQ_AVX2)
+/* The parts of a tile (run_tile_avx512, run_tile_avx2; head_dim 64) that do not depend on the vector
+ * width. */
+#if defined(__AVX512F__)
+#define TILE_SOFTMAX softmax_in_place
+#else
+#define TILE_SOFTMAX softmax_in_place8
+#endif
+
+/* qs[j * 64 ..] <- the tile's query j (row s0 + j / G, query head h * G + j % G) times the scale */
+static inline void tile_queries(const job_t *job, int s0, int NQ, int h, float *qs) {
+    const int G = job->num_heads / job->num_kv_heads;
+    for (int j = 0; j < NQ; j++) {
+        float *q = qs + j * 64;
+        load_row(job->q, job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64, 64, job->dtype, q);
+        for (int d = 0; d < 64; d++) q[d] *= job->scale;
+    }
+}
+
+/* rows_at[o] <- where token t0 + o's row of KV head h starts in a cache, o < n */
+static inline void chunk_rows(const job_t *job, const int32_t *table, int t0, int n, int h, int64_t *rows_at) {
+    const int BS = job->block_size, KVH = job->num_kv_heads;
+    for (int o = 0, blk = t0 / BS, off = t0 % BS; o < n; o++) {
+        rows_at[o] = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
+        if (++off == BS) { off = 0; blk++; }
+    }
+}
+
+/* exact softmax in float32 of each of the NQ queries' scores over its own context (the first
+ * seq_lens[s0 + j / G] of the tile's len); zero past it. inv_sum[j] <- 1 / the sum. */
+static inline void tile_softmax(const job_t *job, int s0, int NQ, int len, float *scores, float *inv_sum) {
+    const int G = job->num_heads / job->num_kv_heads;
+    for (int j = 0; j < NQ; j++) {
+        float *row = scores + (int64_t)j * len;
+        const int own = job->seq_lens[s0 + j / G];
+        inv_sum[j] = TILE_SOFTMAX(row, own);
+        for (int t = own; t < len; t++) row[t] = 0.0f;
+    }
+}
+
+/* vt[t * 64 ..] <- the V row of KV head h of token t < len, as float32 */
+static inline void tile_values(const job_t *job, const int32_t *table, int len, int h, float *vt) {
+    const int BS = job->block_size, KVH = job->num_kv_heads;
+    for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {
+        load_row(job->v_cache, (((int64_t)table[blk] * BS + off) * KVH + h) * 64, 64, job->dtype, vt + t * 64);
+        if (++off == BS) { off = 0; blk++; }
+    }
+}
+#endif
+
 #if defined(__AVX512F__)
 /* r[i] <- column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]. */
 static inline void transpose16(__m512i r[16]) {
@@ -576,24 +626,16 @@ static inline __attribute__((always_inline)) void weigh_tile(const job_t *job, i
  * vt [len][64]. */
 static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, float *scores, float *qs, float *kt,
                             float *vt) {
-    const int H = job->num_heads, KVH = job->num_kv_heads, BS = job->block_size, G = H / KVH, NQ = R * G;
+    const int G = job->num_heads / job->num_kv_heads, NQ = R * G;
     const int len = job->seq_lens[s0 + R - 1];   /* the longest row's context: every row's is a prefix */
     const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
-    const __m512 scale = _mm512_set1_ps(job->scale);
     float inv_sum[TILE_ROWS * TILE_MAX_GROUP];   /* R * G: the caller tiles only where G <= TILE_MAX_GROUP */
     for (int h = h0; h < h1; h++) {
-        for (int j = 0; j < NQ; j++) {
-            const int64_t at = job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64;
-            for (int c = 0; c < 4; c++)
-                _mm512_storeu_ps(qs + j * 64 + c * 16, _mm512_mul_ps(load16(job->q, at + c * 16, job->dtype, 0xffff), scale));
-        }
+        tile_queries(job, s0, NQ, h, qs);
         for (int t0 = 0; t0 < len; t0 += 16) {
             const int n = len - t0 < 16 ? len - t0 : 16;
             int64_t rows_at[16];   /* the chunk's K rows of head h */
-            for (int o = 0, blk = t0 / BS, off = t0 % BS; o < n; o++) {
-                rows_at[o] = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
-                if (++off == BS) { off = 0; blk++; }
-            }
+            chunk_rows(job, table, t0, n, h, rows_at);
             for (int c = 0; c < 4; c++) {
                 __m512i r[16];
                 for (int o = 0; o < 16; o++) {
@@ -618,18 +660,8 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
                 }
             }
         }
-        /* exact softmax in float32 over each query's own context; zero past it */
-        for (int j = 0; j < NQ; j++) {
-            float *row = scores + (int64_t)j * len;
-            const int own = job->seq_lens[s0 + j / G];
-            inv_sum[j] = softmax_in_place(row, own);
-            for (int t = own; t < len; t++) row[t] = 0.0f;
-        }
-        for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {   /* V rows of this KV head, float32, in a row */
-            const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(vt + t * 64 + c * 16, load16(job->v_cache, at + c * 16, job->dtype, 0xffff));
-            if (++off == BS) { off = 0; blk++; }
-        }
+        tile_softmax(job, s0, NQ, len, scores, inv_sum);
+        tile_values(job, table, len, h, vt);
         for (int j0 = 0; j0 < NQ; j0 += 6) {
             switch (NQ - j0 < 6 ? NQ - j0 : 6) {
             case 6: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 6); break;
@@ -692,23 +724,16 @@ static inline __attribute__((always_inline)) void weigh_tile8(const job_t *job, 
  * Scratch: scores [R*G][len], qs [R*G][64], kt [64][8], vt [len][64]. */
 static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float *scores, float *qs, float *kt,
                           float *vt) {
-    const int H = job->num_heads, KVH = job->num_kv_heads, BS = job->block_size, G = H / KVH, NQ = R * G;
+    const int G = job->num_heads / job->num_kv_heads, NQ = R * G;
     const int len = job->seq_lens[s0 + R - 1];
     const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
-    const __m256 scale = _mm256_set1_ps(job->scale);
     float inv_sum[TILE_ROWS * TILE_MAX_GROUP];
     for (int h = h0; h < h1; h++) {
-        for (int j = 0; j < NQ; j++) {
-            const int64_t at = job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64;
-            for (int c = 0; c < 8; c++) _mm256_storeu_ps(qs + j * 64 + c * 8, _mm256_mul_ps(load8(job->q, at + c * 8, job->dtype), scale));
-        }
+        tile_queries(job, s0, NQ, h, qs);
         for (int t0 = 0; t0 < len; t0 += 8) {
             const int n = len - t0 < 8 ? len - t0 : 8;
             int64_t rows_at[8];
-            for (int o = 0, blk = t0 / BS, off = t0 % BS; o < n; o++) {
-                rows_at[o] = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
-                if (++off == BS) { off = 0; blk++; }
-            }
+            chunk_rows(job, table, t0, n, h, rows_at);
             for (int c = 0; c < 8; c++) {
                 __m256 r[8];
                 for (int o = 0; o < 8; o++) r[o] = o < n ? load8(job->k_cache, rows_at[o] + c * 8, job->dtype) : _mm256_setzero_ps();
@@ -727,17 +752,8 @@ static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float
                 }
             }
         }
-        for (int j = 0; j < NQ; j++) {
-            float *row = scores + (int64_t)j * len;
-            const int own = job->seq_lens[s0 + j / G];
-            inv_sum[j] = softmax_in_place8(row, own);
-            for (int t = own; t < len; t++) row[t] = 0.0f;
-        }
-        for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {
-            const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * 64;
-            for (int c = 0; c < 8; c++) _mm256_storeu_ps(vt + t * 64 + c * 8, load8(job->v_cache, at + c * 8, job->dtype));
-            if (++off == BS) { off = 0; blk++; }
-        }
+        tile_softmax(job, s0, NQ, len, scores, inv_sum);
+        tile_values(job, table, len, h, vt);
         for (int d0 = 0; d0 < 64; d0 += 32)
             for (int j0 = 0; j0 < NQ; j0 += 3) {
                 switch (NQ - j0 < 3 ? NQ - j0 : 3) {

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import re
 import secrets
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cpu_info  # noqa: E402  (benchmarks/)
 import requests  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
@@ -55,16 +55,6 @@ WORDS = ("time person year way day thing man world life hand part child eye woma
          "government company number group problem fact river garden window music letter story market system "
          "question evening morning summer winter mountain village teacher doctor friend family country").split()
 FINAL = {s.value for s in FINAL_STATUSES}
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512_vnni|avx512f|avx2)\b", text)))
-    return f"{model.group(1) if model else '?'}; {os.cpu_count()} cores; flags: {' '.join(flags) or 'none'}"
 
 
 class Stack:
@@ -297,8 +287,8 @@ def main() -> int:
             args.model_path = str(build_tiny(tmp))
         else:
             args.model_path = None if args.model == "default" else args.model
-        print(f"CPU: {cpu_flags()}", flush=True)
-        results: dict = {"cpu": cpu_flags(), "args": {k: v for k, v in vars(args).items()}}
+        print(f"CPU: {cpu_info.describe()}", flush=True)
+        results: dict = {"cpu": cpu_info.describe(), "args": {k: v for k, v in vars(args).items()}}
         if {"solo", "fair", "weights"} & set(args.phases):
             with Stack(tmp / "fair", args, "fair") as stack:
                 for phase, fn in (("solo", phase_solo), ("fair", phase_flood), ("weights", phase_weights)):

@@ -15,8 +15,6 @@ Not part of `make test`.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import statistics
 import sys
 import time
@@ -26,18 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cpu_info  # (benchmarks/)
+
 from kernels import cpu_kernels
 from worker.engine.host_memory import huge_page_tensors, transparent_huge_pages
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]   # (in, out): qkv, o, gate|up, down
 LAYERS, ROWS, CTX, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 24, 260, 9, 3, 64, 16
-
-
-def machine() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512_vnni|avx512f|avx2)\b", text)))
-    return f"{model.group(1) if model else '?'}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none'}"
 
 
 def alternate(runs: dict, rounds: int) -> dict[str, float]:
@@ -98,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     mode = transparent_huge_pages()
-    print(f"{machine()}; THP mode {mode!r}; torch threads {torch.get_num_threads()}")
+    print(f"{cpu_info.describe()}; THP mode {mode!r}; torch threads {torch.get_num_threads()}")
     if mode == "always":
         print("note: THP mode 'always' may put the '4 KB pages' tensors on huge pages too (khugepaged)")
     print(f"{'case':<34}{'4 KB pages ms':>15}{'2 MB pages ms':>15}{'ratio':>8}")

@@ -28,14 +28,19 @@ TRIM_THRESHOLD_BYTES = 1 << 30      # free heap kept before any goes back to the
 TOP_PAD_BYTES = 64 << 20            # extra heap taken per growth
 
 
+def _glibc(function: str):
+    """The C library's `function`, or None where the C library is not glibc (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), function)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 @functools.cache
 def retain_freed_memory() -> bool:
     """Once per process: set the thresholds where the C library is glibc. Says whether it did."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):   # not glibc (musl, macOS): leave the allocator alone
+    mallopt = _glibc("mallopt")
+    if mallopt is None:   # leave the allocator alone
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     results = [mallopt(param, value) == 1 for param, value in (   # each tried, whatever the others say
@@ -67,7 +72,14 @@ def transparent_huge_pages() -> str:
 
 def _advised_region(nbytes: int) -> torch.Tensor | None:
     """`nbytes` uint8 of an anonymous mapping that starts on a 2 MB boundary and is advised
-    MADV_HUGEPAGE, or None where that cannot be had (under 2 MB, no THP, madvise refused)."""
+    MADV_HUGEPAGE (THP's "madvise" mode, the usual default, gives huge pages only to memory so
+    advised), zero until written and faulted in 2 MB at a time; None where that cannot be had
+    (under 2 MB, no THP, madvise refused).
+
+    Why: the KV cache and the weights are read in full every decode step, the cache in runs of a few
+    KB (a block) scattered over ~1 GB, and each 4 KB page is a TLB miss, which a VM's nested page
+    tables make expensive. On a 2-core Zen 4 VM, a decode step's attention over 24 rows took 18.5 ms
+    on 4 KB pages and 16.9 on 2 MB pages (float32; benchmarks/hugepages.py)."""
     if (nbytes < HUGE_PAGE_BYTES or transparent_huge_pages() not in ("always", "madvise")
             or not hasattr(mmap, "MADV_HUGEPAGE") or not _MAP_PRIVATE_ANONYMOUS):
         return None
@@ -83,20 +95,6 @@ def _advised_region(nbytes: int) -> torch.Tensor | None:
     # the tensor keeps `region` alive (torch.frombuffer holds the buffer); the mapping goes with the
     # last view of it
     return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
-
-
-def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in memory that the kernel may back with 2 MB pages: an anonymous
-    mapping aligned to 2 MB and advised MADV_HUGEPAGE (THP's "madvise" mode, the usual default,
-    gives huge pages only to memory so advised). The memory is zero until written, and faulted in
-    2 MB at a time. Smaller tensors, or where the platform has no THP, an ordinary torch.empty.
-
-    Why: the KV cache and the weights are read in full every decode step, the cache in runs of a few
-    KB (a block) scattered over ~1 GB, and each 4 KB page is a TLB miss, which a VM's nested page
-    tables make expensive. On a 2-core Zen 4 VM, a decode step's attention over 24 rows took 18.5 ms
-    on 4 KB pages and 16.9 on 2 MB pages (float32; benchmarks/hugepages.py)."""
-    region = _advised_region(math.prod(shape) * dtype.itemsize)
-    return torch.empty(shape, dtype=dtype) if region is None else region.view(dtype).view(shape)
 
 
 def huge_page_tensors(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor] | None:
@@ -141,7 +139,6 @@ def move_to_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int
 
 
 def _trim_heap() -> None:
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):   # not glibc
-        pass
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)

@@ -92,15 +92,19 @@ class Sampler:
             return
         row_ids: list[int] = []
         token_ids: list[int] = []
-        vocab = rows.shape[1]
         for i in which:
-            stops = seqs[i].request.params.stop_token_ids
-            banned = self.eos_token_ids + ([t for t in stops if t < vocab] if stops else [])
+            banned = self._banned(seqs[i].request.params, rows.shape[1])
             row_ids.extend([i] * len(banned))
             token_ids.extend(banned)
         if token_ids:
             device = rows.device
             rows[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = float("-inf")
+
+    def _banned(self, params, vocab: int) -> list[int]:
+        """The ids min_tokens bans: EOS and the request's stop token ids (those past the vocabulary
+        can never be sampled, so are left out rather than failing the step)."""
+        stops = params.stop_token_ids
+        return self.eos_token_ids + ([t for t in stops if t < vocab] if stops else [])
 
     def _draw_batch(self, rows: torch.Tensor, params: list, generator: torch.Generator | None = None) -> list[int]:
         """One token per row of `rows` (float32 logits, overwritten), each by its own temperature /
@@ -172,7 +176,7 @@ class Sampler:
         p = seq.request.params
         logits = raw.clone()
         if seq.num_output_tokens < p.min_tokens:
-            banned = self.eos_token_ids + [t for t in p.stop_token_ids if t < logits.shape[0]]   # (ids past the vocabulary: never sampled)
+            banned = self._banned(p, logits.shape[0])
             if banned:
                 logits[torch.tensor(banned, device=logits.device)] = float("-inf")
                 if seq.grammar is not None and not torch.isfinite(logits).any():

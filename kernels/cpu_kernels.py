@@ -271,18 +271,22 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         raise IndexError(f"position {int(positions.max())} is past the RoPE table ({cos_sin_cache.shape[0]})")
 
 
-# Up to this many rows of x, `linear` beats the BLAS: on a 2-core AVX-512 Xeon 1.8-2.4x faster from 4
-# to 48 rows, level with oneDNN's packed weights at about 56 (benchmarks/cpu_linear.py). With AVX2 (8-lane
-# vectors, a 3-row register block) it beats oneDNN with packed weights up to about 28 rows on a
-# 2-core AVX2 EPYC (0.67-0.80x its time at 8-16 rows, level at 32, 1.05-1.3x slower at 48-64).
-# With AVX-512 the limit is higher, 128: there a step of at most this many tokens runs every layer in
-# one call (`DecodeLayers`), which saves the per-op path's 30-60 ms of op calls, more than the kernel
-# loses to oneDNN up to 128 rows (level at 128): a 79-token float32 prompt took 92-98 ms against
-# 131-137 ms on a 2-core AMX Xeon (docs/kernels.md). The fair scheduler's step cost, measured by
-# size, takes the step in its curve. bfloat16 widened as read keeps 48 there (one call is slower from
-# 79 rows).
+# Up to this many rows of x, `linear` takes the kernel, and a step of at most this many tokens runs
+# every layer in one call (`DecodeLayers`), which saves the per-op path's 30-60 ms of op calls. The
+# kernel beats the BLAS: on a 2-core AVX-512 Xeon 1.8-2.4x faster from 4 to 48 rows, level with
+# oneDNN's packed weights at about 56 (benchmarks/cpu_linear.py), and the one call's saving outweighs
+# what it loses to oneDNN up to 128 rows (level at 128): a 79-token float32 prompt took 92-98 ms
+# against 131-137 ms on a 2-core AMX Xeon (docs/kernels.md). With AVX2 only (8-lane vectors, a 3-row
+# register block) the kernel is ahead of oneDNN's packed weights up to 64 rows, level at 96 and 8%
+# behind at 128 on a 2-core Zen 3 EPYC, and in the engine there (alternating processes) the limit at
+# 128 against 32 took 48 decode rows from 10.4-11.9 to 9.1-9.4 s, 96 rows from 14.3-15.2 to
+# 12.9-13.5 s, a 60-token prompt from 142-180 to 114-115 ms and a 100-token one from 233-243 to
+# 182-184 ms. (Until 2026-12-01 the AVX2 block waited on its loads and lost to oneDNN from ~28 rows:
+# the limit was 32.) The fair scheduler's step cost, measured by size, takes the step in its curve.
+# bfloat16 widened as read keeps 48 with AVX-512 (one call is slower from 79 rows) and 32 with AVX2
+# (not re-measured since).
 _AVX512 = {"avx512f", "avx512dq", "avx512bw"} <= set(_cpu_flags().split())
-LINEAR_MAX_ROWS = 128 if _AVX512 else 32   # the C path's test
+LINEAR_MAX_ROWS = 128   # the C path's test
 LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32
 # bfloat16 where the kernel multiplies it natively, as float32 with AVX-512: the one call's saving
 # outweighs the kernel's matmul against oneDNN's up to 128 rows. Through vdpbf16ps (AVX512-BF16) the

@@ -155,12 +155,14 @@ class WorkerRuntime:
                                      extra_sweeps=(self._sweep_webhooks, self._sweep_batches))
 
     def start(self) -> "WorkerRuntime":
+        # the model's report before the worker's first live report (the service's stats): the API's
+        # /health, once it sees a live worker, loads the tokenizer from it (app/api/health.py)
+        self.publish_model()
         self.service.start()
         for thread in self._threads:
             thread.start()
         self._control_ready.wait(10)
         self.reconciler.start()
-        self.publish_model()
         log.info("worker %s ready: model %s", self.worker_id, getattr(self.engine, "model_name", "?"))
         return self
 

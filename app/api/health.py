@@ -1,6 +1,7 @@
 """/healthz (the process is alive), /readyz (its database and Redis answer; else 503 + Retry-After,
 its `checks` saying which is down), /health (that, and a worker's engine is loaded and warm: the
-service can generate now; what vLLM, TGI and SGLang serve, so standard clients and load balancers
+service can generate now; this process loads the tokenizer the workers reported, for its context
+check, before it says so; what vLLM, TGI and SGLang serve, so standard clients and load balancers
 accept genq as it is), /metrics."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.api.admission import admission
 from app.api.problems import problem_response
 from app.api.services import services
 from app.infra.problems import OUTAGE_RETRY_AFTER_SECONDS
@@ -42,6 +44,10 @@ def health():
         checks["workers"] = workers
         if workers == 0 and not failures:
             failures.append("no worker has its engine loaded yet (a worker reports once its engine is warm)")
+        elif not failures:
+            # this process's context check loads the tokenizer the worker reported now, not in the
+            # first request after this answer (app/api/warm.py)
+            admission().context_window.warm()
     if failures:
         return _not_ready(checks, failures)
     return jsonify({"status": "ok", "checks": checks})

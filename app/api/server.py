@@ -4,6 +4,7 @@ from __future__ import annotations
 from gunicorn.app.base import BaseApplication
 
 from app.api import create_app
+from app.api.warm import start_warming
 from app.infra.logs import logging_config
 from app.infra.settings import Settings
 
@@ -34,7 +35,9 @@ class GunicornServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        return create_app(self.settings)
+        app = create_app(self.settings)   # in each worker process, after the fork
+        start_warming(app)                # so that its first request is no slower than its second
+        return app
 
 
 def serve(settings: Settings, **options) -> None:

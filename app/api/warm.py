@@ -45,7 +45,8 @@ def warm(app: Flask, poll_seconds: float, for_seconds: float, stop: threading.Ev
     window = app.extensions["genq_admission"].context_window
     deadline = time.monotonic() + for_seconds
     while True:
-        known = _quietly("the model's context", window.warm)
+        # (Redis pinged first: the context window logs a warning for every look that Redis refuses)
+        known = _quietly("Redis", svc.redis.ping) and _quietly("the model's context", window.warm)
         if known:
             log.info("API warmed up: the model's tokenizer and context length are loaded")
             return True

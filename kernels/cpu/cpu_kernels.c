@@ -753,6 +753,31 @@ static __attribute__((noinline)) void weigh_tiles8(const job_t *job, int h, int 
         }
 }
 
+/* kt[d * 8 + o] <- dimension d of the K row at k_cache[rows_at[o] + off], o < n (zero beyond) */
+static inline void chunk_keys8(const job_t *job, const int64_t *rows_at, int n, int64_t off, float *kt) {
+    for (int c = 0; c < 8; c++) {
+        __m256 r[8];
+        for (int o = 0; o < 8; o++) r[o] = o < n ? load8(job->k_cache, rows_at[o] + off + c * 8, job->dtype) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (c * 8 + d) * 8, r[d]);
+    }
+}
+
+/* scores[j * len + o] <- query j (qs[j * 64 ..]) . the chunk's token o, j < NQ, six queries at a time */
+static inline void chunk_scores8(const float *qs, const float *kt, float *scores, int len, int NQ, int n) {
+    for (int j0 = 0; j0 < NQ; j0 += 6) {
+        float *sj = scores + (int64_t)j0 * len;
+        switch (NQ - j0 < 6 ? NQ - j0 : 6) {
+        case 6: score_chunk8(qs + j0 * 64, kt, sj, len, 6, n); break;
+        case 5: score_chunk8(qs + j0 * 64, kt, sj, len, 5, n); break;
+        case 4: score_chunk8(qs + j0 * 64, kt, sj, len, 4, n); break;
+        case 3: score_chunk8(qs + j0 * 64, kt, sj, len, 3, n); break;
+        case 2: score_chunk8(qs + j0 * 64, kt, sj, len, 2, n); break;
+        default: score_chunk8(qs + j0 * 64, kt, sj, len, 1, n); break;
+        }
+    }
+}
+
 /* R (1 .. TILE_ROWS) consecutive rows of one prefill chunk, or one decode row: as run_tile_avx512.
  * Scratch: scores [R*G][len], qs [R*G][64], kt [64][8], vt [len][64]. */
 static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float *scores, float *qs, float *kt,
@@ -767,23 +792,8 @@ static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float
             const int n = len - t0 < 8 ? len - t0 : 8;
             int64_t rows_at[8];
             chunk_rows(job, table, t0, n, h, rows_at);
-            for (int c = 0; c < 8; c++) {
-                __m256 r[8];
-                for (int o = 0; o < 8; o++) r[o] = o < n ? load8(job->k_cache, rows_at[o] + c * 8, job->dtype) : _mm256_setzero_ps();
-                transpose8(r);
-                for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (c * 8 + d) * 8, r[d]);
-            }
-            for (int j0 = 0; j0 < NQ; j0 += 6) {
-                float *sj = scores + (int64_t)j0 * len + t0;
-                switch (NQ - j0 < 6 ? NQ - j0 : 6) {
-                case 6: score_chunk8(qs + j0 * 64, kt, sj, len, 6, n); break;
-                case 5: score_chunk8(qs + j0 * 64, kt, sj, len, 5, n); break;
-                case 4: score_chunk8(qs + j0 * 64, kt, sj, len, 4, n); break;
-                case 3: score_chunk8(qs + j0 * 64, kt, sj, len, 3, n); break;
-                case 2: score_chunk8(qs + j0 * 64, kt, sj, len, 2, n); break;
-                default: score_chunk8(qs + j0 * 64, kt, sj, len, 1, n); break;
-                }
-            }
+            chunk_keys8(job, rows_at, n, 0, kt);
+            chunk_scores8(qs, kt, scores + t0, len, NQ, n);
         }
         tile_softmax(job, s0, NQ, len, scores, inv_sum);
         tile_values(job, table, len, h, vt);
@@ -812,26 +822,8 @@ static void run_row_avx2(const job_t *job, int s0, int h0, int h1, float *scores
         int64_t rows_at[8];
         chunk_rows(job, table, t0, n, h0, rows_at);   /* head h's row: + (h - h0) * 64 */
         for (int h = 0; h < NHK; h++) {
-            for (int c = 0; c < 8; c++) {
-                __m256 r[8];
-                for (int o = 0; o < 8; o++)
-                    r[o] = o < n ? load8(job->k_cache, rows_at[o] + h * 64 + c * 8, job->dtype) : _mm256_setzero_ps();
-                transpose8(r);
-                for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (c * 8 + d) * 8, r[d]);
-            }
-            const float *qh = qs + (int64_t)h * G * 64;
-            float *sh = scores + (int64_t)h * G * len + t0;
-            for (int j0 = 0; j0 < G; j0 += 6) {
-                float *sj = sh + (int64_t)j0 * len;
-                switch (G - j0 < 6 ? G - j0 : 6) {
-                case 6: score_chunk8(qh + j0 * 64, kt, sj, len, 6, n); break;
-                case 5: score_chunk8(qh + j0 * 64, kt, sj, len, 5, n); break;
-                case 4: score_chunk8(qh + j0 * 64, kt, sj, len, 4, n); break;
-                case 3: score_chunk8(qh + j0 * 64, kt, sj, len, 3, n); break;
-                case 2: score_chunk8(qh + j0 * 64, kt, sj, len, 2, n); break;
-                default: score_chunk8(qh + j0 * 64, kt, sj, len, 1, n); break;
-                }
-            }
+            chunk_keys8(job, rows_at, n, (int64_t)h * 64, kt);
+            chunk_scores8(qs + (int64_t)h * G * 64, kt, scores + (int64_t)h * G * len + t0, len, G, n);
         }
     }
     for (int h = 0; h < NHK; h++) tile_softmax(job, s0, G, len, scores + (int64_t)h * G * len, inv_sum + h * G);

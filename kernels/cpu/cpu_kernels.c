@@ -943,7 +943,12 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
     const size_t NH = (size_t)span * G, TQ = tile_ctx > 0 ? (size_t)tile_rows * G : 0;
     const size_t SR = NH > TQ ? NH : TQ;   /* rows of scores: an item's query heads, or a tile's queries */
     /* kt, vt (vt: every KV head's values for run_row_avx2) */
-    const size_t tile_scratch = tile_ctx > 0 ? 64 * 16 + (size_t)tile_ctx * 64 * num_kv_heads : 0;
+#if defined(GENQ_AVX2) && GENQ_ROW_HEADS_TOGETHER
+    const size_t vt_heads = (size_t)num_kv_heads;
+#else
+    const size_t vt_heads = 1;
+#endif
+    const size_t tile_scratch = tile_ctx > 0 ? 64 * 16 + (size_t)tile_ctx * 64 * vt_heads : 0;
     int failed = 0;
     if (num_threads > num_items) num_threads = num_items > 0 ? num_items : 1;
     /* Built with -fopenmp this runs on the process's OpenMP pool: PyTorch's own (its libgomp is

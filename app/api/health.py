@@ -5,6 +5,8 @@ check, before it says so; what vLLM, TGI and SGLang serve, so standard clients a
 accept genq as it is), /metrics."""
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -14,6 +16,8 @@ from app.api.problems import problem_response
 from app.api.services import services
 from app.infra.problems import OUTAGE_RETRY_AFTER_SECONDS
 from app.infra.worker_reports import live_workers
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
 
@@ -46,8 +50,12 @@ def health():
             failures.append("no worker has its engine loaded yet (a worker reports once its engine is warm)")
         elif not failures:
             # this process's context check loads the tokenizer the worker reported now, not in the
-            # first request after this answer (app/api/warm.py)
-            admission().context_window.warm()
+            # first request after this answer (app/api/warm.py); a report it cannot read leaves the
+            # lazy look at first use, as before, and is no reason to say not ready
+            try:
+                admission().context_window.warm()
+            except Exception:
+                log.warning("health: could not load the workers' reported tokenizer", exc_info=True)
     if failures:
         return _not_ready(checks, failures)
     return jsonify({"status": "ok", "checks": checks})

@@ -548,11 +548,13 @@ static inline void tile_softmax(const job_t *job, int s0, int NQ, int len, float
     }
 }
 
-/* vt[t * 64 ..] <- the V row of KV head h of token t < len, as float32 */
-static inline void tile_values(const job_t *job, const int32_t *table, int len, int h, float *vt) {
+/* vt[(i * len + t) * 64 ..] <- the V row of KV head h0 + i of token t < len, i < nh, as float32
+ * (a token's nh heads are one contiguous run of the cache: read together) */
+static inline void tile_values(const job_t *job, const int32_t *table, int len, int h0, int nh, float *vt) {
     const int BS = job->block_size, KVH = job->num_kv_heads;
     for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {
-        load_row(job->v_cache, (((int64_t)table[blk] * BS + off) * KVH + h) * 64, 64, job->dtype, vt + t * 64);
+        const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h0) * 64;
+        for (int i = 0; i < nh; i++) load_row(job->v_cache, at + i * 64, 64, job->dtype, vt + ((int64_t)i * len + t) * 64);
         if (++off == BS) { off = 0; blk++; }
     }
 }
@@ -670,7 +672,7 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
             }
         }
         tile_softmax(job, s0, NQ, len, scores, inv_sum);
-        tile_values(job, table, len, h, vt);
+        tile_values(job, table, len, h, 1, vt);
         for (int j0 = 0; j0 < NQ; j0 += 6) {
             switch (NQ - j0 < 6 ? NQ - j0 : 6) {
             case 6: weigh_tile(job, h, s0, vt, scores, len, inv_sum, j0, 6); break;
@@ -796,7 +798,7 @@ static void run_tile_avx2(const job_t *job, int s0, int R, int h0, int h1, float
             chunk_scores8(qs, kt, scores + t0, len, NQ, n);
         }
         tile_softmax(job, s0, NQ, len, scores, inv_sum);
-        tile_values(job, table, len, h, vt);
+        tile_values(job, table, len, h, 1, vt);
         weigh_tiles8(job, h, s0, vt, scores, len, inv_sum, NQ);
     }
 }
@@ -827,12 +829,7 @@ static void run_row_avx2(const job_t *job, int s0, int h0, int h1, float *scores
         }
     }
     for (int h = 0; h < NHK; h++) tile_softmax(job, s0, G, len, scores + (int64_t)h * G * len, inv_sum + h * G);
-    const int BS = job->block_size, KVH = job->num_kv_heads;
-    for (int64_t t = 0, blk = 0, off = 0; t < len; t++) {
-        const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h0) * 64;
-        for (int h = 0; h < NHK; h++) load_row(job->v_cache, at + h * 64, 64, job->dtype, vt + ((int64_t)h * len + t) * 64);
-        if (++off == BS) { off = 0; blk++; }
-    }
+    tile_values(job, table, len, h0, NHK, vt);
     for (int h = 0; h < NHK; h++)
         weigh_tiles8(job, h0 + h, s0, vt + (int64_t)h * len * 64, scores + (int64_t)h * G * len, len, inv_sum + h * G, G);
 }

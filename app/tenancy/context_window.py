@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0       # an unknown model is looked for again no sooner than this
 REFRESH_SECONDS = 60.0    # a model known from the workers' report is checked for a newer report this often
+WARM_SECONDS = 1.0        # `warm` looks for an unknown model no more often than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class ContextWindow:
         self._lock = threading.Lock()
         self._limits: ModelLimits | None = None
         self._next_look: float | None = None   # clock() time of the next look (None: at first use)
+        self._looked_at: float | None = None   # clock() time of the last look
 
     def limits(self) -> ModelLimits | None:
         """The served model's tokenizer and context length; None while they are unknown here."""
@@ -102,21 +104,24 @@ class ContextWindow:
             return limits
         with self._lock:
             if self._due() and not (self._limits and self._limits.source == "directory"):
-                self._limits = self._look(self._limits)
-                wait = self.refresh_seconds if self._limits is not None else self.retry_seconds
-                self._next_look = self.clock() + wait
+                self._look_now()
             return self._limits
 
     def warm(self) -> bool:
-        """Look now if nothing is known yet, whatever the retry pacing says; whether the limits are
-        known. Loading the reported tokenizer takes ~0.15 s on a 2-core VM: the API's warm-up
-        (app/api/warm.py) and /health pay it, so that the first request does not."""
+        """Look now if nothing is known yet, whatever the retry pacing says, though not twice within
+        WARM_SECONDS (/health calls it on every probe); whether the limits are known. Loading the
+        reported tokenizer takes ~0.15 s on a 2-core VM: the API's warm-up (app/api/warm.py) and
+        /health pay it, so that the first request does not."""
         with self._lock:
-            if self._limits is None:
-                self._limits = self._look(None)
-                wait = self.refresh_seconds if self._limits is not None else self.retry_seconds
-                self._next_look = self.clock() + wait
+            if self._limits is None and (self._looked_at is None or self.clock() - self._looked_at >= WARM_SECONDS):
+                self._look_now()
             return self._limits is not None
+
+    def _look_now(self) -> None:
+        """(under _lock) Look, and schedule the next look: a refresh when found, a retry when not."""
+        self._limits = self._look(self._limits)
+        self._looked_at = self.clock()
+        self._next_look = self._looked_at + (self.refresh_seconds if self._limits is not None else self.retry_seconds)
 
     @property
     def known(self) -> bool:

@@ -211,3 +211,17 @@ def test_min_tokens_bans_leave_a_shared_row_and_a_logprobs_row_alone():
                                                                (wants_logprobs, 1)], [0, 1])
     assert banned == 2 and token == EOS
     assert EOS in logprobs and logprobs[EOS] == pytest.approx(float(torch.log_softmax(logits[1], -1)[EOS]))
+
+
+def test_greedy_ids_are_argmax_with_ties_nan_and_infinities():
+    from worker.engine.sampler import greedy_ids
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 4, (12, 1000), generator=g).float()   # many ties for the maximum
+    rows[1] = float("-inf")
+    rows[2, [7, 500]] = float("nan")
+    rows[3, :] = float("nan")
+    rows[4, 999] = float("inf")
+    rows[5, [3, 4]] = float("inf")
+    assert greedy_ids(rows) == rows.argmax(dim=-1).tolist()
+    assert greedy_ids(rows)[0] == int((rows[0] == rows[0].max()).nonzero()[0])   # the first maximum

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--context", type=int, default=270, help="the longest context; others up to 60 shorter")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="of the cache and queries")
     ap.add_argument("--variant", action="append", default=[], help="compiler flags of another build, comma separated")
     args = ap.parse_args()
     if not cpu_kernels.available():
@@ -48,7 +49,8 @@ def main() -> None:
     per_seq = (args.context + BLOCK - 1) // BLOCK
     num_blocks = args.rows * per_seq + 8
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    caches = huge_page_tensors([(shape, torch.float32)] * (2 * LAYERS)) or [torch.empty(shape) for _ in range(2 * LAYERS)]
+    dtype = getattr(torch, args.dtype)
+    caches = huge_page_tensors([(shape, dtype)] * (2 * LAYERS)) or [torch.empty(shape, dtype=dtype) for _ in range(2 * LAYERS)]
     for cache in caches:
         cache.copy_(torch.randn(shape))
     order = list(range(num_blocks))
@@ -57,13 +59,14 @@ def main() -> None:
                "shared": torch.tensor([list(range(per_seq))] * args.rows, dtype=torch.int32)}
     lens = torch.tensor([args.context - rng.randrange(0, 60) for _ in range(args.rows)], dtype=torch.int32)
     rows = torch.arange(args.rows, dtype=torch.int64)
-    q = torch.randn(args.rows, HEADS, HEAD_DIM)
+    q = torch.randn(args.rows, HEADS, HEAD_DIM).to(dtype)
 
     def step(lib, tables, out, layers=LAYERS) -> float:
         start = time.perf_counter()
         for layer in range(layers):
             k, v = caches[2 * layer], caches[2 * layer + 1]
-            status = lib.genq_paged_decode(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0,
+            status = lib.genq_paged_decode(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                           cpu_kernels.DTYPES[dtype],
                                            tables.data_ptr(), tables.stride(0), lens.data_ptr(), rows.data_ptr(),
                                            args.rows, HEADS, KV_HEADS, HEAD_DIM, BLOCK, HEAD_DIM ** -0.5,
                                            torch.get_num_threads())
@@ -84,9 +87,9 @@ def main() -> None:
         for name, lib in builds.items():
             for layout, tables in layouts.items():
                 times[name, layout].append(step(lib, tables, out))
-    kv_bytes = int(lens.sum()) * KV_HEADS * HEAD_DIM * 4 * 2 * LAYERS
+    kv_bytes = int(lens.sum()) * KV_HEADS * HEAD_DIM * caches[0].element_size() * 2 * LAYERS
     print(f"{args.rows} rows, contexts {int(lens.min())}-{int(lens.max())}, {LAYERS} layers, "
-          f"{kv_bytes / 1e6:.0f} MB of KV a step; {torch.get_num_threads()} threads; median of {args.rounds}")
+          f"{kv_bytes / 1e6:.0f} MB of {args.dtype} KV a step; {torch.get_num_threads()} threads; median of {args.rounds}")
     base = statistics.median(times["engine's build", "scattered"])
     for name in builds:
         scattered = statistics.median(times[name, "scattered"])

@@ -8,10 +8,12 @@ weights, 425 MB, so each pass streams them from memory as a decode step does). T
 alternation, median of several rounds, in one process.
 
     python benchmarks/cpu_linear.py [--dtype bfloat16] [--rows 1 4 8 16 32 48 64 128] [--rounds 5] [--json out.json]
+                                    [--variant FLAGS ...]   # e.g. --variant=-DAMX_PREFETCH=0
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="compiler flags of another build of the kernel, comma separated (a column of its own)")
     args = ap.parse_args()
     if not cpu_kernels.linear_available():
         print("the linear kernel is not available here (it needs AVX-512 or AVX2 with FMA, and a C compiler)")
@@ -61,6 +65,8 @@ def main() -> None:
     # (a CPU without bfloat16 arithmetic packs bfloat16 weights widened: the engine multiplies those in float32)
     if packed and all(p is not None and p.dtype == dtype for p in packed.values()):
         sides["onednn packed"] = onednn
+    for flags in args.variant:
+        sides[flags] = functools.partial(kernel, lib=cpu_kernels.build_variant(*flags.split(",")))
     if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
         sides["kernel (no AMX)"] = kernel   # timed with the tiles off (`run`)
 

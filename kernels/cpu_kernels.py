@@ -359,10 +359,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     float32_out: bool = False) -> torch.Tensor:
+                     float32_out: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """`linear` for a caller that has checked `linear_supports` itself (kernels.linear, every
     projection of every step) or wants no row limit (benchmarks/cpu_linear.py, the LM head).
-    float32_out: bfloat16 tensors in, the float32 sums out unrounded (needs `linear_native_bfloat16`)."""
+    float32_out: bfloat16 tensors in, the float32 sums out unrounded (needs `linear_native_bfloat16`).
+    lib: another build of the kernels (`build_variant`; benchmarks), default the engine's."""
     n, k = weight.shape
     rows = x.reshape(-1, k)
     if k and rows.stride(-1) != 1:
@@ -370,7 +371,7 @@ def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     out = x.new_empty(*x.shape[:-1], n, dtype=torch.float32 if float32_out else x.dtype)
     dtype_code = 2 if float32_out else DTYPES[x.dtype]
     if rows.shape[0] and n:
-        status = library().genq_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
+        status = (lib or library()).genq_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
                                        None if bias is None else bias.data_ptr(), out.data_ptr(), n,
                                        rows.shape[0], n, k, dtype_code, _threads())
         if status != 0:

@@ -1512,6 +1512,9 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 
 #define GENQ_LINEAR_AMX 1
 #define AMX_ROWS 32   /* rows of x per pass over W: two B tiles (16 rows each), four C tiles */
+#ifndef AMX_PREFETCH
+#define AMX_PREFETCH 2   /* k-blocks ahead that W's rows are prefetched, with more than 16 rows of x (0: never) */
+#endif
 
 static int amx_wanted = 1, amx_granted = -1;   /* read and set atomically: callers run without the GIL */
 
@@ -1539,6 +1542,9 @@ static void amx_configure(int mb0, int mb1) {
     cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[6] = (uint16_t)(mb0 * 4);
     cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[7] = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
     cfg.colsb[4] = cfg.colsb[5] = 64;
+    /* GCC does not count LDTILECFG as a read of cfg, so without this it may drop the stores above
+     * (seen with another copy of this function in the same file: the unwritten config faults) */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 
@@ -1602,6 +1608,16 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
                 const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * (int64_t)K;
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int kb = 0; kb < ksteps; kb++) {
+#if AMX_PREFETCH
+                    /* with two B tiles the unit's loads of W fall behind the hardware's streams */
+                    if (mb1 > 0 && kb + AMX_PREFETCH < ksteps) {
+                        for (int r = 0; r < 16; r++)
+                            _mm_prefetch((const char *)(w0 + r * (int64_t)K + (kb + AMX_PREFETCH) * 32), _MM_HINT_T0);
+                        if (two)
+                            for (int r = 0; r < 16; r++)
+                                _mm_prefetch((const char *)(w1 + r * (int64_t)K + (kb + AMX_PREFETCH) * 32), _MM_HINT_T0);
+                    }
+#endif
                     _tile_loadd(4, w0 + kb * 32, K * 2);
                     _tile_loadd(6, xb0 + (size_t)kb * 16 * mb0 * 4, mb0 * 4);
                     _tile_dpbf16ps(0, 4, 6);

@@ -6,7 +6,7 @@ Two layouts: the sequences' blocks scattered through the cache (shuffled, as a b
 them: the step reads its KV from memory) and every sequence on the same few blocks (the KV stays in
 cache: what the arithmetic alone costs). Builds named with `--variant` (compiler flags, comma
 separated, e.g. `-DGENQ_ROW_HEADS_TOGETHER=0`) run alternately with the engine's build in one
-process, their outputs checked bit for bit against it first. Prints the CPU flags.
+process, their outputs compared with it first (a difference is printed). Prints the CPU flags.
 
     python benchmarks/cpu_decode_attention.py [--rows 24] [--context 270] [--rounds 15] [--variant FLAGS ...]
 """
@@ -79,8 +79,10 @@ def main() -> None:
     for name, lib in builds.items():
         out = torch.empty_like(q)
         step(lib, layouts["scattered"], out, 1)
-        if not torch.equal(out, reference):
-            raise SystemExit(f"{name}: output differs from the engine's build")
+        if not torch.equal(out, reference):   # (a build that sums in another order: say by how much)
+            diff = (out.float() - reference.float()).abs().max().item()
+            print(f"{name}: output differs from the engine's build by up to {diff:.3g} "
+                  f"(largest output {reference.float().abs().max().item():.3g})")
     out = torch.empty_like(q)
     times = {(name, layout): [] for name in builds for layout in layouts}
     for _ in range(args.rounds):

@@ -428,6 +428,37 @@ static inline __attribute__((always_inline)) void score_tokens(const job_t *job,
     _mm512_mask_storeu_ps(out + t0, tail_mask(n), sum16x16(v));
 }
 
+#if !defined(GENQ_ATTN_DPBF16) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define GENQ_ATTN_DPBF16 1
+#endif
+#if GENQ_ATTN_DPBF16
+/* score_tokens of a bfloat16 cache on a CPU with AVX512-BF16: the query's bfloat16 pairs (qb: NC / 2
+ * vectors, unscaled) against each K row's by vdpbf16ps, K read as it lies (no widening); lane i sums
+ * dimensions 2i and 2i + 1 of each 32 in turn, float32 throughout (products of bfloat16 are exact in
+ * float32; subnormal inputs read as zero). The sums times `scale`, as float32. */
+static inline __attribute__((always_inline)) void score_tokens_dpbf16(const job_t *job, const int32_t *table, int h,
+                                                                        const __m512i *qb, const int NC, int t0,
+                                                                        int n, float *out, __m512 scale) {
+    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
+    const uint16_t *k = (const uint16_t *)job->k_cache;
+    __m512 v[16];
+    int blk = t0 / BS, off = t0 % BS;
+    for (int o = 0; o < 16; o++) {
+        if (o < n) {
+            const uint16_t *row = k + (((int64_t)table[blk] * BS + off) * KVH + h) * D;
+            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[0], (__m512bh)_mm512_loadu_si512(row));
+            for (int c = 1; c < NC / 2; c++)
+                a = _mm512_dpbf16_ps(a, (__m512bh)qb[c], (__m512bh)_mm512_loadu_si512(row + 32 * c));
+            v[o] = a;
+            if (++off == BS) { off = 0; blk++; }
+        } else {
+            v[o] = _mm512_setzero_ps();
+        }
+    }
+    _mm512_mask_storeu_ps(out + t0, tail_mask(n), _mm512_mul_ps(sum16x16(v), scale));
+}
+#endif
+
 /* out rows of NG query heads (gs .. gs+NG of KV head h), 64 dims from d0: the probability-weighted
  * sum of V rows, the accumulators held in registers over the whole context */
 static inline __attribute__((always_inline)) void weigh_values(const job_t *job, const int32_t *table, int h,
@@ -474,8 +505,21 @@ static inline __attribute__((always_inline)) void run_item_avx512_dt(const job_t
         for (int g = 0; g < G; g++) {
             __m512 qv[8];
             const int64_t q_at = token * job->q_stride + (int64_t)(h * G + g) * D;
-            for (int c = 0; c < NC; c++) qv[c] = _mm512_mul_ps(load16(job->q, q_at + c * 16, DT, 0xffff), scale);
             float *row = hs + (int64_t)g * ctx;
+#if GENQ_ATTN_DPBF16
+            if (DT) {
+                __m512i qb[4];
+                for (int c = 0; c < NC / 2; c++) qb[c] = _mm512_loadu_si512((const uint16_t *)job->q + q_at + 32 * c);
+                for (int t0 = 0; t0 < ctx; t0 += 16) {
+                    const int n = ctx - t0 < 16 ? ctx - t0 : 16;
+                    if (NC == 4) score_tokens_dpbf16(job, table, h, qb, 4, t0, n, row, scale);
+                    else score_tokens_dpbf16(job, table, h, qb, 8, t0, n, row, scale);
+                }
+                inv_sum[(h - h0) * G + g] = softmax_in_place(row, ctx);
+                continue;
+            }
+#endif
+            for (int c = 0; c < NC; c++) qv[c] = _mm512_mul_ps(load16(job->q, q_at + c * 16, DT, 0xffff), scale);
             for (int t0 = 0; t0 < ctx; t0 += 16) {
                 const int n = ctx - t0 < 16 ? ctx - t0 : 16;
                 if (NC == 4) score_tokens(job, table, h, qv, 4, t0, n, row, DT);

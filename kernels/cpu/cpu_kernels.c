@@ -26,6 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A decode row over several KV heads copies each 16-token chunk of its cache, every head of a token
+ * together, before reading it head by head (run_row_avx512); 0 builds the direct reads (run_item_avx512)
+ * for comparison (benchmarks/cpu_decode_attention.py --variant=-DGENQ_ROW_SWEEP=0). */
+#ifndef GENQ_ROW_SWEEP
+#define GENQ_ROW_SWEEP 1
+#endif
+
 typedef struct {
     const void *q, *k_cache, *v_cache;
     int64_t q_stride;          /* elements between two tokens' rows of q (heads contiguous within a row) */
@@ -485,6 +492,32 @@ static inline __attribute__((always_inline)) void weigh_values(const job_t *job,
     }
 }
 
+#if GENQ_ROW_SWEEP
+/* weigh_values over tokens [0, n) only (probs: row stride ctx), its NG x 4 accumulators in acc_mem
+ * (float32, kept between calls: with consecutive token ranges, the same sums in the same order as one
+ * weigh_values over them all) */
+static inline __attribute__((always_inline)) void weigh_values_part(const job_t *job, const int32_t *table, int h,
+                                                                      const float *probs, int64_t ctx, int n, int gs,
+                                                                      const int NG, int d0, float *acc_mem, const int DT) {
+    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
+    __m512 acc[6][4];
+    for (int g = 0; g < NG; g++)
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_loadu_ps(acc_mem + (g * 4 + c) * 16);
+    for (int64_t t = 0, blk = 0, off = 0; t < n; t++) {
+        const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * D + d0;
+        __m512 vv[4];
+        for (int c = 0; c < 4; c++) vv[c] = load16(job->v_cache, at + c * 16, DT, 0xffff);
+        for (int g = 0; g < NG; g++) {
+            const __m512 p = _mm512_set1_ps(probs[(int64_t)(gs + g) * ctx + t]);
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+        }
+        if (++off == BS) { off = 0; blk++; }
+    }
+    for (int g = 0; g < NG; g++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc_mem + (g * 4 + c) * 16, acc[g][c]);
+}
+#endif
+
 /* run_item for head_dim 64 or 128 (a multiple of 64, at most 8 vectors of q in registers): the same
  * arithmetic, vectorized across tokens. Scratch: scores [(h1-h0)*G][ctx]. The cache's dtype DT is a
  * constant of each copy (run_item_avx512 below), so no load tests it: with the test in every load
@@ -547,6 +580,113 @@ static void run_item_avx512(const job_t *job, int seq, int h0, int h1, float *sc
     if (job->dtype == 0) run_item_avx512_dt(job, seq, h0, h1, scores, 0);
     else run_item_avx512_dt(job, seq, h0, h1, scores, 1);
 }
+
+#if GENQ_ROW_SWEEP
+/* buf[o] <- the rows of KV heads [h0, h0 + nh) of token t0 + o, o < n (one contiguous run a token; a
+ * block's tokens are one run), in the order they lie in memory */
+static inline void sweep_chunk(const job_t *job, const void *cache, const int32_t *table, int t0, int n, int h0,
+                               int nh, void *buf) {
+    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
+    const size_t es = job->dtype ? 2 : 4, run = (size_t)nh * D * es;
+    for (int o = 0, blk = t0 / BS, off = t0 % BS; o < n;) {
+        const int take = BS - off < n - o ? BS - off : n - o;   /* tokens left in this block */
+        const char *from = (const char *)cache + (((int64_t)table[blk] * BS + off) * KVH + h0) * D * es;
+        if (nh == KVH) memcpy((char *)buf + o * run, from, run * take);
+        else for (int i = 0; i < take; i++) memcpy((char *)buf + (o + i) * run, from + (size_t)i * KVH * D * es, run);
+        o += take;
+        off = 0;
+        blk++;
+    }
+}
+
+/* A decode row over KV heads [h0, h1): run_item_avx512's arithmetic in the same order (the same bits),
+ * but each 16-token chunk of K, then of V, first copied in the order it lies in memory (every head
+ * of a token together) into an L1 buffer that the per-head passes then read. run_item_avx512 reads
+ * the cache itself head by head, a strided third of each token's row at a time (SmolLM2's 3 KV
+ * heads), and from memory that order reads at about half the rate of a straight sweep (2-core AMX
+ * Xeon, docs/kernels.md). Scratch: scores [(h1-h0)*G][ctx], qs [(h1-h0)*G][D], acc [(h1-h0)*G][D],
+ * buf [16][h1-h0][D]. */
+static inline __attribute__((always_inline)) void run_row_avx512_dt(const job_t *job, int seq, int h0, int h1,
+                                                                      float *scores, float *qs, float *acc,
+                                                                      void *buf, const int DT) {
+    const int H = job->num_heads, KVH = job->num_kv_heads, D = job->head_dim, G = H / KVH, NC = D / 16;
+    const int NHK = h1 - h0, NQ = NHK * G;   /* query j: head h0 + j / G's (j % G)-th */
+    const int ctx = job->seq_lens[seq];
+    const int64_t token = job->rows[seq];
+    const int32_t *table = job->block_tables + (int64_t)seq * job->table_stride;
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    static const int32_t one_block[1] = {0};
+    job_t chunk = *job;   /* the buffer as a cache of one 16-token block of NHK heads */
+    chunk.k_cache = chunk.v_cache = buf;
+    chunk.num_kv_heads = NHK;
+    chunk.block_size = 16;
+    float inv_sum[4096];   /* NQ <= 4096, checked by the caller */
+    const int64_t q_at = token * job->q_stride + (int64_t)h0 * G * D;
+    for (int j = 0; j < NQ; j++)
+        for (int c = 0; c < NC; c++)
+            _mm512_storeu_ps(qs + (int64_t)j * D + c * 16, _mm512_mul_ps(load16(job->q, q_at + (int64_t)j * D + c * 16, DT, 0xffff), scale));
+    for (int t0 = 0; t0 < ctx; t0 += 16) {
+        const int n = ctx - t0 < 16 ? ctx - t0 : 16;
+        sweep_chunk(job, job->k_cache, table, t0, n, h0, NHK, buf);
+        for (int j = 0; j < NQ; j++) {
+            float *out = scores + (int64_t)j * ctx + t0;
+#if GENQ_ATTN_DPBF16
+            if (DT) {
+                __m512i qb[4];
+                for (int c = 0; c < NC / 2; c++)
+                    qb[c] = _mm512_loadu_si512((const uint16_t *)job->q + q_at + (int64_t)j * D + 32 * c);
+                if (NC == 4) score_tokens_dpbf16(&chunk, one_block, j / G, qb, 4, 0, n, out, scale);
+                else score_tokens_dpbf16(&chunk, one_block, j / G, qb, 8, 0, n, out, scale);
+                continue;
+            }
+#endif
+            __m512 qv[8];
+            for (int c = 0; c < NC; c++) qv[c] = _mm512_loadu_ps(qs + (int64_t)j * D + c * 16);
+            if (NC == 4) score_tokens(&chunk, one_block, j / G, qv, 4, 0, n, out, DT);
+            else score_tokens(&chunk, one_block, j / G, qv, 8, 0, n, out, DT);
+        }
+    }
+    for (int j = 0; j < NQ; j++) inv_sum[j] = softmax_in_place(scores + (int64_t)j * ctx, ctx);
+    memset(acc, 0, sizeof(float) * (size_t)NQ * D);
+    for (int t0 = 0; t0 < ctx; t0 += 16) {
+        const int n = ctx - t0 < 16 ? ctx - t0 : 16;
+        sweep_chunk(job, job->v_cache, table, t0, n, h0, NHK, buf);
+        for (int hh = 0; hh < NHK; hh++) {
+            const float *probs = scores + (int64_t)hh * G * ctx + t0;   /* row stride ctx */
+            for (int d0 = 0; d0 < D; d0 += 64)
+                for (int gs = 0; gs < G; gs += 6) {
+                    float *am = acc + ((int64_t)(hh * (D / 64) + d0 / 64) * G + gs) * 64;
+                    switch (G - gs < 6 ? G - gs : 6) {
+                    case 6: weigh_values_part(&chunk, one_block, hh, probs, ctx, n, gs, 6, d0, am, DT); break;
+                    case 5: weigh_values_part(&chunk, one_block, hh, probs, ctx, n, gs, 5, d0, am, DT); break;
+                    case 4: weigh_values_part(&chunk, one_block, hh, probs, ctx, n, gs, 4, d0, am, DT); break;
+                    case 3: weigh_values_part(&chunk, one_block, hh, probs, ctx, n, gs, 3, d0, am, DT); break;
+                    case 2: weigh_values_part(&chunk, one_block, hh, probs, ctx, n, gs, 2, d0, am, DT); break;
+                    default: weigh_values_part(&chunk, one_block, hh, probs, ctx, n, gs, 1, d0, am, DT); break;
+                    }
+                }
+        }
+    }
+    const int64_t out_at = token * H * D;
+    for (int hh = 0; hh < NHK; hh++)
+        for (int d0 = 0; d0 < D; d0 += 64)
+            for (int gs = 0; gs < G; gs += 6) {
+                const float *am = acc + ((int64_t)(hh * (D / 64) + d0 / 64) * G + gs) * 64;
+                for (int g = 0; g < (G - gs < 6 ? G - gs : 6); g++) {
+                    const __m512 inv = _mm512_set1_ps(inv_sum[hh * G + gs + g]);
+                    const int64_t at = out_at + (int64_t)((h0 + hh) * G + gs + g) * D + d0;
+                    for (int c = 0; c < 4; c++)
+                        store16(job->out, at + c * 16, _mm512_mul_ps(_mm512_loadu_ps(am + (g * 4 + c) * 16), inv), DT, 0xffff);
+                }
+            }
+}
+
+/* bfloat16 caches only: with float32 ones (twice the bytes) the copy cost more than the order saved
+ * (24 rows x ~270 tokens: 17.6 against 16.9 ms; bfloat16 11.2 against 12.3) */
+static void run_row_avx512(const job_t *job, int seq, int h0, int h1, float *scores, float *qs, float *acc, void *buf) {
+    run_row_avx512_dt(job, seq, h0, h1, scores, qs, acc, buf, 1);
+}
+#endif
 #endif
 
 #define TILE_ROWS 16        /* prefill rows of one sequence per work item (head_dim 64) */
@@ -996,7 +1136,10 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
      * already loaded, so ours resolves to it), whose threads are awake after the step's matmuls. */
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *scratch = malloc(sizeof(float) * (SR * max_ctx + 2 * SR * D + (size_t)num_kv_heads * D + tile_scratch));
+        /* + a 16-token chunk of every KV head (run_row_avx512's copy), 64-byte aligned */
+        const size_t sweep_floats = (size_t)16 * num_kv_heads * D + 16;
+        float *scratch = malloc(sizeof(float) * (SR * max_ctx + 2 * SR * D + (size_t)num_kv_heads * D + tile_scratch
+                                                 + sweep_floats));
         if (scratch == NULL) {
             failed = 1;
         } else {
@@ -1004,12 +1147,19 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
 #if defined(__AVX512F__) || defined(GENQ_AVX2)
             float *kt = tile_ctx > 0 ? row + (size_t)num_kv_heads * D : NULL, *vt = tile_ctx > 0 ? kt + 64 * 16 : NULL;
 #endif
+#if defined(__AVX512F__) && GENQ_ROW_SWEEP
+            float *sweep = (float *)(((uintptr_t)(row + (size_t)num_kv_heads * D + tile_scratch) + 63) & ~(uintptr_t)63);
+#endif
 #pragma omp for schedule(dynamic, 1)
             for (int i = 0; i < num_items; i++) {
                 const int32_t *it = items + 4 * i;
 #if defined(__AVX512F__)
                 if (it[3] > 1)
                     run_tile_avx512(&job, it[0], it[3], it[1], it[2], scratch, qbuf, kt, vt);
+#if GENQ_ROW_SWEEP
+                else if (D % 64 == 0 && D <= 128 && it[2] - it[1] > 1 && dtype == 1)
+                    run_row_avx512(&job, it[0], it[1], it[2], scratch, qbuf, acc, sweep);
+#endif
                 else if (D % 64 == 0 && D <= 128)
                     run_item_avx512(&job, it[0], it[1], it[2], scratch);
                 else

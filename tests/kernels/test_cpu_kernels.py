@@ -85,10 +85,15 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
     # decode rows enough to give each its own item over every KV head (AVX2: all heads read together),
     # 8-token chunks across 5-token blocks, contexts of 1 to 301 tokens
     (LONG, 9, 3, 64, 5, torch.float32, 2),
+    # the same in bfloat16 (AVX-512: each 16-token chunk of every head copied before it is read, across
+    # 5-token blocks), and head_dim 128 with 7 query heads a KV head (weighed 6 and 1)
+    (LONG, 9, 3, 64, 5, torch.bfloat16, 2),
+    (LONG, 14, 2, 128, 16, torch.bfloat16, 1),
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
         "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16",
         "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk",
-        "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16", "decode-rows-all-heads-bs5"])
+        "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16", "decode-rows-all-heads-bs5",
+        "decode-rows-all-heads-bs5-bf16", "decode-rows-all-heads-d128-g7-bf16"])
 @pytest.mark.usefixtures("build")
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -96,6 +101,33 @@ def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_s
     assert_close(out, ref)
     if dtype == torch.float32:     # exact softmax in float32 both ways: only summation order differs
         assert (out - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("block_size,head_dim,num_heads,num_kv_heads", [(5, 64, 9, 3), (16, 128, 14, 2), (1, 64, 4, 4)])
+def test_decode_rows_copied_a_chunk_at_a_time_give_the_same_bits(gen, block_size, head_dim, num_heads, num_kv_heads):
+    # run_row_avx512 (a bfloat16 row's cache copied 16 tokens at a time, every head together) against
+    # the build that reads the cache head by head (run_item_avx512): the same sums in the same order
+    if "avx512f" not in cpu_kernels._cpu_flags().split():
+        pytest.skip("the copying path is AVX-512's")
+    direct = cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=0")
+    q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(
+        gen, LONG, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+        dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(head_dim)
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    rows = torch.arange(len(LONG), dtype=torch.int64)   # one token a sequence
+    outs = []
+    for lib in (cpu_kernels.library(), direct):
+        out = torch.full_like(q, float("nan"))
+        status = lib.genq_paged_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                       out.data_ptr(), 1, tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+                                       rows.data_ptr(), len(LONG), num_heads, num_kv_heads, head_dim, block_size,
+                                       scale, 2)
+        assert status == 0
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_strided_q_and_an_empty_sequence(gen):

@@ -811,6 +811,14 @@ static inline __attribute__((always_inline)) void weigh_tile(const job_t *job, i
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512BF16__) \
+    && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && !defined(GENQ_NO_TILE_AMX)
+#define GENQ_TILE_AMX 1   /* a tile's bfloat16 scores on the tile unit (tile_scores_amx, with linear_amx below) */
+static int amx_ready(void);
+static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, const int32_t *table, float *scores);
+#define TILE_AMX_MAX_QUERIES 64   /* a tile's queries of one KV head whose bfloat16 rows fit on the stack */
+#endif
+
 /* R (2 .. TILE_ROWS) consecutive rows of one prefill chunk (row s0 + r: token rows[s0] + r over the
  * first seq_lens[s0] + r cached tokens), KV heads [h0, h1), head_dim 64: the attention of all R * G
  * queries of a KV head at once. Each 16-token chunk of K is read once and transposed (16 tokens a
@@ -826,6 +834,12 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
     const int32_t *table = job->block_tables + (int64_t)s0 * job->table_stride;
     float inv_sum[TILE_ROWS * TILE_MAX_GROUP];   /* R * G: the caller tiles only where G <= TILE_MAX_GROUP */
     for (int h = h0; h < h1; h++) {
+#if GENQ_TILE_AMX
+        if (job->dtype == 1 && NQ <= TILE_AMX_MAX_QUERIES && amx_ready()) {
+            tile_scores_amx(job, s0, NQ, h, len, table, scores);
+        } else
+#endif
+        {
         tile_queries(job, s0, NQ, h, qs);
         for (int t0 = 0; t0 < len; t0 += 16) {
             const int n = len - t0 < 16 ? len - t0 : 16;
@@ -854,6 +868,7 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
                 default: score_chunk(qs + j0 * 64, kt, sj, len, 1, n); break;
                 }
             }
+        }
         }
         tile_softmax(job, s0, NQ, len, scores, inv_sum);
         tile_values(job, table, len, h, 1, vt);
@@ -1699,8 +1714,8 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
  * does; only the order of the additions differs) and y is rounded once. Taken where K is a multiple of 32 and
  * N of 16 (every projection of the Llama models genq serves); other shapes stay on vdpbf16ps. Linux lends the
  * tile registers to a process that asks (arch_prctl); if it refuses, or genq_linear_set_amx(0) turned it off,
- * the vdpbf16ps path runs. Software prefetch (the next tile's rows, or rows a few k-blocks ahead) made it
- * 5-20% slower: the hardware's own streams keep up. */
+ * the vdpbf16ps path runs. Software prefetch made it 5-20% slower up to 16 rows of x (the hardware's own
+ * streams keep up); with two B tiles the loads of W fall behind, and there it helps (AMX_PREFETCH). */
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -1847,6 +1862,65 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
     }
     free(xp);
     return 0;
+}
+#endif
+
+#if GENQ_TILE_AMX
+/* A prefill tile's scores (run_tile_avx512) of a bfloat16 cache on the tile unit: scores[j * len + t] =
+ * scale * (query j . K row t of head h) for the tile's NQ (<= TILE_AMX_MAX_QUERIES) queries (query j:
+ * row s0 + j / G, query head h * G + j % G) and tokens t < len. The queries (bfloat16, as stored) are
+ * the A tiles, 16 queries by 32 dimensions; each 16-token chunk of K is the B tile, its 32-bit
+ * dimension pairs transposed so that a tile row holds one pair of all 16 tokens; one TDPBF16PS per
+ * 16 queries, 16 tokens and 32 dimensions, where score_chunk takes 32 multiply-adds (each of 16 tokens)
+ * after widening K and transposing it as float32. Sums in float32 (products of bfloat16 are exact;
+ * subnormal inputs read as zero), scaled after. Shares the tile registers with linear_amx (each call
+ * configures them; a thread runs one at a time). */
+static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, const int32_t *table, float *scores) {
+    const int G = job->num_heads / job->num_kv_heads, NT = (NQ + 15) / 16;
+    const uint16_t *q = (const uint16_t *)job->q, *k = (const uint16_t *)job->k_cache;
+    uint16_t qa[TILE_AMX_MAX_QUERIES * 64] __attribute__((aligned(64)));
+    uint32_t kb[2][16 * 16] __attribute__((aligned(64)));
+    float c[16 * 16] __attribute__((aligned(64)));
+    for (int j = 0; j < NT * 16; j++) {   /* rows past NQ: zeros, their scores never stored */
+        if (j < NQ) memcpy(qa + j * 64, q + job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64, 128);
+        else memset(qa + j * 64, 0, 128);
+    }
+    amx_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; t++) {   /* 0: C (16 queries x 16 tokens), 1: A (queries), 2-3: B (K, two k-steps) */
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    __asm__ volatile("" : : "r"(&cfg) : "memory");   /* (see amx_configure) */
+    _tile_loadconfig(&cfg);
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (int t0 = 0; t0 < len; t0 += 16) {
+        const int n = len - t0 < 16 ? len - t0 : 16;
+        int64_t rows_at[16];
+        chunk_rows(job, table, t0, n, h, rows_at);
+        for (int ks = 0; ks < 2; ks++) {   /* dims 32 ks .. 32 ks + 31: 16 pairs, one 32-bit word each */
+            __m512i r[16];
+            for (int o = 0; o < 16; o++)
+                r[o] = o < n ? _mm512_loadu_si512(k + rows_at[o] + 32 * ks) : _mm512_setzero_si512();
+            transpose16(r);   /* r[p]: pair p of the 16 tokens */
+            for (int p = 0; p < 16; p++) _mm512_store_si512(kb[ks] + p * 16, r[p]);
+        }
+        _tile_loadd(2, kb[0], 64);
+        _tile_loadd(3, kb[1], 64);
+        for (int i = 0; i < NT; i++) {
+            _tile_zero(0);
+            _tile_loadd(1, qa + i * 16 * 64, 128);
+            _tile_dpbf16ps(0, 1, 2);
+            _tile_loadd(1, qa + i * 16 * 64 + 32, 128);
+            _tile_dpbf16ps(0, 1, 3);
+            _tile_stored(0, c, 64);
+            for (int m = 0; m < 16 && i * 16 + m < NQ; m++)
+                _mm512_mask_storeu_ps(scores + (int64_t)(i * 16 + m) * len + t0, tail_mask(n),
+                                      _mm512_mul_ps(_mm512_load_ps(c + m * 16), scale));
+        }
+    }
+    _tile_release();
 }
 #endif
 

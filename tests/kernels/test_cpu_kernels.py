@@ -10,7 +10,7 @@ import torch
 import kernels
 from kernels import cpu_kernels
 from kernels.paged_attention import paged_attention_cpu, paged_attention_torch
-from tests.kernels.helpers import assert_close
+from tests.kernels.helpers import assert_close, rel_err
 from tests.kernels.test_paged_attention import DECODE, MIXED, make_batch
 
 linear_module = importlib.import_module("kernels.linear")
@@ -89,11 +89,16 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
     # 5-token blocks), and head_dim 128 with 7 query heads a KV head (weighed 6 and 1)
     (LONG, 9, 3, 64, 5, torch.bfloat16, 2),
     (LONG, 14, 2, 128, 16, torch.bfloat16, 1),
+    # bfloat16 tiles whose scores go to the tile unit where there is AMX: 4 query heads a KV head (64
+    # queries a full tile, 5-token blocks) and one (16 queries)
+    (PREFILL_BOTH_WAYS, 8, 2, 64, 5, torch.bfloat16, 2),
+    (PREFILL_BOTH_WAYS, 4, 4, 64, 16, torch.bfloat16, 1),
 ], ids=["decode-f32", "decode-bf16-smollm2", "mixed-mha-bs4-2threads", "mixed-mqa-bf16-d128", "long-bs1",
         "long-3threads", "long-g14-d128", "long-d192", "prefill-short-and-long-f32", "prefill-short-and-long-bf16",
         "prefill-tiles-mha-bs5", "prefill-tiles-g8-bs1-bf16", "prefill-tile-edges", "decode-rows-like-a-chunk",
         "prefill-tiles-per-kv-head", "prefill-tile-g64-bf16", "decode-rows-all-heads-bs5",
-        "decode-rows-all-heads-bs5-bf16", "decode-rows-all-heads-d128-g7-bf16"])
+        "decode-rows-all-heads-bs5-bf16", "decode-rows-all-heads-d128-g7-bf16",
+        "prefill-tiles-g4-bs5-bf16", "prefill-tiles-mha-bf16"])
 @pytest.mark.usefixtures("build")
 def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, threads):
     out, ref = run_both(gen, seqs, threads, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -128,6 +133,26 @@ def test_decode_rows_copied_a_chunk_at_a_time_give_the_same_bits(gen, block_size
         outs.append(out)
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(9, 3, 16), (8, 2, 5), (4, 4, 1)])
+def test_bfloat16_tile_scores_on_the_tile_unit_match_the_vector_path(gen, num_heads, num_kv_heads, block_size):
+    # Prefill tiles of a bfloat16 cache: with AMX their scores come from TDPBF16PS (tile_scores_amx),
+    # else from widened float32 multiply-adds; both within bfloat16's rounding of the exact result,
+    # and of each other
+    if "amx_bf16" not in cpu_kernels._cpu_flags().split() or not cpu_kernels.linear_amx():
+        pytest.skip("needs AMX-BF16 (and Linux lending the tiles)")
+    q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(
+        gen, PREFILL_BOTH_WAYS, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64,
+        block_size=block_size, dtype=torch.bfloat16)
+    exact = paged_attention_torch(q.double(), k_cache.double(), v_cache.double(), block_tables, seq_lens, qsl, 0.125)
+    outs = {}
+    for name, lib in (("tiles", cpu_kernels.library()), ("vectors", cpu_kernels.build_variant("-DGENQ_NO_TILE_AMX"))):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_kernels, "library", lambda lib=lib: lib)
+            outs[name] = paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.125)
+        assert rel_err(outs[name], exact) < 4e-3, name   # bfloat16 output: ~2^-9 relative rounding
+    assert rel_err(outs["tiles"], outs["vectors"]) < 4e-3
 
 
 def test_strided_q_and_an_empty_sequence(gen):

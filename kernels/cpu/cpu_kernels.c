@@ -1789,37 +1789,55 @@ static inline void amx_store(const float *c, int mb, const float *bias16, void *
 static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, void *y, int64_t ldy,
                       int M, int N, int K, int OUTF, int num_threads) {
     const int nblocks = N / 16, pairs = (nblocks + 1) / 2, ksteps = K / 32;
-    /* repacked rows of x; one row alone (a single stream's step) is used in place and needs none */
-    uint32_t *xp = M > 1 ? malloc(sizeof(uint32_t) * ((size_t)AMX_ROWS * K / 2 + 16)) : NULL;
+    const int nm = (M + AMX_ROWS - 1) / AMX_ROWS;   /* blocks of AMX_ROWS rows of x */
+    const size_t block_words = (size_t)AMX_ROWS * K / 2;
+    /* every block of x repacked (block b at xp + b * block_words, its second tile's rows after the
+     * first's); one row alone (a single stream's step) is used in place and needs none */
+    uint32_t *xp = M > 1 ? malloc(sizeof(uint32_t) * (nm * block_words + 16)) : NULL;
     if (M > 1 && xp == NULL) return 1;
-    for (int m0 = 0; m0 < M; m0 += AMX_ROWS) {
-        const int mb0 = M - m0 < 16 ? M - m0 : 16;
-        const int mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
-        uint32_t *xp1 = xp != NULL ? xp + (size_t)mb0 * K / 2 : NULL;
-        /* one row of x is already in B's layout (its pairs in order, one word a tile row) */
-        const char *xb0 = mb0 == 1 ? (const char *)(x + m0 * ldx) : (const char *)xp;
 #pragma omp parallel num_threads(num_threads)
-        {
-            float c[4][16 * 16] __attribute__((aligned(64)));
-            float bias_wide[32] __attribute__((aligned(64)));
-            if (mb0 > 1) {
+    {
+        float c[4][16 * 16] __attribute__((aligned(64)));
+        float bias_wide[32] __attribute__((aligned(64)));
+        if (M > 1) {
 #pragma omp for schedule(static)
-                for (int kb = 0; kb < ksteps; kb++) {
-                    amx_pack_block(x + m0 * ldx, ldx, mb0, kb, xp);
-                    if (mb1 > 0) amx_pack_block(x + (m0 + mb0) * ldx, ldx, mb1, kb, xp1);
-                }
+            for (int i = 0; i < nm * ksteps; i++) {
+                const int b = i / ksteps, kb = i % ksteps, m0 = b * AMX_ROWS;
+                const int mb0 = M - m0 < 16 ? M - m0 : 16, mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
+                if (mb0 == 1) continue;   /* a last block of one row: used in place */
+                amx_pack_block(x + m0 * ldx, ldx, mb0, kb, xp + b * block_words);
+                if (mb1 > 0) amx_pack_block(x + (m0 + mb0) * ldx, ldx, mb1, kb, xp + b * block_words + (size_t)mb0 * K / 2);
             }
-            amx_configure(mb0, mb1);
+        }
+        int shape = -1;   /* the (mb0, mb1) the tiles are configured for */
+        /* Each pair of weight blocks is multiplied by every block of x in turn, so W crosses the memory
+         * bus once whatever M: the pair's rows (32 x K) stay in L2 for the blocks after the first. */
 #pragma omp for schedule(static)
-            for (int pair = 0; pair < pairs; pair++) {
-                const int64_t n0 = (int64_t)pair * 32;
-                const int two = n0 + 16 < N;   /* a second weight block (N is a multiple of 16) */
-                const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * (int64_t)K;
+        for (int pair = 0; pair < pairs; pair++) {
+            const int64_t n0 = (int64_t)pair * 32;
+            const int two = n0 + 16 < N;   /* a second weight block (N is a multiple of 16) */
+            const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * (int64_t)K;
+            const float *b0 = NULL;
+            if (bias != NULL) {
+                for (int i = 0; i < (two ? 32 : 16); i++) bias_wide[i] = bf16_to_f32(bias[n0 + i]);
+                b0 = bias_wide;
+            }
+            for (int b = 0; b < nm; b++) {
+                const int m0 = b * AMX_ROWS;
+                const int mb0 = M - m0 < 16 ? M - m0 : 16, mb1 = M - m0 - mb0 < 16 ? M - m0 - mb0 : 16;
+                /* one row of x is already in B's layout (its pairs in order, one word a tile row) */
+                const char *xb0 = mb0 == 1 ? (const char *)(x + m0 * ldx) : (const char *)(xp + b * block_words);
+                const uint32_t *xp1 = xp != NULL ? xp + b * block_words + (size_t)mb0 * K / 2 : NULL;
+                if (shape != mb0 * 64 + mb1) {
+                    amx_configure(mb0, mb1);
+                    shape = mb0 * 64 + mb1;
+                }
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int kb = 0; kb < ksteps; kb++) {
 #if AMX_PREFETCH
-                    /* with two B tiles the unit's loads of W fall behind the hardware's streams */
-                    if (mb1 > 0 && kb + AMX_PREFETCH < ksteps) {
+                    /* with two B tiles the unit's loads of W fall behind the hardware's streams (the
+                     * first block of x only: for the others the pair's rows are in cache) */
+                    if (b == 0 && mb1 > 0 && kb + AMX_PREFETCH < ksteps) {
                         for (int r = 0; r < 16; r++)
                             _mm_prefetch((const char *)(w0 + r * (int64_t)K + (kb + AMX_PREFETCH) * 32), _MM_HINT_T0);
                         if (two)
@@ -1846,19 +1864,14 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
                     _tile_stored(2, c[2], mb1 * 4);
                     if (two) _tile_stored(3, c[3], mb1 * 4);
                 }
-                const float *b0 = NULL;
-                if (bias != NULL) {
-                    for (int i = 0; i < (two ? 32 : 16); i++) bias_wide[i] = bf16_to_f32(bias[n0 + i]);
-                    b0 = bias_wide;
-                }
                 for (int a = 0; a < (two ? 2 : 1); a++) {
                     const float *ba = b0 != NULL ? b0 + 16 * a : NULL;
                     amx_store(c[a], mb0, ba, y, ldy, n0 + 16 * a, m0, OUTF);
                     if (mb1 > 0) amx_store(c[2 + a], mb1, ba, y, ldy, n0 + 16 * a, m0 + mb0, OUTF);
                 }
             }
-            _tile_release();
         }
+        _tile_release();
     }
     free(xp);
     return 0;

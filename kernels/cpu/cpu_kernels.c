@@ -466,16 +466,14 @@ static inline __attribute__((always_inline)) void score_tokens_dpbf16(const job_
 }
 #endif
 
-/* out rows of NG query heads (gs .. gs+NG of KV head h), 64 dims from d0: the probability-weighted
- * sum of V rows, the accumulators held in registers over the whole context */
-static inline __attribute__((always_inline)) void weigh_values(const job_t *job, const int32_t *table, int h,
-                                                                 const float *probs, int64_t ctx, const float *inv_sum,
-                                                                 int gs, const int NG, int d0, int64_t out_at, const int DT) {
-    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size, G = job->num_heads / KVH;
-    __m512 acc[6][4];
-    for (int g = 0; g < NG; g++)
-        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t t = 0, blk = 0, off = 0; t < ctx; t++) {
+/* acc[g] += probs[(gs + g) * ctx + t] * (V row of KV head h, dims d0 .. d0 + 64) for tokens t < n, in
+ * order (the shared loop of weigh_values and weigh_values_part) */
+static inline __attribute__((always_inline)) void accumulate_values(const job_t *job, const int32_t *table, int h,
+                                                                      const float *probs, int64_t ctx, int64_t n,
+                                                                      int gs, const int NG, int d0, __m512 acc[6][4],
+                                                                      const int DT) {
+    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
+    for (int64_t t = 0, blk = 0, off = 0; t < n; t++) {
         const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * D + d0;
         __m512 vv[4];
         for (int c = 0; c < 4; c++) vv[c] = load16(job->v_cache, at + c * 16, DT, 0xffff);
@@ -485,6 +483,18 @@ static inline __attribute__((always_inline)) void weigh_values(const job_t *job,
         }
         if (++off == BS) { off = 0; blk++; }
     }
+}
+
+/* out rows of NG query heads (gs .. gs+NG of KV head h), 64 dims from d0: the probability-weighted
+ * sum of V rows, the accumulators held in registers over the whole context */
+static inline __attribute__((always_inline)) void weigh_values(const job_t *job, const int32_t *table, int h,
+                                                                 const float *probs, int64_t ctx, const float *inv_sum,
+                                                                 int gs, const int NG, int d0, int64_t out_at, const int DT) {
+    const int D = job->head_dim, G = job->num_heads / job->num_kv_heads;
+    __m512 acc[6][4];
+    for (int g = 0; g < NG; g++)
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+    accumulate_values(job, table, h, probs, ctx, ctx, gs, NG, d0, acc, DT);
     for (int g = 0; g < NG; g++) {
         const __m512 inv = _mm512_set1_ps(inv_sum[gs + g]);
         const int64_t at = out_at + (int64_t)(h * G + gs + g) * D + d0;
@@ -499,20 +509,10 @@ static inline __attribute__((always_inline)) void weigh_values(const job_t *job,
 static inline __attribute__((always_inline)) void weigh_values_part(const job_t *job, const int32_t *table, int h,
                                                                       const float *probs, int64_t ctx, int n, int gs,
                                                                       const int NG, int d0, float *acc_mem, const int DT) {
-    const int KVH = job->num_kv_heads, D = job->head_dim, BS = job->block_size;
     __m512 acc[6][4];
     for (int g = 0; g < NG; g++)
         for (int c = 0; c < 4; c++) acc[g][c] = _mm512_loadu_ps(acc_mem + (g * 4 + c) * 16);
-    for (int64_t t = 0, blk = 0, off = 0; t < n; t++) {
-        const int64_t at = (((int64_t)table[blk] * BS + off) * KVH + h) * D + d0;
-        __m512 vv[4];
-        for (int c = 0; c < 4; c++) vv[c] = load16(job->v_cache, at + c * 16, DT, 0xffff);
-        for (int g = 0; g < NG; g++) {
-            const __m512 p = _mm512_set1_ps(probs[(int64_t)(gs + g) * ctx + t]);
-            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
-        }
-        if (++off == BS) { off = 0; blk++; }
-    }
+    accumulate_values(job, table, h, probs, ctx, n, gs, NG, d0, acc, DT);
     for (int g = 0; g < NG; g++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc_mem + (g * 4 + c) * 16, acc[g][c]);
 }

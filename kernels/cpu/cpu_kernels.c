@@ -28,9 +28,14 @@
 
 /* A decode row over several KV heads copies each 16-token chunk of its cache, every head of a token
  * together, before reading it head by head (run_row_avx512); 0 builds the direct reads (run_item_avx512)
- * for comparison (benchmarks/cpu_decode_attention.py --variant=-DGENQ_ROW_SWEEP=0). */
+ * for comparison (benchmarks/cpu_decode_attention.py --variant=-DGENQ_ROW_SWEEP=0). On by default where
+ * it was measured to pay, Intel's AMX Xeons; elsewhere -DGENQ_ROW_SWEEP=1 builds it (docs/kernels.md). */
 #ifndef GENQ_ROW_SWEEP
+#if defined(__AMX_TILE__)
 #define GENQ_ROW_SWEEP 1
+#else
+#define GENQ_ROW_SWEEP 0
+#endif
 #endif
 
 typedef struct {

@@ -326,7 +326,8 @@ def linear_amx(enable: bool | None = None) -> bool:
     """Whether the linear kernel's bfloat16 matmuls run on AMX tiles here (shapes with K a multiple of
     32 and N of 16; the rest take vdpbf16ps): the CPU has AMX-BF16, the build has it, and Linux lent
     the tile registers. enable=False/True turns the AMX path off or back on for this process (tests
-    and benchmarks compare the two); the answer is then whether it is on."""
+    and benchmarks compare the two), and with it the tile unit's prefill attention scores
+    (`tile_scores_amx`); the answer is then whether it is on."""
     if not linear_native_bfloat16():
         return False
     return bool(library().genq_linear_set_amx(-1 if enable is None else int(enable)))

@@ -440,8 +440,12 @@ static inline __attribute__((always_inline)) void score_tokens(const job_t *job,
     _mm512_mask_storeu_ps(out + t0, tail_mask(n), sum16x16(v));
 }
 
-#if !defined(GENQ_ATTN_DPBF16) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#ifndef GENQ_ATTN_DPBF16
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define GENQ_ATTN_DPBF16 1
+#else
+#define GENQ_ATTN_DPBF16 0
+#endif
 #endif
 #if GENQ_ATTN_DPBF16
 /* score_tokens of a bfloat16 cache on a CPU with AVX512-BF16: the query's bfloat16 pairs (qb: NC / 2
@@ -627,9 +631,11 @@ static inline __attribute__((always_inline)) void run_row_avx512_dt(const job_t 
     chunk.block_size = 16;
     float inv_sum[4096];   /* NQ <= 4096, checked by the caller */
     const int64_t q_at = token * job->q_stride + (int64_t)h0 * G * D;
-    for (int j = 0; j < NQ; j++)
-        for (int c = 0; c < NC; c++)
-            _mm512_storeu_ps(qs + (int64_t)j * D + c * 16, _mm512_mul_ps(load16(job->q, q_at + (int64_t)j * D + c * 16, DT, 0xffff), scale));
+    if (!(GENQ_ATTN_DPBF16 && DT))   /* (vdpbf16ps takes the query's bfloat16 pairs as stored) */
+        for (int j = 0; j < NQ; j++)
+            for (int c = 0; c < NC; c++)
+                _mm512_storeu_ps(qs + (int64_t)j * D + c * 16,
+                                 _mm512_mul_ps(load16(job->q, q_at + (int64_t)j * D + c * 16, DT, 0xffff), scale));
     for (int t0 = 0; t0 < ctx; t0 += 16) {
         const int n = ctx - t0 < 16 ? ctx - t0 : 16;
         sweep_chunk(job, job->k_cache, table, t0, n, h0, NHK, buf);
@@ -1747,6 +1753,13 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed, aligned(64))) amx_config_t;
 
+/* GCC's tile loads are asm statements that declare no memory operand (its tile stores do clobber
+ * memory): between ordinary stores and a tile load of that memory the compiler must be told, else it
+ * may drop or delay the stores, as it did with ldtilecfg's config (whose asm reads 8 bytes of it).
+ * AMX_READS(array): tile loads read it; AMX_MEMORY_BARRIER(): all memory (once a call). */
+#define AMX_READS(array) __asm__ volatile("" : : "m"(array))
+#define AMX_MEMORY_BARRIER() __asm__ volatile("" : : : "memory")
+
 /* Tiles: 0-3 C (weight block a = 0/1 by row block b = 0/1: tile a + 2b), 4-5 A (W), 6-7 B (x). */
 static void amx_configure(int mb0, int mb1) {
     amx_config_t cfg;
@@ -1756,9 +1769,9 @@ static void amx_configure(int mb0, int mb1) {
     cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[6] = (uint16_t)(mb0 * 4);
     cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[7] = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
     cfg.colsb[4] = cfg.colsb[5] = 64;
-    /* GCC does not count LDTILECFG as a read of cfg, so without this it may drop the stores above
+    /* GCC counts LDTILECFG as reading 8 bytes of cfg, so without this it may drop the stores above
      * (seen with another copy of this function in the same file: the unwritten config faults) */
-    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    AMX_READS(cfg);
     _tile_loadconfig(&cfg);
 }
 
@@ -1814,6 +1827,7 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
                 if (mb1 > 0) amx_pack_block(x + (m0 + mb0) * ldx, ldx, mb1, kb, xp + b * block_words + (size_t)mb0 * K / 2);
             }
         }
+        AMX_MEMORY_BARRIER();   /* xp, written above, is read by tile loads below */
         int shape = -1;   /* the (mb0, mb1) the tiles are configured for */
         /* Each pair of weight blocks is multiplied by every block of x in turn, so W crosses the memory
          * bus once whatever M: the pair's rows (32 x K) stay in L2 for the blocks after the first. */
@@ -1910,7 +1924,7 @@ static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, co
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
-    __asm__ volatile("" : : "r"(&cfg) : "memory");   /* (see amx_configure) */
+    AMX_READS(cfg);   /* (see amx_configure) */
     _tile_loadconfig(&cfg);
     const __m512 scale = _mm512_set1_ps(job->scale);
     for (int t0 = 0; t0 < len; t0 += 16) {
@@ -1924,6 +1938,8 @@ static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, co
             transpose16(r);   /* r[p]: pair p of the 16 tokens */
             for (int p = 0; p < 16; p++) _mm512_store_si512(kb[ks] + p * 16, r[p]);
         }
+        AMX_READS(kb);   /* (and qa, written before the loop: read by the tile loads below) */
+        AMX_READS(qa);
         _tile_loadd(2, kb[0], 64);
         _tile_loadd(3, kb[1], 64);
         for (int i = 0; i < NT; i++) {

@@ -85,8 +85,8 @@ PREFILL_BOTH_WAYS = [(0, 40), (30, 1), (450, 62), (500, 13), (0, 0), (480, 40), 
     # decode rows enough to give each its own item over every KV head (AVX2: all heads read together),
     # 8-token chunks across 5-token blocks, contexts of 1 to 301 tokens
     (LONG, 9, 3, 64, 5, torch.float32, 2),
-    # the same in bfloat16 (AVX-512: each 16-token chunk of every head copied before it is read, across
-    # 5-token blocks), and head_dim 128 with 7 query heads a KV head (weighed 6 and 1)
+    # the same in bfloat16 (AVX-512 with AMX: each 16-token chunk of every head copied before it is
+    # read, across 5-token blocks), and head_dim 128 with 7 query heads a KV head (weighed 6 and 1)
     (LONG, 9, 3, 64, 5, torch.bfloat16, 2),
     (LONG, 14, 2, 128, 16, torch.bfloat16, 1),
     # bfloat16 tiles whose scores go to the tile unit where there is AMX: 4 query heads a KV head (64
@@ -111,7 +111,8 @@ def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_s
 @pytest.mark.parametrize("block_size,head_dim,num_heads,num_kv_heads", [(5, 64, 9, 3), (16, 128, 14, 2), (1, 64, 4, 4)])
 def test_decode_rows_copied_a_chunk_at_a_time_give_the_same_bits(gen, block_size, head_dim, num_heads, num_kv_heads):
     # run_row_avx512 (a bfloat16 row's cache copied 16 tokens at a time, every head together) against
-    # the build that reads the cache head by head (run_item_avx512): the same sums in the same order
+    # the build that reads the cache head by head (run_item_avx512): the same sums in the same order.
+    # One thread: 8 rows are then enough for each to be an item over every KV head (the copying path).
     if "avx512f" not in cpu_kernels._cpu_flags().split():
         pytest.skip("the copying path is AVX-512's")
     copying, direct = cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=1"), cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=0")
@@ -128,7 +129,7 @@ def test_decode_rows_copied_a_chunk_at_a_time_give_the_same_bits(gen, block_size
         status = lib.genq_paged_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                        out.data_ptr(), 1, tables.data_ptr(), tables.stride(0), lens.data_ptr(),
                                        rows.data_ptr(), len(LONG), num_heads, num_kv_heads, head_dim, block_size,
-                                       scale, 2)
+                                       scale, 1)
         assert status == 0
         outs.append(out)
     assert not outs[0].isnan().any()

@@ -475,6 +475,25 @@ static inline __attribute__((always_inline)) void score_tokens_dpbf16(const job_
 }
 #endif
 
+/* scores[t0 .. t0+n) of the query at job->q + q_at (head_dim NC * 16) against KV head h's K rows: on a
+ * bfloat16 cache with AVX512-BF16 by vdpbf16ps on the query as stored (score_tokens_dpbf16), else the
+ * widened dot products of the query scaled first (score_tokens) */
+static inline __attribute__((always_inline)) void score_query(const job_t *job, const int32_t *table, int h,
+                                                                int64_t q_at, const int NC, int t0, int n, float *out,
+                                                                __m512 scale, const int DT) {
+#if GENQ_ATTN_DPBF16
+    if (DT) {
+        __m512i qb[4];
+        for (int c = 0; c < NC / 2; c++) qb[c] = _mm512_loadu_si512((const uint16_t *)job->q + q_at + 32 * c);
+        score_tokens_dpbf16(job, table, h, qb, NC, t0, n, out, scale);
+        return;
+    }
+#endif
+    __m512 qv[8];
+    for (int c = 0; c < NC; c++) qv[c] = _mm512_mul_ps(load16(job->q, q_at + c * 16, DT, 0xffff), scale);
+    score_tokens(job, table, h, qv, NC, t0, n, out, DT);
+}
+
 /* acc[g] += probs[(gs + g) * ctx + t] * (V row of KV head h, dims d0 .. d0 + 64) for tokens t < n, in
  * order (the shared loop of weigh_values and weigh_values_part) */
 static inline __attribute__((always_inline)) void accumulate_values(const job_t *job, const int32_t *table, int h,
@@ -545,27 +564,12 @@ static inline __attribute__((always_inline)) void run_item_avx512_dt(const job_t
     for (int h = h0; h < h1; h++) {
         float *hs = scores + (int64_t)(h - h0) * G * ctx;   /* this KV head's G rows of scores */
         for (int g = 0; g < G; g++) {
-            __m512 qv[8];
             const int64_t q_at = token * job->q_stride + (int64_t)(h * G + g) * D;
             float *row = hs + (int64_t)g * ctx;
-#if GENQ_ATTN_DPBF16
-            if (DT) {
-                __m512i qb[4];
-                for (int c = 0; c < NC / 2; c++) qb[c] = _mm512_loadu_si512((const uint16_t *)job->q + q_at + 32 * c);
-                for (int t0 = 0; t0 < ctx; t0 += 16) {
-                    const int n = ctx - t0 < 16 ? ctx - t0 : 16;
-                    if (NC == 4) score_tokens_dpbf16(job, table, h, qb, 4, t0, n, row, scale);
-                    else score_tokens_dpbf16(job, table, h, qb, 8, t0, n, row, scale);
-                }
-                inv_sum[(h - h0) * G + g] = softmax_in_place(row, ctx);
-                continue;
-            }
-#endif
-            for (int c = 0; c < NC; c++) qv[c] = _mm512_mul_ps(load16(job->q, q_at + c * 16, DT, 0xffff), scale);
             for (int t0 = 0; t0 < ctx; t0 += 16) {
                 const int n = ctx - t0 < 16 ? ctx - t0 : 16;
-                if (NC == 4) score_tokens(job, table, h, qv, 4, t0, n, row, DT);
-                else score_tokens(job, table, h, qv, 8, t0, n, row, DT);
+                if (NC == 4) score_query(job, table, h, q_at, 4, t0, n, row, scale, DT);
+                else score_query(job, table, h, q_at, 8, t0, n, row, scale, DT);
             }
             inv_sum[(h - h0) * G + g] = softmax_in_place(row, ctx);
         }
@@ -613,11 +617,10 @@ static inline void sweep_chunk(const job_t *job, const void *cache, const int32_
  * of a token together) into an L1 buffer that the per-head passes then read. run_item_avx512 reads
  * the cache itself head by head, a strided third of each token's row at a time (SmolLM2's 3 KV
  * heads), and from memory that order reads at about half the rate of a straight sweep (2-core AMX
- * Xeon, docs/kernels.md). Scratch: scores [(h1-h0)*G][ctx], qs [(h1-h0)*G][D], acc [(h1-h0)*G][D],
- * buf [16][h1-h0][D]. */
+ * Xeon, docs/kernels.md). Scratch: scores [(h1-h0)*G][ctx], acc [(h1-h0)*G][D], buf [16][h1-h0][D]. */
 static inline __attribute__((always_inline)) void run_row_avx512_dt(const job_t *job, int seq, int h0, int h1,
-                                                                      float *scores, float *qs, float *acc,
-                                                                      void *buf, const int DT) {
+                                                                      float *scores, float *acc, void *buf,
+                                                                      const int DT) {
     const int H = job->num_heads, KVH = job->num_kv_heads, D = job->head_dim, G = H / KVH, NC = D / 16;
     const int NHK = h1 - h0, NQ = NHK * G;   /* query j: head h0 + j / G's (j % G)-th */
     const int ctx = job->seq_lens[seq];
@@ -631,30 +634,13 @@ static inline __attribute__((always_inline)) void run_row_avx512_dt(const job_t 
     chunk.block_size = 16;
     float inv_sum[4096];   /* NQ <= 4096, checked by the caller */
     const int64_t q_at = token * job->q_stride + (int64_t)h0 * G * D;
-    if (!(GENQ_ATTN_DPBF16 && DT))   /* (vdpbf16ps takes the query's bfloat16 pairs as stored) */
-        for (int j = 0; j < NQ; j++)
-            for (int c = 0; c < NC; c++)
-                _mm512_storeu_ps(qs + (int64_t)j * D + c * 16,
-                                 _mm512_mul_ps(load16(job->q, q_at + (int64_t)j * D + c * 16, DT, 0xffff), scale));
     for (int t0 = 0; t0 < ctx; t0 += 16) {
         const int n = ctx - t0 < 16 ? ctx - t0 : 16;
         sweep_chunk(job, job->k_cache, table, t0, n, h0, NHK, buf);
         for (int j = 0; j < NQ; j++) {
             float *out = scores + (int64_t)j * ctx + t0;
-#if GENQ_ATTN_DPBF16
-            if (DT) {
-                __m512i qb[4];
-                for (int c = 0; c < NC / 2; c++)
-                    qb[c] = _mm512_loadu_si512((const uint16_t *)job->q + q_at + (int64_t)j * D + 32 * c);
-                if (NC == 4) score_tokens_dpbf16(&chunk, one_block, j / G, qb, 4, 0, n, out, scale);
-                else score_tokens_dpbf16(&chunk, one_block, j / G, qb, 8, 0, n, out, scale);
-                continue;
-            }
-#endif
-            __m512 qv[8];
-            for (int c = 0; c < NC; c++) qv[c] = _mm512_loadu_ps(qs + (int64_t)j * D + c * 16);
-            if (NC == 4) score_tokens(&chunk, one_block, j / G, qv, 4, 0, n, out, DT);
-            else score_tokens(&chunk, one_block, j / G, qv, 8, 0, n, out, DT);
+            if (NC == 4) score_query(&chunk, one_block, j / G, q_at + (int64_t)j * D, 4, 0, n, out, scale, DT);
+            else score_query(&chunk, one_block, j / G, q_at + (int64_t)j * D, 8, 0, n, out, scale, DT);
         }
     }
     for (int j = 0; j < NQ; j++) inv_sum[j] = softmax_in_place(scores + (int64_t)j * ctx, ctx);
@@ -694,8 +680,8 @@ static inline __attribute__((always_inline)) void run_row_avx512_dt(const job_t 
 
 /* bfloat16 caches only: with float32 ones (twice the bytes) the copy cost more than the order saved
  * (24 rows x ~270 tokens: 17.6 against 16.9 ms; bfloat16 11.2 against 12.3) */
-static void run_row_avx512(const job_t *job, int seq, int h0, int h1, float *scores, float *qs, float *acc, void *buf) {
-    run_row_avx512_dt(job, seq, h0, h1, scores, qs, acc, buf, 1);
+static void run_row_avx512(const job_t *job, int seq, int h0, int h1, float *scores, float *acc, void *buf) {
+    run_row_avx512_dt(job, seq, h0, h1, scores, acc, buf, 1);
 }
 #endif
 #endif
@@ -1184,7 +1170,7 @@ int genq_paged_decode(const void *q, int64_t q_stride, const void *k_cache, cons
                     run_tile_avx512(&job, it[0], it[3], it[1], it[2], scratch, qbuf, kt, vt);
 #if GENQ_ROW_SWEEP
                 else if (D % 64 == 0 && D <= 128 && it[2] - it[1] > 1 && dtype == 1)
-                    run_row_avx512(&job, it[0], it[1], it[2], scratch, qbuf, acc, sweep);
+                    run_row_avx512(&job, it[0], it[1], it[2], scratch, acc, sweep);
 #endif
                 else if (D % 64 == 0 && D <= 128)
                     run_item_avx512(&job, it[0], it[1], it[2], scratch);
@@ -1760,19 +1746,26 @@ typedef struct {
 #define AMX_READS(array) __asm__ volatile("" : : "m"(array))
 #define AMX_MEMORY_BARRIER() __asm__ volatile("" : : : "memory")
 
-/* Tiles: 0-3 C (weight block a = 0/1 by row block b = 0/1: tile a + 2b), 4-5 A (W), 6-7 B (x). */
-static void amx_configure(int mb0, int mb1) {
+/* Configures this thread's tiles 0 .. 7 as 16 rows of colsb[t] bytes each (0: tile t unused). */
+static void amx_load_config(const uint16_t colsb[8]) {
     amx_config_t cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.rows[t] = 16;
-    cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[6] = (uint16_t)(mb0 * 4);
-    cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[7] = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
-    cfg.colsb[4] = cfg.colsb[5] = 64;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = colsb[t] ? 16 : 0;
+        cfg.colsb[t] = colsb[t];
+    }
     /* GCC counts LDTILECFG as reading 8 bytes of cfg, so without this it may drop the stores above
-     * (seen with another copy of this function in the same file: the unwritten config faults) */
+     * (seen with a second copy of this code in the same file: the unwritten config faulted) */
     AMX_READS(cfg);
     _tile_loadconfig(&cfg);
+}
+
+/* Tiles: 0-3 C (weight block a = 0/1 by row block b = 0/1: tile a + 2b), 4-5 A (W), 6-7 B (x). */
+static void amx_configure(int mb0, int mb1) {
+    const uint16_t c0 = (uint16_t)(mb0 * 4), c1 = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
+    const uint16_t colsb[8] = {c0, c0, c1, c1, 64, 64, c0, c1};
+    amx_load_config(colsb);
 }
 
 /* The B tile of k-block kb for rows x[0..mb): xp + kb * 16 * mb holds, for pair j < 16 and row m,
@@ -1917,15 +1910,10 @@ static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, co
         if (j < NQ) memcpy(qa + j * 64, q + job->rows[s0 + j / G] * job->q_stride + ((int64_t)h * G + j % G) * 64, 128);
         else memset(qa + j * 64, 0, 128);
     }
-    amx_config_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 4; t++) {   /* 0: C (16 queries x 16 tokens), 1: A (queries), 2-3: B (K, two k-steps) */
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    AMX_READS(cfg);   /* (see amx_configure) */
-    _tile_loadconfig(&cfg);
+    /* 0: C (16 queries x 16 tokens), 1: A (queries), 2-3: B (K, two k-steps) */
+    static const uint16_t colsb[8] = {64, 64, 64, 64, 0, 0, 0, 0};
+    amx_load_config(colsb);
+    AMX_READS(qa);   /* (read by the tile loads below) */
     const __m512 scale = _mm512_set1_ps(job->scale);
     for (int t0 = 0; t0 < len; t0 += 16) {
         const int n = len - t0 < 16 ? len - t0 : 16;
@@ -1938,8 +1926,7 @@ static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, co
             transpose16(r);   /* r[p]: pair p of the 16 tokens */
             for (int p = 0; p < 16; p++) _mm512_store_si512(kb[ks] + p * 16, r[p]);
         }
-        AMX_READS(kb);   /* (and qa, written before the loop: read by the tile loads below) */
-        AMX_READS(qa);
+        AMX_READS(kb);   /* (read by the tile loads below) */
         _tile_loadd(2, kb[0], 64);
         _tile_loadd(3, kb[1], 64);
         for (int i = 0; i < NT; i++) {

@@ -139,8 +139,8 @@ def test_decode_rows_copied_a_chunk_at_a_time_give_the_same_bits(gen, block_size
 @pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(9, 3, 16), (8, 2, 5), (4, 4, 1)])
 def test_bfloat16_tile_scores_on_the_tile_unit_match_the_vector_path(gen, num_heads, num_kv_heads, block_size):
     # Prefill tiles of a bfloat16 cache: with AMX their scores come from TDPBF16PS (tile_scores_amx),
-    # else from widened float32 multiply-adds; both within bfloat16's rounding of the exact result,
-    # and of each other
+    # else from widened float32 multiply-adds; both within bfloat16's rounding of the reference (PyTorch
+    # in float32 on the same inputs), and of each other
     if "amx_bf16" not in cpu_kernels._cpu_flags().split() or not cpu_kernels.linear_amx():
         pytest.skip("needs AMX-BF16 (and Linux lending the tiles)")
     q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(

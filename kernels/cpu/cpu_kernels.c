@@ -172,14 +172,22 @@ static inline __m512 load16(const void *base, int64_t i, int dtype, __mmask16 ma
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* float32 -> bfloat16 bits, round to nearest even, NaN kept NaN (as f32_to_bf16) */
+/* float32 -> bfloat16 bits, round to nearest even, NaN kept NaN (as f32_to_bf16). With AVX512-BF16 one
+ * vcvtneps2bf16 does it, which also reads a float32 subnormal (below 1.2e-38) as zero, where the
+ * integer steps below keep it as a bfloat16 subnormal; otherwise the same bits. On a 2-core AMX Xeon a
+ * bfloat16 silu_and_mul of 2,048 x 1,536 took 0.73 against 1.08 ms (-DGENQ_SOFT_BF16_ROUND: the
+ * integer steps everywhere). */
 static inline __m256i to_bf16_16(__m512 v) {
+#if defined(__AVX512BF16__) && !defined(GENQ_SOFT_BF16_ROUND)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(rounded);
+#endif
 }
 
 static inline __m512 round16(__m512 v, int dtype) {

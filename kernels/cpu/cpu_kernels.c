@@ -538,6 +538,19 @@ static inline __attribute__((always_inline)) void weigh_values(const job_t *job,
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512BF16__) \
+    && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && !defined(GENQ_NO_TILE_AMX)
+#define GENQ_TILE_AMX 1   /* a tile's bfloat16 scores on the tile unit (tile_scores_amx, with linear_amx below) */
+static int amx_ready(void);
+static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, const int32_t *table, float *scores);
+#define TILE_AMX_MAX_QUERIES 64   /* a tile's queries of one KV head whose bfloat16 rows fit on the stack */
+#ifndef GENQ_NO_ROW_AMX
+#define GENQ_ROW_AMX 1   /* a decode row's bfloat16 scores on the tile unit (row_scores_amx) */
+#define ROW_AMX_MAX_WORDS 4096   /* a row's query pairs (queries x head_dim / 2) that fit on the stack */
+static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *scores, void *buf);
+#endif
+#endif
+
 #if GENQ_ROW_SWEEP
 /* weigh_values over tokens [0, n) only (probs: row stride ctx), its NG x 4 accumulators in acc_mem
  * (float32, kept between calls: with consecutive token ranges, the same sums in the same order as one
@@ -642,6 +655,11 @@ static inline __attribute__((always_inline)) void run_row_avx512_dt(const job_t 
     chunk.block_size = 16;
     float inv_sum[4096];   /* NQ <= 4096, checked by the caller */
     const int64_t q_at = token * job->q_stride + (int64_t)h0 * G * D;
+#if GENQ_ROW_AMX
+    if (G <= 16 && D % 32 == 0 && NQ * D / 2 <= ROW_AMX_MAX_WORDS && amx_ready())
+        row_scores_amx(job, seq, h0, NHK, scores, buf);
+    else
+#endif
     for (int t0 = 0; t0 < ctx; t0 += 16) {
         const int n = ctx - t0 < 16 ? ctx - t0 : 16;
         sweep_chunk(job, job->k_cache, table, t0, n, h0, NHK, buf);
@@ -816,13 +834,6 @@ static inline __attribute__((always_inline)) void weigh_tile(const job_t *job, i
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512BF16__) \
-    && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && !defined(GENQ_NO_TILE_AMX)
-#define GENQ_TILE_AMX 1   /* a tile's bfloat16 scores on the tile unit (tile_scores_amx, with linear_amx below) */
-static int amx_ready(void);
-static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, const int32_t *table, float *scores);
-#define TILE_AMX_MAX_QUERIES 64   /* a tile's queries of one KV head whose bfloat16 rows fit on the stack */
-#endif
 
 /* R (2 .. TILE_ROWS) consecutive rows of one prefill chunk (row s0 + r: token rows[s0] + r over the
  * first seq_lens[s0] + r cached tokens), KV heads [h0, h1), head_dim 64: the attention of all R * G
@@ -1947,6 +1958,58 @@ static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, co
             for (int m = 0; m < 16 && i * 16 + m < NQ; m++)
                 _mm512_mask_storeu_ps(scores + (int64_t)(i * 16 + m) * len + t0, tail_mask(n),
                                       _mm512_mul_ps(_mm512_load_ps(c + m * 16), scale));
+        }
+    }
+    _tile_release();
+}
+#endif
+
+#if GENQ_ROW_AMX
+/* A decode row's scores (run_row_avx512) over KV heads [h0, h0 + NHK) of a bfloat16 cache on the tile
+ * unit: scores[j * ctx + t] = scale * (query j . K row t of head h0 + j / G), j < NHK * G. Each 16-token
+ * chunk, copied in memory order into buf as run_row_avx512 does ([16 tokens][NHK heads][D]), is the A
+ * operand as it lies (16 tokens by 32 dimensions, a token's rows NHK * D apart): no transposition, where
+ * tile_scores_amx (many queries) transposes K into B; the B operand is the head's G queries, their
+ * dimension pairs packed once a row. One TDPBF16PS per head, 16 tokens and 32 dimensions, where
+ * score_tokens_dpbf16 takes two vdpbf16ps and its share of a 16 x 16 add tree per query and token.
+ * Sums in float32 (products of bfloat16 are exact; subnormal inputs read as zero), scaled after. */
+static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *scores, void *buf) {
+    const int G = job->num_heads / job->num_kv_heads, D = job->head_dim, DS = D / 32;
+    const int ctx = job->seq_lens[seq];
+    const int32_t *table = job->block_tables + (int64_t)seq * job->table_stride;
+    const uint32_t *q = (const uint32_t *)((const uint16_t *)job->q + job->rows[seq] * job->q_stride
+                                           + (int64_t)h0 * G * D);
+    uint32_t qb[ROW_AMX_MAX_WORDS] __attribute__((aligned(64)));
+    float c[16 * 16] __attribute__((aligned(64)));
+    /* qb: for head hh and dims 32 s .. 32 s + 31, 16 rows (pairs p) of G words (query g's pair p) */
+    for (int hh = 0; hh < NHK; hh++)
+        for (int ds = 0; ds < DS; ds++)
+            for (int p = 0; p < 16; p++)
+                for (int g = 0; g < G; g++)
+                    qb[((hh * DS + ds) * 16 + p) * G + g] = q[(hh * G + g) * D / 2 + ds * 16 + p];
+    /* 0: C (16 tokens x G queries), 1: A (K), 2: B (queries) */
+    const uint16_t colsb[8] = {(uint16_t)(4 * G), 64, (uint16_t)(4 * G), 0, 0, 0, 0, 0};
+    amx_load_config(colsb);
+    AMX_READS(qb);
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(G));
+    const uint16_t *k = (const uint16_t *)buf;
+    for (int t0 = 0; t0 < ctx; t0 += 16) {
+        const int n = ctx - t0 < 16 ? ctx - t0 : 16;
+        sweep_chunk(job, job->k_cache, table, t0, n, h0, NHK, buf);   /* (rows past n: the last chunk's, unused) */
+        AMX_MEMORY_BARRIER();   /* buf, just written, is read by tile loads */
+        for (int hh = 0; hh < NHK; hh++) {
+            _tile_zero(0);
+            for (int ds = 0; ds < DS; ds++) {
+                _tile_loadd(1, k + hh * D + 32 * ds, NHK * D * 2);
+                _tile_loadd(2, qb + (hh * DS + ds) * 16 * G, 4 * G);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 4 * G);
+            for (int g = 0; g < G; g++)   /* column g of the tile: query hh * G + g's 16 scores */
+                _mm512_mask_storeu_ps(scores + (int64_t)(hh * G + g) * ctx + t0, tail_mask(n),
+                                      _mm512_mul_ps(_mm512_i32gather_ps(at, c + g, 4), scale));
         }
     }
     _tile_release();

@@ -111,29 +111,56 @@ def test_matches_reference(gen, seqs, num_heads, num_kv_heads, head_dim, block_s
 @pytest.mark.parametrize("block_size,head_dim,num_heads,num_kv_heads", [(5, 64, 9, 3), (16, 128, 14, 2), (1, 64, 4, 4)])
 def test_decode_rows_copied_a_chunk_at_a_time_give_the_same_bits(gen, block_size, head_dim, num_heads, num_kv_heads):
     # run_row_avx512 (a bfloat16 row's cache copied 16 tokens at a time, every head together) against
-    # the build that reads the cache head by head (run_item_avx512): the same sums in the same order.
+    # the build that reads the cache head by head (run_item_avx512): the same sums in the same order
+    # (the scores by vdpbf16ps in both: row_scores_amx, the tile unit's, sums in another order).
     # One thread: 8 rows are then enough for each to be an item over every KV head (the copying path).
     if "avx512f" not in cpu_kernels._cpu_flags().split():
         pytest.skip("the copying path is AVX-512's")
-    copying, direct = cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=1"), cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=0")
-    q, k_cache, v_cache, block_tables, seq_lens, qsl = make_batch(
-        gen, LONG, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-        dtype=torch.bfloat16)
-    scale = 1.0 / math.sqrt(head_dim)
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
-    rows = torch.arange(len(LONG), dtype=torch.int64)   # one token a sequence
-    outs = []
-    for lib in (copying, direct):
-        out = torch.full_like(q, float("nan"))
-        status = lib.genq_paged_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                       out.data_ptr(), 1, tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-                                       rows.data_ptr(), len(LONG), num_heads, num_kv_heads, head_dim, block_size,
-                                       scale, 1)
-        assert status == 0
-        outs.append(out)
+    copying = cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=1", "-DGENQ_NO_ROW_AMX")
+    direct = cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=0")
+    batch = make_batch(gen, LONG, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=torch.bfloat16)
+    outs = [_decode_rows_one_thread(lib, batch, num_heads, num_kv_heads, head_dim, block_size)
+            for lib in (copying, direct)]
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
+
+
+def _decode_rows_one_thread(lib, batch, num_heads, num_kv_heads, head_dim, block_size):
+    """genq_paged_decode of `lib` on `batch` (make_batch's, of LONG), one token a sequence, one thread."""
+    q, k_cache, v_cache, block_tables, seq_lens, _ = batch
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    rows = torch.arange(len(LONG), dtype=torch.int64)
+    out = torch.full_like(q, float("nan"))
+    status = lib.genq_paged_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                   out.data_ptr(), 1, tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+                                   rows.data_ptr(), len(LONG), num_heads, num_kv_heads, head_dim, block_size,
+                                   1.0 / math.sqrt(head_dim), 1)
+    assert status == 0
+    return out
+
+
+@pytest.mark.parametrize("block_size,head_dim,num_heads,num_kv_heads", [(5, 64, 9, 3), (16, 64, 9, 3),
+                                                                        (16, 128, 14, 2), (1, 64, 4, 4)])
+def test_bfloat16_decode_row_scores_on_the_tile_unit_match_the_vector_path(gen, block_size, head_dim, num_heads,
+                                                                           num_kv_heads):
+    # With AMX a bfloat16 decode row's scores come from TDPBF16PS, K as the A operand straight from the
+    # copied chunk (row_scores_amx); without, from vdpbf16ps. Both within bfloat16's rounding of the exact
+    # result (float64 on the same inputs), and of each other; every output written.
+    if "amx_bf16" not in cpu_kernels._cpu_flags().split() or not cpu_kernels.linear_amx():
+        pytest.skip("needs AMX-BF16 (and Linux lending the tiles)")
+    batch = make_batch(gen, LONG, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=torch.bfloat16)
+    q, k_cache, v_cache, block_tables, seq_lens, qsl = batch
+    exact = paged_attention_torch(q.double(), k_cache.double(), v_cache.double(), block_tables, seq_lens, qsl,
+                                  1.0 / math.sqrt(head_dim))
+    tiles, vectors = (_decode_rows_one_thread(lib, batch, num_heads, num_kv_heads, head_dim, block_size)
+                      for lib in (cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=1"),
+                                  cpu_kernels.build_variant("-DGENQ_ROW_SWEEP=1", "-DGENQ_NO_ROW_AMX")))
+    assert not tiles.isnan().any()
+    assert rel_err(tiles, exact) < 4e-3 and rel_err(vectors, exact) < 4e-3   # bfloat16 output: ~2^-9
+    assert rel_err(tiles, vectors) < 4e-3
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(9, 3, 16), (8, 2, 5), (4, 4, 1)])

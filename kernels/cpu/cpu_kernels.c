@@ -1740,6 +1740,9 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
 #ifndef AMX_PREFETCH
 #define AMX_PREFETCH 2   /* k-blocks ahead that W's rows are prefetched, with more than 16 rows of x (0: never) */
 #endif
+#ifndef AMX_NEXT_PAIR
+#define AMX_NEXT_PAIR 1   /* up to 16 rows of x: touch the next pair's rows ahead (0: never) */
+#endif
 
 static int amx_wanted = 1, amx_granted = -1;   /* read and set atomically: callers run without the GIL */
 
@@ -1875,6 +1878,12 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
                             for (int r = 0; r < 16; r++)
                                 _mm_prefetch((const char *)(w1 + r * (int64_t)K + (kb + AMX_PREFETCH) * 32), _MM_HINT_T0);
                     }
+#endif
+#if AMX_NEXT_PAIR
+                    /* up to 16 rows of x: a line of the next pair's weight rows (which follow this pair's in
+                     * memory) every k-block, into L3, so that the hardware's streams start there early */
+                    if (mb1 == 0 && pair + 1 < pairs)
+                        _mm_prefetch((const char *)(w0 + 32 * (int64_t)K) + (int64_t)kb * 2048, _MM_HINT_T2);
 #endif
                     _tile_loadd(4, w0 + kb * 32, K * 2);
                     _tile_loadd(6, xb0 + (size_t)kb * 16 * mb0 * 4, mb0 * 4);

@@ -1502,15 +1502,20 @@ static inline __attribute__((always_inline)) void store_block_sums(__m512 acc[LI
 /* y[m, 0..NT) for MT rows of x (float32, row stride ldx) against NT float32 weight rows (K apart),
  * NT = 4 or 1; y of element type float32 (BF = 0) or bfloat16 (BF = 1); bias: NT floats or NULL.
  * `next`, when not NULL, is prefetched into L2 alongside (weight rows LIN_PREFETCH_TILES tiles
- * ahead), so that memory works while this tile computes; the lines at k = pk, pk + pf_every, ...
- * (each block of a tile takes its share, so the fetch is spread over the tile's whole compute: at
- * 24 rows on a 2-core Zen 4, 32 against 37 ms for SmolLM2's 120 matmuls when the first block
- * fetched it all). A prefetch never faults, so the last tiles', past the matrix's end, are harmless. */
+ * ahead), so that memory works while this tile computes: one line of each of the NT rows from `next`
+ * on every pf_every elements of k. Each block of a tile takes its share, so the fetch is spread over
+ * the tile's whole compute (at 24 rows on a 2-core Zen 4, 32 against 37 ms for SmolLM2's 120 matmuls
+ * when the first block fetched it all), and its share is one contiguous range of k (linear_columns
+ * points `next` at its start): with every other line to each of two blocks, float32 at 7-12 rows
+ * took as long as reading W and computing one after the other (2-core AMX Xeon: 12 rows 28.6 against
+ * 21.5 ms, 24 rows 34.9 against 29.7). A prefetch never faults, so the last tiles', past the
+ * matrix's end, are harmless. */
 static inline __attribute__((always_inline)) void linear_block(const float *x, int64_t ldx, const float *w, int64_t K,
                                                                 const float *bias, void *y, int64_t ldy,
                                                                 const int MT, const int NT, const int BF,
-                                                                const float *next, int64_t pk, int64_t pf_every) {
+                                                                const float *next, int64_t pf_every) {
     __m512 acc[LIN_ROWS][4];
+    int64_t pk = 0, pf_at = 0;
     const int64_t full = K & ~(int64_t)15;
     const __mmask16 tail = (__mmask16)((1u << (K & 15)) - 1u);
     for (int m = 0; m < MT; m++)
@@ -1518,7 +1523,8 @@ static inline __attribute__((always_inline)) void linear_block(const float *x, i
     for (int64_t k = 0; k < full; k += 16) {
         __m512 wv[4];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), LIN_PREFETCH_HINT);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + pf_at), LIN_PREFETCH_HINT);
+            pf_at += 16;
             pk += pf_every;
         }
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);
@@ -1566,15 +1572,17 @@ static inline __attribute__((always_inline)) void store_block_sums(__m256 acc[LI
 static inline __attribute__((always_inline)) void linear_block(const float *x, int64_t ldx, const float *w, int64_t K,
                                                                 const float *bias, void *y, int64_t ldy,
                                                                 const int MT, const int NT, const int BF,
-                                                                const float *next, int64_t pk, int64_t pf_every) {
+                                                                const float *next, int64_t pf_every) {
     __m256 acc[LIN_ROWS][4];
+    int64_t pk = 0, pf_at = 0;
     const int64_t full = K & ~(int64_t)7;
     for (int m = 0; m < MT; m++)
         for (int j = 0; j < NT; j++) acc[m][j] = _mm256_setzero_ps();
     for (int64_t k = 0; k < full; k += 8) {
         __m256 xv[LIN_ROWS];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), LIN_PREFETCH_HINT);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + pf_at), LIN_PREFETCH_HINT);
+            pf_at += 16;
             pk += pf_every;
         }
         for (int m = 0; m < MT; m++) {
@@ -1627,13 +1635,14 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
          * among the blocks (block b takes every blocks-th line from the b-th), so that memory
          * streams at an even rate through the whole tile (float32 only: a bfloat16 tile was
          * widened into `wide` already) */
-        const float *ahead = !BF ? wf + LIN_PREFETCH_TILES * NT * K : NULL;
-        const int64_t pk = (int64_t)b * 16, every = (int64_t)blocks * 16;
+        const int64_t range = ((K + 15) / 16 + blocks - 1) / blocks * 16;   /* whole lines of floats */
+        const float *ahead = !BF ? wf + LIN_PREFETCH_TILES * NT * K + b * range : NULL;
+        const int64_t every = (int64_t)blocks * 16;
 #define LIN_CASE(R) case R: {                                                                   \
-            if (NT == 4 && BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 1, ahead, pk, every);  \
-            else if (NT == 4) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 0, ahead, pk, every);   \
-            else if (BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 1, NULL, 0, 0);             \
-            else linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 0, NULL, 0, 0);                     \
+            if (NT == 4 && BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 1, ahead, every);      \
+            else if (NT == 4) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 4, 0, ahead, every);       \
+            else if (BF) linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 1, NULL, 0);                \
+            else linear_block(xm, ldx, wf, K, bf, ym, ldy, R, 1, 0, NULL, 0);                        \
         } break;
         switch (rows) {
 #if LIN_ROWS == 6
@@ -1656,9 +1665,10 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
 static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
                                                                        int64_t K, const float *bias, void *y,
                                                                        int64_t ldy, const int MT, const int NT,
-                                                                       const int OUTF, const uint16_t *next, int64_t pk,
+                                                                       const int OUTF, const uint16_t *next,
                                                                        int64_t pf_every) {
     __m512 acc[LIN_ROWS][4];
+    int64_t pk = 0, pf_at = 0;
     const int64_t full = K & ~(int64_t)31;
     const __mmask32 tail = (__mmask32)((1ull << (K & 31)) - 1ull);
     for (int m = 0; m < MT; m++)
@@ -1666,7 +1676,8 @@ static inline __attribute__((always_inline)) void linear_block_dpbf16(const uint
     for (int64_t k = 0; k < full; k += 32) {
         __m512i wv[4];
         if (next != NULL && k == pk) {
-            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + k), LIN_PREFETCH_HINT);
+            for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(next + j * K + pf_at), LIN_PREFETCH_HINT);
+            pf_at += 32;
             pk += pf_every;
         }
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(w + j * K + k);
@@ -1699,14 +1710,15 @@ static void linear_columns_dpbf16(const uint16_t *x, int64_t ldx, const uint16_t
     }
     for (int b = 0, m = 0; b < blocks; b++) {
         const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
-        const uint16_t *xm = x + m * ldx, *ahead = w + LIN_PREFETCH_TILES * NT * K;   /* as in linear_columns */
-        const int64_t pk = (int64_t)b * 32, every = (int64_t)blocks * 32;
+        const int64_t range = ((K + 31) / 32 + blocks - 1) / blocks * 32;   /* as in linear_columns */
+        const uint16_t *xm = x + m * ldx, *ahead = w + LIN_PREFETCH_TILES * NT * K + b * range;
+        const int64_t every = (int64_t)blocks * 32;
         void *ym = (char *)y + (size_t)m * ldy * (OUTF ? 4 : 2);
 #define LIN_CASE(R) case R: {                                                                   \
-            if (NT == 4 && OUTF) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, 1, ahead, pk, every); \
-            else if (NT == 4) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, 0, ahead, pk, every);    \
-            else if (OUTF) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, 1, NULL, 0, 0);            \
-            else linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, 0, NULL, 0, 0);                      \
+            if (NT == 4 && OUTF) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, 1, ahead, every);     \
+            else if (NT == 4) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 4, 0, ahead, every);        \
+            else if (OUTF) linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, 1, NULL, 0);               \
+            else linear_block_dpbf16(xm, ldx, w, K, bf, ym, ldy, R, 1, 0, NULL, 0);                         \
         } break;
         switch (rows) {
         LIN_CASE(6) LIN_CASE(5) LIN_CASE(4) LIN_CASE(3) LIN_CASE(2) LIN_CASE(1)

@@ -118,6 +118,7 @@ def build_variant(*extra_flags: str) -> ctypes.CDLL:
         "genq_rotary": [p, p, i64, i, p, i64, i, p, i64, i, i64, i, i],
         "genq_linear": [p, i64, p, p, p, i64, i, i, i, i, i],
         "genq_store_kv": [p, i64, p, i64, p, p, p, i64, i64, i, i],
+        "genq_argmax_rows": [p, i64, i64, i64, p, i],
         "genq_linear_supported": [],
         "genq_linear_native_bf16": [],
         "genq_linear_set_amx": [i],
@@ -224,6 +225,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     library().genq_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
                             DTYPES[gate_up.dtype], _threads(gate_up.numel()))
     return out
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """Each row's first maximum (a NaN counting as the maximum, its first), as max(dim=-1).indices
+    gives it, of a 2-D float32 CPU tensor whose rows are contiguous (the LM head's logits)."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1 or not x.shape[1]:
+        raise ValueError(f"argmax_rows takes a 2-D float32 CPU tensor with contiguous rows, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().genq_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), _threads(x.numel()))
+    return out.tolist()
 
 
 def store_kv_supports(k, v, k_cache, v_cache, slot_mapping) -> bool:

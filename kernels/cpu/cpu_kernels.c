@@ -2121,6 +2121,68 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
 #endif
 }
 
+/* out[r] = the index of the first maximum of row r of x (rows ld floats apart, cols long), a NaN
+ * counting as the maximum (its first), as torch's max(dim=-1).indices and argmax give it: greedy
+ * sampling's pick from the LM head's float32 logits. Rows split among the threads. */
+int genq_argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, int64_t *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * ld;
+        int64_t best = 0, j = 0;
+        float top = row[0];
+        if (top != top) {   /* NaN first */
+            out[r] = 0;
+            continue;
+        }
+#if defined(__AVX512F__)
+        if (cols >= 16) {
+            /* per lane: its largest value so far and where (strictly greater replaces, so each lane
+             * keeps its first maximum); a NaN anywhere ends the row at the first NaN */
+            __m512 mv = _mm512_loadu_ps(row);
+            __m512i mi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            __m512i idx = mi;
+            const __m512i sixteen = _mm512_set1_epi32(16);
+            int64_t nan_at = -1;
+            if (_mm512_cmp_ps_mask(mv, mv, _CMP_UNORD_Q)) nan_at = 0;
+            for (j = 16; nan_at < 0 && j + 16 <= cols && j < (int64_t)1 << 30; j += 16) {
+                idx = _mm512_add_epi32(idx, sixteen);
+                const __m512 v = _mm512_loadu_ps(row + j);
+                if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {
+                    nan_at = j;
+                    break;
+                }
+                const __mmask16 gt = _mm512_cmp_ps_mask(v, mv, _CMP_GT_OQ);
+                mv = _mm512_mask_mov_ps(mv, gt, v);
+                mi = _mm512_mask_mov_epi32(mi, gt, idx);
+            }
+            if (nan_at >= 0) {
+                int64_t t = nan_at;
+                while (row[t] == row[t]) t++;
+                out[r] = t;
+                continue;
+            }
+            /* the lanes' maximum, then the smallest index holding it */
+            top = _mm512_reduce_max_ps(mv);
+            const __mmask16 at = _mm512_cmp_ps_mask(mv, _mm512_set1_ps(top), _CMP_EQ_OQ);
+            best = _mm512_mask_reduce_min_epi32(at, mi);
+        }
+#endif
+        for (; j < cols; j++) {   /* the tail (or every column without AVX-512) */
+            const float v = row[j];
+            if (v != v) {
+                best = j;
+                break;
+            }
+            if (v > top) {
+                top = v;
+                best = j;
+            }
+        }
+        out[r] = best;
+    }
+    return 0;
+}
+
 /* The step's new K and V rows into their cache slots: k_cache[slot] = k[t] (slot < 0: skipped).
  * k, v rows may be strided (slices of the fused qkv projection); each row is row_elems contiguous
  * elements, the cache's rows likewise. */

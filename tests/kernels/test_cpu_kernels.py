@@ -183,6 +183,29 @@ def test_bfloat16_tile_scores_on_the_tile_unit_match_the_vector_path(gen, num_he
     assert rel_err(outs["tiles"], outs["vectors"]) < 4e-3
 
 
+@pytest.mark.parametrize("flags", [(), ("-mno-avx512f",)], ids=["build", "no-avx512"])
+def test_argmax_rows_is_the_first_maximum_as_torch_has_it(gen, flags):
+    # greedy sampling's pick: every width around the 16-lane steps, ties (the first wins), NaN (the
+    # first NaN wins) before, inside and after the vector part, infinities, -0.0 against 0.0
+    lib = cpu_kernels.build_variant(*flags)
+    for cols in (1, 2, 15, 16, 17, 31, 32, 33, 100, 49152):
+        rows = torch.randint(0, 3, (9, cols), generator=gen).float()
+        rows[1] = float("-inf")
+        rows[2, cols // 2] = float("nan")
+        rows[3, cols - 1] = float("nan")
+        rows[4, 0] = float("nan")
+        rows[5, [0, cols - 1]] = float("inf")
+        rows[6] = 0.0
+        rows[6, cols // 3] = -0.0
+        rows[7] = torch.randn(cols, generator=gen)
+        for x in (rows, rows[:, : max(1, cols - 3)]):   # contiguous, and rows further apart than their length
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_kernels, "library", lambda: lib)
+                assert cpu_kernels.argmax_rows(x) == x.max(dim=-1).indices.tolist(), cols
+    with pytest.raises(ValueError, match="argmax_rows"):
+        cpu_kernels.argmax_rows(torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
 def test_strided_q_and_an_empty_sequence(gen):
     out, ref = run_both(gen, [(30, 1), (12, 0), (3, 17), (8, 1)], num_heads=4, num_kv_heads=2, head_dim=64,
                         block_size=16, dtype=torch.float32, strided_q=True)

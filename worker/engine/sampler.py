@@ -24,10 +24,17 @@ TOP_P_CANDIDATES = 256   # top-p first looks among a row's this many most likely
 
 
 def greedy_ids(rows: torch.Tensor) -> list[int]:
-    """Each row's argmax (its first maximum; a NaN counts as the maximum, as argmax has it). Through
+    """Each row's argmax (its first maximum; a NaN counts as the maximum, as argmax has it). On the
+    CPU, float32 logits go through the compiled kernel (kernels/cpu_kernels.py argmax_rows: 24 rows of
+    a 49,152-token vocabulary 0.19 against 0.50 ms for max(), 2 threads, AMX Xeon); elsewhere through
     max(): the same indices as argmax() in a third of its time on the CPU (PyTorch 2.13: 0.29 against
-    0.76 ms for 24 rows of a 49,152-token vocabulary, 2 threads), half a millisecond of every greedy
-    decode step."""
+    0.76 ms, 2 threads)."""
+    if rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] \
+            and rows.stride(-1) == 1:
+        from kernels import cpu_kernels
+
+        if cpu_kernels.available():
+            return cpu_kernels.argmax_rows(rows)
     return rows.max(dim=-1).indices.tolist()
 
 

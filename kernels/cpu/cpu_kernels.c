@@ -544,8 +544,8 @@ static inline __attribute__((always_inline)) void weigh_values(const job_t *job,
 static int amx_ready(void);
 static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, const int32_t *table, float *scores);
 #define TILE_AMX_MAX_QUERIES 64   /* a tile's queries of one KV head whose bfloat16 rows fit on the stack */
-#ifndef GENQ_NO_ROW_AMX
-#define GENQ_ROW_AMX 1   /* a decode row's bfloat16 scores on the tile unit (row_scores_amx) */
+#if GENQ_ROW_SWEEP && !defined(GENQ_NO_ROW_AMX)
+#define GENQ_ROW_AMX 1   /* a decode row's bfloat16 scores on the tile unit (row_scores_amx; copying rows only) */
 #define ROW_AMX_MAX_WORDS 4096   /* a row's query pairs (queries x head_dim / 2) that fit on the stack */
 static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *scores, void *buf);
 #endif
@@ -1631,10 +1631,10 @@ static void linear_columns(const float *x, int64_t ldx, const void *w, int64_t K
         const int rows = (M - m + (blocks - b) - 1) / (blocks - b);
         const float *xm = x + m * ldx;
         void *ym = (char *)y + (size_t)m * ldy * esize;
-        /* a later tile's rows are fetched while this one computes, their cache lines shared out
-         * among the blocks (block b takes every blocks-th line from the b-th), so that memory
-         * streams at an even rate through the whole tile (float32 only: a bfloat16 tile was
-         * widened into `wide` already) */
+        /* a later tile's rows are fetched while this one computes, shared out among the blocks
+         * (block b takes the b-th contiguous range of k, a line every blocks k-steps), so that
+         * memory streams at an even rate through the whole tile (float32 only: a bfloat16 tile
+         * was widened into `wide` already) */
         const int64_t range = ((K + 15) / 16 + blocks - 1) / blocks * 16;   /* whole lines of floats */
         const float *ahead = !BF ? wf + LIN_PREFETCH_TILES * NT * K + b * range : NULL;
         const int64_t every = (int64_t)blocks * 16;
@@ -1894,7 +1894,7 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
 #if AMX_NEXT_PAIR
                     /* up to 16 rows of x: a line of the next pair's weight rows (which follow this pair's in
                      * memory) every k-block, into L3, so that the hardware's streams start there early */
-                    if (mb1 == 0 && pair + 1 < pairs)
+                    if (M <= 16 && pair + 1 < pairs)
                         _mm_prefetch((const char *)(w0 + 32 * (int64_t)K) + (int64_t)kb * 2048, _MM_HINT_T2);
 #endif
                     _tile_loadd(4, w0 + kb * 32, K * 2);
@@ -1998,8 +1998,7 @@ static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *sc
     const int G = job->num_heads / job->num_kv_heads, D = job->head_dim, DS = D / 32;
     const int ctx = job->seq_lens[seq];
     const int32_t *table = job->block_tables + (int64_t)seq * job->table_stride;
-    const uint32_t *q = (const uint32_t *)((const uint16_t *)job->q + job->rows[seq] * job->q_stride
-                                           + (int64_t)h0 * G * D);
+    const uint16_t *q = (const uint16_t *)job->q + job->rows[seq] * job->q_stride + (int64_t)h0 * G * D;
     uint32_t qb[ROW_AMX_MAX_WORDS] __attribute__((aligned(64)));
     float c[16 * 16] __attribute__((aligned(64)));
     /* qb: for head hh and dims 32 s .. 32 s + 31, 16 rows (pairs p) of G words (query g's pair p) */
@@ -2007,7 +2006,7 @@ static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *sc
         for (int ds = 0; ds < DS; ds++)
             for (int p = 0; p < 16; p++)
                 for (int g = 0; g < G; g++)
-                    qb[((hh * DS + ds) * 16 + p) * G + g] = q[(hh * G + g) * D / 2 + ds * 16 + p];
+                    memcpy(qb + ((hh * DS + ds) * 16 + p) * G + g, q + (hh * G + g) * D + ds * 32 + 2 * p, 4);
     /* 0: C (16 tokens x G queries), 1: A (K), 2: B (queries) */
     const uint16_t colsb[8] = {(uint16_t)(4 * G), 64, (uint16_t)(4 * G), 0, 0, 0, 0, 0};
     amx_load_config(colsb);
@@ -2037,8 +2036,10 @@ static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *sc
 }
 #endif
 
-/* Whether bfloat16 matmuls of AMX-friendly shapes go to the tile unit: enable 0 or 1 sets it (tests and
- * benchmarks compare the two paths), -1 only asks. Returns 1 where they go, 0 where they do not. */
+/* Whether bfloat16 matmuls of AMX-friendly shapes go to the tile unit, and with them the bfloat16
+ * attention scores of prefill tiles and decode rows (tile_scores_amx, row_scores_amx): enable 0 or 1
+ * sets it (tests and benchmarks compare the two paths), -1 only asks. Returns 1 where they go, 0
+ * where they do not. */
 int genq_linear_set_amx(int enable) {
 #if defined(GENQ_LINEAR_AMX)
     if (enable >= 0) __atomic_store_n(&amx_wanted, enable != 0, __ATOMIC_RELAXED);
@@ -2125,6 +2126,7 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
  * counting as the maximum (its first), as torch's max(dim=-1).indices and argmax give it: greedy
  * sampling's pick from the LM head's float32 logits. Rows split among the threads. */
 int genq_argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, int64_t *out, int num_threads) {
+    if (cols <= 0) return 2;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *row = x + r * ld;

@@ -223,9 +223,10 @@ def test_greedy_ids_are_argmax_with_ties_nan_and_infinities():
     rows[3, :] = float("nan")
     rows[4, 999] = float("inf")
     rows[5, [3, 4]] = float("inf")
-    rows[6, 990] = float("nan")                                          # past the last whole 16 columns
+    rows[6, 995] = float("nan")                                          # past the last whole 16 columns
     rows[7, :] = 0.0
     rows[7, [2, 600]] = -0.0                                             # -0.0 and 0.0 tie
     assert greedy_ids(rows) == rows.argmax(dim=-1).tolist()
     assert greedy_ids(rows)[0] == int((rows[0] == rows[0].max()).nonzero()[0])   # the first maximum
     assert greedy_ids(rows[:, :333]) == rows[:, :333].argmax(dim=-1).tolist()   # rows 1,000 apart
+    assert greedy_ids(rows, compiled=False) == rows.argmax(dim=-1).tolist()   # max() alone

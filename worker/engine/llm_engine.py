@@ -64,7 +64,7 @@ class LLMEngine:
         if self.tp is None:
             self.scheduler.one_call_tokens = self.runner.one_call_tokens()
         self.eos_token_ids = eos_token_ids(hf_dir, hf_config, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids, config.seed, self.device)
+        self.sampler = Sampler(self.eos_token_ids, config.seed, self.device, compiled=config.kernel_impl in (None, "cpu"))
         self.structured = StructuredOutputs(self.tokenizer, args.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._grammar_waiting: dict[str, Request] = {}   # requests whose grammar is being compiled

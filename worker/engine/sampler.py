@@ -23,14 +23,14 @@ from worker.engine.request import Sequence
 TOP_P_CANDIDATES = 256   # top-p first looks among a row's this many most likely tokens
 
 
-def greedy_ids(rows: torch.Tensor) -> list[int]:
+def greedy_ids(rows: torch.Tensor, compiled: bool = True) -> list[int]:
     """Each row's argmax (its first maximum; a NaN counts as the maximum, as argmax has it). On the
     CPU, float32 logits go through the compiled kernel (kernels/cpu_kernels.py argmax_rows: 24 rows of
     a 49,152-token vocabulary 0.19 against 0.50 ms for max(), 2 threads, AMX Xeon); elsewhere through
     max(): the same indices as argmax() in a third of its time on the CPU (PyTorch 2.13: 0.29 against
-    0.76 ms, 2 threads)."""
-    if rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] \
-            and rows.stride(-1) == 1:
+    0.76 ms, 2 threads). compiled=False: max() only (an engine told to keep to PyTorch's kernels)."""
+    if compiled and rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 \
+            and rows.shape[1] and rows.stride(-1) == 1:
         from kernels import cpu_kernels
 
         if cpu_kernels.available():
@@ -45,8 +45,9 @@ def seed_generator(seed: int, index: int, device) -> torch.Generator:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int], seed: int, device):
+    def __init__(self, eos_token_ids: set[int], seed: int, device, compiled: bool = True):
         self.eos_token_ids = sorted(eos_token_ids)
+        self.compiled = compiled   # greedy picks may use the compiled CPU kernel (greedy_ids)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
@@ -61,7 +62,7 @@ class Sampler:
         banning = [s.num_output_tokens < s.request.params.min_tokens for s in seqs]
         plain = not any(own) and all(s.request.params.temperature == 0 for s in seqs)
         if plain and masks is None and not any(banning):
-            tokens = greedy_ids(logits)
+            tokens = greedy_ids(logits, self.compiled)
             return [(tokens[r], None) for r in row_of]
         if row_of == list(range(len(logits))):
             rows = logits   # one row per sample already (the caller's, written in place: it is not read again)
@@ -72,7 +73,7 @@ class Sampler:
         dead = masks.dead if masks is not None else ()
         if plain:
             self._ban_stops(rows, [i for i, b in enumerate(banning) if b and i not in dead], seqs)
-            tokens = greedy_ids(rows)
+            tokens = greedy_ids(rows, self.compiled)
             return [(None, None) if i in dead else (t, None) for i, t in enumerate(tokens)]
         out: list[tuple[int | None, dict[int, float] | None]] = [(None, None)] * len(seqs)
         together: list[int] = []
@@ -131,7 +132,7 @@ class Sampler:
         hold less than its top-p mass (a sort of the vocabulary costs ~1.5 ms a row on a 2-core CPU)."""
         device = rows.device
         greedy = [p.temperature == 0 for p in params]
-        best_ids = greedy_ids(rows) if any(greedy) else None
+        best_ids = greedy_ids(rows, self.compiled) if any(greedy) else None
         if all(greedy):
             return best_ids
         x = rows

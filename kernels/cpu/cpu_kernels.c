@@ -834,6 +834,41 @@ static inline __attribute__((always_inline)) void weigh_tile(const job_t *job, i
     }
 }
 
+/* scores[j * len + t] of a tile's NQ queries (scaled, as float32 in qs) against KV head h's K rows,
+ * t < len: each 16-token chunk of K read once and transposed (16 tokens a vector), one broadcast
+ * multiply-add per query and dimension for 16 tokens. Scratch: qs [NQ][64], kt [64][16]. */
+static inline void tile_scores_avx512(const job_t *job, int s0, int NQ, int h, int len, const int32_t *table,
+                                      float *scores, float *qs, float *kt) {
+    tile_queries(job, s0, NQ, h, qs);
+    for (int t0 = 0; t0 < len; t0 += 16) {
+        const int n = len - t0 < 16 ? len - t0 : 16;
+        int64_t rows_at[16];   /* the chunk's K rows of head h */
+        chunk_rows(job, table, t0, n, h, rows_at);
+        for (int c = 0; c < 4; c++) {
+            __m512i r[16];
+            for (int o = 0; o < 16; o++) {
+                if (o < n) {
+                    r[o] = _mm512_castps_si512(load16(job->k_cache, rows_at[o] + c * 16, job->dtype, 0xffff));
+                } else {
+                    r[o] = _mm512_setzero_si512();
+                }
+            }
+            transpose16(r);
+            for (int d = 0; d < 16; d++) _mm512_storeu_si512(kt + (c * 16 + d) * 16, r[d]);
+        }
+        for (int j0 = 0; j0 < NQ; j0 += 6) {
+            float *sj = scores + (int64_t)j0 * len + t0;
+            switch (NQ - j0 < 6 ? NQ - j0 : 6) {
+            case 6: score_chunk(qs + j0 * 64, kt, sj, len, 6, n); break;
+            case 5: score_chunk(qs + j0 * 64, kt, sj, len, 5, n); break;
+            case 4: score_chunk(qs + j0 * 64, kt, sj, len, 4, n); break;
+            case 3: score_chunk(qs + j0 * 64, kt, sj, len, 3, n); break;
+            case 2: score_chunk(qs + j0 * 64, kt, sj, len, 2, n); break;
+            default: score_chunk(qs + j0 * 64, kt, sj, len, 1, n); break;
+            }
+        }
+    }
+}
 
 /* R (2 .. TILE_ROWS) consecutive rows of one prefill chunk (row s0 + r: token rows[s0] + r over the
  * first seq_lens[s0] + r cached tokens), KV heads [h0, h1), head_dim 64: the attention of all R * G
@@ -851,41 +886,11 @@ static void run_tile_avx512(const job_t *job, int s0, int R, int h0, int h1, flo
     float inv_sum[TILE_ROWS * TILE_MAX_GROUP];   /* R * G: the caller tiles only where G <= TILE_MAX_GROUP */
     for (int h = h0; h < h1; h++) {
 #if GENQ_TILE_AMX
-        if (job->dtype == 1 && NQ <= TILE_AMX_MAX_QUERIES && amx_ready()) {
+        if (job->dtype == 1 && NQ <= TILE_AMX_MAX_QUERIES && amx_ready())
             tile_scores_amx(job, s0, NQ, h, len, table, scores);
-        } else
+        else
 #endif
-        {
-        tile_queries(job, s0, NQ, h, qs);
-        for (int t0 = 0; t0 < len; t0 += 16) {
-            const int n = len - t0 < 16 ? len - t0 : 16;
-            int64_t rows_at[16];   /* the chunk's K rows of head h */
-            chunk_rows(job, table, t0, n, h, rows_at);
-            for (int c = 0; c < 4; c++) {
-                __m512i r[16];
-                for (int o = 0; o < 16; o++) {
-                    if (o < n) {
-                        r[o] = _mm512_castps_si512(load16(job->k_cache, rows_at[o] + c * 16, job->dtype, 0xffff));
-                    } else {
-                        r[o] = _mm512_setzero_si512();
-                    }
-                }
-                transpose16(r);
-                for (int d = 0; d < 16; d++) _mm512_storeu_si512(kt + (c * 16 + d) * 16, r[d]);
-            }
-            for (int j0 = 0; j0 < NQ; j0 += 6) {
-                float *sj = scores + (int64_t)j0 * len + t0;
-                switch (NQ - j0 < 6 ? NQ - j0 : 6) {
-                case 6: score_chunk(qs + j0 * 64, kt, sj, len, 6, n); break;
-                case 5: score_chunk(qs + j0 * 64, kt, sj, len, 5, n); break;
-                case 4: score_chunk(qs + j0 * 64, kt, sj, len, 4, n); break;
-                case 3: score_chunk(qs + j0 * 64, kt, sj, len, 3, n); break;
-                case 2: score_chunk(qs + j0 * 64, kt, sj, len, 2, n); break;
-                default: score_chunk(qs + j0 * 64, kt, sj, len, 1, n); break;
-                }
-            }
-        }
-        }
+            tile_scores_avx512(job, s0, NQ, h, len, table, scores, qs, kt);
         tile_softmax(job, s0, NQ, len, scores, inv_sum);
         tile_values(job, table, len, h, 1, vt);
         for (int j0 = 0; j0 < NQ; j0 += 6) {
@@ -2131,45 +2136,26 @@ int genq_argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, int
     for (int64_t r = 0; r < rows; r++) {
         const float *row = x + r * ld;
         int64_t best = 0, j = 0;
-        float top = row[0];
-        if (top != top) {   /* NaN first */
-            out[r] = 0;
-            continue;
-        }
+        float top = -INFINITY;
 #if defined(__AVX512F__)
         if (cols >= 16) {
             /* per lane: its largest value so far and where (strictly greater replaces, so each lane
-             * keeps its first maximum); a NaN anywhere ends the row at the first NaN */
-            __m512 mv = _mm512_loadu_ps(row);
-            __m512i mi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            __m512i idx = mi;
-            const __m512i sixteen = _mm512_set1_epi32(16);
-            int64_t nan_at = -1;
-            if (_mm512_cmp_ps_mask(mv, mv, _CMP_UNORD_Q)) nan_at = 0;
-            for (j = 16; nan_at < 0 && j + 16 <= cols && j < (int64_t)1 << 30; j += 16) {
-                idx = _mm512_add_epi32(idx, sixteen);
+             * keeps its first maximum); a vector with a NaN stops it, and the loop below finds the NaN */
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            __m512i mi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), idx = mi;
+            for (; j + 16 <= cols && j < (int64_t)1 << 30; j += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
                 const __m512 v = _mm512_loadu_ps(row + j);
-                if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {
-                    nan_at = j;
-                    break;
-                }
+                if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;
                 const __mmask16 gt = _mm512_cmp_ps_mask(v, mv, _CMP_GT_OQ);
                 mv = _mm512_mask_mov_ps(mv, gt, v);
                 mi = _mm512_mask_mov_epi32(mi, gt, idx);
             }
-            if (nan_at >= 0) {
-                int64_t t = nan_at;
-                while (row[t] == row[t]) t++;
-                out[r] = t;
-                continue;
-            }
-            /* the lanes' maximum, then the smallest index holding it */
+            /* the lanes' maximum, then the smallest index holding it (all -inf so far: index 0) */
             top = _mm512_reduce_max_ps(mv);
-            const __mmask16 at = _mm512_cmp_ps_mask(mv, _mm512_set1_ps(top), _CMP_EQ_OQ);
-            best = _mm512_mask_reduce_min_epi32(at, mi);
+            best = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(mv, _mm512_set1_ps(top), _CMP_EQ_OQ), mi);
         }
 #endif
-        for (; j < cols; j++) {   /* the tail (or every column without AVX-512) */
+        for (; j < cols; j++) {   /* the rest (every column without AVX-512): a NaN ends the row */
             const float v = row[j];
             if (v != v) {
                 best = j;

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fairness import cpu_flags  # noqa: E402
+import cpu_info  # noqa: E402  (benchmarks/)
 from worker.engine import LLMEngine, SamplingParams  # noqa: E402
 from worker.runtime import warm_up  # noqa: E402
 
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_flags()}; torch threads {args.threads}; model {args.model} ({args.dtype})", flush=True)
+    print(f"CPU: {cpu_info.describe()}; torch threads {args.threads}; model {args.model} ({args.dtype})", flush=True)
     results = [run(args, share) for share in (False, True)]
     print(f"{'fair_step_share':>15} {'B alone':>8} {'B flood':>8} {'slowdown':>8} {'B step':>15} "
           f"{'flood tok/s':>11} {'beside B':>8} {'kept':>5}")
@@ -137,7 +137,7 @@ def main() -> None:
     print("(B step: B's decode step under the flood, median, / B's decode step alone; tokens/s: every token "
           "the flood's steps computed, prompt and output)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"cpu": cpu_flags(), "args": vars(args), "results": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"cpu": cpu_info.describe(), "args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

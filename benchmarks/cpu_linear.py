@@ -9,6 +9,7 @@ alternation, median of several rounds, in one process.
 
     python benchmarks/cpu_linear.py [--dtype bfloat16] [--rows 1 4 8 16 32 48 64 128] [--rounds 5] [--json out.json]
                                     [--variant FLAGS ...]   # e.g. --variant=-DAMX_PREFETCH=0
+                                    [--source REV ...]      # the kernel of an earlier commit, e.g. --source HEAD~3
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import argparse
 import functools
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +40,16 @@ def one_pass(fn, xs, weights) -> float:
     return time.perf_counter() - start
 
 
+def source_at(rev: str) -> Path:
+    """kernels/cpu/cpu_kernels.c as it was at git revision `rev`, in a file of its own."""
+    root = Path(__file__).resolve().parents[1]
+    text = subprocess.run(["git", "show", f"{rev}:kernels/cpu/cpu_kernels.c"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="genq-kernel-")) / "cpu_kernels.c"
+    path.write_text(text)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 128])
@@ -45,6 +58,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--variant", action="append", default=[],
                     help="compiler flags of another build of the kernel, comma separated (a column of its own)")
+    ap.add_argument("--source", action="append", default=[],
+                    help="a git revision: the kernel built from its kernels/cpu/cpu_kernels.c (a column of its own)")
     args = ap.parse_args()
     if not cpu_kernels.linear_available():
         print("the linear kernel is not available here (it needs AVX-512 or AVX2 with FMA, and a C compiler)")
@@ -67,6 +82,8 @@ def main() -> None:
         sides["onednn packed"] = onednn
     for flags in args.variant:
         sides[flags] = functools.partial(kernel, lib=cpu_kernels.build_variant(*flags.split(",")))
+    for rev in args.source:
+        sides[f"@{rev}"] = functools.partial(kernel, lib=cpu_kernels.build_variant(source=source_at(rev)))
     if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
         sides["kernel (no AMX)"] = kernel   # timed with the tiles off (`run`)
 

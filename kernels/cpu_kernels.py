@@ -68,9 +68,10 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+def _build(compiler: str, extra_flags: tuple[str, ...] = (), source: Path | None = None) -> Path:
+    source = source or SOURCE
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *CFLAGS, *extra_flags,
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, _cpu_flags(), *CFLAGS, *extra_flags,
                                     *OPENMP_FLAGS[0]]).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -83,13 +84,13 @@ def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             for threading_flags in OPENMP_FLAGS:
-                result = subprocess.run([compiler, *CFLAGS, *extra_flags, *threading_flags, "-o", str(built), str(SOURCE),
+                result = subprocess.run([compiler, *CFLAGS, *extra_flags, *threading_flags, "-o", str(built), str(source),
                                          "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break
             else:
-                raise KernelBuildError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
+                raise KernelBuildError(f"{compiler} failed on {source.name}:\n{result.stderr[-2000:]}")
             os.replace(built, target)
     return target
 
@@ -100,14 +101,16 @@ def library() -> ctypes.CDLL:
 
 
 @functools.cache
-def build_variant(*extra_flags: str) -> ctypes.CDLL:
+def build_variant(*extra_flags: str, source: Path | None = None) -> ctypes.CDLL:
     """The kernels built with `extra_flags` after CFLAGS (none: the engine's build). The tests build
-    the AVX2 paths on an AVX-512 CPU with `-mno-avx512f`, so that both are checked wherever they run."""
+    the AVX2 paths on an AVX-512 CPU with `-mno-avx512f`, so that both are checked wherever they run.
+    `source`: another version of cpu_kernels.c (benchmarks compare an earlier revision's build with
+    this one in one process); its functions that this version added are left unbound."""
     compiler = _compiler()
     if compiler is None:
         raise KernelBuildError("no C compiler (cc, gcc or clang) on PATH")
     try:
-        lib = ctypes.CDLL(str(_build(compiler, extra_flags)))
+        lib = ctypes.CDLL(str(_build(compiler, extra_flags, source)))
     except OSError as exc:
         raise KernelBuildError(f"cannot load the compiled kernels: {exc}") from exc
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -126,6 +129,8 @@ def build_variant(*extra_flags: str) -> ctypes.CDLL:
                                i, f, i, i, i, i, i, i],
     }
     for name, argtypes in signatures.items():
+        if source is not None and not hasattr(lib, name):
+            continue
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = argtypes

@@ -328,6 +328,20 @@ needs_linear = pytest.mark.skipif(not cpu_kernels.linear_available(), reason="th
 
 
 @needs_linear
+def test_a_build_of_another_source_binds_what_it_has_and_runs(tmp_path, monkeypatch):
+    """benchmarks/cpu_linear.py --source REV: an earlier revision's cpu_kernels.c, which may lack a
+    function this one has, built beside the engine's for a column of its own."""
+    _build_in(tmp_path, monkeypatch)
+    older = tmp_path / "older.c"
+    older.write_text(cpu_kernels.SOURCE.read_text().replace("genq_argmax_rows", "genq_argmax_rows_not_yet"))
+    lib = cpu_kernels.build_variant(source=older)
+    assert lib is not cpu_kernels.library() and not hasattr(lib, "genq_argmax_rows")
+    x, w = torch.randn(5, 72), torch.randn(12, 72)
+    got = cpu_kernels.linear_unchecked(x, w, lib=lib)
+    assert torch.allclose(got, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_linear
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 32, cpu_kernels.LINEAR_MAX_ROWS])
 @pytest.mark.parametrize("out_features,in_features", [(576, 576), (33, 17), (4, 16), (3, 1), (70, 100)])
 @pytest.mark.usefixtures("build")

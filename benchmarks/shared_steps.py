@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cpu_info  # noqa: E402  (benchmarks/)
 import torch  # noqa: E402
 
-import cpu_info  # noqa: E402  (benchmarks/)
 from worker.engine import LLMEngine, SamplingParams  # noqa: E402
 from worker.runtime import warm_up  # noqa: E402
 

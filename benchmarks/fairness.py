@@ -14,6 +14,12 @@ default runs all but `fair-wide`):
 
 Prompts are 64-256 tokens of words, 32-64 output tokens (ignore_eos), as the issue says.
 
+The ratios compare phases run one after another, minutes apart, and a VM's speed drifts between them
+(one solo phase's B decoded at 58 ms a token, the next run's at 77 on the same VM and code). So
+before each phase, with the stack idle, a probe times a fixed memory-bound matmul in this process
+(one thread; its own spread on an idle VM ~6%); the report prints each phase's probe against the
+first's, to tell drift from effect.
+
     python benchmarks/fairness.py                       # the default model, everything (~25 min on 2 cores)
     python benchmarks/fairness.py --model tiny --flood 120 --late 10
 
@@ -209,6 +215,26 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def speed_probe() -> float:
+    """Milliseconds of a fixed one-thread workload like a decode step's (8 rows against 64 MB of
+    float32 weights, beyond the last-level cache), median of 40: the machine's speed right now."""
+    import torch
+    time.sleep(2.0)   # the previous phase's last results and settlements written
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w, x = torch.randn(4096, 4096, generator=gen), torch.randn(8, 4096, generator=gen)
+        times = []
+        for _ in range(41):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def phase_solo(stack: Stack, args) -> dict:
     _, secret = stack.key("solo-b")
     rng = random.Random(2)
@@ -293,14 +319,16 @@ def main() -> int:
             with Stack(tmp / "fair", args, "fair") as stack:
                 for phase, fn in (("solo", phase_solo), ("fair", phase_flood), ("weights", phase_weights)):
                     if phase in args.phases:
-                        print(f"{phase} ...", flush=True)
-                        results[phase] = fn(stack, args)
+                        probe = speed_probe()
+                        print(f"{phase} ... (speed probe {probe:.1f} ms)", flush=True)
+                        results[phase] = {**fn(stack, args), "probe_ms": probe}
                         print(f"  {json.dumps(results[phase], default=str)}", flush=True)
         for name, scheduling, share in (("fair-wide", "fair", False), ("fifo", "fifo", False)):
             if name in args.phases:
                 with Stack(tmp / name, args, scheduling, step_share=share) as stack:
-                    print(f"{name} ...", flush=True)
-                    results[name] = phase_flood(stack, args)
+                    probe = speed_probe()
+                    print(f"{name} ... (speed probe {probe:.1f} ms)", flush=True)
+                    results[name] = {**phase_flood(stack, args), "probe_ms": probe}
                     print(f"  {json.dumps(results[name], default=str)}", flush=True)
     report(results, args)
     out = Path(args.out)
@@ -335,11 +363,19 @@ def report(results: dict, args) -> None:
         if "fair-wide" in results:
             wide = results["fair-wide"]["output_tokens_per_second"]
             print(f"  flood output tokens/s, fair without step share: {wide:.1f}: {wide / fifo:.3f}x fifo")
-    if "weights" in results:
+    if "weights" in results and results["weights"]["ratio"] is None:
+        print("  weights: no weight-1 job completed while both keys were backlogged (too few jobs: --weighted)")
+    elif "weights" in results:
         w = results["weights"]
         print(f"  weights 2:1 over {w['window_seconds']:.0f} s both backlogged: {w['tokens_weight_2']} vs "
               f"{w['tokens_weight_1']} tokens ({w['jobs_weight_2']} vs {w['jobs_weight_1']} jobs): "
               f"{w['ratio']:.2f}:1 (target 2 +-15%: 1.70-2.30)")
+    probes = [(name, results[name]["probe_ms"]) for name in ("solo", "fair", "weights", "fair-wide", "fifo")
+              if "probe_ms" in results.get(name, {})]
+    if probes:
+        first = probes[0][1]
+        print("  speed probe before each phase (ms; x the first: above 1, the machine was slower): "
+              + ", ".join(f"{name} {ms:.1f} ({ms / first:.2f}x)" for name, ms in probes))
 
 
 if __name__ == "__main__":

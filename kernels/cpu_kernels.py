@@ -232,10 +232,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def argmax_rows_supports(x: torch.Tensor) -> bool:
+    """A 2-D float32 CPU tensor with contiguous rows and at least one column (the LM head's logits)."""
+    return x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 \
+        and x.shape[1] > 0
+
+
 def argmax_rows(x: torch.Tensor) -> list[int]:
     """Each row's first maximum (a NaN counting as the maximum, its first), as max(dim=-1).indices
-    gives it, of a 2-D float32 CPU tensor whose rows are contiguous (the LM head's logits)."""
-    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1 or not x.shape[1]:
+    gives it, of a tensor `argmax_rows_supports` takes."""
+    if not argmax_rows_supports(x):
         raise ValueError(f"argmax_rows takes a 2-D float32 CPU tensor with contiguous rows, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
     out = torch.empty(x.shape[0], dtype=torch.int64)

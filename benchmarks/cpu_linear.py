@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cpu_info  # noqa: E402  (benchmarks/)
 from kernels import cpu_kernels
 from kernels.linear import onednn_available, prepack
 
@@ -68,6 +69,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     weights = [torch.randn(n, k).to(dtype) for _ in range(30) for k, n in SHAPES]
     kernel = cpu_kernels.linear_unchecked   # (no row limit here)
+    print(f"CPU: {cpu_info.describe()}")
     print(f"torch threads {torch.get_num_threads()}; one pass = {len(weights)} matmuls, "
           f"{sum(w.numel() for w in weights) * dtype.itemsize / 1e6:.0f} MB of {args.dtype} weights"
           + ("" if args.dtype == "float32" else f"; this CPU has bfloat16 arithmetic: {cpu_kernels.native_bfloat16()}"))
@@ -85,6 +87,8 @@ def main() -> None:
     for rev in args.source:
         sides[f"@{rev}"] = functools.partial(kernel, lib=cpu_kernels.build_variant(source=source_at(rev)))
     if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
+        tiles = {id(w): cpu_kernels.pack_amx(w) for w in weights}
+        sides["kernel, tile-packed W"] = lambda x, w: kernel(x, w, tiles=tiles[id(w)])   # (the engine's, to 1,024 rows)
         sides["kernel (no AMX)"] = kernel   # timed with the tiles off (`run`)
 
     def run(name, fn, xs):
@@ -119,7 +123,8 @@ def main() -> None:
                         "kernel_gflops": flops / k / 1e9})
         print(f"{m:5d}" + "".join(f"{v * 1e3:20.1f}" for v in med.values())
               + f" {t / k:15.2f}x {flops / k / 1e9:15.1f}")
-    print(f"the engine uses the kernel up to {cpu_kernels.linear_max_rows(dtype)} rows ({args.dtype}; AMX tiles: {cpu_kernels.linear_amx()})")
+    print(f"the engine uses the kernel up to {cpu_kernels.linear_max_rows(dtype)} rows ({args.dtype}; AMX tiles: "
+          f"{cpu_kernels.linear_amx()}, with tile-packed weights up to {cpu_kernels.LINEAR_MAX_ROWS_TILES} rows)")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "results": results}, indent=2))
 

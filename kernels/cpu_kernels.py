@@ -120,6 +120,7 @@ def build_variant(*extra_flags: str, source: Path | None = None) -> ctypes.CDLL:
         "genq_silu_mul": [p, p, i64, i, i, i],
         "genq_rotary": [p, p, i64, i, p, i64, i, p, i64, i, i64, i, i],
         "genq_linear": [p, i64, p, p, p, i64, i, i, i, i, i],
+        "genq_linear_packed": [p, i64, p, p, p, p, i64, i, i, i, i, i],
         "genq_store_kv": [p, i64, p, i64, p, p, p, i64, i64, i, i],
         "genq_argmax_rows": [p, i64, i64, i64, p, i],
         "genq_linear_supported": [],
@@ -319,6 +320,12 @@ LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32
 # 693-753 tok/s. On AMX tiles (`linear_amx`) it takes 0.7x oneDNN's time (tiles too) up to 32 rows;
 # on a 2-core AMX Xeon a 79-token prompt took 43 against 61 ms, decode of 64 requests 889 against 647.
 LINEAR_MAX_ROWS_NATIVE_BF16 = 128
+# With a weight's tile-packed copy (`pack_amx`) the AMX kernel reads x in place and W in one stream: on
+# a 2-core AMX Xeon SmolLM2's 120 bfloat16 matmuls took 0.72-0.91x the unpacked tiles' time at 1-128
+# rows (64 rows 13.9 against 18.7 ms, 128 19.7 against 27.5), 0.75-0.9x oneDNN's (packed weights, tiles
+# too) from 24 to 128 rows, level with it from 256 to 1,024 and behind from 1,536 (1.3-1.4x at 2,048;
+# benchmarks/cpu_linear.py --dtype bfloat16, docs/kernels.md): up to this many rows they take it.
+LINEAR_MAX_ROWS_TILES = 1024
 
 
 def linear_max_rows(dtype: torch.dtype) -> int:
@@ -356,6 +363,19 @@ def linear_amx(enable: bool | None = None) -> bool:
     return bool(library().genq_linear_set_amx(-1 if enable is None else int(enable)))
 
 
+def pack_amx(weight: torch.Tensor) -> torch.Tensor | None:
+    """A copy of a bfloat16 weight [N, K] laid out as the AMX tiles read it with x as their other
+    operand (`linear_amx_packed` in cpu_kernels.c: per 16 weight rows, K / 32 tiles of 16 k pairs by 16
+    rows, each 1 KB, in k order): `linear_unchecked(..., tiles=)` and DecodeLayers then multiply any
+    number of rows of x without repacking them and stream W sequentially (the same sums, bit for bit).
+    None where the tiles do not run here or the shape is not theirs (K a multiple of 32, N of 16)."""
+    n, k = weight.shape if weight.dim() == 2 else (0, 0)
+    if (weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % 16 or k % 32
+            or not n or not linear_amx()):
+        return None
+    return weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(n, k)
+
+
 @functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); without it PyTorch's
@@ -364,13 +384,14 @@ def native_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def linear_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """float32 or bfloat16 (one dtype) on the CPU, at most LINEAR_MAX_ROWS rows, a contiguous
-    weight; x's last dimension contiguous (its rows may be apart)."""
+def linear_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    max_rows: int = LINEAR_MAX_ROWS) -> bool:
+    """float32 or bfloat16 (one dtype) on the CPU, at most `max_rows` rows, a contiguous weight; x's
+    last dimension contiguous (its rows may be apart)."""
     return (x.dtype in DTYPES and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.dim() >= 1 and weight.dim() == 2
             and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
-            and x.numel() // max(x.shape[-1], 1) <= LINEAR_MAX_ROWS
+            and x.numel() // max(x.shape[-1], 1) <= max_rows
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1])))
 
 
@@ -383,21 +404,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     float32_out: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+                     float32_out: bool = False, lib: ctypes.CDLL | None = None,
+                     tiles: torch.Tensor | None = None) -> torch.Tensor:
     """`linear` for a caller that has checked `linear_supports` itself (kernels.linear, every
     projection of every step) or wants no row limit (benchmarks/cpu_linear.py, the LM head).
     float32_out: bfloat16 tensors in, the float32 sums out unrounded (needs `linear_native_bfloat16`).
-    lib: another build of the kernels (`build_variant`; benchmarks), default the engine's."""
+    lib: another build of the kernels (`build_variant`; benchmarks), default the engine's.
+    tiles: the weight's `pack_amx` copy, which the AMX path then reads (the same bits, faster)."""
     n, k = weight.shape
+    if tiles is not None and (tiles.shape != weight.shape or tiles.dtype != weight.dtype or not tiles.is_contiguous()):
+        raise ValueError(f"linear: tiles {tuple(tiles.shape)} {tiles.dtype} are not a pack_amx copy of this weight")
     rows = x.reshape(-1, k)
     if k and rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = x.new_empty(*x.shape[:-1], n, dtype=torch.float32 if float32_out else x.dtype)
     dtype_code = 2 if float32_out else DTYPES[x.dtype]
     if rows.shape[0] and n:
-        status = (lib or library()).genq_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
-                                       None if bias is None else bias.data_ptr(), out.data_ptr(), n,
-                                       rows.shape[0], n, k, dtype_code, _threads())
+        status = (lib or library()).genq_linear_packed(
+            rows.data_ptr(), rows.stride(0), weight.data_ptr(), None if tiles is None else tiles.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), n, rows.shape[0], n, k, dtype_code, _threads())
         if status != 0:
             raise RuntimeError(f"linear failed (status {status})")
     return out
@@ -406,13 +431,14 @@ def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "gate_up_w", "gate_up_b", "down_w", "down_b",
-        "k_cache", "v_cache")]
+        "k_cache", "v_cache", "qkv_wp", "o_wp", "gate_up_wp", "down_wp")]
 
 
 class DecodeLayers:
     """A Llama model's decoder layers for `genq_decode_layers`: every layer of a step of few tokens in
     one call, through the same kernels as the per-op path (bit for bit its results). Built once per
-    model and KV cache: it holds the tensors whose addresses it passes."""
+    model and KV cache: it holds the tensors whose addresses it passes. A layer's "qkv_wp", "o_wp",
+    "gate_up_wp" and "down_wp", where given, are its weights' `pack_amx` copies."""
 
     def __init__(self, layers: list[dict[str, torch.Tensor | None]], *, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, cos_sin: torch.Tensor):
@@ -424,7 +450,7 @@ class DecodeLayers:
         self.cos_sin = cos_sin
         self._tensors = layers            # keeps every passed tensor alive
         self._array = (_Layer * len(layers))(*[
-            _Layer(*[None if layer[name] is None else layer[name].data_ptr() for name, _ in _Layer._fields_])
+            _Layer(*[None if layer.get(name) is None else layer[name].data_ptr() for name, _ in _Layer._fields_])
             for layer in layers])
         self.k_cache = first["k_cache"]
         self.max_tokens, self.linear_dtype = linear_max_rows(self.dtype), DTYPES[self.dtype]
@@ -441,7 +467,9 @@ class DecodeLayers:
         if dtype == torch.bfloat16 and native_bfloat16() and not linear_native_bfloat16():
             return False   # a bfloat16 CPU whose compiler lacks vdpbf16ps: kernels.linear takes oneDNN there
         return all(t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous())
-                   for layer in layers for t in layer.values())
+                   for layer in layers for t in layer.values()) and all(
+            layer.get(name + "p") is None or layer[name + "p"].shape == layer[name].shape
+            for layer in layers for name in ("qkv_w", "o_w", "gate_up_w", "down_w"))
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, rows, scale: float):
         """x: [tokens, hidden] embeddings (overwritten). Returns (x, residual) after the last layer.

@@ -9,7 +9,8 @@ from kernels._dispatch import resolve_impl
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           impl: str | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+           impl: str | None = None, packed: torch.Tensor | None = None,
+           tiles: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in_features]. On the CPU, decode-sized batches (at most `cpu_kernels.linear_max_rows(dtype)`
     rows: LINEAR_MAX_ROWS) of float32, and of bfloat16 where the CPU has no bfloat16 arithmetic (at most
     LINEAR_MAX_ROWS_WIDENED_BF16), go to the compiled kernel, as do bfloat16 batches of at most
@@ -17,7 +18,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     it are multiplied in float32 (exact widening, float32 sums, one rounding: what the BLAS does, at the float32
     rate instead of the emulated bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU
     has bfloat16 arithmetic, go to oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy).
-    Everything else, and impl="torch" or "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
+    `tiles`: the weight's `cpu_kernels.pack_amx` copy, with which bfloat16 batches of up to
+    LINEAR_MAX_ROWS_TILES rows take the kernel's AMX tiles. Everything else, and impl="torch" or
+    "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
     if resolve_impl(impl, x) == "cpu":
         from kernels import cpu_kernels
 
@@ -26,9 +29,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.dtype == torch.float32 or emulated_bf16:
             if few_rows and cpu_kernels.linear_supports(x, weight, bias) and cpu_kernels.linear_available():
                 return cpu_kernels.linear_unchecked(x, weight, bias)
-        elif (x.dtype == torch.bfloat16 and few_rows and cpu_kernels.linear_supports(x, weight, bias)
-              and cpu_kernels.linear_native_bfloat16()):
-            return cpu_kernels.linear_unchecked(x, weight, bias)
+        elif x.dtype == torch.bfloat16 and cpu_kernels.linear_native_bfloat16():
+            if tiles is not None and cpu_kernels.linear_supports(x, weight, bias, cpu_kernels.LINEAR_MAX_ROWS_TILES):
+                return cpu_kernels.linear_unchecked(x, weight, bias, tiles=tiles)
+            if few_rows and cpu_kernels.linear_supports(x, weight, bias):
+                return cpu_kernels.linear_unchecked(x, weight, bias)
         if emulated_bf16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             # multiplied in float32: by oneDNN, on prepack's widened copy or the weight widened now (the
             # same GEMM, so the same bits either way); without oneDNN (then nothing is packed), the BLAS

@@ -1933,6 +1933,108 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
     free(xp);
     return 0;
 }
+/* The same products with the operands' roles swapped: x is the A operand as it lies (up to 16 rows of x
+ * by 32 k, rows ldx apart: nothing repacked per call) and W the B operand, from a copy packed once per
+ * weight (cpu_kernels.pack_amx): wp holds, for weight block nb (16 rows of W) and k-block kb, one 1 KB
+ * tile at wp + (nb * K / 32 + kb) * 512 whose row j (a k pair) is (W[16 nb + c, 32 kb + 2 j],
+ * W[16 nb + c, 32 kb + 2 j + 1]) for c < 16, so each block's tiles lie in k order, one sequential
+ * stream, and each C tile holds 16 outputs of up to 16 rows of x as y wants them (no transposition on
+ * the way out). Rows of x go in groups of about AMX_GROUP_BYTES (a group stays in L2 while the threads'
+ * shares of W pass); within a group each pair of weight blocks multiplies every 32-row block. Faster
+ * than linear_amx at every batch and than oneDNN's tiles up to ~1,000 rows on a 2-core AMX Xeon
+ * (docs/kernels.md); each product and float32 sum are linear_amx's (the same bits: only the roles
+ * differ, and the tests hold it). */
+#ifndef AMX_GROUP_BYTES
+#define AMX_GROUP_BYTES (256 * 1024)   /* rows of x a group holds: this many bytes of them, at least 32 rows */
+#endif
+
+/* Tiles: 0-3 C (row block r = 0/1 by weight block a = 0/1: tile 2r + a), 4-5 A (x), 6-7 B (W). */
+static void amx_configure_packed(int mb0, int mb1) {
+    amx_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    const int rows[8] = {mb0, mb0, mb1, mb1, mb0, mb1, 16, 16};   /* (mb1 = 0: tiles 2, 3 and 5 unused) */
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = (uint8_t)(rows[t] > 0 ? rows[t] : 1);
+        cfg.colsb[t] = 64;
+    }
+    AMX_READS(cfg);
+    _tile_loadconfig(&cfg);
+}
+
+/* C tile (mb rows of 16 float32 sums, 64 bytes apart) + bias into y rows m0 .. m0 + mb, columns n0 .. n0 + 15 */
+static inline void amx_store_rows(const float *c, int mb, const float *bias16, void *y, int64_t ldy, int64_t n0,
+                                  int64_t m0, const int OUTF) {
+    const __m512 b = bias16 != NULL ? _mm512_loadu_ps(bias16) : _mm512_setzero_ps();
+    for (int m = 0; m < mb; m++) {
+        const __m512 v = _mm512_add_ps(_mm512_load_ps(c + 16 * m), b);
+        if (OUTF) _mm512_storeu_ps((float *)y + (m0 + m) * ldy + n0, v);
+        else _mm256_storeu_si256((__m256i *)((uint16_t *)y + (m0 + m) * ldy + n0), to_bf16_16(v));
+    }
+}
+
+static int linear_amx_packed(const uint16_t *x, int64_t ldx, const uint16_t *wp, const uint16_t *bias, void *y,
+                             int64_t ldy, int M, int N, int K, int OUTF, int num_threads) {
+    const int nblocks = N / 16, pairs = (nblocks + 1) / 2, ksteps = K / 32;
+    const size_t block_words = (size_t)ksteps * 512;   /* one weight block's tiles, in bfloat16 words */
+    const int group = AMX_GROUP_BYTES / (K * 2) > 32 ? AMX_GROUP_BYTES / (K * 2) / 32 * 32 : 32;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float c[4][16 * 16] __attribute__((aligned(64)));
+        float bias_wide[32] __attribute__((aligned(64)));
+        int shape = -1;
+        for (int g0 = 0; g0 < M; g0 += group) {
+            const int g1 = M - g0 < group ? M : g0 + group;
+#pragma omp for schedule(static) nowait
+            for (int pair = 0; pair < pairs; pair++) {
+                const int64_t n0 = (int64_t)pair * 32;
+                const int two = n0 + 16 < N;
+                const uint16_t *w0 = wp + (size_t)pair * 2 * block_words, *w1 = w0 + block_words;
+                const float *b0 = NULL;
+                if (bias != NULL) {
+                    for (int i = 0; i < (two ? 32 : 16); i++) bias_wide[i] = bf16_to_f32(bias[n0 + i]);
+                    b0 = bias_wide;
+                }
+                for (int m0 = g0; m0 < g1; m0 += 32) {
+                    const int mb0 = g1 - m0 < 16 ? g1 - m0 : 16, mb1 = g1 - m0 - mb0 < 16 ? g1 - m0 - mb0 : 16;
+                    if (shape != mb0 * 64 + mb1) {
+                        amx_configure_packed(mb0, mb1);
+                        shape = mb0 * 64 + mb1;
+                    }
+                    const uint16_t *x0 = x + (int64_t)m0 * ldx, *x1 = x0 + 16 * ldx;
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int kb = 0; kb < ksteps; kb++) {
+                        _tile_loadd(4, x0 + kb * 32, ldx * 2);
+                        _tile_loadd(6, w0 + (size_t)kb * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        if (two) {
+                            _tile_loadd(7, w1 + (size_t)kb * 512, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                        }
+                        if (mb1 > 0) {
+                            _tile_loadd(5, x1 + kb * 32, ldx * 2);
+                            _tile_dpbf16ps(2, 5, 6);
+                            if (two) _tile_dpbf16ps(3, 5, 7);
+                        }
+                    }
+                    _tile_stored(0, c[0], 64);
+                    if (two) _tile_stored(1, c[1], 64);
+                    if (mb1 > 0) {
+                        _tile_stored(2, c[2], 64);
+                        if (two) _tile_stored(3, c[3], 64);
+                    }
+                    for (int a = 0; a < (two ? 2 : 1); a++) {
+                        const float *ba = b0 != NULL ? b0 + 16 * a : NULL;
+                        amx_store_rows(c[a], mb0, ba, y, ldy, n0 + 16 * a, m0, OUTF);
+                        if (mb1 > 0) amx_store_rows(c[2 + a], mb1, ba, y, ldy, n0 + 16 * a, m0 + mb0, OUTF);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+}
 #endif
 
 #if GENQ_TILE_AMX
@@ -2127,6 +2229,21 @@ int genq_linear(const void *x, int64_t ldx, const void *w, const void *bias, voi
 #endif
 }
 
+/* genq_linear with W's tile-packed copy wp as well (cpu_kernels.pack_amx: the layout linear_amx_packed
+ * reads; NULL: none): bfloat16 batches of any size go to linear_amx_packed where the tiles run, the rest
+ * to genq_linear on w. */
+int genq_linear_packed(const void *x, int64_t ldx, const void *w, const void *wp, const void *bias, void *y,
+                       int64_t ldy, int M, int N, int K, int dtype, int num_threads) {
+#if defined(GENQ_LINEAR_AMX)
+    if (wp != NULL && (dtype == 1 || dtype == 2) && K % 32 == 0 && N % 16 == 0 && amx_ready())
+        return linear_amx_packed((const uint16_t *)x, ldx, (const uint16_t *)wp, (const uint16_t *)bias, y, ldy,
+                                 M, N, K, dtype == 2, num_threads < 1 ? 1 : num_threads);
+#else
+    (void)wp;
+#endif
+    return genq_linear(x, ldx, w, bias, y, ldy, M, N, K, dtype, num_threads);
+}
+
 /* out[r] = the index of the first maximum of row r of x (rows ld floats apart, cols long), a NaN
  * counting as the maximum (its first), as torch's max(dim=-1).indices and argmax give it: greedy
  * sampling's pick from the LM head's float32 logits. Rows split among the threads. */
@@ -2201,6 +2318,7 @@ int genq_store_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stri
 typedef struct {
     const void *input_norm, *post_norm, *qkv_w, *qkv_b, *o_w, *gate_up_w, *gate_up_b, *down_w, *down_b;
     void *k_cache, *v_cache;
+    const void *qkv_wp, *o_wp, *gate_up_wp, *down_wp;   /* tile-packed copies (genq_linear_packed), or NULL */
 } genq_layer_t;
 
 int genq_decode_layers(const genq_layer_t *layers, int num_layers, void *x, void *residual, void *h, void *qkv,
@@ -2224,7 +2342,8 @@ int genq_decode_layers(const genq_layer_t *layers, int num_layers, void *x, void
             status = genq_rms_norm(x, residual, L->input_norm, h, residual, tokens, hidden, eps, dtype, norm_threads);
         }
         if (status) return 10 + status;
-        if ((status = genq_linear(h, hidden, L->qkv_w, L->qkv_b, qkv, qkv_size, M, qkv_size, hidden, linear_dtype, threads)))
+        if ((status = genq_linear_packed(h, hidden, L->qkv_w, L->qkv_wp, L->qkv_b, qkv, qkv_size, M, qkv_size, hidden,
+                                         linear_dtype, threads)))
             return 20 + status;
         if ((status = genq_rotary(positions, qkv, qkv_size, num_heads, qkv_bytes + (size_t)q_size * esize, qkv_size,
                                   num_kv_heads, cos_sin, max_position, head_dim, tokens, dtype, rotary_threads)))
@@ -2237,16 +2356,18 @@ int genq_decode_layers(const genq_layer_t *layers, int num_layers, void *x, void
                                         seq_lens, rows, num_rows, num_heads, num_kv_heads, head_dim, block_size, scale,
                                         threads)))
             return 50 + status;
-        if ((status = genq_linear(attn, q_size, L->o_w, NULL, x, hidden, M, hidden, q_size, linear_dtype, threads)))
+        if ((status = genq_linear_packed(attn, q_size, L->o_w, L->o_wp, NULL, x, hidden, M, hidden, q_size,
+                                         linear_dtype, threads)))
             return 60 + status;
         if ((status = genq_rms_norm(x, residual, L->post_norm, h, residual, tokens, hidden, eps, dtype, norm_threads)))
             return 70 + status;
-        if ((status = genq_linear(h, hidden, L->gate_up_w, L->gate_up_b, gate_up, 2 * inter, M, 2 * inter, hidden,
-                                  linear_dtype, threads)))
+        if ((status = genq_linear_packed(h, hidden, L->gate_up_w, L->gate_up_wp, L->gate_up_b, gate_up, 2 * inter, M,
+                                         2 * inter, hidden, linear_dtype, threads)))
             return 80 + status;
         if ((status = genq_silu_mul(gate_up, act, tokens, inter, dtype, silu_threads)))
             return 90 + status;
-        if ((status = genq_linear(act, inter, L->down_w, L->down_b, x, hidden, M, hidden, inter, linear_dtype, threads)))
+        if ((status = genq_linear_packed(act, inter, L->down_w, L->down_wp, L->down_b, x, hidden, M, hidden, inter,
+                                         linear_dtype, threads)))
             return 100 + status;
     }
     return 0;

@@ -499,6 +499,45 @@ def test_linear_amx_tiles_match_the_exact_sums(gen, amx_back_on, rows, out_featu
 
 
 @pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 79, 300])
+@pytest.mark.parametrize("out_features", [16, 48, 960])
+def test_tile_packed_weights_give_the_same_bits(gen, rows, out_features):
+    # x as the tiles' A operand in place (strided rows, tails of 1-15 rows, groups of rows past 32)
+    # against the packed W: every product and float32 sum as the unpacked tiles make them, so the
+    # same bits, bias or none, bfloat16 or float32 out
+    x = torch.randn(rows, 1536 + 64, generator=gen).bfloat16()[:, 32:32 + 1536]
+    w = torch.randn(out_features, 1536, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16()
+    tiles = cpu_kernels.pack_amx(w)
+    assert tiles is not None and tiles.shape == w.shape and not torch.equal(tiles, w)
+    for bias in (None, b):
+        for float32_out in (False, True):
+            assert torch.equal(cpu_kernels.linear_unchecked(x, w, bias, float32_out, tiles=tiles),
+                               cpu_kernels.linear_unchecked(x, w, bias, float32_out))
+    # kernels.linear takes the tiles up to LINEAR_MAX_ROWS_TILES rows, past the plain kernel's limit
+    # (where oneDNN would multiply): the kernel's bits there too
+    if rows > cpu_kernels.LINEAR_MAX_ROWS_NATIVE_BF16:
+        assert torch.equal(kernels.linear(x, w, b, tiles=tiles), cpu_kernels.linear_unchecked(x, w, b))
+
+
+def test_pack_amx_refuses_what_the_tiles_cannot_take(gen):
+    w = torch.randn(48, 64, generator=gen)
+    assert cpu_kernels.pack_amx(w) is None                            # float32
+    assert cpu_kernels.pack_amx(w[:40].bfloat16()) is None             # N not a multiple of 16
+    assert cpu_kernels.pack_amx(w[:, :48].bfloat16().contiguous()) is None   # K not a multiple of 32
+    assert (cpu_kernels.pack_amx(w.bfloat16()) is not None) == cpu_kernels.linear_amx()
+
+
+@pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
+def test_linear_refuses_tiles_of_another_weight(gen):
+    w = torch.randn(48, 64, generator=gen).bfloat16()
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    for wrong in (cpu_kernels.pack_amx(w[:32].contiguous()), cpu_kernels.pack_amx(w).float()):
+        with pytest.raises(ValueError, match="pack_amx"):
+            cpu_kernels.linear_unchecked(x, w, tiles=wrong)
+
+
+@pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
 def test_linear_amx_leaves_other_shapes_to_vdpbf16ps(gen, amx_back_on):
     # K not a multiple of 32, or N not of 16: the same bits with the tiles on or off
     for n, k in ((70, 576), (64, 577), (48, 40)):
@@ -643,3 +682,31 @@ def test_an_engine_on_the_cpu_packs_its_projections(tmp_path):
     assert linears and lm_head is not None
     assert all((m.packed_weight is not None) == linear_module.onednn_available() for m in linears)
     assert lm_head.packed_weight is None     # compute_logits multiplies its plain weight
+    assert all(m.tiles is None for m in linears)   # float32: no tile copies
+    assert "tiles" not in "".join(engine.model.state_dict())   # the copies are not part of the model's state
+
+
+@pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
+def test_a_bfloat16_engine_multiplies_on_tile_packed_copies_with_the_same_results(tmp_path, monkeypatch):
+    # Every projection of a bfloat16 model gets its pack_amx copy, and the engine's tokens and
+    # logprobs are those of the same engine without them (one-call and per-op steps alike)
+    from worker.engine import LLM, SamplingParams
+    from worker.engine.models import llama
+    from worker.engine.tiny import build_tiny_model
+
+    model = str(build_tiny_model(tmp_path / "m"))
+    prompts = [[1 + (7 * i + j) % 90 for j in range(20 + 30 * i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=2, ignore_eos=True)
+
+    def run():
+        llm = LLM(model=model, dtype="bfloat16", max_num_batched_tokens=256)
+        linears = [m for m in llm.engine.model.modules() if type(m) is llama.Linear]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [m.tiles is not None for m in linears], [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    tiled, with_tiles = run()
+    assert tiled and all(tiled)
+    monkeypatch.setattr(cpu_kernels, "pack_amx", lambda weight: None)
+    untiled, without = run()
+    assert not any(untiled)
+    assert with_tiles == without

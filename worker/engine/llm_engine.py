@@ -49,10 +49,10 @@ class LLMEngine:
         self.tp: TensorParallelExecutor | None = None   # ranks 1..N-1 when tensor_parallel_size > 1
         self.model, hf_config = self._load_model(hf_dir)
         if self.device.type == "cpu" and self.tp is None:
-            # every decode step streams the weights: on 2 MB pages, a TLB miss per 2 MB, not per 4 KB
-            move_to_huge_pages(self.model)
             if config.kernel_impl in (None, "cpu"):
                 prepack_cpu_weights(self.model)
+            # every decode step streams the weights: on 2 MB pages, a TLB miss per 2 MB, not per 4 KB
+            move_to_huge_pages(self.model)
         args = self.model.args
         num_blocks = self.config.num_kv_blocks or self._kv_blocks_for_budget(args)
         model_limit = args.max_position_embeddings

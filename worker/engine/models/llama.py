@@ -33,21 +33,28 @@ class LlamaArgs:
 class Linear(nn.Linear):
     """nn.Linear through `kernels.linear` (on the CPU, a compiled kernel for decode-sized batches,
     where the BLAS is slow; oneDNN with the weight's packed copy, when `prepack_cpu_weights` made one,
-    for larger ones)."""
+    for larger ones; in bfloat16 on AMX, the kernel's tiles on the `tiles` copy up to ~1,000 rows)."""
 
     packed_weight: torch.Tensor | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a buffer (not saved), so that move_to_huge_pages moves it with the weights
+        self.register_buffer("tiles", None, persistent=False)
+
     def forward(self, x: torch.Tensor, impl: str | None = None) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias, impl=impl, packed=self.packed_weight)
+        return kernels.linear(x, self.weight, self.bias, impl=impl, packed=self.packed_weight, tiles=self.tiles)
 
 
-# Packing doubles the projections' memory: above this many bytes of them, the model stays unpacked.
+# Each packing adds a copy of the projections: above this many bytes of copies, the model stays unpacked.
 PREPACK_MAX_BYTES = 4 << 30
 
 
 def prepack_cpu_weights(model: nn.Module) -> int:
-    """Give every projection of a CPU model its oneDNN-packed copy (kernels.linear.prepack), when the
-    projections' weights total at most PREPACK_MAX_BYTES. Returns the bytes packed."""
+    """Give every projection of a CPU model its oneDNN-packed copy (kernels.linear.prepack) and, for
+    bfloat16 on a CPU whose AMX tiles run, its tile-packed one (cpu_kernels.pack_amx), when the copies
+    total at most PREPACK_MAX_BYTES. Before move_to_huge_pages: the tile copies are buffers, and move
+    with the weights. Returns the bytes packed."""
     from kernels import cpu_kernels
     from kernels.linear import prepack
 
@@ -56,15 +63,20 @@ def prepack_cpu_weights(model: nn.Module) -> int:
     def packed_bytes(weight: torch.Tensor) -> int:
         return weight.numel() * (4 if widen and weight.dtype == torch.bfloat16 else weight.element_size())
 
-    # (not an untied LM head: compute_logits takes its weight directly, through the C kernel)
+    # (not an untied LM head: compute_logits takes its weight directly, through the C kernel, and packed
+    # it is no faster)
     linears = [m for m in model.modules() if type(m) is Linear and m is not getattr(model, "lm_head", None)]
-    if sum(packed_bytes(m.weight) for m in linears) > PREPACK_MAX_BYTES:
+    tiled = bool(linears) and cpu_kernels.pack_amx(linears[0].weight.data[:16, :32]) is not None
+    if sum(packed_bytes(m.weight) * (2 if tiled else 1) for m in linears) > PREPACK_MAX_BYTES:
         return 0
     packed = 0
     for m in linears:
         m.packed_weight = prepack(m.weight.data)
         if m.packed_weight is not None:
             packed += packed_bytes(m.weight)
+        m.tiles = cpu_kernels.pack_amx(m.weight.data)
+        if m.tiles is not None:
+            packed += m.tiles.numel() * m.tiles.element_size()
     return packed
 
 
@@ -205,7 +217,9 @@ class LlamaForCausalLM(nn.Module):
                    "gate_up_b": None if layer.mlp.gate_up_proj.bias is None else layer.mlp.gate_up_proj.bias.data,
                    "down_w": layer.mlp.down_proj.weight.data,
                    "down_b": None if layer.mlp.down_proj.bias is None else layer.mlp.down_proj.bias.data,
-                   "k_cache": k_cache, "v_cache": v_cache}
+                   "k_cache": k_cache, "v_cache": v_cache,
+                   "qkv_wp": layer.self_attn.qkv_proj.tiles, "o_wp": layer.self_attn.o_proj.tiles,
+                   "gate_up_wp": layer.mlp.gate_up_proj.tiles, "down_wp": layer.mlp.down_proj.tiles}
                   for layer, (k_cache, v_cache) in zip(self.layers, kv_caches)]
         if not cpu_kernels.DecodeLayers.usable(layers, self.cos_sin_cache):
             return None

@@ -326,6 +326,13 @@ LINEAR_MAX_ROWS_NATIVE_BF16 = 128
 # too) from 24 to 128 rows, level with it from 256 to 1,024 and behind from 1,536 (1.3-1.4x at 2,048;
 # benchmarks/cpu_linear.py --dtype bfloat16, docs/kernels.md): up to this many rows they take it.
 LINEAR_MAX_ROWS_TILES = 1024
+# ... and a step of up to this many tokens runs every layer in one call (DecodeLayers) when every
+# projection has its copy: on the AMX Xeon, guidellm's 16 bfloat16 streams through `genq up` (64
+# requests) gave 333 against 323 output tok/s at a 188 against 198 ms median first token with the
+# prompt cap at 128 (steps of 16 decode rows and 128 prompt tokens in one call instead of op by op),
+# and 355 tok/s at 230 ms with the cap at 256 too (op by op there: 314 tok/s at 261 ms); 384 was no
+# better than 256 (352 tok/s at 282 ms). (One run each, docs/kernels.md.)
+ONE_CALL_MAX_TOKENS_TILES = 256
 
 
 def linear_max_rows(dtype: torch.dtype) -> int:
@@ -454,6 +461,8 @@ class DecodeLayers:
             for layer in layers])
         self.k_cache = first["k_cache"]
         self.max_tokens, self.linear_dtype = linear_max_rows(self.dtype), DTYPES[self.dtype]
+        if all(layer.get(name) is not None for layer in layers for name in ("qkv_wp", "o_wp", "gate_up_wp", "down_wp")):
+            self.max_tokens = max(self.max_tokens, ONE_CALL_MAX_TOKENS_TILES)
 
     @staticmethod
     def usable(layers: list[dict[str, torch.Tensor | None]], cos_sin: torch.Tensor) -> bool:

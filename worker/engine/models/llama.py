@@ -66,7 +66,7 @@ def prepack_cpu_weights(model: nn.Module) -> int:
     # (not an untied LM head: compute_logits takes its weight directly, through the C kernel, and packed
     # it is no faster)
     linears = [m for m in model.modules() if type(m) is Linear and m is not getattr(model, "lm_head", None)]
-    tiled = bool(linears) and cpu_kernels.pack_amx(linears[0].weight.data[:16, :32]) is not None
+    tiled = bool(linears) and linears[0].weight.dtype == torch.bfloat16 and cpu_kernels.linear_amx()
     if sum(packed_bytes(m.weight) * (2 if tiled else 1) for m in linears) > PREPACK_MAX_BYTES:
         return 0
     packed = 0

@@ -441,6 +441,9 @@ class _Layer(ctypes.Structure):
         "k_cache", "v_cache", "qkv_wp", "o_wp", "gate_up_wp", "down_wp")]
 
 
+_TILED = ("qkv_w", "o_w", "gate_up_w", "down_w")   # a layer's projections; name + "p": its pack_amx copy
+
+
 class DecodeLayers:
     """A Llama model's decoder layers for `genq_decode_layers`: every layer of a step of few tokens in
     one call, through the same kernels as the per-op path (bit for bit its results). Built once per
@@ -461,7 +464,7 @@ class DecodeLayers:
             for layer in layers])
         self.k_cache = first["k_cache"]
         self.max_tokens, self.linear_dtype = linear_max_rows(self.dtype), DTYPES[self.dtype]
-        if all(layer.get(name) is not None for layer in layers for name in ("qkv_wp", "o_wp", "gate_up_wp", "down_wp")):
+        if all(layer.get(name + "p") is not None for layer in layers for name in _TILED):
             self.max_tokens = max(self.max_tokens, ONE_CALL_MAX_TOKENS_TILES)
 
     @staticmethod
@@ -478,7 +481,7 @@ class DecodeLayers:
         return all(t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous())
                    for layer in layers for t in layer.values()) and all(
             layer.get(name + "p") is None or layer[name + "p"].shape == layer[name].shape
-            for layer in layers for name in ("qkv_w", "o_w", "gate_up_w", "down_w"))
+            for layer in layers for name in _TILED)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, rows, scale: float):
         """x: [tokens, hidden] embeddings (overwritten). Returns (x, residual) after the last layer.

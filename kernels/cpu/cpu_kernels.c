@@ -1785,13 +1785,14 @@ typedef struct {
 #define AMX_READS(array) __asm__ volatile("" : : "m"(array))
 #define AMX_MEMORY_BARRIER() __asm__ volatile("" : : : "memory")
 
-/* Configures this thread's tiles 0 .. 7 as 16 rows of colsb[t] bytes each (0: tile t unused). */
-static void amx_load_config(const uint16_t colsb[8]) {
+/* Configures this thread's tiles 0 .. 7 as rows[t] rows (NULL: 16 each) of colsb[t] bytes each (0: tile t
+ * unused). */
+static void amx_load_config(const uint16_t colsb[8], const uint8_t *rows) {
     amx_config_t cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = colsb[t] ? 16 : 0;
+        cfg.rows[t] = colsb[t] ? (rows != NULL ? rows[t] : 16) : 0;
         cfg.colsb[t] = colsb[t];
     }
     /* GCC counts LDTILECFG as reading 8 bytes of cfg, so without this it may drop the stores above
@@ -1804,7 +1805,7 @@ static void amx_load_config(const uint16_t colsb[8]) {
 static void amx_configure(int mb0, int mb1) {
     const uint16_t c0 = (uint16_t)(mb0 * 4), c1 = (uint16_t)((mb1 > 0 ? mb1 : 1) * 4);
     const uint16_t colsb[8] = {c0, c0, c1, c1, 64, 64, c0, c1};
-    amx_load_config(colsb);
+    amx_load_config(colsb, NULL);
 }
 
 /* The B tile of k-block kb for rows x[0..mb): xp + kb * 16 * mb holds, for pair j < 16 and row m,
@@ -1950,16 +1951,10 @@ static int linear_amx(const uint16_t *x, int64_t ldx, const uint16_t *w, const u
 
 /* Tiles: 0-3 C (row block r = 0/1 by weight block a = 0/1: tile 2r + a), 4-5 A (x), 6-7 B (W). */
 static void amx_configure_packed(int mb0, int mb1) {
-    amx_config_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    const int rows[8] = {mb0, mb0, mb1, mb1, mb0, mb1, 16, 16};   /* (mb1 = 0: tiles 2, 3 and 5 unused) */
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = (uint8_t)(rows[t] > 0 ? rows[t] : 1);
-        cfg.colsb[t] = 64;
-    }
-    AMX_READS(cfg);
-    _tile_loadconfig(&cfg);
+    const uint8_t r1 = (uint8_t)(mb1 > 0 ? mb1 : 1);   /* (mb1 = 0: tiles 2, 3 and 5 unused) */
+    const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+    const uint8_t rows[8] = {(uint8_t)mb0, (uint8_t)mb0, r1, r1, (uint8_t)mb0, r1, 16, 16};
+    amx_load_config(colsb, rows);
 }
 
 /* C tile (mb rows of 16 float32 sums, 64 bytes apart) + bias into y rows m0 .. m0 + mb, columns n0 .. n0 + 15 */
@@ -2059,7 +2054,7 @@ static void tile_scores_amx(const job_t *job, int s0, int NQ, int h, int len, co
     }
     /* 0: C (16 queries x 16 tokens), 1: A (queries), 2-3: B (K, two k-steps) */
     static const uint16_t colsb[8] = {64, 64, 64, 64, 0, 0, 0, 0};
-    amx_load_config(colsb);
+    amx_load_config(colsb, NULL);
     AMX_READS(qa);   /* (read by the tile loads below) */
     const __m512 scale = _mm512_set1_ps(job->scale);
     for (int t0 = 0; t0 < len; t0 += 16) {
@@ -2116,7 +2111,7 @@ static void row_scores_amx(const job_t *job, int seq, int h0, int NHK, float *sc
                     memcpy(qb + ((hh * DS + ds) * 16 + p) * G + g, q + (hh * G + g) * D + ds * 32 + 2 * p, 4);
     /* 0: C (16 tokens x G queries), 1: A (K), 2: B (queries) */
     const uint16_t colsb[8] = {(uint16_t)(4 * G), 64, (uint16_t)(4 * G), 0, 0, 0, 0, 0};
-    amx_load_config(colsb);
+    amx_load_config(colsb, NULL);
     AMX_READS(qb);
     const __m512 scale = _mm512_set1_ps(job->scale);
     const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),

@@ -1,7 +1,9 @@
 """The compiled CPU linear kernel (kernels/cpu_kernels.py `linear`) against torch.nn.functional.linear
 (the BLAS PyTorch was built with), float32 or bfloat16, at the batch sizes a decode step has. Also,
-where they run: oneDNN on packed weights (what the engine uses above the kernel's row limit), and on
-a CPU with AMX the kernel's bfloat16 path with the tiles turned off (vdpbf16ps alone).
+where they run: oneDNN on packed weights (what the engine uses above the kernel's row limit), the
+kernel on bfloat16 weights' tile-packed copies (`pack_tiles`: AMX tiles, or vdpbf16ps as an outer
+product where the CPU has AVX512-BF16 only), and on a CPU with AMX the kernel's bfloat16 path with the
+tiles turned off (vdpbf16ps alone).
 
 One "pass" = the 120 layer matmuls of SmolLM2-135M (30 layers x qkv, o, gate|up, down; 120 distinct
 weights, 425 MB, so each pass streams them from memory as a decode step does). They run in
@@ -86,10 +88,11 @@ def main() -> None:
         sides[flags] = functools.partial(kernel, lib=cpu_kernels.build_variant(*flags.split(",")))
     for rev in args.source:
         sides[f"@{rev}"] = functools.partial(kernel, lib=cpu_kernels.build_variant(source=source_at(rev)))
-    if dtype == torch.bfloat16 and cpu_kernels.linear_amx():
-        tiles = {id(w): cpu_kernels.pack_amx(w) for w in weights}
+    if dtype == torch.bfloat16 and cpu_kernels.linear_native_bfloat16():
+        tiles = {id(w): cpu_kernels.pack_tiles(w) for w in weights}   # (AMX tiles, else vdpbf16ps outer products)
         sides["kernel, tile-packed W"] = lambda x, w: kernel(x, w, tiles=tiles[id(w)])   # (the engine's, to 1,024 rows)
-        sides["kernel (no AMX)"] = kernel   # timed with the tiles off (`run`)
+        if cpu_kernels.linear_amx():
+            sides["kernel (no AMX)"] = kernel   # timed with the tiles off (`run`)
 
     def run(name, fn, xs):
         if name != "kernel (no AMX)":

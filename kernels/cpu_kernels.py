@@ -320,7 +320,7 @@ LINEAR_MAX_ROWS_WIDENED_BF16 = 48 if _AVX512 else 32
 # 693-753 tok/s. On AMX tiles (`linear_amx`) it takes 0.7x oneDNN's time (tiles too) up to 32 rows;
 # on a 2-core AMX Xeon a 79-token prompt took 43 against 61 ms, decode of 64 requests 889 against 647.
 LINEAR_MAX_ROWS_NATIVE_BF16 = 128
-# With a weight's tile-packed copy (`pack_amx`) the AMX kernel reads x in place and W in one stream: on
+# With a weight's tile-packed copy (`pack_tiles`) the AMX kernel reads x in place and W in one stream: on
 # a 2-core AMX Xeon SmolLM2's 120 bfloat16 matmuls took 0.72-0.91x the unpacked tiles' time at 1-128
 # rows (64 rows 13.9 against 18.7 ms, 128 19.7 against 27.5), 0.75-0.9x oneDNN's (packed weights, tiles
 # too) from 24 to 128 rows, level with it from 256 to 1,024 and behind from 1,536 (1.3-1.4x at 2,048;
@@ -370,15 +370,18 @@ def linear_amx(enable: bool | None = None) -> bool:
     return bool(library().genq_linear_set_amx(-1 if enable is None else int(enable)))
 
 
-def pack_amx(weight: torch.Tensor) -> torch.Tensor | None:
-    """A copy of a bfloat16 weight [N, K] laid out as the AMX tiles read it with x as their other
-    operand (`linear_amx_packed` in cpu_kernels.c: per 16 weight rows, K / 32 tiles of 16 k pairs by 16
-    rows, each 1 KB, in k order): `linear_unchecked(..., tiles=)` and DecodeLayers then multiply any
-    number of rows of x without repacking them and stream W sequentially (the same sums, bit for bit).
-    None where the tiles do not run here or the shape is not theirs (K a multiple of 32, N of 16)."""
+def pack_tiles(weight: torch.Tensor) -> torch.Tensor | None:
+    """A copy of a bfloat16 weight [N, K] laid out in tiles (per 16 weight rows, K / 32 tiles of 16 k pairs
+    by 16 rows, each 1 KB, in k order): the AMX tiles' operand with x as their other one
+    (`linear_amx_packed` in cpu_kernels.c), and where the CPU has AVX512-BF16 without the tiles, 16
+    outputs' k pairs a vector for vdpbf16ps as an outer product (`linear_dpbf16_packed`).
+    `linear_unchecked(..., tiles=)` and DecodeLayers then multiply any number of rows of x without
+    repacking them, W streaming sequentially; on AMX the same sums bit for bit as W as it lies, on
+    vdpbf16ps each output's sum in k order (within float32's rounding of the other path). None where
+    neither runs here or the shape is not theirs (K a multiple of 32, N of 16)."""
     n, k = weight.shape if weight.dim() == 2 else (0, 0)
     if (weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % 16 or k % 32
-            or not n or not linear_amx()):
+            or not n or not linear_native_bfloat16()):
         return None
     return weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(n, k)
 
@@ -417,10 +420,10 @@ def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     projection of every step) or wants no row limit (benchmarks/cpu_linear.py, the LM head).
     float32_out: bfloat16 tensors in, the float32 sums out unrounded (needs `linear_native_bfloat16`).
     lib: another build of the kernels (`build_variant`; benchmarks), default the engine's.
-    tiles: the weight's `pack_amx` copy, which the AMX path then reads (the same bits, faster)."""
+    tiles: the weight's `pack_tiles` copy, which the AMX path then reads (the same bits, faster)."""
     n, k = weight.shape
     if tiles is not None and (tiles.shape != weight.shape or tiles.dtype != weight.dtype or not tiles.is_contiguous()):
-        raise ValueError(f"linear: tiles {tuple(tiles.shape)} {tiles.dtype} are not a pack_amx copy of this weight")
+        raise ValueError(f"linear: tiles {tuple(tiles.shape)} {tiles.dtype} are not a pack_tiles copy of this weight")
     rows = x.reshape(-1, k)
     if k and rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -441,14 +444,14 @@ class _Layer(ctypes.Structure):
         "k_cache", "v_cache", "qkv_wp", "o_wp", "gate_up_wp", "down_wp")]
 
 
-_TILED = ("qkv_w", "o_w", "gate_up_w", "down_w")   # a layer's projections; name + "p": its pack_amx copy
+_TILED = ("qkv_w", "o_w", "gate_up_w", "down_w")   # a layer's projections; name + "p": its pack_tiles copy
 
 
 class DecodeLayers:
     """A Llama model's decoder layers for `genq_decode_layers`: every layer of a step of few tokens in
     one call, through the same kernels as the per-op path (bit for bit its results). Built once per
     model and KV cache: it holds the tensors whose addresses it passes. A layer's "qkv_wp", "o_wp",
-    "gate_up_wp" and "down_wp", where given, are its weights' `pack_amx` copies."""
+    "gate_up_wp" and "down_wp", where given, are its weights' `pack_tiles` copies."""
 
     def __init__(self, layers: list[dict[str, torch.Tensor | None]], *, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, cos_sin: torch.Tensor):

@@ -18,9 +18,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     it are multiplied in float32 (exact widening, float32 sums, one rounding: what the BLAS does, at the float32
     rate instead of the emulated bfloat16 one); larger float32 batches, and larger bfloat16 ones where the CPU
     has bfloat16 arithmetic, go to oneDNN (`onednn_available`; `packed`: the weight's `prepack` copy).
-    `tiles`: the weight's `cpu_kernels.pack_amx` copy, with which bfloat16 batches of up to
-    LINEAR_MAX_ROWS_TILES rows take the kernel's AMX tiles. Everything else, and impl="torch" or
-    "triton" (cuBLAS does this well), is torch.nn.functional.linear."""
+    `tiles`: the weight's `cpu_kernels.pack_tiles` copy, with which bfloat16 batches of up to
+    LINEAR_MAX_ROWS_TILES rows take the kernel's packed path (AMX tiles, or vdpbf16ps as an outer
+    product). Everything else, and impl="torch" or "triton" (cuBLAS does this well), is
+    torch.nn.functional.linear."""
     if resolve_impl(impl, x) == "cpu":
         from kernels import cpu_kernels
 

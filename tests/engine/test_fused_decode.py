@@ -60,7 +60,7 @@ def test_steps_as_wide_as_the_row_limit_run_in_one_call(tiny_model, monkeypatch,
     if dtype == "bfloat16" and cpu_kernels.native_bfloat16() and not cpu_kernels.linear_native_bfloat16():
         pytest.skip("bfloat16 on this CPU goes to oneDNN: the compiler here lacks vdpbf16ps")
     limit = cpu_kernels.linear_max_rows(getattr(torch, dtype))
-    if dtype == "bfloat16" and cpu_kernels.linear_amx():   # tile-packed projections: one call holds more
+    if dtype == "bfloat16" and cpu_kernels.linear_native_bfloat16():   # tile-packed projections: one call holds more
         limit = max(limit, cpu_kernels.ONE_CALL_MAX_TOKENS_TILES)
     prompts = make_prompts(8, seed=13, shared_prefix=90)
     fused, (*calls, steps) = generate(tiny_model, prompts, monkeypatch, fused=True, dtype=dtype,

@@ -508,7 +508,7 @@ def test_tile_packed_weights_give_the_same_bits(gen, rows, out_features):
     x = torch.randn(rows, 1536 + 64, generator=gen).bfloat16()[:, 32:32 + 1536]
     w = torch.randn(out_features, 1536, generator=gen).bfloat16()
     b = torch.randn(out_features, generator=gen).bfloat16()
-    tiles = cpu_kernels.pack_amx(w)
+    tiles = cpu_kernels.pack_tiles(w)
     assert tiles is not None and tiles.shape == w.shape and not torch.equal(tiles, w)
     for bias in (None, b):
         for float32_out in (False, True):
@@ -520,20 +520,51 @@ def test_tile_packed_weights_give_the_same_bits(gen, rows, out_features):
         assert torch.equal(kernels.linear(x, w, b, tiles=tiles), cpu_kernels.linear_unchecked(x, w, b))
 
 
-def test_pack_amx_refuses_what_the_tiles_cannot_take(gen):
+@pytest.mark.skipif(not cpu_kernels.linear_native_bfloat16(), reason="needs AVX512-BF16 or AMX-BF16")
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 33, 79, 300])
+@pytest.mark.parametrize("out_features,in_features", [(16, 1536), (48, 1536), (80, 64), (960, 576)])
+def test_tile_packed_weights_on_vdpbf16ps_match_the_exact_sums(gen, amx_back_on, rows, out_features, in_features):
+    # Without the tiles (a CPU with AVX512-BF16 only, or AMX turned off) the packed copy is multiplied
+    # as an outer product (linear_dpbf16_packed): register blocks of 1-6 rows of x and 1-4 groups of 16
+    # outputs (16: one group; 48: three; 80: five, split between threads), x rows strided, bias or none,
+    # bfloat16 or float32 out. Each output a float32 sum of exact products in k order: within float32's
+    # rounding of |x| |W| of the exact sum, nearly always the unpacked kernel's bits, and a row's result
+    # the same whatever rows share its call.
+    cpu_kernels.linear_amx(False)
+    x = torch.randn(rows, in_features + 64, generator=gen).bfloat16()[:, 32:32 + in_features]
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16()
+    tiles = cpu_kernels.pack_tiles(w)
+    assert tiles is not None and not torch.equal(tiles, w)
+    for bias in (None, b):
+        exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        scale = torch.nn.functional.linear(x.double().abs(), w.double().abs(),
+                                           None if bias is None else bias.double().abs())
+        y = cpu_kernels.linear_unchecked(x, w, bias, tiles=tiles)
+        y32 = cpu_kernels.linear_unchecked(x, w, bias, float32_out=True, tiles=tiles)
+        assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + scale * 2 ** -20).all()
+        assert ((y32.double() - exact).abs() <= scale * 2 ** -20).all()
+        assert torch.equal(y32.bfloat16(), y)
+        assert (y == cpu_kernels.linear_unchecked(x, w, bias)).float().mean().item() > 0.97
+        for i in sorted({0, rows // 2, rows - 1}):
+            assert torch.equal(cpu_kernels.linear_unchecked(x[i:i + 1], w, bias, float32_out=True, tiles=tiles),
+                               y32[i:i + 1])
+
+
+def test_pack_tiles_refuses_what_the_tiles_cannot_take(gen):
     w = torch.randn(48, 64, generator=gen)
-    assert cpu_kernels.pack_amx(w) is None                            # float32
-    assert cpu_kernels.pack_amx(w[:40].bfloat16()) is None             # N not a multiple of 16
-    assert cpu_kernels.pack_amx(w[:, :48].bfloat16().contiguous()) is None   # K not a multiple of 32
-    assert (cpu_kernels.pack_amx(w.bfloat16()) is not None) == cpu_kernels.linear_amx()
+    assert cpu_kernels.pack_tiles(w) is None                            # float32
+    assert cpu_kernels.pack_tiles(w[:40].bfloat16()) is None             # N not a multiple of 16
+    assert cpu_kernels.pack_tiles(w[:, :48].bfloat16().contiguous()) is None   # K not a multiple of 32
+    assert (cpu_kernels.pack_tiles(w.bfloat16()) is not None) == cpu_kernels.linear_native_bfloat16()
 
 
-@pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
+@pytest.mark.skipif(not cpu_kernels.linear_native_bfloat16(), reason="needs AVX512-BF16 or AMX-BF16")
 def test_linear_refuses_tiles_of_another_weight(gen):
     w = torch.randn(48, 64, generator=gen).bfloat16()
     x = torch.randn(3, 64, generator=gen).bfloat16()
-    for wrong in (cpu_kernels.pack_amx(w[:32].contiguous()), cpu_kernels.pack_amx(w).float()):
-        with pytest.raises(ValueError, match="pack_amx"):
+    for wrong in (cpu_kernels.pack_tiles(w[:32].contiguous()), cpu_kernels.pack_tiles(w).float()):
+        with pytest.raises(ValueError, match="pack_tiles"):
             cpu_kernels.linear_unchecked(x, w, tiles=wrong)
 
 
@@ -686,10 +717,12 @@ def test_an_engine_on_the_cpu_packs_its_projections(tmp_path):
     assert "tiles" not in "".join(engine.model.state_dict())   # the copies are not part of the model's state
 
 
-@pytest.mark.skipif(not cpu_kernels.linear_amx(), reason="needs AMX-BF16 (and Linux lending the tiles)")
+@pytest.mark.skipif(not cpu_kernels.linear_native_bfloat16(), reason="needs AVX512-BF16 or AMX-BF16")
 def test_a_bfloat16_engine_multiplies_on_tile_packed_copies_with_the_same_results(tmp_path, monkeypatch):
-    # Every projection of a bfloat16 model gets its pack_amx copy, and the engine's tokens and
-    # logprobs are those of the same engine without them (one-call and per-op steps alike)
+    # Every projection of a bfloat16 model gets its pack_tiles copy, and the engine's tokens and
+    # logprobs are those of the same engine without them (one-call and per-op steps alike): bit for
+    # bit on AMX tiles; through vdpbf16ps the sums' order differs, so the same tokens and logprobs
+    # within bfloat16's rounding
     from worker.engine import LLM, SamplingParams
     from worker.engine.models import llama
     from worker.engine.tiny import build_tiny_model
@@ -706,7 +739,14 @@ def test_a_bfloat16_engine_multiplies_on_tile_packed_copies_with_the_same_result
 
     tiled, with_tiles = run()
     assert tiled and all(tiled)
-    monkeypatch.setattr(cpu_kernels, "pack_amx", lambda weight: None)
+    monkeypatch.setattr(cpu_kernels, "pack_tiles", lambda weight: None)
     untiled, without = run()
     assert not any(untiled)
-    assert with_tiles == without
+    if cpu_kernels.linear_amx():
+        assert with_tiles == without
+        return
+    assert [tokens for tokens, _ in with_tiles] == [tokens for tokens, _ in without]
+    for (_, a), (_, b) in zip(with_tiles, without):
+        for step_a, step_b in zip(a, b, strict=True):
+            assert step_a.keys() == step_b.keys()
+            assert all(abs(step_a[t] - step_b[t]) < 0.05 for t in step_a)

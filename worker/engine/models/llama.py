@@ -52,9 +52,9 @@ PREPACK_MAX_BYTES = 4 << 30
 
 def prepack_cpu_weights(model: nn.Module) -> int:
     """Give every projection of a CPU model its oneDNN-packed copy (kernels.linear.prepack) and, for
-    bfloat16 on a CPU whose AMX tiles run, its tile-packed one (cpu_kernels.pack_amx), when the copies
-    total at most PREPACK_MAX_BYTES. Before move_to_huge_pages: the tile copies are buffers, and move
-    with the weights. Returns the bytes packed."""
+    bfloat16 on a CPU that multiplies bfloat16 natively (AMX tiles or AVX512-BF16), its tile-packed one
+    (cpu_kernels.pack_tiles), when the copies total at most PREPACK_MAX_BYTES. Before
+    move_to_huge_pages: the tile copies are buffers, and move with the weights. Returns the bytes packed."""
     from kernels import cpu_kernels
     from kernels.linear import prepack
 
@@ -66,7 +66,7 @@ def prepack_cpu_weights(model: nn.Module) -> int:
     # (not an untied LM head: compute_logits takes its weight directly, through the C kernel, and packed
     # it is no faster)
     linears = [m for m in model.modules() if type(m) is Linear and m is not getattr(model, "lm_head", None)]
-    tiled = bool(linears) and linears[0].weight.dtype == torch.bfloat16 and cpu_kernels.linear_amx()
+    tiled = bool(linears) and linears[0].weight.dtype == torch.bfloat16 and cpu_kernels.linear_native_bfloat16()
     if sum(packed_bytes(m.weight) * (2 if tiled else 1) for m in linears) > PREPACK_MAX_BYTES:
         return 0
     packed = 0
@@ -74,7 +74,7 @@ def prepack_cpu_weights(model: nn.Module) -> int:
         m.packed_weight = prepack(m.weight.data)
         if m.packed_weight is not None:
             packed += packed_bytes(m.weight)
-        m.tiles = cpu_kernels.pack_amx(m.weight.data)
+        m.tiles = cpu_kernels.pack_tiles(m.weight.data)
         if m.tiles is not None:
             packed += m.tiles.numel() * m.tiles.element_size()
     return packed

@@ -324,7 +324,9 @@ LINEAR_MAX_ROWS_NATIVE_BF16 = 128
 # a 2-core AMX Xeon SmolLM2's 120 bfloat16 matmuls took 0.72-0.91x the unpacked tiles' time at 1-128
 # rows (64 rows 13.9 against 18.7 ms, 128 19.7 against 27.5), 0.75-0.9x oneDNN's (packed weights, tiles
 # too) from 24 to 128 rows, level with it from 256 to 1,024 and behind from 1,536 (1.3-1.4x at 2,048;
-# benchmarks/cpu_linear.py --dtype bfloat16, docs/kernels.md): up to this many rows they take it.
+# benchmarks/cpu_linear.py --dtype bfloat16, docs/kernels.md): up to this many rows they take it. The
+# same copies through vdpbf16ps (AVX512-BF16 without AMX) on a 2-core Zen 4: 0.83-0.91x W as it lies at
+# 24-128 rows, 0.93-0.95x oneDNN's packed GEMM from 128 to 1,024 rows (level at 512, 0.97x at 2,048).
 LINEAR_MAX_ROWS_TILES = 1024
 # ... and a step of up to this many tokens runs every layer in one call (DecodeLayers) when every
 # projection has its copy: on the AMX Xeon, guidellm's 16 bfloat16 streams through `genq up` (64

@@ -1765,8 +1765,8 @@ static inline __attribute__((always_inline)) void packed_block_dpbf16(const uint
     const size_t block = (size_t)ksteps * 512;   /* words of one group's blocks */
     for (int m = 0; m < MT; m++)
         for (int g = 0; g < NG; g++) acc[m][g] = _mm512_setzero_ps();
-    const uint32_t *xr[PK_ROWS];
-    for (int m = 0; m < MT; m++) xr[m] = (const uint32_t *)(x + m * ldx);
+    const uint16_t *xr[PK_ROWS];
+    for (int m = 0; m < MT; m++) xr[m] = x + m * ldx;
     int pf = 0;
     for (int kb = 0; kb < ksteps; kb++) {
         const uint16_t *wk = wp + (size_t)kb * 512;
@@ -1775,7 +1775,9 @@ static inline __attribute__((always_inline)) void packed_block_dpbf16(const uint
             __m512i wv[PK_COLS];
             for (int g = 0; g < NG; g++) wv[g] = _mm512_loadu_si512(wk + g * block + p * 32);
             for (int m = 0; m < MT; m++) {
-                __m512i xv = _mm512_set1_epi32((int)xr[m][kb * 16 + p]);
+                int32_t pair;   /* x[m, k], x[m, k + 1] (memcpy: x's rows need not be 4-byte aligned) */
+                memcpy(&pair, xr[m] + kb * 32 + 2 * p, 4);
+                __m512i xv = _mm512_set1_epi32(pair);
                 PIN_REGISTER(xv);
                 for (int g = 0; g < NG; g++) acc[m][g] = _mm512_dpbf16_ps(acc[m][g], (__m512bh)xv, (__m512bh)wv[g]);
             }

@@ -422,7 +422,8 @@ def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     projection of every step) or wants no row limit (benchmarks/cpu_linear.py, the LM head).
     float32_out: bfloat16 tensors in, the float32 sums out unrounded (needs `linear_native_bfloat16`).
     lib: another build of the kernels (`build_variant`; benchmarks), default the engine's.
-    tiles: the weight's `pack_tiles` copy, which the AMX path then reads (the same bits, faster)."""
+    tiles: the weight's `pack_tiles` copy, which the packed paths then read (AMX tiles: the same bits,
+    faster; vdpbf16ps: each output's sum in k order, within float32's rounding of W as it lies)."""
     n, k = weight.shape
     if tiles is not None and (tiles.shape != weight.shape or tiles.dtype != weight.dtype or not tiles.is_contiguous()):
         raise ValueError(f"linear: tiles {tuple(tiles.shape)} {tiles.dtype} are not a pack_tiles copy of this weight")

@@ -119,6 +119,9 @@ def test_weight_and_scheduling_are_checked():
         _request("x", "a", weight=float("nan"))
     with pytest.raises(ValueError, match="scheduling"):
         EngineConfig(scheduling="lottery")
+    for allowance in (0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="fair_light_allowance"):
+            EngineConfig(fair_light_allowance=allowance)
     assert _request("x", None).tenant == ""
 
 
@@ -126,8 +129,13 @@ def test_weight_and_scheduling_are_checked():
 
 def _linear(fixed_tokens: float):
     """The cap a step cost of `fixed + per_token x tokens` gives (fixed = `fixed_tokens` tokens' worth):
-    d + (ratio - 1) max(d, fixed_tokens)."""
-    return lambda d, ratio: d + (ratio - 1) * max(d, fixed_tokens)
+    d + (ratio - 1) max(d, fixed_tokens); for a light tenant (`light`: True, or its allowance a)
+    d + (ratio - 1) a fixed_tokens."""
+    def cap(d, ratio, light=None):
+        if light is None or light is False:
+            return d + (ratio - 1) * max(d, fixed_tokens)
+        return d + (ratio - 1) * float(light) * fixed_tokens
+    return cap
 
 
 def test_step_cost_on_a_line_caps_a_step_at_the_fixed_costs_worth_or_the_tenants_tokens():
@@ -145,6 +153,10 @@ def test_step_cost_on_a_line_caps_a_step_at_the_fixed_costs_worth_or_the_tenants
     # 0.104 + 2 x 0.088 (25), each under its bound by tokens (13, 24, 27)
     assert cost.cap(1, 2.0, 256) == 12 and cost.cap(12, 2.0, 256) == 23 and cost.cap(3, 3.0, 256) == 25
     assert cost.cap(200, 2.0, 256) == 256                  # the budget binds first
+    # a light tenant's 200 prompt tokens owe the others the fixed cost's worth (11 tokens), not 200:
+    # 1.68 + 0.088 s (211 tokens); with an allowance of a half, 0.044 s (205); a decode row likewise
+    assert cost.cap(200, 2.0, 256, 1.0) == 211 and cost.cap(200, 2.0, 256, 0.5) == 205
+    assert cost.cap(1, 2.0, 256, 1.0) == 12 and cost.cap(1, 2.0, 256, 0.5) == 6
     same = StepCost()
     for _ in range(20):
         same.observe(16, 0.2)                              # one step size: no curve to read
@@ -216,6 +228,13 @@ def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
     # every tenant gets a token, whatever the rounding: none sits out a whole run of shared steps
     assert share_limits({"L": 1, "A": 1}, {"L": 10.0, "A": 1.0}, _linear(0.0), 2048) == {"L": 1, "A": 1}
     assert share_limits({"A": 9, "B": 9, "C": 9}, equal, _linear(0.0), 2) == {"A": 1, "B": 1, "C": 1}
+    # a light tenant owes the others the fixed cost's worth, a prompt as a decode row: its whole 200
+    # and 10 of A's (token for token, 128 each); two light tenants: the step as the tightest allows
+    assert share_limits({"A": 500, "B": 200}, equal, _linear(10.0), 256, light={"B"}) == {"B": 200, "A": 10}
+    assert share_limits({"A": 500, "B": 1}, equal, _linear(10.0), 256, light={"B"}) == {"B": 1, "A": 10}
+    assert share_limits({"A": 500, "B": 200}, weighted, _linear(10.0), 256, light={"B"}) == {"B": 200, "A": 20}
+    assert share_limits({"A": 500, "B": 40, "C": 1}, equal, _linear(10.0), 256, light={"B", "C"}) \
+        == {"C": 1, "B": 10, "A": 10}
 
 
 class _FixedCost(StepCost):
@@ -229,8 +248,8 @@ class _FixedCost(StepCost):
     def points(self) -> list[tuple[float, float]]:
         return [(0.0, self.fixed), (1.0, self.fixed + 1.0)]
 
-    def cap(self, tokens: int, ratio: float, budget: int) -> int:
-        return min(budget, math.floor(_linear(self.fixed)(tokens, ratio)))
+    def cap(self, tokens: int, ratio: float, budget: int, light: float | None = None) -> int:
+        return min(budget, math.floor(_linear(self.fixed)(tokens, ratio, light)))
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -283,9 +302,10 @@ def test_a_waiting_prompt_in_the_prefix_cache_counts_only_the_tokens_it_computes
     assert again.num_computed_tokens == 36 and out.num_batched_tokens == 14 and s.num_shared_steps == 1
 
 
-@pytest.mark.parametrize("more_of_b", [False, True])
-def test_a_light_prompt_a_little_over_its_half_runs_whole_unless_more_of_its_tenant_waits(more_of_b):
-    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=256, num_blocks=512)
+@pytest.mark.parametrize("b", ["light", "light-half", "served-more", "more-waiting"])
+def test_a_light_prompt_runs_whole_beside_the_fixed_costs_worth_else_over_its_half_or_by_weight(b):
+    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=256, num_blocks=512,
+                   fair_light_allowance=0.5 if b == "light-half" else 1.0)
     s.step_cost = _FixedCost(10.0)
     for i in range(16):
         s.add(new_sequence(_request(f"a{i}", "A"), 0, list(range(4))))
@@ -293,13 +313,37 @@ def test_a_light_prompt_a_little_over_its_half_runs_whole_unless_more_of_its_ten
     s.add(new_sequence(_request("a-long", "A"), 0, list(range(1000, 1240))))   # and a 240-token prompt
     b0 = new_sequence(_request("b0", "B"), 0, list(range(2000, 2160)))          # B: a 160-token prompt
     s.add(b0)
-    if more_of_b:
+    if b == "served-more":    # B's counter more than a step's budget above A's: not light
+        s.vtc.charge("B", 1.0, s.vtc.counter("A") - s.vtc.counter("B") + 257, 0)
+    if b == "more-waiting":   # another prompt of B's waits behind it: backlogged
         s.add(new_sequence(_request("b1", "B"), 0, list(range(3000, 3100))))
     out = s.schedule()
     mine = sum(i.num_new_tokens for i in out.scheduled if i.seq.request.tenant == "B")
-    # B's part of the 256 is 128: alone in the queue it takes its whole 160 (A keeps 96 >= 64);
-    # with another prompt of its own waiting, B is backlogged and shares by weight
-    assert mine == (128 if more_of_b else 160) and out.num_batched_tokens == 256
+    theirs = out.num_batched_tokens - mine
+    # light (one sequence of 32 seats, served no more than A): its whole 160 and A the fixed cost's
+    # worth (10 of its rows; 5 with an allowance of a half); else B's part of the 256 is 128: it still
+    # takes its whole 160 where A keeps 96 >= 64; with another prompt of its own waiting, B is
+    # backlogged and shares by weight
+    assert (mine, theirs) == {"light": (160, 10), "light-half": (160, 5), "served-more": (160, 96),
+                              "more-waiting": (128, 128)}[b]
+
+
+def test_light_tenants_are_few_sequences_served_no_more_than_the_others():
+    s = _scheduler(max_num_seqs=16, max_num_batched_tokens=256, num_blocks=512)
+    for i in range(12):
+        s.add(new_sequence(_request(f"a{i}", "A"), 0, list(range(4))))
+    for i in range(4):
+        s.add(new_sequence(_request(f"b{i}", "B"), 0, list(range(4))))
+    demand, weights = {"A": 12, "B": 4}, {"A": 1.0, "B": 1.0}
+    assert s._light(demand, weights, 256, set()) == {"B"}          # 4 of B's part 8: at most half
+    s.add(new_sequence(_request("b4", "B"), 0, list(range(4))))
+    assert s._light(demand, weights, 256, set()) == set()          # 5: more than half
+    assert s._light(demand, {"A": 1.0, "B": 3.0}, 256, set()) == {"B"}   # weight 3: its part is 12
+    assert s._light(demand, {"A": 1.0, "B": 3.0}, 256, {"B"}) == set()   # a second prompt waiting
+    s.vtc.charge("B", 1.0, s.vtc.counter("A") - s.vtc.counter("B") + 80, 0)
+    assert s._light(demand, {"A": 1.0, "B": 3.0}, 256, set()) == {"B"}   # 80 above A: within 256 / 3
+    s.vtc.charge("B", 1.0, 10, 0)
+    assert s._light(demand, {"A": 1.0, "B": 3.0}, 256, set()) == set()   # 90 above: past it
 
 
 def test_shared_steps_are_shared_among_the_most_urgent_priority():

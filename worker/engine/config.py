@@ -37,6 +37,10 @@ class EngineConfig:
     # under "fair": a step that several tenants want work in costs at most N times what the least of
     # them wants would cost alone (processor sharing; scheduler.py, docs/fairness.md)
     fair_step_share: bool = True
+    # under fair_step_share: the part of the fixed cost's worth a light tenant's step holds for the
+    # others (1: that step costs up to W / w times the light tenant's tokens alone; less: cheaper for
+    # it, narrower for them; fairness.StepCost.cap, docs/fairness.md#shared-steps)
+    fair_light_allowance: float = 1.0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -71,6 +75,8 @@ class EngineConfig:
             raise ValueError(f"kernel_impl must be 'triton', 'cpu', 'torch' or None, got {self.kernel_impl!r}")
         if self.tp_timeout_seconds <= 0:
             raise ValueError(f"tp_timeout_seconds must be > 0, got {self.tp_timeout_seconds!r}")
+        if not (isinstance(self.fair_light_allowance, (int, float)) and 0 < self.fair_light_allowance <= 1):
+            raise ValueError(f"fair_light_allowance must be in (0, 1], got {self.fair_light_allowance!r}")
         if self.scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.kv_cache_bytes is None:

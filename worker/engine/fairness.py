@@ -34,6 +34,10 @@ class VirtualTokenCounter:
     def counter(self, tenant: str) -> float:
         return self.counters.get(tenant, 0.0)
 
+    def sequences(self, tenant: str) -> int:
+        """`tenant`'s sequences in the scheduler (waiting or running)."""
+        return self._active.get(tenant, 0)
+
     def is_active(self, tenant: str) -> bool:
         return tenant in self._active
 
@@ -240,7 +244,7 @@ class StepCost:
         (x0, y0), (x1, y1) = points[i - 1], points[i]
         return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
-    def cap(self, tokens: int, ratio: float, budget: int) -> int | None:
+    def cap(self, tokens: int, ratio: float, budget: int, light: float | None = None) -> int | None:
         """The most tokens a step may hold when a tenant that wants `tokens` is owed 1 / `ratio` of
         the engine: the step costs at most what those tokens cost alone, plus `ratio - 1` times the
         larger of their own cost beyond the fixed cost and the fixed cost (the cost of the smallest
@@ -250,14 +254,21 @@ class StepCost:
         worth). On a line the two nearly agree; on measured steps the second keeps a large demand
         (a prompt) token for token by weight, where the curve's middle mixes steps of prompt chunks
         and decode rows and can say a step of 256 tokens costs less than twice one of 80. At least
-        min(tokens, budget), at most `budget`; None while the curve is unknown."""
+        min(tokens, budget), at most `budget`; None while the curve is unknown.
+
+        `light` (a fraction a, not None for a tenant served less than the others: share_limits)
+        owes them a times the fixed cost's worth whatever it wants, a prompt as a decode row: its
+        step costs what its tokens cost alone plus `(ratio - 1) x a` times the fixed cost, and holds
+        at most `tokens + (ratio - 1) x a x f`."""
         tokens = min(tokens, budget)
         alone = self.cost(tokens)
         if alone is None:
             return None
         fixed, fixed_worth = self._fixed(budget)
-        by_cost = self._most_within((alone + (ratio - 1.0) * max(alone - fixed, fixed)) * (1.0 + 1e-9), tokens, budget)
-        return min(by_cost, math.floor(tokens + (ratio - 1.0) * max(tokens, fixed_worth) + 1e-9))
+        owed = light * fixed if light is not None else max(alone - fixed, fixed)
+        owed_tokens = light * fixed_worth if light is not None else max(tokens, fixed_worth)
+        by_cost = self._most_within((alone + (ratio - 1.0) * owed) * (1.0 + 1e-9), tokens, budget)
+        return min(by_cost, math.floor(tokens + (ratio - 1.0) * owed_tokens + 1e-9))
 
     def _fixed(self, budget: int) -> tuple[float, int]:
         """(the fixed cost, the tokens a step holds for twice it), kept until the next step."""
@@ -281,7 +292,7 @@ class StepCost:
 
 
 def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callable[[int, float], int],
-                 budget: int, backlogged: Container[str] = ()) -> dict[str, int] | None:
+                 budget: int, backlogged: Container[str] = (), light: Container[str] = ()) -> dict[str, int] | None:
     """Per-tenant token limits for one step, so that no tenant in it is slowed more than weighted
     processor sharing would slow it. A tenant of weight w, among tenants of total weight W wanting
     work, is owed w / W of the engine. `cap(d, W / w)` says how many tokens a step may hold beside
@@ -297,23 +308,31 @@ def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callabl
     tenants after it still keep half their part: a light tenant's prompt a little over its half of
     the budget is then computed in one step, not in two (each as long as the bound allows, and
     every running job of that tenant waiting out both). Backlogged tenants share by weight alone.
-    None where nothing is limited (one tenant, or the step fits anyway). `demand`: tenant -> tokens
-    it could use this step; `weights`: tenant -> weight (1 where missing)."""
+    A `light` tenant (one served less than the others, with few requests: the scheduler says which)
+    owes the others only the fixed cost's worth of a step (`cap(d, W / w, True)`), a prompt as a
+    decode row: it goes first and gets all it wants where the later tenants keep a token each, so
+    its prompt costs it little more than alone (the Virtual Token Counter serves the tenant served
+    least first; a shared step is how an engine that batches can). None where nothing is limited
+    (one tenant, or the step fits anyway). `demand`: tenant -> tokens it could use this step;
+    `weights`: tenant -> weight (1 where missing)."""
     wanting = {t: min(d, budget) for t, d in demand.items() if d > 0}
     if len(wanting) < 2:
         return None
     weight = {t: weights.get(t, 1.0) for t in wanting}
     total = sum(weight.values())
-    most = min(budget, min(cap(d, total / weight[t]) for t, d in wanting.items()))
+    most = min(budget, min(cap(d, total / weight[t], t in light) for t, d in wanting.items()))
     if most >= sum(wanting.values()):
         return None
     limits: dict[str, int] = {}
     left, weight_left = float(most), total
-    order = sorted(wanting.items(), key=lambda item: item[1] / weight[item[0]])
+    order = sorted(wanting.items(), key=lambda item: (item[0] not in light, item[1] / weight[item[0]]))
     for k, (tenant, want) in enumerate(order):
         share = min(want, max(1, math.floor(left * weight[tenant] / weight_left + 1e-9)))
         later = len(order) - k - 1
-        if share < want and later and tenant not in backlogged:
+        if share < want and tenant in light:
+            if want <= left - later:
+                share = want
+        elif share < want and later and tenant not in backlogged:
             # it may finish instead, if the later tenants keep half their part of what is left
             keep = max(later, math.ceil(left * (weight_left - weight[tenant]) / weight_left / 2 - 1e-9))
             if want <= left - keep:

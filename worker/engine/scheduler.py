@@ -113,7 +113,29 @@ class Scheduler:
                 demand[request.tenant] = demand.get(request.tenant, 0) + self._to_compute(seq)
                 weights[request.tenant] = request.weight
         backlogged = {tenant for tenant in demand if self.waiting.queued(top, tenant) > 1}
-        return share_limits(demand, weights, lambda d, ratio: self.step_cost.cap(d, ratio, budget), budget, backlogged)
+        allowance = self.config.fair_light_allowance
+        return share_limits(demand, weights,
+                            lambda d, ratio, light: self.step_cost.cap(d, ratio, budget, allowance if light else None),
+                            budget, backlogged, self._light(demand, weights, budget, backlogged))
+
+    def _light(self, demand: dict[str, int], weights: dict[str, float], budget: int,
+               backlogged: set[str]) -> set[str]:
+        """The tenants owed a shared step's whole prompt (share_limits' `light`): those holding at
+        most half their weight's part of the engine's sequences (a key with a job or two
+        beside a flood) whose counter is at most a step's budget above the smallest other counter
+        among the tenants wanting work (served no more than the others, by the Virtual Token
+        Counter, give or take one step: so a long prompt gets a step or two whole, then shares),
+        and with no second prompt waiting (`backlogged` tenants share by weight alone)."""
+        total = sum(weights.values())
+        counters = {tenant: self.vtc.counter(tenant) for tenant in demand}
+        light = set()
+        for tenant, weight in weights.items():
+            if tenant in backlogged or self.vtc.sequences(tenant) * 2 > self.config.max_num_seqs * weight / total:
+                continue
+            others = [c for t, c in counters.items() if t != tenant]
+            if others and counters[tenant] <= min(others) + W_IN * budget / weight:
+                light.add(tenant)
+        return light
 
     def _to_compute(self, seq: Sequence) -> int:
         """The tokens `seq` still has to compute: a waiting one's prompt without the prefix it will

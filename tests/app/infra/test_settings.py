@@ -16,7 +16,8 @@ SPECIAL = {"log_level": "DEBUG", "log_format": "json", "webhook_retry_jitter": "
 
 ENGINE_FIELDS = {"model", "dtype", "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
                  "max_model_len", "enable_prefix_caching", "seed", "kv_cache_bytes", "tensor_parallel_size",
-                 "cache_dir", "tp_timeout_seconds", "scheduling", "fair_step_share"}
+                 "cache_dir", "tp_timeout_seconds", "scheduling", "fair_step_share",
+                 "fair_light_allowance"}
 
 
 def _sample(f) -> str:

@@ -11,6 +11,11 @@ the job the fair order puts first (`claim_next`), in one transaction:
    OSDI 2024), then the one whose oldest job is oldest;
 3. that owner's oldest job at that level (arrival order within a key).
 
+A key's job younger than AFFINITY_SECONDS whose key runs only on other workers is left to them
+(`held_elsewhere`): passed over by a newcomer-reserve claim, and by a task's claim while another key
+has a job waiting, so a light key's jobs gather on one worker (one engine shares its steps with it,
+and its prompts find that engine's prefix cache).
+
 Counters are kept in `fair_shares`, one row per tenant. A claim charges the job's estimated cost
 (`W_IN` per prompt token, roughly 4 characters, plus `W_OUT` per requested output token, divided
 by the key's weight); when the job ends (`settle`) the charge is replaced by the tokens actually
@@ -55,6 +60,7 @@ W_OUT = 2.0             # an output token's cost
 CHARS_PER_TOKEN = 4     # the claim's prompt estimate (the job's text; its tokens are counted by the worker)
 FLOOR = "*"             # the fair_shares row holding the queue's virtual time
 CLAIM_TRIES = 8         # a claim that loses every race this many times gives up (the task claims nothing)
+AFFINITY_SECONDS = 0.5  # how long a key's new job is left to the worker already running its jobs
 
 _jobs = Job.__table__
 _shares = FairShare.__table__
@@ -172,6 +178,13 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
             return store.claim_job(session, hint, worker_id, lease_seconds, now=now)
     for _ in range(CLAIM_TRIES):
         level, found, floor = candidates(session, exclude)
+        held = held_elsewhere(session, worker_id, found, now)
+        if held:
+            # a key's jobs go to the worker already running them (its prefix cache, and one engine's
+            # steps shared with that key instead of every worker's); the newcomer reserve leaves
+            # them to it, a task's claim takes them where nothing else waits (never idle)
+            kept = [c for c in found if c.tenant not in held]
+            found = kept if kept or exclude else found
         if not found:
             return None
         best = min(found, key=lambda c: (c.effective(floor), c.oldest_id))
@@ -188,6 +201,22 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
         return job
     log.warning("fair claim: lost %d races in a row; this wake-up claims nothing", CLAIM_TRIES)
     return None
+
+
+def held_elsewhere(session: Session, worker_id: str, found: list[Candidate], now: datetime) -> set[str]:
+    """The candidates' tenants whose oldest waiting job is younger than AFFINITY_SECONDS and whose
+    running jobs are all on other workers than `worker_id` (it is theirs to claim first)."""
+    young = [c for c in found if (now - c.oldest_created_at).total_seconds() < AFFINITY_SECONDS]
+    if not young:
+        return set()
+    owners = [c.owner for c in young if c.owner is not None]
+    which = [_jobs.c.owner.in_(owners)] if owners else []
+    if len(owners) < len(young):
+        which.append(_jobs.c.owner.is_(None))
+    running = session.execute(select(_jobs.c.owner, _jobs.c.worker_id).where(
+        _jobs.c.status == JobStatus.RUNNING.value, or_(*which)).distinct()).all()
+    here = {tenant_of(owner) for owner, worker in running if worker == worker_id}
+    return {tenant_of(owner) for owner, worker in running if worker != worker_id} - here
 
 
 def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: datetime,

@@ -114,6 +114,26 @@ def test_excluded_keys_are_passed_over(sessions):
     assert claim(sessions).owner == "key-a"
 
 
+def test_a_keys_new_job_is_left_a_moment_to_the_worker_running_its_jobs(sessions):
+    submit(sessions, "key-a", 4)
+    submit(sessions, "key-b", 3)
+    later = utcnow() + timedelta(seconds=fair_queue.AFFINITY_SECONDS)
+    assert claim(sessions, worker="w1").owner == "key-a"
+    assert claim(sessions, worker="w2", exclude=frozenset({"key-b"}), now=later).owner == "key-a"   # on both
+    assert claim(sessions, worker="w1").owner == "key-b"   # B on w1 only
+    with sessions.begin() as s:                             # B served far less than A: first in fair order
+        s.execute(update(FairShare).where(FairShare.tenant == "key-a").values(counter=10 * COST))
+    assert claim(sessions, worker="w2").owner == "key-a"    # w2's task: A's job, B's is w1's for now
+    assert claim(sessions, worker="w2", exclude=frozenset({"key-a"})) is None   # w2's newcomer reserve: none
+    assert claim(sessions, worker="w1", exclude=frozenset({"key-a"})).owner == "key-b"
+    assert claim(sessions, worker="w3", exclude=frozenset({"key-a"}), now=later).owner == "key-b"   # waited: anyone's
+    submit(sessions, "key-b")
+    with sessions.begin() as s:                             # only B waits: w2 takes it at once (never idle)
+        s.execute(update(Job).where(Job.owner == "key-a", Job.status == JobStatus.QUEUED.value)
+                  .values(status=JobStatus.CANCELED.value))
+    assert claim(sessions, worker="w2").owner == "key-b"
+
+
 def test_a_claim_that_leaves_keys_out_does_not_move_the_virtual_time(sessions):
     submit(sessions, "key-a", 2)
     submit(sessions, "key-b", 2)

@@ -22,6 +22,7 @@ first's, to tell drift from effect.
 
     python benchmarks/fairness.py                       # the default model, everything (~25 min on 2 cores)
     python benchmarks/fairness.py --model tiny --flood 120 --late 10
+    python benchmarks/fairness.py --rounds 3           # every phase three times; the median of each ratio
 
 Targets (issue 18): B's median end-to-end with A flooding <= 2x B solo (fifo: many times worse);
 weights within +-15% of 2:1; the flood's output tokens/s with fair >= 0.95x fifo. Prints the CPU flags.
@@ -303,6 +304,9 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="per worker (and its Celery threads)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument("--phases", nargs="+", default=["solo", "fair", "weights", "fifo"])
+    parser.add_argument("--rounds", type=int, default=1, help="run every phase this many times, one round "
+                        "after another, and report each round and the median of each ratio (the VM's speed "
+                        "drifts between phases: more rounds tell drift from effect)")
     parser.add_argument("--out", default="benchmarks/results/fairness.json")
     args = parser.parse_args()
 
@@ -314,28 +318,63 @@ def main() -> int:
         else:
             args.model_path = None if args.model == "default" else args.model
         print(f"CPU: {cpu_info.describe()}", flush=True)
-        results: dict = {"cpu": cpu_info.describe(), "args": {k: v for k, v in vars(args).items()}}
-        if {"solo", "fair", "weights"} & set(args.phases):
-            with Stack(tmp / "fair", args, "fair") as stack:
-                for phase, fn in (("solo", phase_solo), ("fair", phase_flood), ("weights", phase_weights)):
-                    if phase in args.phases:
-                        probe = speed_probe()
-                        print(f"{phase} ... (speed probe {probe:.1f} ms)", flush=True)
-                        results[phase] = {**fn(stack, args), "probe_ms": probe}
-                        print(f"  {json.dumps(results[phase], default=str)}", flush=True)
-        for name, scheduling, share in (("fair-wide", "fair", False), ("fifo", "fifo", False)):
-            if name in args.phases:
-                with Stack(tmp / name, args, scheduling, step_share=share) as stack:
-                    probe = speed_probe()
-                    print(f"{name} ... (speed probe {probe:.1f} ms)", flush=True)
-                    results[name] = {**phase_flood(stack, args), "probe_ms": probe}
-                    print(f"  {json.dumps(results[name], default=str)}", flush=True)
-    report(results, args)
+        rounds = []
+        for n in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {n + 1} of {args.rounds}", flush=True)
+            rounds.append(run_round(tmp / f"round-{n}", args))
+    for results in rounds:
+        report(results, args)
+    if len(rounds) > 1:
+        report_rounds(rounds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    out.write_text(json.dumps(rounds[0] if len(rounds) == 1 else {"cpu": cpu_info.describe(), "rounds": rounds},
+                              indent=2, default=str))
     print(f"wrote {out}")
     return 0
+
+
+def run_round(tmp: Path, args) -> dict:
+    """Every phase once: the fair stack's (solo, fair, weights), then each other stack's flood."""
+    results: dict = {"cpu": cpu_info.describe(), "args": {k: v for k, v in vars(args).items()}}
+    if {"solo", "fair", "weights"} & set(args.phases):
+        with Stack(tmp / "fair", args, "fair") as stack:
+            for phase, fn in (("solo", phase_solo), ("fair", phase_flood), ("weights", phase_weights)):
+                if phase in args.phases:
+                    probe = speed_probe()
+                    print(f"{phase} ... (speed probe {probe:.1f} ms)", flush=True)
+                    results[phase] = {**fn(stack, args), "probe_ms": probe}
+                    print(f"  {json.dumps(results[phase], default=str)}", flush=True)
+    for name, scheduling, share in (("fair-wide", "fair", False), ("fifo", "fifo", False)):
+        if name in args.phases:
+            with Stack(tmp / name, args, scheduling, step_share=share) as stack:
+                probe = speed_probe()
+                print(f"{name} ... (speed probe {probe:.1f} ms)", flush=True)
+                results[name] = {**phase_flood(stack, args), "probe_ms": probe}
+                print(f"  {json.dumps(results[name], default=str)}", flush=True)
+    return results
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """A round's three ratios (those its phases give): B fair / solo, flood fair / fifo, weights."""
+    out = {}
+    if "solo" in results and "fair" in results:
+        out["B fair / solo"] = results["fair"]["e2e_median"] / results["solo"]["e2e_median"]
+    if "fair" in results and "fifo" in results:
+        out["flood fair / fifo"] = (results["fair"]["output_tokens_per_second"]
+                                    / results["fifo"]["output_tokens_per_second"])
+    if results.get("weights", {}).get("ratio") is not None:
+        out["weights"] = results["weights"]["ratio"]
+    return out
+
+
+def report_rounds(rounds: list[dict]) -> None:
+    print(f"\n{len(rounds)} rounds (each ratio within one round; the median of the rounds):")
+    for name in ("B fair / solo", "flood fair / fifo", "weights"):
+        values = [r[name] for r in map(ratios, rounds) if name in r]
+        if values:
+            print(f"  {name:<18} " + "  ".join(f"{v:.3f}" for v in values) + f"   median {statistics.median(values):.3f}")
 
 
 def report(results: dict, args) -> None:

@@ -120,8 +120,9 @@ class Settings:
     # as the budget allows whoever is in them (docs/fairness.md#shared-steps)
     fair_step_share: bool = setting("GENQ_FAIR_STEP_SHARE", True, engine=True)
     # under it: the part of the fixed cost's worth a light key's step (a job or two beside a flood)
-    # holds for the others, in (0, 1]: 1 lets that step cost W/w times the key's tokens alone
-    fair_light_allowance: float = setting("GENQ_FAIR_LIGHT_ALLOWANCE", 1.0, engine=True)
+    # holds for the others, in (0, 1]: 1 lets that step cost W/w times the key's tokens alone, 0.7
+    # 1 + 0.7 (W/w - 1) times (docs/fairness.md#shared-steps)
+    fair_light_allowance: float = setting("GENQ_FAIR_LIGHT_ALLOWANCE", 0.7, engine=True)
     # GPUs (processes) one engine spans; see docs/tensor-parallel.md
     tensor_parallel_size: int = setting("GENQ_TENSOR_PARALLEL_SIZE", 1, engine=True)
     # longest wait on a tensor-parallel rank before the engine fails

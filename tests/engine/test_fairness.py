@@ -267,19 +267,20 @@ def test_a_shared_step_runs_the_light_tenant_and_part_of_the_flood(share):
     if not share:
         assert len(ids) == 17 and s.num_shared_steps == 0
         return
-    assert out.num_batched_tokens == 4 + 10 and "b0" in ids   # B's 4 + max(4, 10 fixed) for A
-    assert ids.count("b0") == 1 and len(ids) == 1 + 10      # A: its 10 earliest rows
-    assert [i for i in ids if i != "b0"] == [f"a{i}" for i in range(10)]
+    # B is light (1 of 32 seats): its 4 + the default allowance (0.7) of the 10 fixed cost's worth for A
+    assert out.num_batched_tokens == 4 + 7 and "b0" in ids
+    assert ids.count("b0") == 1 and len(ids) == 1 + 7       # A: its 7 earliest rows
+    assert [i for i in ids if i != "b0"] == [f"a{i}" for i in range(7)]
     finish_step(s, out)
-    out = s.schedule()                                      # B decodes: 1 row + 10 of A's (the earliest)
-    assert out.num_batched_tokens == 11 and "b0" in [i.seq.request.request_id for i in out.scheduled]
+    out = s.schedule()                                      # B decodes: 1 row + 7 of A's (the earliest)
+    assert out.num_batched_tokens == 8 and "b0" in [i.seq.request.request_id for i in out.scheduled]
     assert all(seq.status.name == "RUNNING" for seq in flood)   # the rest sat the step out, blocks kept
     assert all(seq.blocks for seq in flood)
     assert s.num_shared_steps == 2
 
 
 def test_a_waiting_prompt_in_the_prefix_cache_counts_only_the_tokens_it_computes():
-    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=128, num_blocks=256)
+    s = _scheduler(max_num_seqs=32, max_num_batched_tokens=128, num_blocks=256, fair_light_allowance=1.0)
     s.step_cost = _FixedCost(10.0)
     prompt = list(range(100, 140))                          # 40 tokens: 10 blocks of 4
     first = new_sequence(_request("b0", "B"), 0, list(prompt))
@@ -296,8 +297,8 @@ def test_a_waiting_prompt_in_the_prefix_cache_counts_only_the_tokens_it_computes
     queries = s.kv.pool.queries
     assert s.kv.cached_prefix_tokens(again) == 36 and s.kv.pool.queries == queries   # an estimate: not a cache query
     out = s.schedule()
-    # B computes 4 tokens (36 cached): 4 + max(4, 10) = 14. Counted whole (40), B's demand let 40 of
-    # A's tokens in beside B's 4 (a 44-token step).
+    # B (light) computes 4 tokens (36 cached): 4 + the fixed cost's 10 = 14. Counted whole (40), B's
+    # demand let A's tokens in beside B's 4 as if B computed 40.
     assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled if i.seq is again] == [("b1", 4)]
     assert again.num_computed_tokens == 36 and out.num_batched_tokens == 14 and s.num_shared_steps == 1
 

@@ -38,9 +38,10 @@ class EngineConfig:
     # them wants would cost alone (processor sharing; scheduler.py, docs/fairness.md)
     fair_step_share: bool = True
     # under fair_step_share: the part of the fixed cost's worth a light tenant's step holds for the
-    # others (1: that step costs up to W / w times the light tenant's tokens alone; less: cheaper for
-    # it, narrower for them; fairness.StepCost.cap, docs/fairness.md#shared-steps)
-    fair_light_allowance: float = 1.0
+    # others (1: that step costs up to W / w times the light tenant's tokens alone; 0.7: up to
+    # 1 + 0.7 (W / w - 1) times; less: cheaper for it, narrower for them; fairness.StepCost.cap,
+    # docs/fairness.md#shared-steps)
+    fair_light_allowance: float = 0.7
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

@@ -309,6 +309,8 @@ def main() -> int:
                         "drifts between phases: more rounds tell drift from effect)")
     parser.add_argument("--out", default="benchmarks/results/fairness.json")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

@@ -70,7 +70,7 @@ def claim_newcomer(rt, running: list[tuple[str, float]]):
     exclude = fair_queue.keys_at_share([tenant for tenant, _ in running], rt.settings.worker_concurrency,
                                        dict(running))
     with rt.sessions.begin() as session:
-        return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude)
+        return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude, reserve=True)
 
 
 def _claim(rt, job_id: str):
@@ -91,7 +91,8 @@ def _claim(rt, job_id: str):
                         log.warning("job %s: an earlier try's claim went through; running it", job.id)
                         return job
                 if fair:
-                    job = fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, hint=job_id, now=now)
+                    job = fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, hint=job_id, now=now,
+                                                affinity=rt.settings.newcomer_reserve > 0)
                     if job is not None and job.id != job_id:
                         log.debug("task of job %s runs job %s (fair order)", job_id, job.id)
                     return job

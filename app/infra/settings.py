@@ -193,6 +193,8 @@ class Settings:
             raise ValueError(f"setting metrics_port must be a TCP port or 0, got {self.metrics_port!r}")
         if self.scheduling not in SCHEDULING:
             raise ValueError(f"setting scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
+        if not 0 < self.fair_light_allowance <= 1:
+            raise ValueError(f"setting fair_light_allowance must be in (0, 1], got {self.fair_light_allowance!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.log_level.upper() not in LOG_LEVELS:

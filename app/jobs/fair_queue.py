@@ -13,8 +13,9 @@ the job the fair order puts first (`claim_next`), in one transaction:
 
 A key's job younger than AFFINITY_SECONDS whose key runs only on other workers is left to them
 (`held_elsewhere`): passed over by a newcomer-reserve claim, and by a task's claim while another key
-has a job waiting, so a light key's jobs gather on one worker (one engine shares its steps with it,
-and its prompts find that engine's prefix cache).
+has a job waiting (where workers keep a newcomer reserve, which will take it), so a light key's jobs
+gather on one worker (one engine shares its steps with it, and its prompts find that engine's prefix
+cache).
 
 Counters are kept in `fair_shares`, one row per tenant. A claim charges the job's estimated cost
 (`W_IN` per prompt token, roughly 4 characters, plus `W_OUT` per requested output token, divided
@@ -161,13 +162,18 @@ def keys_at_share(running: list[str], threads: int, weights: dict[str, float] | 
 
 
 def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: str | None = None,
-               exclude: frozenset[str] = frozenset(), now: datetime | None = None) -> Job | None:
+               exclude: frozenset[str] = frozenset(), now: datetime | None = None, reserve: bool = False,
+               affinity: bool = True) -> Job | None:
     """Claim the job the fair order puts first, for `worker_id`; None when no job is claimable.
 
     `hint` is the id the waking task carries: when that job is running on an expired lease (its
     worker was lost), it is claimed first, as `store.claim_job` would (it was chosen fairly before).
     `exclude`: tenants whose jobs are not to be claimed (a worker's newcomer reserve leaves out the
     keys holding their share of its task threads: `keys_at_share`).
+    `reserve`: the claim is a newcomer reserve's, which passes over a key held elsewhere
+    (`held_elsewhere`) whatever else waits; a task's claim passes over it only while another key
+    has a job waiting, and only with `affinity` (a worker without a newcomer reserve says False:
+    no reserve would take the job it passes over).
     """
     now = now or utcnow()
     _ensure_rows(session, [FLOOR])
@@ -178,16 +184,22 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
             return store.claim_job(session, hint, worker_id, lease_seconds, now=now)
     for _ in range(CLAIM_TRIES):
         level, found, floor = candidates(session, exclude)
-        held = held_elsewhere(session, worker_id, found, now)
-        if held:
-            # a key's jobs go to the worker already running them (its prefix cache, and one engine's
-            # steps shared with that key instead of every worker's); the newcomer reserve leaves
-            # them to it, a task's claim takes them where nothing else waits (never idle)
-            kept = [c for c in found if c.tenant not in held]
-            found = kept if kept or exclude else found
         if not found:
             return None
-        best = min(found, key=lambda c: (c.effective(floor), c.oldest_id))
+        order = lambda c: (c.effective(floor), c.oldest_id)   # noqa: E731
+        best = min(found, key=order)
+        passed_over = False
+        if (reserve or affinity) and _young(best, now):
+            # a key's jobs go to the worker already running them (its prefix cache, and one engine's
+            # steps shared with that key instead of every worker's); the newcomer reserve leaves
+            # them to it, a task's claim takes them where nothing else waits (never idle). Only
+            # young keys can be held, so where the first in order is not young nothing changes.
+            held = held_elsewhere(session, worker_id, found, now)
+            kept = [c for c in found if c.tenant not in held]
+            if best.tenant in held and (kept or reserve):
+                if not kept:
+                    return None
+                best, passed_over = min(kept, key=order), True
         owner_is = _jobs.c.owner.is_(None) if best.owner is None else _jobs.c.owner == best.owner
         job_id = session.scalar(
             select(_jobs.c.id).where(_claimable, _jobs.c.lane == level[0], _jobs.c.priority == level[1], owner_is)
@@ -197,16 +209,22 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
         job = store.claim_job(session, job_id, worker_id, lease_seconds, now=now)
         if job is None:
             continue
-        _charge(session, job, best, floor, now, advance_floor=not exclude)
+        # (a claim that left keys out, or passed one over, did not choose the smallest counter of all)
+        _charge(session, job, best, floor, now, advance_floor=not exclude and not passed_over)
         return job
     log.warning("fair claim: lost %d races in a row; this wake-up claims nothing", CLAIM_TRIES)
     return None
 
 
+def _young(candidate: Candidate, now: datetime) -> bool:
+    return 0 <= (now - candidate.oldest_created_at).total_seconds() < AFFINITY_SECONDS
+
+
 def held_elsewhere(session: Session, worker_id: str, found: list[Candidate], now: datetime) -> set[str]:
     """The candidates' tenants whose oldest waiting job is younger than AFFINITY_SECONDS and whose
-    running jobs are all on other workers than `worker_id` (it is theirs to claim first)."""
-    young = [c for c in found if (now - c.oldest_created_at).total_seconds() < AFFINITY_SECONDS]
+    running jobs (on a live lease) are all on other workers than `worker_id` (theirs to claim first).
+    An age below 0 (the API host's clock ahead of this one) is not young: no affinity, never a wait."""
+    young = [c for c in found if _young(c, now)]
     if not young:
         return set()
     owners = [c.owner for c in young if c.owner is not None]
@@ -214,7 +232,7 @@ def held_elsewhere(session: Session, worker_id: str, found: list[Candidate], now
     if len(owners) < len(young):
         which.append(_jobs.c.owner.is_(None))
     running = session.execute(select(_jobs.c.owner, _jobs.c.worker_id).where(
-        _jobs.c.status == JobStatus.RUNNING.value, or_(*which)).distinct()).all()
+        _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.lease_expires_at >= now, or_(*which)).distinct()).all()
     here = {tenant_of(owner) for owner, worker in running if worker == worker_id}
     return {tenant_of(owner) for owner, worker in running if worker != worker_id} - here
 

@@ -231,7 +231,10 @@ def test_share_limits_give_the_lightest_tenant_all_and_bound_the_step():
     # a light tenant owes the others the fixed cost's worth, a prompt as a decode row: its whole 200
     # and 10 of A's (token for token, 128 each); two light tenants: the step as the tightest allows
     assert share_limits({"A": 500, "B": 200}, equal, _linear(10.0), 256, light={"B"}) == {"B": 200, "A": 10}
-    assert share_limits({"A": 500, "B": 1}, equal, _linear(10.0), 256, light={"B"}) == {"B": 1, "A": 10}
+    assert share_limits({"A": 500, "B": 30}, equal, _linear(10.0), 256, light={"B"}) == {"B": 30, "A": 10}
+    assert share_limits({"A": 500, "B": 30}, equal, _linear(10.0), 256) == {"B": 30, "A": 30}   # not light
+    # where the budget binds, all but a token for each later tenant (not half the budget)
+    assert share_limits({"A": 500, "B": 256}, equal, _linear(10.0), 256, light={"B"}) == {"B": 255, "A": 1}
     assert share_limits({"A": 500, "B": 200}, weighted, _linear(10.0), 256, light={"B"}) == {"B": 200, "A": 20}
     assert share_limits({"A": 500, "B": 40, "C": 1}, equal, _linear(10.0), 256, light={"B", "C"}) \
         == {"C": 1, "B": 10, "A": 10}

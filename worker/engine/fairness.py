@@ -291,7 +291,7 @@ class StepCost:
         return lo
 
 
-def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callable[[int, float], int],
+def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callable[[int, float, bool], int],
                  budget: int, backlogged: Container[str] = (), light: Container[str] = ()) -> dict[str, int] | None:
     """Per-tenant token limits for one step, so that no tenant in it is slowed more than weighted
     processor sharing would slow it. A tenant of weight w, among tenants of total weight W wanting
@@ -309,8 +309,9 @@ def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callabl
     the budget is then computed in one step, not in two (each as long as the bound allows, and
     every running job of that tenant waiting out both). Backlogged tenants share by weight alone.
     A `light` tenant (one served less than the others, with few requests: the scheduler says which)
-    owes the others only the fixed cost's worth of a step (`cap(d, W / w, True)`), a prompt as a
-    decode row: it goes first and gets all it wants where the later tenants keep a token each, so
+    owes the others only a part (the engine's `fair_light_allowance`) of the fixed cost's worth of a
+    step (`cap(d, W / w, True)`), a prompt as a decode row: it goes first and gets all it wants
+    where the later tenants keep a token each (all but those where the budget binds), so
     its prompt costs it little more than alone (the Virtual Token Counter serves the tenant served
     least first; a shared step is how an engine that batches can). None where nothing is limited
     (one tenant, or the step fits anyway). `demand`: tenant -> tokens it could use this step;
@@ -330,8 +331,10 @@ def share_limits(demand: dict[str, int], weights: dict[str, float], cap: Callabl
         share = min(want, max(1, math.floor(left * weight[tenant] / weight_left + 1e-9)))
         later = len(order) - k - 1
         if share < want and tenant in light:
-            if want <= left - later:
-                share = want
+            # all it wants where the rest keeps a token a tenant, or where the budget (not another
+            # tenant's bound) is what binds, all but those tokens
+            if want <= left - later or most >= budget:
+                share = max(share, min(want, math.floor(left + 1e-9) - later))
         elif share < want and later and tenant not in backlogged:
             # it may finish instead, if the later tenants keep half their part of what is left
             keep = max(later, math.ceil(left * (weight_left - weight[tenant]) / weight_left / 2 - 1e-9))

@@ -126,10 +126,11 @@ class Scheduler:
         among the tenants wanting work (served no more than the others, by the Virtual Token
         Counter, give or take one step: so a long prompt gets a step or two whole, then shares),
         and with no second prompt waiting (`backlogged` tenants share by weight alone)."""
-        total = sum(weights.values())
-        counters = {tenant: self.vtc.counter(tenant) for tenant in demand}
+        wanting = {tenant: weights.get(tenant, 1.0) for tenant, d in demand.items() if d > 0}
+        total = sum(wanting.values())
+        counters = {tenant: self.vtc.counter(tenant) for tenant in wanting}
         light = set()
-        for tenant, weight in weights.items():
+        for tenant, weight in wanting.items():
             if tenant in backlogged or self.vtc.sequences(tenant) * 2 > self.config.max_num_seqs * weight / total:
                 continue
             others = [c for t, c in counters.items() if t != tenant]

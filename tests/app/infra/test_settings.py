@@ -12,7 +12,8 @@ from app.infra.webhook_secrets import generate_secret
 # A valid value other than the default, as environment text, for each kind of variable.
 SAMPLES = {INT: "7", FLOAT: "2.5", STR: "text", VERBATIM: "verbatim", FLOATS: "0,1.5,30"}
 # Fields whose checks need a particular value.
-SPECIAL = {"log_level": "DEBUG", "log_format": "json", "webhook_retry_jitter": "0.5", "scheduling": "fifo"}
+SPECIAL = {"log_level": "DEBUG", "log_format": "json", "webhook_retry_jitter": "0.5", "scheduling": "fifo",
+           "fair_light_allowance": "0.5"}
 
 ENGINE_FIELDS = {"model", "dtype", "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
                  "max_model_len", "enable_prefix_caching", "seed", "kv_cache_bytes", "tensor_parallel_size",

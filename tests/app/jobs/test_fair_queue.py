@@ -117,21 +117,29 @@ def test_excluded_keys_are_passed_over(sessions):
 def test_a_keys_new_job_is_left_a_moment_to_the_worker_running_its_jobs(sessions):
     submit(sessions, "key-a", 4)
     submit(sessions, "key-b", 3)
-    later = utcnow() + timedelta(seconds=fair_queue.AFFINITY_SECONDS)
-    assert claim(sessions, worker="w1").owner == "key-a"
+    young = utcnow()                                        # B's jobs are under AFFINITY_SECONDS old at it
+    later = young + timedelta(seconds=fair_queue.AFFINITY_SECONDS)
+    assert claim(sessions, worker="w1", now=young).owner == "key-a"
     assert claim(sessions, worker="w2", exclude=frozenset({"key-b"}), now=later).owner == "key-a"   # on both
-    assert claim(sessions, worker="w1").owner == "key-b"   # B on w1 only
+    assert claim(sessions, worker="w1", now=young).owner == "key-b"   # B on w1 only
     with sessions.begin() as s:                             # B served far less than A: first in fair order
         s.execute(update(FairShare).where(FairShare.tenant == "key-a").values(counter=10 * COST))
-    assert claim(sessions, worker="w2").owner == "key-a"    # w2's task: A's job, B's is w1's for now
-    assert claim(sessions, worker="w2", exclude=frozenset({"key-a"})) is None   # w2's newcomer reserve: none
-    assert claim(sessions, worker="w1", exclude=frozenset({"key-a"})).owner == "key-b"
-    assert claim(sessions, worker="w3", exclude=frozenset({"key-a"}), now=later).owner == "key-b"   # waited: anyone's
+    floor = counters(sessions)[FLOOR]
+    assert claim(sessions, worker="w2", now=young).owner == "key-a"   # w2's task: A's job, B's is w1's for now
+    assert counters(sessions)[FLOOR] == floor               # (not A's counter: B, passed over, is below it)
+    assert claim(sessions, worker="w3", exclude=frozenset({"key-a"}), now=young, reserve=True) is None   # w3's reserve
+    assert claim(sessions, worker="w2", now=young, affinity=False).owner == "key-b"   # w2 keeps no reserve: at once
+    # w2 now runs one of B's jobs too: for w3, B is held by w1 and w2; w1's reserve takes it
+    assert claim(sessions, worker="w3", exclude=frozenset({"key-a"}), now=young, reserve=True) is None
+    assert claim(sessions, worker="w1", exclude=frozenset({"key-a"}), now=young, reserve=True).owner == "key-b"
     submit(sessions, "key-b")
-    with sessions.begin() as s:                             # only B waits: w2 takes it at once (never idle)
+    waited = utcnow() + timedelta(seconds=fair_queue.AFFINITY_SECONDS)
+    assert claim(sessions, worker="w3", exclude=frozenset({"key-a"}), now=waited, reserve=True).owner == "key-b"
+    submit(sessions, "key-b")
+    with sessions.begin() as s:                             # only B waits: w4's task takes it at once (never idle)
         s.execute(update(Job).where(Job.owner == "key-a", Job.status == JobStatus.QUEUED.value)
                   .values(status=JobStatus.CANCELED.value))
-    assert claim(sessions, worker="w2").owner == "key-b"
+    assert claim(sessions, worker="w4", now=utcnow()).owner == "key-b"
 
 
 def test_a_claim_that_leaves_keys_out_does_not_move_the_virtual_time(sessions):

@@ -127,14 +127,16 @@ class Scheduler:
         Counter, give or take one step: so a long prompt gets a step or two whole, then shares),
         and with no second prompt waiting (`backlogged` tenants share by weight alone)."""
         wanting = {tenant: weights.get(tenant, 1.0) for tenant, d in demand.items() if d > 0}
+        if len(wanting) < 2:   # (nothing is shared)
+            return set()
         total = sum(wanting.values())
         counters = {tenant: self.vtc.counter(tenant) for tenant in wanting}
+        first, second = sorted(counters.values())[:2]   # the smallest other counter: `second` for the smallest
         light = set()
         for tenant, weight in wanting.items():
             if tenant in backlogged or self.vtc.sequences(tenant) * 2 > self.config.max_num_seqs * weight / total:
                 continue
-            others = [c for t, c in counters.items() if t != tenant]
-            if others and counters[tenant] <= min(others) + W_IN * budget / weight:
+            if counters[tenant] <= (second if counters[tenant] == first else first) + W_IN * budget / weight:
                 light.add(tenant)
         return light
 

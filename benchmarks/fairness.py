@@ -236,6 +236,52 @@ def speed_probe() -> float:
         torch.set_num_threads(threads)
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+CPU_GROUPS = ("engine", "worker other", "api", "postgres", "redis", "client", "other")
+
+
+def _stat(path: str) -> tuple[str, int, float] | None:
+    """(comm, ppid, CPU seconds: user + system, with reaped children's) of a /proc stat file."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    comm, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return comm, int(rest[1]), sum(int(v) for v in rest[11:15]) / TICKS
+
+
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU seconds used so far on this machine, by who: the workers' engine loops (the thread the
+    worker names "genq-engine"), the workers' other threads (Celery, claims, heartbeats, the
+    newcomer reserve), the API (gunicorn and its workers), PostgreSQL, Redis, this process (the
+    client), and everything else. Read from /proc; differences between two readings tell where a
+    phase's CPU went (a dead process's time counts in its parent's, once reaped)."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (found := _stat(f"/proc/{entry.name}/stat")) is not None:
+            procs[int(entry.name)] = found
+    workers = {p.pid for p in stack.processes[1:]}
+    api = {stack.processes[0].pid}
+    for pid in sorted(procs):   # the API's descendants (gunicorn's workers)
+        if procs[pid][1] in api:
+            api.add(pid)
+    used = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (comm, _, seconds) in procs.items():
+        if pid in workers:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                if (thread := _stat(f"{task}/stat")) is not None:
+                    used["engine" if thread[0] == "genq-engine" else "worker other"] += thread[2]
+            continue
+        group = ("api" if pid in api else "client" if pid == os.getpid() else "postgres" if comm == "postgres"
+                 else "redis" if comm.startswith("redis") else "other")
+        used[group] += seconds
+    return used
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before[k], 1) for k in CPU_GROUPS}
+
+
 def phase_solo(stack: Stack, args) -> dict:
     _, secret = stack.key("solo-b")
     rng = random.Random(2)
@@ -346,14 +392,18 @@ def run_round(tmp: Path, args) -> dict:
                 if phase in args.phases:
                     probe = speed_probe()
                     print(f"{phase} ... (speed probe {probe:.1f} ms)", flush=True)
+                    before = cpu_seconds(stack)
                     results[phase] = {**fn(stack, args), "probe_ms": probe}
+                    results[phase]["cpu_seconds"] = cpu_used(before, cpu_seconds(stack))
                     print(f"  {json.dumps(results[phase], default=str)}", flush=True)
     for name, scheduling, share in (("fair-wide", "fair", False), ("fifo", "fifo", False)):
         if name in args.phases:
             with Stack(tmp / name, args, scheduling, step_share=share) as stack:
                 probe = speed_probe()
                 print(f"{name} ... (speed probe {probe:.1f} ms)", flush=True)
+                before = cpu_seconds(stack)
                 results[name] = {**phase_flood(stack, args), "probe_ms": probe}
+                results[name]["cpu_seconds"] = cpu_used(before, cpu_seconds(stack))
                 print(f"  {json.dumps(results[name], default=str)}", flush=True)
     return results
 
@@ -411,6 +461,11 @@ def report(results: dict, args) -> None:
         print(f"  weights 2:1 over {w['window_seconds']:.0f} s both backlogged: {w['tokens_weight_2']} vs "
               f"{w['tokens_weight_1']} tokens ({w['jobs_weight_2']} vs {w['jobs_weight_1']} jobs): "
               f"{w['ratio']:.2f}:1 (target 2 +-15%: 1.70-2.30)")
+    for name in ("solo", "fair", "weights", "fair-wide", "fifo"):
+        if "cpu_seconds" in results.get(name, {}):
+            used = results[name]["cpu_seconds"]
+            print(f"  CPU seconds, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in used.items())
+                  + (f"; outside the engines {sum(used.values()) - used['engine']:.1f} of {sum(used.values()):.1f}"))
     probes = [(name, results[name]["probe_ms"]) for name in ("solo", "fair", "weights", "fair-wide", "fifo")
               if "probe_ms" in results.get(name, {})]
     if probes:

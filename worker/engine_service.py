@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` (15 bytes at most) as the operating system sees it, where it
+    can (Linux): Python's thread names are its own, so without this every thread of a worker reads
+    "python" in `top -H` and /proc/<pid>/task/*/comm. Nothing happens where it cannot."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)   # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     request_id: str
@@ -168,6 +180,7 @@ class EngineService:
     # -- the loop thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread("genq-engine")   # (top -H, and benchmarks/fairness.py's CPU accounting, see it)
         try:
             while self._drain(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():

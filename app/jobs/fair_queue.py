@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from app.infra.db import utcnow
 from app.jobs import store
 from app.jobs.models import CLAIMABLE, FairShare, Job, JobStatus
-from app.tenancy.keys import key_weight
+from app.tenancy.keys import DEFAULT_WEIGHT, ApiKey
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ AFFINITY_SECONDS = 0.5  # how long a key's new job is left to the worker already
 
 _jobs = Job.__table__
 _shares = FairShare.__table__
+_keys = ApiKey.__table__
 _claimable = text(CLAIMABLE)
 
 
@@ -102,6 +103,7 @@ class Candidate:
     oldest_created_at: datetime
     counter: float            # as stored (0 for a tenant never charged)
     returning: bool           # idle when its oldest waiting job arrived: lifted to the floor
+    weight: float = DEFAULT_WEIGHT   # its key's weight (DEFAULT_WEIGHT without a key, or for an unknown one)
 
     def effective(self, floor: float) -> float:
         return max(self.counter, floor) if self.returning else self.counter
@@ -121,18 +123,20 @@ def candidates(session: Session, exclude: frozenset[str] = frozenset()
     oldest = (select(_jobs.c.owner, func.min(_jobs.c.id).label("oldest_id"))
               .where(_claimable, _jobs.c.lane == lane, _jobs.c.priority == priority, *allowed)
               .group_by(_jobs.c.owner).subquery())
-    rows = session.execute(select(oldest.c.owner, oldest.c.oldest_id, _jobs.c.created_at)
-                           .join(_jobs, _jobs.c.id == oldest.c.oldest_id)).all()
-    tenants = [tenant_of(owner) for owner, _, _ in rows]
+    rows = session.execute(select(oldest.c.owner, oldest.c.oldest_id, _jobs.c.created_at, _keys.c.weight)
+                           .join(_jobs, _jobs.c.id == oldest.c.oldest_id)
+                           .outerjoin(_keys, _keys.c.id == oldest.c.owner)).all()
+    tenants = [tenant_of(row.owner) for row in rows]
     shares = {row.tenant: row for row in session.execute(
         select(_shares.c.tenant, _shares.c.counter, _shares.c.last_claim_at)
         .where(_shares.c.tenant.in_([*tenants, FLOOR])))}
     floor = shares[FLOOR].counter if FLOOR in shares else 0.0
     found = []
-    for (owner, oldest_id, created_at), tenant in zip(rows, tenants):
+    for (owner, oldest_id, created_at, weight), tenant in zip(rows, tenants):
         share = shares.get(tenant)
         returning = share is None or share.last_claim_at is None or share.last_claim_at < created_at
-        found.append(Candidate(tenant, owner, oldest_id, created_at, share.counter if share else 0.0, returning))
+        found.append(Candidate(tenant, owner, oldest_id, created_at, share.counter if share else 0.0, returning,
+                               DEFAULT_WEIGHT if weight is None else float(weight)))
     return (lane, priority), found, floor
 
 
@@ -176,7 +180,10 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
     no reserve would take the job it passes over).
     """
     now = now or utcnow()
-    _ensure_rows(session, [FLOOR])
+    if session.get_bind().dialect.name == "sqlite":
+        # a write first, so that the claim holds SQLite's write lock from its first statement (a
+        # read first would have to upgrade, and could find the database locked); PostgreSQL locks rows
+        _ensure_rows(session, [FLOOR])
     if hint is not None:
         orphan = session.scalar(select(_jobs.c.id).where(
             _jobs.c.id == hint, _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.lease_expires_at < now))
@@ -252,34 +259,27 @@ def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: da
         if charged.rowcount != 1:
             cost = 0.0
         job.fair_charge = cost
-    weight = key_weight(session, chosen.owner) if cost else 1.0
-    _ensure_rows(session, [chosen.tenant])
-    session.execute(update(FairShare).where(FairShare.tenant == chosen.tenant).values(
-        counter=_at_least(FairShare.counter, effective) + cost / weight, last_claim_at=now)
-        .execution_options(synchronize_session=False))
+    _update_share(session, chosen.tenant, counter=_at_least(FairShare.counter, effective) + cost / chosen.weight,
+                  last_claim_at=now)
     # The virtual time is the smallest effective counter at this claim, not a running maximum: a
     # settlement that lowers the backlogged keys' counters (a job served fewer tokens than its
     # estimate) lowers it too, so a key back from idle is never lifted above them.
     if advance_floor:
-        session.execute(update(FairShare).where(FairShare.tenant == FLOOR).values(counter=effective, last_claim_at=now)
-                        .execution_options(synchronize_session=False))
+        _update_share(session, FLOOR, counter=effective, last_claim_at=now)
 
 
 def settle(session: Session, job_id: str, prompt_tokens: int | None, cached_tokens: int | None,
            completion_tokens: int | None) -> None:
     """A job ended (in the transaction that wrote its result): replace its estimated charge by what
     it was served, and count the tokens. Nothing for a job the fair claim never charged."""
-    row = session.execute(select(_jobs.c.owner, _jobs.c.fair_charge).where(_jobs.c.id == job_id)).first()
+    row = session.execute(select(_jobs.c.owner, _jobs.c.fair_charge, _keys.c.weight)
+                          .outerjoin(_keys, _keys.c.id == _jobs.c.owner).where(_jobs.c.id == job_id)).first()
     if row is None or row.fair_charge is None:
         return
     served = served_cost(prompt_tokens, cached_tokens, completion_tokens)
-    tenant = tenant_of(row.owner)
-    weight = key_weight(session, row.owner)
-    _ensure_rows(session, [tenant])
-    session.execute(update(FairShare).where(FairShare.tenant == tenant).values(
-        counter=FairShare.counter + (served - row.fair_charge) / weight,
-        served_tokens=FairShare.served_tokens + (prompt_tokens or 0) + (completion_tokens or 0))
-        .execution_options(synchronize_session=False))
+    weight = DEFAULT_WEIGHT if row.weight is None else float(row.weight)
+    _update_share(session, tenant_of(row.owner), counter=FairShare.counter + (served - row.fair_charge) / weight,
+                  served_tokens=FairShare.served_tokens + (prompt_tokens or 0) + (completion_tokens or 0))
     session.execute(update(Job).where(Job.id == job_id).values(fair_charge=served)
                     .execution_options(synchronize_session=False))
 
@@ -296,6 +296,18 @@ def shares(session: Session, tenant: str | None = None) -> dict[str, dict]:
 def _at_least(column, value: float):
     """max(column, value) in SQL on every dialect."""
     return case((column < literal(value), literal(value)), else_=column)
+
+
+def _update_share(session: Session, tenant: str, **values) -> None:
+    """UPDATE `tenant`'s counter row (relative values add up under concurrent claims); where the
+    row does not exist yet, create it (0) and update it then. One statement in the usual case."""
+    def update_row() -> int:
+        return session.execute(update(FairShare).where(FairShare.tenant == tenant).values(**values)
+                               .execution_options(synchronize_session=False)).rowcount
+
+    if update_row() == 0:
+        _ensure_rows(session, [tenant])
+        update_row()
 
 
 def _ensure_rows(session: Session, tenants: list[str]) -> None:

@@ -63,12 +63,10 @@ def run_claimed(rt, job, arrived: Callable[[], None] | None = None) -> str:
         rt.untrack(job.id)
 
 
-def claim_newcomer(rt, running: list[tuple[str, float]]):
-    """The newcomer reserve's claim: the first job in fair order of a key under its weighted share
-    of this worker's task threads (`running`: (key, weight) of each job it runs;
-    `fair_queue.keys_at_share`), or None. Not retried: the reserve polls again soon."""
-    exclude = fair_queue.keys_at_share([tenant for tenant, _ in running], rt.settings.worker_concurrency,
-                                       dict(running))
+def claim_newcomer(rt, exclude: frozenset[str]):
+    """The newcomer reserve's claim: the first job in fair order of a key not in `exclude` (the keys
+    at their weighted share of this worker's task threads, `fair_queue.keys_at_share`), or None.
+    Not retried: the reserve looks again soon."""
     with rt.sessions.begin() as session:
         return fair_queue.claim_next(session, rt.worker_id, rt.settings.lease_seconds, exclude=exclude, reserve=True)
 

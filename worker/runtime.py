@@ -26,6 +26,7 @@ from worker.devices import select_device
 from worker.engine import LLMEngine, SamplingParams
 from worker.engine_service import EngineService, ServiceStats
 from worker.faults import install_fault
+from app.jobs.fair_queue import AFFINITY_SECONDS, keys_at_share
 from worker.job_runner import claim_newcomer, run_claimed, run_job
 from worker.reconciler import Reconciler
 
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 RECENT_CANCEL_SECONDS = 600.0
 HEARTBEAT_RETRY_SECONDS = 0.5   # a failed lease renewal is tried again this soon
-NEWCOMER_POLL_SECONDS = 0.25    # how often a busy worker looks for a key under its share of seats
+NEWCOMER_LOOK_SECONDS = 2.0     # a busy worker's newcomer reserve looks this often unwoken (announcements lost,
+                                # jobs re-queued); an announced job of a key under its share, at once
 EXPECT_SECONDS = 1.0            # a received job task counts as arriving at most this long before a thread takes it
 
 _runtime: "WorkerRuntime | None" = None
@@ -140,6 +142,8 @@ class WorkerRuntime:
         self.cancels = RecentCancels()
         self._active: dict[str, tuple[str, float]] = {}   # job id -> (tenant, weight), for the heartbeat
         self._newcomers = 0                        # jobs the newcomer reserve runs now
+        self._announced: set[str] = set()          # keys with a job queued since the reserve last looked ("" no key)
+        self._announcement = threading.Event()     # ... set when one arrives (the reserve's wake-up)
         self._arriving = 0                         # jobs task threads are claiming, not yet submitted
         self._expected: dict[str, float] = {}      # job id -> when Celery received its task (no thread yet)
         self._active_lock = threading.Lock()
@@ -169,6 +173,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._draining.set()
         self._stopping.set()
+        self._announcement.set()   # (the newcomer reserve's wait)
         self.reconciler.stop()
         self.service.stop()
         for thread in self._threads:
@@ -274,31 +279,67 @@ class WorkerRuntime:
         with self._active_lock:
             return list(self._active.values())
 
+    def keys_at_share(self) -> frozenset[str]:
+        """The keys holding at least their weighted share of this worker's task threads, which its
+        newcomer reserve leaves out (`fair_queue.keys_at_share`)."""
+        running = self.running_tenants()
+        return keys_at_share([tenant for tenant, _ in running], self.settings.worker_concurrency, dict(running))
+
     # -- helper threads ---------------------------------------------------------------------------
 
     def _newcomer_reserve(self) -> None:
         """Fair scheduling's newcomer reserve: while this worker's task threads are all busy
-        (`max_num_seqs` jobs in flight), every NEWCOMER_POLL_SECONDS it claims the first job in fair
-        order of a key under its share of this worker's seats (`fair_queue.keys_at_share`), into one
-        of `settings.newcomer_reserve` engine slots kept for that; so a key that arrives while
-        another floods the service starts at once instead of waiting for a running job to end. The
-        job's own task later finds it taken and claims whatever is next (or nothing)."""
+        (`max_num_seqs` jobs in flight), it claims the first job in fair order of a key under its
+        share of this worker's seats (`fair_queue.keys_at_share`) into one of
+        `settings.newcomer_reserve` engine slots kept for that; so a key that arrives while another
+        floods the service starts at once instead of waiting for a running job to end. The job's
+        own task later finds it taken and claims whatever is next (or nothing).
+
+        When it looks: at once when the API announces a job of a key this worker does not hold at
+        its share (`broker.announce_queued`, on the control channel; the flood's own announcements
+        cost no claim), once more AFFINITY_SECONDS later if that found nothing (the job may have
+        been left to the worker running its key's jobs, and is anyone's after that), and every
+        NEWCOMER_LOOK_SECONDS unwoken (jobs queued without an announcement: re-queued, or a lost
+        message). Until 2026-12-02 it claimed every 0.25 s, which cost a busy worker ~3% of a core
+        on a 2-core CPU (docs/fairness.md)."""
         reserve = self.settings.newcomer_reserve
-        while not self._stopping.wait(NEWCOMER_POLL_SECONDS):
+        next_look = time.monotonic() + NEWCOMER_LOOK_SECONDS
+        while True:
+            self._announcement.wait(max(0.0, next_look - time.monotonic()))
+            if self._stopping.is_set():
+                return
+            with self._active_lock:
+                announced, self._announced = self._announced, set()
+                self._announcement.clear()
+            now = time.monotonic()
+            unwoken = now >= next_look
+            if unwoken:
+                next_look = now + NEWCOMER_LOOK_SECONDS
             busy = len(self.active_jobs()) - self._newcomers
             if self._draining.is_set() or self._newcomers >= reserve or busy < self.settings.worker_concurrency:
                 continue
+            exclude = self.keys_at_share()
+            if not unwoken and announced <= exclude:
+                continue     # only keys at their share here were announced: nothing of theirs for the reserve
             try:
-                job = claim_newcomer(self, self.running_tenants())
+                job = claim_newcomer(self, exclude)
             except Exception as exc:
                 log.warning("newcomer reserve: claim failed (%s: %s)", type(exc).__name__, exc)
                 continue
             if job is None:
+                if not unwoken:
+                    next_look = min(next_look, now + AFFINITY_SECONDS + 0.05)
                 continue
             log.info("job %s: started in the newcomer reserve (key %s is under its share here)", job.id, job.owner)
             with self._active_lock:
                 self._newcomers += 1
             threading.Thread(target=self._run_newcomer, args=(job,), name=f"genq-newcomer-{job.id}").start()
+
+    def announced(self, owner: str | None) -> None:
+        """A job of `owner` was queued (the API's announcement on the control channel)."""
+        with self._active_lock:
+            self._announced.add(owner or "")
+        self._announcement.set()
 
     def _run_newcomer(self, job) -> None:
         try:
@@ -359,6 +400,8 @@ class WorkerRuntime:
         if message.get("type") == "cancel" and isinstance(message.get("job_id"), str):
             self.cancels.add(message["job_id"])
             self.service.abort(message["job_id"])
+        elif message.get("type") == "queued" and self.settings.newcomer_reserve:
+            self.announced(message.get("owner") if isinstance(message.get("owner"), str) else None)
 
     def publish_model(self, only_if_missing: bool = False) -> None:
         """Tell the API the served model's tokenizer and context length (app/infra/model_reports.py),

@@ -5,6 +5,8 @@ No Flask and no torch: the API sends tasks with it, the worker consumes them (wo
 """
 from __future__ import annotations
 
+import json
+
 from celery import Celery
 from redis import Redis
 
@@ -54,6 +56,15 @@ def make_celery(settings: Settings, redis_url: str, *, set_as_current: bool = Fa
 
 def send_run_job(celery: Celery, settings: Settings, job_id: str, priority: int) -> None:
     celery.send_task(TASK_RUN_JOB, args=[job_id], queue=settings.queue, priority=priority)
+
+
+def announce_queued(redis: Redis, channels: Channels, owner: str | None) -> None:
+    """Tell the workers that a job of `owner` (an API key id; None: no key) was queued, on their
+    control channel: with fair scheduling a worker whose task threads are all busy claims it into
+    its newcomer reserve at once where that key is under its share (worker/runtime.py), instead of
+    looking for one every so often. Only a wake-up: a worker that misses it finds the job when it
+    next looks, and the job's own task runs it either way."""
+    redis.publish(channels.control, json.dumps({"type": "queued", "owner": owner}))
 
 
 def send_start_batch(celery: Celery, settings: Settings, batch_id: str) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from sqlalchemy.orm import Session
 
-from app.infra.broker import send_run_job
+from app.infra.broker import announce_queued, send_run_job
 from app.infra.settings import Settings
 from app.jobs import store, transitions
 from app.jobs.connections import Connections
@@ -98,6 +98,18 @@ def submit(conn: Connections, admission: Admission, submission: Submission, *, w
         log.warning("could not enqueue job %s (%s: %s); it waits in the database", job.id, type(error).__name__,
                     error)
         submitted.deferred = True
+    else:
+        _announce(conn, job)
     transitions.emit("created", job.id)
     return submitted
+
+
+def _announce(conn: Connections, job: Job) -> None:
+    """With fair scheduling, wake the workers' newcomer reserves (`announce_queued`); best effort."""
+    if not conn.settings.newcomer_reserve:
+        return
+    try:
+        announce_queued(conn.redis, conn.channels, job.owner)
+    except Exception as error:   # the task is sent: the job runs either way
+        log.debug("could not announce job %s (%s)", job.id, error)
 

@@ -88,12 +88,12 @@ def test_a_key_running_beside_a_flood_gets_its_next_job_from_the_reserve(runtime
         assert sorted(set(runtime.running_tenants())) == [("reserve-a", 1.0), ("reserve-b", 1.0)]
         create(runtime, "reserve-a")
         b2, b3 = create(runtime, "reserve-b"), create(runtime, "reserve-b")
-        assert claim_newcomer(runtime, runtime.running_tenants()).id == b2
+        assert claim_newcomer(runtime, runtime.keys_at_share()).id == b2
         # B at its share too (threads / 3 each): the reserve takes nothing, though both keys have jobs queued
         for i in range(2, -(-threads // 3) + 1):
             runtime.track(f"light-{i}", "reserve-b")
             tracked.append(f"light-{i}")
-        assert claim_newcomer(runtime, runtime.running_tenants()) is None
+        assert claim_newcomer(runtime, runtime.keys_at_share()) is None
         assert load(runtime, b3).status == "queued"
     finally:
         for job_id in tracked:

@@ -62,6 +62,27 @@ def test_submit_answers_202_with_location_and_the_job(api, settings):
     assert any(job["id"] in message for message in queued)
 
 
+def test_submit_announces_the_job_to_the_workers_newcomer_reserves(api, settings):
+    """With fair scheduling (the default) a submission wakes the workers' newcomer reserves on their
+    control channel (worker/runtime.py), saying whose job it is (its owner, the key)."""
+    from app.infra.db import session_factory
+    from app.jobs.models import Job
+
+    assert settings.newcomer_reserve > 0
+    pubsub = redis_client(settings.redis_url).pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(Channels(settings.key_prefix).control)
+    try:
+        assert pubsub.get_message(timeout=1.0) is None
+        response = submit(api)
+        assert response.status_code == 202
+        message = pubsub.get_message(timeout=5.0)
+        with session_factory(settings.database_url)() as session:
+            owner = session.get(Job, response.json()["id"]).owner
+        assert message is not None and json.loads(message["data"]) == {"type": "queued", "owner": owner}
+    finally:
+        pubsub.close()
+
+
 def test_chat_messages_are_accepted(api):
     response = requests.post(f"{api}/v1/jobs", json={"messages": [{"role": "system", "content": "Be brief."},
                                                                   {"role": "user", "content": "Hi"}]}, timeout=10)

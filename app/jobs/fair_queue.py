@@ -254,12 +254,12 @@ def _charge(session: Session, job: Job, chosen: Candidate, floor: float, now: da
     if job.fair_charge is None:
         cost = estimated_cost(job.input)
         # Conditional: of two claims of one job (possible only across a lost lease), one charges.
-        charged = session.execute(update(Job).where(Job.id == job.id, Job.fair_charge.is_(None))
-                                  .values(fair_charge=cost).execution_options(synchronize_session=False))
+        charged = session.execute(update(_jobs).where(_jobs.c.id == job.id, _jobs.c.fair_charge.is_(None))
+                                  .values(fair_charge=cost))
         if charged.rowcount != 1:
             cost = 0.0
         job.fair_charge = cost
-    _update_share(session, chosen.tenant, counter=_at_least(FairShare.counter, effective) + cost / chosen.weight,
+    _update_share(session, chosen.tenant, counter=_at_least(_shares.c.counter, effective) + cost / chosen.weight,
                   last_claim_at=now)
     # The virtual time is the smallest effective counter at this claim, not a running maximum: a
     # settlement that lowers the backlogged keys' counters (a job served fewer tokens than its
@@ -278,10 +278,9 @@ def settle(session: Session, job_id: str, prompt_tokens: int | None, cached_toke
         return
     served = served_cost(prompt_tokens, cached_tokens, completion_tokens)
     weight = DEFAULT_WEIGHT if row.weight is None else float(row.weight)
-    _update_share(session, tenant_of(row.owner), counter=FairShare.counter + (served - row.fair_charge) / weight,
-                  served_tokens=FairShare.served_tokens + (prompt_tokens or 0) + (completion_tokens or 0))
-    session.execute(update(Job).where(Job.id == job_id).values(fair_charge=served)
-                    .execution_options(synchronize_session=False))
+    _update_share(session, tenant_of(row.owner), counter=_shares.c.counter + (served - row.fair_charge) / weight,
+                  served_tokens=_shares.c.served_tokens + (prompt_tokens or 0) + (completion_tokens or 0))
+    session.execute(update(_jobs).where(_jobs.c.id == job_id).values(fair_charge=served))
 
 
 def shares(session: Session, tenant: str | None = None) -> dict[str, dict]:
@@ -302,8 +301,7 @@ def _update_share(session: Session, tenant: str, **values) -> None:
     """UPDATE `tenant`'s counter row (relative values add up under concurrent claims); where the
     row does not exist yet, create it (0) and update it then. One statement in the usual case."""
     def update_row() -> int:
-        return session.execute(update(FairShare).where(FairShare.tenant == tenant).values(**values)
-                               .execution_options(synchronize_session=False)).rowcount
+        return session.execute(update(_shares).where(_shares.c.tenant == tenant).values(**values)).rowcount
 
     if update_row() == 0:
         _ensure_rows(session, [tenant])

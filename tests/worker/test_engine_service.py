@@ -1,6 +1,7 @@
 """The engine service: a real engine (tiny model) on its own loop thread, real Redis for events."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -66,6 +67,22 @@ def test_concurrent_requests_share_steps_and_match_offline(service, events, engi
         assert [t for e in logged for t in e.data["token_ids"]] == result.token_ids
     assert engine.stats().steps - steps_before < sum(len(r.token_ids) for r in results)
     assert engine.stats().max_batch_size > 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc are Linux's")
+def test_the_loop_thread_is_named_for_the_operating_system(service):
+    """`top -H` and benchmarks/fairness.py's CPU accounting tell the engine loop from the worker's
+    other threads by the name the loop gives its OS thread."""
+    def name() -> str:
+        with open(f"/proc/self/task/{service._thread.native_id}/comm") as comm:
+            return comm.read().strip()
+
+    deadline = time.monotonic() + 5      # (the loop names itself as it starts)
+    while name() != "genq-engine" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert name() == "genq-engine"
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as comm:
+        assert comm.read().strip() != "genq-engine"
 
 
 def test_abort_stops_a_request_and_frees_its_blocks(service, engine):

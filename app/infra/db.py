@@ -5,10 +5,17 @@ production database. Every timestamp is stored and returned as an aware UTC date
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:   # pragma: no cover - not on Windows: writers of several processes meet SQLite's busy handler
+    fcntl = None
 
 from sqlalchemy import JSON, DateTime, MetaData, Text, create_engine, event
 from sqlalchemy.dialects.postgresql import JSONB
@@ -124,20 +131,76 @@ def _sqlite_on_begin(connection) -> None:
     connection.exec_driver_sql("BEGIN")
 
 
-# SQLite has one writer at a time. A thread that finds the database locked waits in SQLite's busy
-# handler, which sleeps 1, 2, 5, 10, ... 100 ms between retries: with a few threads writing at
-# once (the API under load) most of the time goes to those sleeps. Threads of one process instead
-# queue on a lock per database file, taken at a transaction's first write and released once its
-# COMMIT or ROLLBACK is done, so the next writer starts the moment the last one finished.
-_write_locks: dict[str, threading.Lock] = {}
+# SQLite has one writer at a time. A writer that finds the database locked waits in SQLite's busy
+# handler, which sleeps 1, 2, 5, 10, ... 100 ms between retries: with a few writers at once (the API
+# under load, the worker's claims) most of the time goes to those sleeps. genq's writers queue
+# instead, from a transaction's first write until its COMMIT or ROLLBACK is done, so the next one
+# starts the moment the last one finished: threads of one process on a lock per database file, and
+# processes (the API's, the workers') on an advisory lock (flock) on a file beside it,
+# `<database>-writers`, polled every WRITER_POLL_SECONDS. A writer that is not genq's (a migration, the
+# sqlite3 shell) still meets SQLite's own lock and busy handler: nothing depends on the queue for
+# correctness, only for speed. Where the file cannot be opened, processes fall back to the busy handler.
+WRITER_POLL_SECONDS = 0.0002
+_write_locks: dict[str, _WriterQueue] = {}
 _write_locks_lock = threading.Lock()
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
+class _WriterQueue:
+    """The writers' queue of one database file: a thread lock, then (files only) the file lock."""
+
+    def __init__(self, database: str):
+        self.lock = threading.Lock()
+        self.path = None if database == ":memory:" else f"{database}-writers"
+        self._fd: int | None = None
+        self._pid = os.getpid()
+        self._opened = False
+
+    def acquire(self, timeout: float) -> bool:
+        if self._pid != os.getpid():
+            with _write_locks_lock:
+                if self._pid != os.getpid():
+                    # a fork, which copied the parent's lock and descriptor as they were: a lock
+                    # of its own and, on first use, a descriptor of its own
+                    self.lock, self._fd, self._opened, self._pid = threading.Lock(), None, False, os.getpid()
+        if not self.lock.acquire(timeout=timeout):
+            return False
+        deadline = time.monotonic() + timeout
+        fd = self._file()
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.lock.release()
+                    return False
+                time.sleep(WRITER_POLL_SECONDS)
+        return True
+
+    def release(self) -> None:
+        try:
+            if self._fd is not None and self._pid == os.getpid():
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self.lock.release()
+
+    def _file(self) -> int | None:
+        """This process's descriptor of the lock file (a descriptor inherited over a fork would
+        share the parent's lock), opened on first use; None where there is none."""
+        if not self._opened and self.path is not None and fcntl is not None:
+            self._opened = True
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError:
+                self._fd = None
+        return self._fd
+
+
 def _writer_queue_connection(database: str) -> type[sqlite3.Connection]:
+    key = str(Path(database).resolve()) if database != ":memory:" else database
     with _write_locks_lock:
-        lock = _write_locks.setdefault(str(Path(database).resolve()) if database != ":memory:" else database,
-                                       threading.Lock())
+        queue = _write_locks.setdefault(key, _WriterQueue(key))
 
     class WriterQueueConnection(sqlite3.Connection):
         holds_write_lock = False
@@ -146,14 +209,14 @@ def _writer_queue_connection(database: str) -> type[sqlite3.Connection]:
             if not self.holds_write_lock:
                 # Bounded like SQLite's own wait: a writer nested inside another's transaction
                 # fails as "database is locked" instead of hanging.
-                if not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
-                    raise sqlite3.OperationalError("database is locked (another writer of this process)")
+                if not queue.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+                    raise sqlite3.OperationalError("database is locked (another genq writer)")
                 self.holds_write_lock = True
 
         def _release_write_lock(self) -> None:
             if self.holds_write_lock:
                 self.holds_write_lock = False
-                lock.release()
+                queue.release()
 
         def commit(self) -> None:
             try:

@@ -293,3 +293,109 @@ def test_many_threads_write_sqlite_at_once(tmp_path):
     assert errors == []
     with sessions() as s:
         assert jobs.count_by_status(s) == {"running": 300}
+
+
+def _other_process_writes(url: str, n: int, results) -> None:   # (a child process's body)
+    try:
+        sessions = session_factory(url)
+        for _ in range(n):
+            with sessions.begin() as s:
+                job = jobs.create_job(s, model="m", input=INPUT)
+            with sessions.begin() as s:
+                jobs.claim_job(s, job.id, "w", 30)
+        results.put("ok")
+    except Exception as exc:   # pragma: no cover - reported by the parent
+        results.put(repr(exc))
+
+
+def test_a_sqlite_write_transaction_holds_the_writers_file_lock_to_its_end(tmp_path):
+    """Processes queue for SQLite's write lock on an advisory lock of `<database>-writers` (not
+    SQLite's sleeping busy handler): taken at a transaction's first write, released at its end."""
+    import fcntl
+    import os
+
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    upgrade(url)
+    sessions = session_factory(url)
+    probe = os.open(tmp_path / "queue.db-writers", os.O_RDWR | os.O_CREAT)   # another holder's view
+
+    def free() -> bool:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return True
+
+    try:
+        with sessions.begin() as s:
+            jobs.count_by_status(s)
+            assert free()                       # reads take no place in the queue
+            jobs.create_job(s, model="m", input=INPUT)
+            assert not free()                   # the first write does, until the commit
+        assert free()
+        s = sessions()
+        s.begin()
+        jobs.create_job(s, model="m", input=INPUT)
+        assert not free()
+        s.rollback()
+        assert free()
+        s.close()
+    finally:
+        os.close(probe)
+
+
+def test_a_forked_process_queues_behind_its_parents_writer(tmp_path):
+    """A fork copies the parent's descriptor, and with it its place: the child opens its own, so it
+    waits while the parent writes (and fails after its timeout) instead of sharing the parent's lock."""
+    import multiprocessing
+
+    from app.infra import db
+
+    url = f"sqlite:///{tmp_path / 'fork.db'}"
+    upgrade(url)
+    sessions = session_factory(url)
+    queue = db._write_locks[str((tmp_path / "fork.db").resolve())]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child() -> None:
+        took = queue.acquire(timeout=0.3)
+        results.put(took)
+        if took:
+            queue.release()
+
+    with sessions.begin() as s:
+        jobs.create_job(s, model="m", input=INPUT)      # the parent holds the writers' lock
+        process = context.Process(target=child)
+        process.start()
+        assert results.get(timeout=30) is False
+        process.join(30)
+    process = context.Process(target=child)             # and once it is done, a child takes it
+    process.start()
+    assert results.get(timeout=30) is True
+    process.join(30)
+
+
+def test_processes_and_threads_write_sqlite_at_once(tmp_path):
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'processes.db'}"
+    upgrade(url)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_other_process_writes, args=(url, 30, results)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    sessions = session_factory(url)
+    threads = [threading.Thread(target=_other_process_writes, args=(url, 30, results)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcomes = [results.get(timeout=120) for _ in range(5)]
+    for process in processes:
+        process.join(60)
+    assert outcomes == ["ok"] * 5
+    with sessions() as s:
+        assert jobs.count_by_status(s) == {"running": 150}

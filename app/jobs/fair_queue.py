@@ -41,12 +41,13 @@ Celery queue's (priority, arrival) order, as before fair sharing.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, func, insert, literal, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, literal, or_, select, text, true, update
 from sqlalchemy.orm import Session
 
 from app.infra.db import utcnow
@@ -109,45 +110,62 @@ class Candidate:
         return max(self.counter, floor) if self.returning else self.counter
 
 
-def candidates(session: Session, exclude: frozenset[str] = frozenset()
-               ) -> tuple[tuple[int, int] | None, list[Candidate], float]:
-    """The top (lane, priority) among claimable jobs, its owners as candidates, and the floor.
-    `exclude`: tenants not to consider at all (their jobs are as if absent)."""
-    allowed = _allowed(exclude)
-    level = session.execute(select(_jobs.c.lane, _jobs.c.priority).where(_claimable, *allowed)
-                            .order_by(_jobs.c.lane, _jobs.c.priority).limit(1)).first()
-    if level is None:
-        return None, [], 0.0
-    lane, priority = level
-    # The oldest job per owner (ids are time-ordered), then its arrival time.
-    oldest = (select(_jobs.c.owner, func.min(_jobs.c.id).label("oldest_id"))
-              .where(_claimable, _jobs.c.lane == lane, _jobs.c.priority == priority, *allowed)
-              .group_by(_jobs.c.owner).subquery())
-    rows = session.execute(select(oldest.c.owner, oldest.c.oldest_id, _jobs.c.created_at, _keys.c.weight)
-                           .join(_jobs, _jobs.c.id == oldest.c.oldest_id)
-                           .outerjoin(_keys, _keys.c.id == oldest.c.owner)).all()
-    tenants = [tenant_of(row.owner) for row in rows]
-    shares = {row.tenant: row for row in session.execute(
-        select(_shares.c.tenant, _shares.c.counter, _shares.c.last_claim_at)
-        .where(_shares.c.tenant.in_([*tenants, FLOOR])))}
-    floor = shares[FLOOR].counter if FLOOR in shares else 0.0
+def candidates(session: Session, exclude: frozenset[str] = frozenset(), *, hint: str | None = None,
+               now: datetime | None = None) -> tuple[tuple[int, int] | None, list[Candidate], float, str | None]:
+    """The top (lane, priority) among claimable jobs, its owners as candidates, the floor, and
+    `hint` where that job is running on a lease that expired before `now` (a lost worker's: its task
+    claims it first), else None. `exclude`: tenants not to consider at all (their jobs are as if absent).
+
+    One statement where any job is claimable (the level, each owner's oldest job there, its arrival,
+    its key's weight, its counter and the floor), built once per shape (`_candidates_statement`): the
+    claim's hottest path."""
+    named = sorted(t for t in exclude if t)
+    statement = _candidates_statement("" in exclude, bool(named), hint is not None)
+    params = {"excluded": named, "hint": hint, "now": now or utcnow()}
+    rows = session.execute(statement, params).all()
+    if not rows:
+        return None, [], 0.0, None if hint is None else session.scalar(_orphan_statement(), params)
     found = []
-    for (owner, oldest_id, created_at, weight), tenant in zip(rows, tenants):
-        share = shares.get(tenant)
-        returning = share is None or share.last_claim_at is None or share.last_claim_at < created_at
-        found.append(Candidate(tenant, owner, oldest_id, created_at, share.counter if share else 0.0, returning,
-                               DEFAULT_WEIGHT if weight is None else float(weight)))
-    return (lane, priority), found, floor
+    for row in rows:
+        returning = row.last_claim_at is None or row.last_claim_at < row.created_at
+        found.append(Candidate(tenant_of(row.owner), row.owner, row.oldest_id, row.created_at,
+                               0.0 if row.counter is None else row.counter, returning,
+                               DEFAULT_WEIGHT if row.weight is None else float(row.weight)))
+    floor = rows[0].floor
+    return ((rows[0].lane, rows[0].priority), found, 0.0 if floor is None else floor,
+            None if hint is None else rows[0].orphan)
 
 
-def _allowed(exclude: frozenset[str]) -> list:
-    if not exclude:
-        return []
-    named = [t for t in exclude if t]
-    terms = [_jobs.c.owner.is_not(None)] if "" in exclude else []
-    if named:
-        terms.append(or_(_jobs.c.owner.is_(None), _jobs.c.owner.not_in(named)))
-    return terms
+@functools.cache
+def _orphan_statement():
+    """The hinted job's id where it is running on a lease that expired (params `hint`, `now`)."""
+    return select(_jobs.c.id).where(_jobs.c.id == bindparam("hint"), _jobs.c.status == JobStatus.RUNNING.value,
+                                    _jobs.c.lease_expires_at < bindparam("now"))
+
+
+@functools.cache
+def _candidates_statement(exclude_keyless: bool, exclude_named: bool, with_hint: bool):
+    """`candidates`' statement for one shape: whether jobs without a key are excluded, whether
+    named keys are (param `excluded`, a list), whether the hinted job's orphan check rides along."""
+    allowed = [_jobs.c.owner.is_not(None)] if exclude_keyless else []
+    if exclude_named:
+        allowed.append(or_(_jobs.c.owner.is_(None), _jobs.c.owner.not_in(bindparam("excluded", expanding=True))))
+    top = (select(_jobs.c.lane, _jobs.c.priority).where(_claimable, *allowed)
+           .order_by(_jobs.c.lane, _jobs.c.priority).limit(1).cte("top_level"))
+    # The oldest job per owner at that level (ids are time-ordered), then its arrival time.
+    oldest = (select(_jobs.c.owner, func.min(_jobs.c.id).label("oldest_id"))
+              .select_from(_jobs.join(top, and_(_jobs.c.lane == top.c.lane, _jobs.c.priority == top.c.priority)))
+              .where(_claimable, *allowed).group_by(_jobs.c.owner).cte("oldest"))
+    first = _jobs.alias("oldest_job")
+    columns = [top.c.lane, top.c.priority, oldest.c.owner, oldest.c.oldest_id, first.c.created_at, _keys.c.weight,
+               _shares.c.counter, _shares.c.last_claim_at,
+               select(_shares.c.counter).where(_shares.c.tenant == FLOOR).scalar_subquery().label("floor")]
+    if with_hint:
+        columns.append(_orphan_statement().scalar_subquery().label("orphan"))
+    return select(*columns).select_from(
+        oldest.join(first, first.c.id == oldest.c.oldest_id).join(top, true())
+        .outerjoin(_keys, _keys.c.id == oldest.c.owner)
+        .outerjoin(_shares, _shares.c.tenant == func.coalesce(oldest.c.owner, "")))
 
 
 def keys_at_share(running: list[str], threads: int, weights: dict[str, float] | None = None) -> frozenset[str]:
@@ -184,13 +202,10 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
         # a write first, so that the claim holds SQLite's write lock from its first statement (a
         # read first would have to upgrade, and could find the database locked); PostgreSQL locks rows
         _ensure_rows(session, [FLOOR])
-    if hint is not None:
-        orphan = session.scalar(select(_jobs.c.id).where(
-            _jobs.c.id == hint, _jobs.c.status == JobStatus.RUNNING.value, _jobs.c.lease_expires_at < now))
+    for attempt in range(CLAIM_TRIES):
+        level, found, floor, orphan = candidates(session, exclude, hint=hint if attempt == 0 else None, now=now)
         if orphan is not None:
-            return store.claim_job(session, hint, worker_id, lease_seconds, now=now)
-    for _ in range(CLAIM_TRIES):
-        level, found, floor = candidates(session, exclude)
+            return store.claim_job(session, orphan, worker_id, lease_seconds, now=now)
         if not found:
             return None
         order = lambda c: (c.effective(floor), c.oldest_id)   # noqa: E731

@@ -141,9 +141,10 @@ class WorkerRuntime:
                                      on_stats=self._report, arriving=self.arriving)
         self.cancels = RecentCancels()
         self._active: dict[str, tuple[str, float]] = {}   # job id -> (tenant, weight), for the heartbeat
-        self._newcomers = 0                        # jobs the newcomer reserve runs now
+        self._newcomers: set[str] = set()          # ids of the jobs the newcomer reserve runs now
         self._announced: set[str] = set()          # keys with a job queued since the reserve last looked ("" no key)
         self._announcement = threading.Event()     # ... set when one arrives (the reserve's wake-up)
+        self.announcements = 0                     # announcements received (for tests and debugging)
         self._arriving = 0                         # jobs task threads are claiming, not yet submitted
         self._expected: dict[str, float] = {}      # job id -> when Celery received its task (no thread yet)
         self._active_lock = threading.Lock()
@@ -297,47 +298,55 @@ class WorkerRuntime:
 
         When it looks: at once when the API announces a job of a key this worker does not hold at
         its share (`broker.announce_queued`, on the control channel; the flood's own announcements
-        cost no claim), once more AFFINITY_SECONDS later if that found nothing (the job may have
-        been left to the worker running its key's jobs, and is anyone's after that), and every
+        cost no claim), again at once after a claim (a burst of jobs, while the reserve has room),
+        once more AFFINITY_SECONDS later if one found nothing (the job may have been left to the
+        worker running its key's jobs, and is anyone's after that; announcements until then cost no
+        claim either), and every
         NEWCOMER_LOOK_SECONDS unwoken (jobs queued without an announcement: re-queued, or a lost
         message). Until 2026-12-02 it claimed every 0.25 s, which cost a busy worker ~3% of a core
         on a 2-core CPU (docs/fairness.md)."""
         reserve = self.settings.newcomer_reserve
         next_look = time.monotonic() + NEWCOMER_LOOK_SECONDS
+        held_until = 0.0     # after a woken look that found nothing, announcements wait for the next look
         while True:
             self._announcement.wait(max(0.0, next_look - time.monotonic()))
-            if self._stopping.is_set():
-                return
             with self._active_lock:
                 announced, self._announced = self._announced, set()
                 self._announcement.clear()
+            if self._stopping.is_set():   # (after the clear: stop() sets it before its wake-up)
+                return
             now = time.monotonic()
             unwoken = now >= next_look
             if unwoken:
                 next_look = now + NEWCOMER_LOOK_SECONDS
-            busy = len(self.active_jobs()) - self._newcomers
-            if self._draining.is_set() or self._newcomers >= reserve or busy < self.settings.worker_concurrency:
+            with self._active_lock:   # task threads' jobs (a newcomer's thread may not have tracked its job yet)
+                busy = len(self._active.keys() - self._newcomers)
+                full = len(self._newcomers) >= reserve
+            if self._draining.is_set() or full or busy < self.settings.worker_concurrency:
                 continue
             exclude = self.keys_at_share()
-            if not unwoken and announced <= exclude:
-                continue     # only keys at their share here were announced: nothing of theirs for the reserve
+            if not unwoken and (announced <= exclude or now < held_until):
+                continue     # only keys at their share here were announced, or a look just found nothing
             try:
                 job = claim_newcomer(self, exclude)
             except Exception as exc:
                 log.warning("newcomer reserve: claim failed (%s: %s)", type(exc).__name__, exc)
                 continue
             if job is None:
-                if not unwoken:
-                    next_look = min(next_look, now + AFFINITY_SECONDS + 0.05)
+                if not unwoken:   # (a young job left to its key's worker is anyone's AFFINITY_SECONDS later)
+                    next_look = held_until = min(next_look, now + AFFINITY_SECONDS + 0.05)
                 continue
             log.info("job %s: started in the newcomer reserve (key %s is under its share here)", job.id, job.owner)
             with self._active_lock:
-                self._newcomers += 1
+                self._newcomers.add(job.id)
+                self._announced |= announced | {job.owner or ""}   # a burst: look again at once, while it has room
+            self._announcement.set()
             threading.Thread(target=self._run_newcomer, args=(job,), name=f"genq-newcomer-{job.id}").start()
 
     def announced(self, owner: str | None) -> None:
         """A job of `owner` was queued (the API's announcement on the control channel)."""
         with self._active_lock:
+            self.announcements += 1
             self._announced.add(owner or "")
         self._announcement.set()
 
@@ -350,7 +359,7 @@ class WorkerRuntime:
             log.exception("job %s: the newcomer reserve's run failed", job.id)
         finally:
             with self._active_lock:
-                self._newcomers -= 1
+                self._newcomers.discard(job.id)
 
     def _heartbeat(self) -> None:
         """Renew the leases of this worker's running jobs every third of a lease; after a failure

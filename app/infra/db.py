@@ -135,12 +135,15 @@ def _sqlite_on_begin(connection) -> None:
 # handler, which sleeps 1, 2, 5, 10, ... 100 ms between retries: with a few writers at once (the API
 # under load, the worker's claims) most of the time goes to those sleeps. genq's writers queue
 # instead, from a transaction's first write until its COMMIT or ROLLBACK is done, so the next one
-# starts the moment the last one finished: threads of one process on a lock per database file, and
-# processes (the API's, the workers') on an advisory lock (flock) on a file beside it,
-# `<database>-writers`, polled every WRITER_POLL_SECONDS. A writer that is not genq's (a migration, the
-# sqlite3 shell) still meets SQLite's own lock and busy handler: nothing depends on the queue for
-# correctness, only for speed. Where the file cannot be opened, processes fall back to the busy handler.
-WRITER_POLL_SECONDS = 0.0002
+# starts soon after the last one finished: threads of one process on a lock per database file, and
+# processes (the API's, the workers') on an advisory lock (flock) of a file beside it,
+# `<database>-writers`, polled every 0.2 ms at first, backing off to 2 ms. A writer that is not
+# genq's (a migration, the sqlite3 shell) still meets SQLite's own lock and busy handler: nothing
+# depends on the queue for correctness, only for speed. Where the file cannot be opened, processes
+# fall back to the busy handler. (A process whose threads write back to back can take the file lock
+# again before a waiting process polls: the queue is not fair between processes.)
+WRITER_POLL_SECONDS = 0.0002       # the first pause of a writer waiting for another process's, doubling to
+WRITER_POLL_MAX_SECONDS = 0.002    # this
 _write_locks: dict[str, _WriterQueue] = {}
 _write_locks_lock = threading.Lock()
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
@@ -153,20 +156,13 @@ class _WriterQueue:
         self.lock = threading.Lock()
         self.path = None if database == ":memory:" else f"{database}-writers"
         self._fd: int | None = None
-        self._pid = os.getpid()
         self._opened = False
 
     def acquire(self, timeout: float) -> bool:
-        if self._pid != os.getpid():
-            with _write_locks_lock:
-                if self._pid != os.getpid():
-                    # a fork, which copied the parent's lock and descriptor as they were: a lock
-                    # of its own and, on first use, a descriptor of its own
-                    self.lock, self._fd, self._opened, self._pid = threading.Lock(), None, False, os.getpid()
+        deadline = time.monotonic() + timeout
         if not self.lock.acquire(timeout=timeout):
             return False
-        deadline = time.monotonic() + timeout
-        fd = self._file()
+        fd, pause = self._file(), WRITER_POLL_SECONDS
         while fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -175,26 +171,49 @@ class _WriterQueue:
                 if time.monotonic() >= deadline:
                     self.lock.release()
                     return False
-                time.sleep(WRITER_POLL_SECONDS)
+                time.sleep(pause)
+                pause = min(2 * pause, WRITER_POLL_MAX_SECONDS)
         return True
 
     def release(self) -> None:
         try:
-            if self._fd is not None and self._pid == os.getpid():
+            if self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self.lock.release()
 
     def _file(self) -> int | None:
-        """This process's descriptor of the lock file (a descriptor inherited over a fork would
-        share the parent's lock), opened on first use; None where there is none."""
+        """This process's descriptor of the lock file, opened on first use (read-only is enough for
+        flock, so a writer running as another user can share it); None where there is none."""
         if not self._opened and self.path is not None and fcntl is not None:
             self._opened = True
             try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError:
                 self._fd = None
         return self._fd
+
+    def forget(self) -> None:
+        """In a forked child: a lock of its own, and a descriptor of its own on first use. The
+        inherited descriptor shares the parent's lock (an flock belongs to the open file, which a
+        fork shares), so it is closed; that does not release the parent's lock."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self.lock, self._fd, self._opened = threading.Lock(), None, False
+
+
+def _forget_writer_queues() -> None:
+    global _write_locks_lock
+    _write_locks_lock = threading.Lock()   # (another thread of the parent may have held it)
+    for queue in _write_locks.values():
+        queue.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer_queues)
 
 
 def _writer_queue_connection(database: str) -> type[sqlite3.Connection]:

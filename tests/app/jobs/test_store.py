@@ -346,8 +346,9 @@ def test_a_sqlite_write_transaction_holds_the_writers_file_lock_to_its_end(tmp_p
 
 
 def test_a_forked_process_queues_behind_its_parents_writer(tmp_path):
-    """A fork copies the parent's descriptor, and with it its place: the child opens its own, so it
-    waits while the parent writes (and fails after its timeout) instead of sharing the parent's lock."""
+    """A fork copies the parent's thread lock as it was (held, here) and its descriptor, which shares
+    the parent's file lock: the child starts with a lock and a descriptor of its own, so it waits on
+    the file lock while the parent writes (and fails after its timeout) instead of sharing it."""
     import multiprocessing
 
     from app.infra import db
@@ -360,8 +361,9 @@ def test_a_forked_process_queues_behind_its_parents_writer(tmp_path):
     results = context.Queue()
 
     def child() -> None:
+        fresh = not queue.lock.locked() and queue._fd is None   # its own lock, and no inherited descriptor
         took = queue.acquire(timeout=0.3)
-        results.put(took)
+        results.put((fresh, took))
         if took:
             queue.release()
 
@@ -369,11 +371,11 @@ def test_a_forked_process_queues_behind_its_parents_writer(tmp_path):
         jobs.create_job(s, model="m", input=INPUT)      # the parent holds the writers' lock
         process = context.Process(target=child)
         process.start()
-        assert results.get(timeout=30) is False
+        assert results.get(timeout=30) == (True, False)   # it waited on the parent's file lock, in vain
         process.join(30)
     process = context.Process(target=child)             # and once it is done, a child takes it
     process.start()
-    assert results.get(timeout=30) is True
+    assert results.get(timeout=30) == (True, True)
     process.join(30)
 
 

@@ -268,9 +268,12 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
     used = dict.fromkeys(CPU_GROUPS, 0.0)
     for pid, (comm, _, seconds) in procs.items():
         if pid in workers:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                if (thread := _stat(f"{task}/stat")) is not None:
-                    used["engine" if thread[0] == "genq-engine" else "worker other"] += thread[2]
+            # the process's own time counts the threads that ended too (the reserve's, per job); the
+            # engine's is its loop thread's (user + system: a thread's stat has no children's time)
+            engine = sum(thread[2] for task in Path(f"/proc/{pid}/task").iterdir()
+                         if (thread := _stat(f"{task}/stat")) is not None and thread[0] == "genq-engine")
+            used["engine"] += engine
+            used["worker other"] += seconds - engine
             continue
         group = ("api" if pid in api else "client" if pid == os.getpid() else "postgres" if comm == "postgres"
                  else "redis" if comm.startswith("redis") else "other")

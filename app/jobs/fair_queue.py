@@ -159,9 +159,9 @@ def _candidates_statement(exclude_keyless: bool, exclude_named: bool, with_hint:
     first = _jobs.alias("oldest_job")
     columns = [top.c.lane, top.c.priority, oldest.c.owner, oldest.c.oldest_id, first.c.created_at, _keys.c.weight,
                _shares.c.counter, _shares.c.last_claim_at,
-               select(_shares.c.counter).where(_shares.c.tenant == FLOOR).scalar_subquery().label("floor")]
+               select(_shares.c.counter).where(_shares.c.tenant == FLOOR).correlate(None).scalar_subquery().label("floor")]
     if with_hint:
-        columns.append(_orphan_statement().scalar_subquery().label("orphan"))
+        columns.append(_orphan_statement().correlate(None).scalar_subquery().label("orphan"))
     return select(*columns).select_from(
         oldest.join(first, first.c.id == oldest.c.oldest_id).join(top, true())
         .outerjoin(_keys, _keys.c.id == oldest.c.owner)
@@ -325,8 +325,8 @@ def _update_share(session: Session, tenant: str, **values) -> None:
 
 def _ensure_rows(session: Session, tenants: list[str]) -> None:
     """Create the missing counter rows (0) in one statement that a concurrent creation cannot fail.
-    It is a write: the claim starts with it, so that on SQLite the claim holds the write lock from
-    its first statement (a read first would have to upgrade, and could find the database locked)."""
+    It is a write: on SQLite the claim starts with it, so that it holds the write lock from its
+    first statement (a read first would have to upgrade, and could find the database locked)."""
     missing = tenants
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":

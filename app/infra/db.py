@@ -137,13 +137,13 @@ def _sqlite_on_begin(connection) -> None:
 # instead, from a transaction's first write until its COMMIT or ROLLBACK is done, so the next one
 # starts soon after the last one finished: threads of one process on a lock per database file, and
 # processes (the API's, the workers') on an advisory lock (flock) of a file beside it,
-# `<database>-writers`, polled every 0.2 ms at first, backing off to 2 ms. A writer that is not
+# `<database>-writers`, polled every 0.2 ms at first, backing off to 0.5 ms. A writer that is not
 # genq's (a migration, the sqlite3 shell) still meets SQLite's own lock and busy handler: nothing
 # depends on the queue for correctness, only for speed. Where the file cannot be opened, processes
 # fall back to the busy handler. (A process whose threads write back to back can take the file lock
 # again before a waiting process polls: the queue is not fair between processes.)
 WRITER_POLL_SECONDS = 0.0002       # the first pause of a writer waiting for another process's, doubling to
-WRITER_POLL_MAX_SECONDS = 0.002    # this
+WRITER_POLL_MAX_SECONDS = 0.0005   # this
 _write_locks: dict[str, _WriterQueue] = {}
 _write_locks_lock = threading.Lock()
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")

@@ -20,13 +20,13 @@ from app.infra.settings import Settings
 from app.infra.worker_reports import remove_report, write_report
 from app.jobs import store
 from app.jobs.connections import Connections
+from app.jobs.fair_queue import AFFINITY_SECONDS, keys_at_share
 from app.openai.batches import sweep_batches
 from app.webhooks.sweep import sweep_webhooks
 from worker.devices import select_device
 from worker.engine import LLMEngine, SamplingParams
 from worker.engine_service import EngineService, ServiceStats
 from worker.faults import install_fault
-from app.jobs.fair_queue import AFFINITY_SECONDS, keys_at_share
 from worker.job_runner import claim_newcomer, run_claimed, run_job
 from worker.reconciler import Reconciler
 
@@ -301,10 +301,9 @@ class WorkerRuntime:
         cost no claim), again at once after a claim (a burst of jobs, while the reserve has room),
         once more AFFINITY_SECONDS later if one found nothing (the job may have been left to the
         worker running its key's jobs, and is anyone's after that; announcements until then cost no
-        claim either), and every
-        NEWCOMER_LOOK_SECONDS unwoken (jobs queued without an announcement: re-queued, or a lost
-        message). Until 2026-12-02 it claimed every 0.25 s, which cost a busy worker ~3% of a core
-        on a 2-core CPU (docs/fairness.md)."""
+        claim either), and every NEWCOMER_LOOK_SECONDS unwoken (jobs queued without an announcement:
+        re-queued, or a lost message). Until 2026-12-02 it claimed every 0.25 s, which cost a busy
+        worker ~3% of a core on a 2-core CPU (docs/fairness.md)."""
         reserve = self.settings.newcomer_reserve
         next_look = time.monotonic() + NEWCOMER_LOOK_SECONDS
         held_until = 0.0     # after a woken look that found nothing, announcements wait for the next look

@@ -222,15 +222,9 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float, *, hint: 
                 if not kept:
                     return None
                 best, passed_over = min(kept, key=order), True
-        owner_is = _jobs.c.owner.is_(None) if best.owner is None else _jobs.c.owner == best.owner
-        job_id = session.scalar(
-            select(_jobs.c.id).where(_claimable, _jobs.c.lane == level[0], _jobs.c.priority == level[1], owner_is)
-            .order_by(_jobs.c.id).limit(1).with_for_update(skip_locked=True))
-        if job_id is None:
-            continue      # all taken by concurrent claims since: look again
-        job = store.claim_job(session, job_id, worker_id, lease_seconds, now=now)
+        job = store.claim_first(session, level[0], level[1], best.owner, worker_id, lease_seconds, now=now)
         if job is None:
-            continue
+            continue      # all taken by concurrent claims since: look again
         # (a claim that left keys out, or passed one over, did not choose the smallest counter of all)
         _charge(session, job, best, floor, now, advance_floor=not exclude and not passed_over)
         return job

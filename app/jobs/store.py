@@ -10,16 +10,17 @@ is one filter in one place.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from sqlalchemy import and_, bindparam, exists, func, insert, literal, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from app.infra.db import utcnow
 from app.infra.ids import new_id
-from app.jobs.models import FINAL_STATUSES, Job, JobStatus
+from app.jobs.models import CLAIMABLE, FINAL_STATUSES, Job, JobStatus
 from app.tenancy.keys import ApiKey
 
 
@@ -74,13 +75,29 @@ def _owned_by(owner: str | None):
 _jobs = Job.__table__
 _column_to_attr = {column.key: attr.key for attr in Job.__mapper__.column_attrs for column in attr.columns}
 _INSERT = insert(_jobs)
+_CLAIMED = {"status": JobStatus.RUNNING.value, "worker_id": bindparam("b_worker_id"), "attempts": _jobs.c.attempts + 1,
+            "lease_expires_at": bindparam("b_lease_expires_at"), "started_at": bindparam("b_now"), "first_token_at": None}
 _CLAIM = (update(_jobs)
           .where(_jobs.c.id == bindparam("b_job_id"),
                  or_(_jobs.c.status == JobStatus.QUEUED.value,
                      and_(_jobs.c.status == JobStatus.RUNNING.value, _jobs.c.lease_expires_at < bindparam("b_now"))))
-          .values(status=JobStatus.RUNNING.value, worker_id=bindparam("b_worker_id"), attempts=_jobs.c.attempts + 1,
-                  lease_expires_at=bindparam("b_lease_expires_at"), started_at=bindparam("b_now"), first_token_at=None)
+          .values(_CLAIMED)
           .returning(*_jobs.c))
+
+
+@functools.cache
+def _claim_first_statement(keyless: bool):
+    """`claim_first`'s statement: one UPDATE whose WHERE picks the row (an alias of its own, so the
+    subquery is not read as the updated row), skipping rows other claims hold (PostgreSQL)."""
+    first = _jobs.alias("first_queued")
+    owner_is = first.c.owner.is_(None) if keyless else first.c.owner == bindparam("b_owner")
+    picked = (select(first.c.id).where(text(CLAIMABLE), first.c.lane == bindparam("b_lane"),
+                                       first.c.priority == bindparam("b_priority"), owner_is)
+              .order_by(first.c.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
+    return (update(_jobs).where(_jobs.c.id == picked, _jobs.c.status == JobStatus.QUEUED.value)
+            .values(_CLAIMED).returning(*_jobs.c))
+
+
 _FINISH = (update(_jobs)
            .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status == JobStatus.RUNNING.value,
                   _jobs.c.worker_id == bindparam("b_worker_id"), _jobs.c.attempts == bindparam("b_attempt"))
@@ -185,6 +202,17 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     now = now or utcnow()
     row = session.connection().execute(_CLAIM, {
         "b_job_id": job_id, "b_worker_id": worker_id, "b_now": now,
+        "b_lease_expires_at": now + timedelta(seconds=lease_seconds)}).one_or_none()
+    return None if row is None else _detached_job(row)
+
+
+def claim_first(session: Session, lane: int, priority: int, owner: str | None, worker_id: str, lease_seconds: float,
+                now: datetime | None = None) -> Job | None:
+    """Claim `owner`'s oldest claimable job at (lane, priority) for `worker_id`, in one statement;
+    None when it has none free (on PostgreSQL, rows other claims hold locked are passed over)."""
+    now = now or utcnow()
+    row = session.connection().execute(_claim_first_statement(owner is None), {
+        "b_lane": lane, "b_priority": priority, "b_owner": owner, "b_worker_id": worker_id, "b_now": now,
         "b_lease_expires_at": now + timedelta(seconds=lease_seconds)}).one_or_none()
     return None if row is None else _detached_job(row)
 

@@ -20,7 +20,7 @@ from app.infra.settings import Settings
 from app.infra.worker_reports import remove_report, write_report
 from app.jobs import store
 from app.jobs.connections import Connections
-from app.jobs.fair_queue import AFFINITY_SECONDS, keys_at_share
+from app.jobs.fair_queue import AFFINITY_SECONDS, keys_at_share, tenant_of
 from app.openai.batches import sweep_batches
 from app.webhooks.sweep import sweep_webhooks
 from worker.devices import select_device
@@ -338,7 +338,7 @@ class WorkerRuntime:
             log.info("job %s: started in the newcomer reserve (key %s is under its share here)", job.id, job.owner)
             with self._active_lock:
                 self._newcomers.add(job.id)
-                self._announced |= announced | {job.owner or ""}   # a burst: look again at once, while it has room
+                self._announced |= announced | {tenant_of(job.owner)}   # a burst: look again at once, while it has room
             self._announcement.set()
             threading.Thread(target=self._run_newcomer, args=(job,), name=f"genq-newcomer-{job.id}").start()
 
@@ -346,7 +346,7 @@ class WorkerRuntime:
         """A job of `owner` was queued (the API's announcement on the control channel)."""
         with self._active_lock:
             self.announcements += 1
-            self._announced.add(owner or "")
+            self._announced.add(tenant_of(owner))
         self._announcement.set()
 
     def _run_newcomer(self, job) -> None:

@@ -199,20 +199,23 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     Returns the claimed job, or None when the job is missing, final, or leased by a live worker:
     a redelivered task for such a job must do nothing.
     """
-    now = now or utcnow()
-    row = session.connection().execute(_CLAIM, {
-        "b_job_id": job_id, "b_worker_id": worker_id, "b_now": now,
-        "b_lease_expires_at": now + timedelta(seconds=lease_seconds)}).one_or_none()
-    return None if row is None else _detached_job(row)
+    return _claimed(session, _CLAIM, {"b_job_id": job_id}, worker_id, lease_seconds, now)
 
 
 def claim_first(session: Session, lane: int, priority: int, owner: str | None, worker_id: str, lease_seconds: float,
                 now: datetime | None = None) -> Job | None:
     """Claim `owner`'s oldest claimable job at (lane, priority) for `worker_id`, in one statement;
     None when it has none free (on PostgreSQL, rows other claims hold locked are passed over)."""
+    return _claimed(session, _claim_first_statement(owner is None),
+                    {"b_lane": lane, "b_priority": priority, "b_owner": owner}, worker_id, lease_seconds, now)
+
+
+def _claimed(session: Session, statement, which: dict, worker_id: str, lease_seconds: float,
+             now: datetime | None) -> Job | None:
+    """Run a claim statement (`_CLAIMED`'s values; `which` picks the job) and detach its row."""
     now = now or utcnow()
-    row = session.connection().execute(_claim_first_statement(owner is None), {
-        "b_lane": lane, "b_priority": priority, "b_owner": owner, "b_worker_id": worker_id, "b_now": now,
+    row = session.connection().execute(statement, {
+        **which, "b_worker_id": worker_id, "b_now": now,
         "b_lease_expires_at": now + timedelta(seconds=lease_seconds)}).one_or_none()
     return None if row is None else _detached_job(row)
 

@@ -148,8 +148,8 @@ def webhook_secret_of_owner(session: Session, owner: str | None) -> str | None:
 
 def key_weight(session: Session, key_id: str | None) -> float:
     """A job owner's weight for fair sharing (one indexed SELECT of one column, for the worker when a
-    job starts; the fair claim reads it with its candidates): DEFAULT_WEIGHT for jobs without an owner and for unknown keys. A revoked key keeps its weight:
-    its jobs already admitted still run."""
+    job starts; the fair claim reads it with its candidates): DEFAULT_WEIGHT for jobs without an
+    owner and for unknown keys. A revoked key keeps its weight: its jobs already admitted still run."""
     if key_id is None:
         return DEFAULT_WEIGHT
     weight = session.scalar(select(ApiKey.weight).where(ApiKey.id == key_id))
